@@ -1,0 +1,259 @@
+"""Applying a child network inside the optimizer step.
+
+Two entry points share one rule, "multiply the gradient by the mask before the optimizer sees it":
+
+* `ChildTuningAdamW`: a drop-in for the Child-Tuning authors' optimizer (same signature, same Adam
+  arithmetic: Hugging Face's classic AdamW, eps added to sqrt(v) and decoupled weight decay applied
+  after the step), vectorised with `torch._foreach_*` instead of a Python loop per tensor.
+* `ChildOptimizer`: any `torch.optim` optimizer driven by any strategy in `childtune.strategies`.
+
+`strict=True` (our addition) leaves every element outside the child network exactly as it was. The
+authors' optimizer does not: its decoupled weight decay shrinks *every* weight each step, so a
+"fixed child network" run still moves the rest of the model. Strict runs are what make a sparse delta
+exact and the changed-parameter count equal to the child network's size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from childtune.masks import check_mask, check_probability
+from childtune.strategies.base import Strategy
+from childtune.strategies.child_f import ChildTuningF
+
+MODES = (None, "ChildTuning-F", "ChildTuning-D")
+
+
+def mask_gradients_(grads: list[torch.Tensor], masks: list[torch.Tensor], scale: float = 1.0) -> None:
+    """In place: g <- g * mask * scale, one fused call per list (no Python loop over elements)."""
+    if grads:
+        torch._foreach_mul_(grads, masks)
+        if scale != 1.0:
+            torch._foreach_mul_(grads, scale)
+
+
+class ChildTuningAdamW(Optimizer):
+    """The Child-Tuning optimizer (Xu et al., EMNLP 2021) with the authors' signature and update.
+
+    `mode="ChildTuning-F"` keeps each gradient element with probability `reserve_p` every step and
+    scales kept ones by 1/reserve_p; `mode="ChildTuning-D"` multiplies gradients by the fixed masks
+    given to `set_gradient_mask` (parameters without a mask get their full gradient), no rescaling.
+    Masks act before the moments are updated, so Adam's statistics only ever see child gradients.
+    `seed` makes F's masks a function of (seed, step), identical on every rank; `generator` draws
+    them from the caller's generator instead.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        reserve_p: float = 1.0,
+        mode: str | None = None,
+        *,
+        strict: bool = False,
+        seed: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if lr < 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if eps < 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.reserve_p = check_probability("reserve_p", reserve_p)
+        self.mode = mode
+        self.strict = strict
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+        super().__init__(params, defaults)
+        self.gradient_mask: dict[torch.Tensor, torch.Tensor] = {}
+        self._steps = 0
+        self._index = {p: str(i) for i, p in enumerate(self._params())}
+        self._f = None
+        if mode == "ChildTuning-F":
+            self._f = ChildTuningF(reserve_p, seed=seed, generator=generator)
+            self._f.bind({i: p for p, i in self._index.items()})
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def set_gradient_mask(self, masks: Mapping[torch.Tensor, torch.Tensor]) -> None:
+        """Fix Child-Tuning_D's child network: `{parameter: bool tensor of its shape}`."""
+        checked = {}
+        for param, mask in masks.items():
+            if param not in self._index:
+                raise ValueError(f"mask given for a parameter of shape {tuple(param.shape)} not in the optimizer")
+            checked[param] = check_mask(f"parameter #{self._index[param]}", param, mask)
+        self.gradient_mask = checked
+
+    def _step_masks(self) -> tuple[dict[torch.Tensor, torch.Tensor], float]:
+        if self._f is not None:
+            drawn = self._f.masks(self._steps)
+            return {p: drawn[i] for p, i in self._index.items() if i in drawn}, self._f.scale
+        if self.mode == "ChildTuning-D":
+            if not self.gradient_mask:
+                raise RuntimeError("mode='ChildTuning-D' needs set_gradient_mask(masks) before step()")
+            return self.gradient_mask, 1.0
+        return {}, 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["child_tuning"] = {"steps": self._steps}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self._steps = state_dict.pop("child_tuning", {}).get("steps", 0)
+        super().load_state_dict(state_dict)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        masks, scale = self._step_masks()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("ChildTuningAdamW does not support sparse gradients")
+            masked = [p for p in params if p in masks]
+            mask_gradients_([p.grad for p in masked], [masks[p] for p in masked], scale)
+            self._update(group, params, masks)
+        self._steps += 1
+        return loss
+
+    def _update(self, group: dict, params: list[torch.Tensor], masks: Mapping) -> None:
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        for p in params:
+            if not self.state[p]:
+                self.state[p] = {"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            self.state[p]["step"] += 1
+        grads = [p.grad for p in params]
+        exp_avg = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_mul_(exp_avg, beta1)
+        torch._foreach_add_(exp_avg, grads, alpha=1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1.0 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_add_(denom, group["eps"])
+        steps = []
+        for p in params:
+            t = self.state[p]["step"]
+            size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) if group["correct_bias"] else lr
+            steps.append(-size)
+        strict = [p for p in params if self.strict and p in masks]
+        if strict:  # the update, then the decay, are masked too: nothing outside the child moves
+            updates = torch._foreach_div(exp_avg, denom)
+            index = {p: i for i, p in enumerate(params)}
+            torch._foreach_mul_([updates[index[p]] for p in strict], [masks[p] for p in strict])
+            torch._foreach_mul_(updates, steps)
+            torch._foreach_add_(params, updates)
+        else:
+            torch._foreach_addcdiv_(params, exp_avg, denom, steps)
+        if wd > 0.0:
+            decay = [p for p in params if p not in strict]
+            if decay:
+                torch._foreach_add_(decay, torch._foreach_mul(decay, -lr * wd))
+            for p in strict:
+                p.addcmul_(p, masks[p], value=-lr * wd)
+
+
+class ChildOptimizer(Optimizer):
+    """Wraps any `torch.optim` optimizer so it updates only the child network `strategy` chooses.
+
+    It *is* an `Optimizer` sharing the inner one's `param_groups` and `state`, so LR schedulers,
+    gradient clipping, Accelerate and the HF `Trainer` treat it like the optimizer it wraps.
+    `named_params` is `model.named_parameters()`, a `{name: param}` dict, or a list of param-group
+    dicts whose "params" are (name, param) pairs; names are what strategies reason about.
+    """
+
+    def __init__(
+        self,
+        named_params: Iterable,
+        strategy: Strategy,
+        optimizer: type[Optimizer] = torch.optim.AdamW,
+        *,
+        strict: bool = False,
+        **optimizer_kwargs: Any,
+    ) -> None:
+        groups = _named_groups(named_params)
+        self.named = {n: p for g in groups for n, p in g["params"]}
+        if len(self.named) != sum(len(g["params"]) for g in groups):
+            raise ValueError("parameter names must be unique")
+        inner_groups = [{**g, "params": [p for _, p in g["params"]]} for g in groups]
+        self.optimizer = optimizer(inner_groups, **optimizer_kwargs)
+        super().__init__(inner_groups, self.optimizer.defaults)
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+        self.strategy = strategy
+        self.strict = strict
+        self.steps = 0
+        strategy.bind(self.named)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.optimizer.state_dict()
+        state["child_tuning"] = {"steps": self.steps, "strategy": self.strategy.state_dict()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        child = state_dict.pop("child_tuning", {})
+        self.optimizer.load_state_dict(state_dict)
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+        self.steps = child.get("steps", 0)
+        self.strategy.load_state_dict(child.get("strategy", {}))
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            kept = self._mask(self.strategy.masks(self.steps))
+            self.optimizer.step()
+            for param, mask, before in kept:  # strict: put back whatever the optimizer moved outside
+                param.copy_(torch.where(mask, param, before))
+        self.steps += 1
+        return loss
+
+    def _mask(self, masks: Mapping[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        grads, kept_masks, kept = [], [], []
+        for name, mask in masks.items():
+            param = self.named.get(name)
+            if param is None:
+                raise ValueError(f"strategy gave a mask for {name!r}, which is not in this optimizer")
+            if param.grad is None:
+                continue
+            grads.append(param.grad)
+            kept_masks.append(mask)
+            if self.strict:
+                kept.append((param, mask, param.detach().clone()))
+        mask_gradients_(grads, kept_masks, self.strategy.scale)
+        return kept
+
+
+def _named_groups(named_params: Iterable) -> list[dict[str, Any]]:
+    if isinstance(named_params, Mapping):
+        named_params = named_params.items()
+    items = list(named_params)
+    if not items:
+        raise ValueError("ChildOptimizer got no parameters")
+    if isinstance(items[0], Mapping):
+        return [{**g, "params": list(g["params"])} for g in items]
+    return [{"params": items}]

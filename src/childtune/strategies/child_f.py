@@ -1,0 +1,79 @@
+"""Child-Tuning_F (Xu et al., 2021): a fresh Bernoulli(p) child network every step, task-free.
+
+Kept gradients are scaled by 1/p so the masked gradient is an unbiased estimate of the full one, and
+the mask is applied *before* the optimizer's moments see the gradient, as in the authors' optimizer.
+
+Cost is the point of this file: drawing a mask for every weight every step dominates the method's
+overhead. One `random_` call fills a flat int64 buffer, read as 16-bit lanes, one per element, and a
+single comparison turns it into the mask: a quarter of the random bits and time of `torch.rand`. The
+keep probability is therefore p rounded to a multiple of 2^-16 (|error| <= 7.6e-6), far below the
+sampling noise of any real mask; `keep_probability` reports the exact value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from childtune.masks import Masks, check_probability
+from childtune.strategies.base import Strategy
+
+_LANES = 4  # 16-bit lanes per int64 draw
+_MIX = 0x9E3779B97F4A7C15  # odd constant: spreads (seed, step) pairs over the seed space
+
+
+@dataclass
+class ChildTuningF(Strategy):
+    """Task-free Child-Tuning: keep each gradient element with probability `p`, scaled by 1/p.
+
+    With `seed` the mask at step t is a function of (seed, t) only: the same on every rank of a
+    distributed run and after a resume, with no generator state to carry. Passing a `generator`
+    instead draws from it in sequence, for callers that manage their own random streams.
+    """
+
+    p: float
+    seed: int = 0
+    generator: torch.Generator | None = field(default=None, repr=False, compare=False)
+    always: tuple[str, ...] = ()
+
+    fixed = False
+
+    def __post_init__(self) -> None:
+        self.p = check_probability("reserve_p", self.p)
+        self.scale = 1.0 / self.p
+        self._threshold = round(self.p * 65536) - 32768  # int16 lanes are uniform on [-32768, 32767]
+        self._buffer: torch.Tensor | None = None
+        self._views: dict[str, torch.Tensor] = {}
+
+    @property
+    def keep_probability(self) -> float:
+        return (self._threshold + 32768) / 65536
+
+    def bind(self, named_params) -> None:
+        super().bind(named_params)
+        maskable = self.maskable()
+        total = sum(p.numel() for p in maskable.values())
+        device = next(iter(maskable.values())).device if maskable else torch.device("cpu")
+        self._random = torch.empty((total + _LANES - 1) // _LANES, dtype=torch.int64, device=device)
+        self._lanes = self._random.view(torch.int16)[:total]
+        self._buffer = torch.empty(total, dtype=torch.bool, device=device)
+        flat = self._buffer.split([p.numel() for p in maskable.values()])
+        self._views = {n: v.view(p.shape) for (n, p), v in zip(maskable.items(), flat, strict=True)}
+        if self.generator is None:
+            self._own = torch.Generator(device=device)
+
+    def config(self):
+        config = super().config()
+        config.pop("generator")
+        return config
+
+    def masks(self, step: int) -> Masks:
+        if self.p == 1.0:
+            return {}
+        generator = self.generator
+        if generator is None:
+            generator = self._own.manual_seed((self.seed * _MIX + step) % 2**63)
+        self._random.random_(-(2**63), 2**63 - 1, generator=generator)
+        torch.lt(self._lanes, self._threshold, out=self._buffer)
+        return self._views

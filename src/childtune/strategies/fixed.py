@@ -1,0 +1,67 @@
+"""Shared plumbing for strategies whose child network is chosen once (or only ever grows).
+
+Their state *is* the masks, so saving and restoring it is what makes such a run resumable and
+distributable: a resumed run, or another rank, gets the identical child network without re-estimating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from childtune.masks import Masks, check_mask
+from childtune.strategies.base import Strategy, in_scope
+
+
+@dataclass(kw_only=True)
+class FixedStrategy(Strategy):
+    """A strategy whose masks live in `self.chosen`; `rest` says what happens outside `scope`.
+
+    `rest="train"` gives unscored parameters their full gradient (the Child-Tuning authors' behaviour:
+    embeddings and pooler keep training under Child-Tuning_D); `rest="freeze"` makes the child
+    network the only thing that changes besides `always`.
+    """
+
+    scope: str = "all"
+    rest: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.rest not in ("train", "freeze"):
+            raise ValueError(f"rest must be 'train' or 'freeze', got {self.rest!r}")
+        in_scope("", self.scope)  # validates the scope name
+        self.chosen: Masks | None = None
+
+    def scored(self) -> dict[str, torch.Tensor]:
+        """Parameters the child network is chosen among."""
+        return {n: p for n, p in self.maskable().items() if in_scope(n, self.scope)}
+
+    def complete(self, chosen: Masks) -> Masks:
+        """Add all-False masks for unscored parameters when `rest` freezes them."""
+        out = dict(chosen)
+        if self.rest == "freeze":
+            for name, param in self.maskable().items():
+                out.setdefault(name, torch.zeros_like(param, dtype=torch.bool))
+        return out
+
+    def masks(self, step: int) -> Masks:
+        if self.chosen is None:
+            raise RuntimeError(f"{type(self).__name__} has no child network yet: call prepare() first")
+        return self.chosen
+
+    def state_dict(self):
+        return {} if self.chosen is None else {"chosen": {n: m.cpu() for n, m in self.chosen.items()}}
+
+    def load_state_dict(self, state) -> None:
+        unknown = set(state) - {"chosen"}
+        if unknown:
+            raise ValueError(f"unknown {type(self).__name__} state keys: {sorted(unknown)}")
+        if "chosen" in state:
+            self.chosen = {
+                n: check_mask(n, self.params[n], m) if n in self.params else _unknown(n)
+                for n, m in state["chosen"].items()
+            }
+
+
+def _unknown(name: str):
+    raise ValueError(f"saved mask for {name!r}, which is not a parameter of this model")
