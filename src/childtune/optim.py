@@ -4,7 +4,9 @@ Two entry points share one rule, "multiply the gradient by the mask before the o
 
 * `ChildTuningAdamW`: a drop-in for the Child-Tuning authors' optimizer (same signature, same Adam
   arithmetic: Hugging Face's classic AdamW, eps added to sqrt(v) and decoupled weight decay applied
-  after the step), vectorised with `torch._foreach_*` instead of a Python loop per tensor.
+  after the step), vectorised with `torch._foreach_*` instead of a Python loop per tensor. With
+  `mode=None` it matches `torch.optim.AdamW` to float tolerance at fine-tuning learning rates: torch
+  decays before the step, the authors after it, a difference of lr^2 * weight_decay per step.
 * `ChildOptimizer`: any `torch.optim` optimizer driven by any strategy in `childtune.strategies`.
 
 `strict=True` (our addition) leaves every element outside the child network exactly as it was. The
@@ -156,21 +158,20 @@ class ChildTuningAdamW(Optimizer):
             t = self.state[p]["step"]
             size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) if group["correct_bias"] else lr
             steps.append(-size)
-        strict = [p for p in params if self.strict and p in masks]
+        strict = [i for i, p in enumerate(params) if self.strict and p in masks]
         if strict:  # the update, then the decay, are masked too: nothing outside the child moves
             updates = torch._foreach_div(exp_avg, denom)
-            index = {p: i for i, p in enumerate(params)}
-            torch._foreach_mul_([updates[index[p]] for p in strict], [masks[p] for p in strict])
+            torch._foreach_mul_([updates[i] for i in strict], [masks[params[i]] for i in strict])
             torch._foreach_mul_(updates, steps)
             torch._foreach_add_(params, updates)
         else:
             torch._foreach_addcdiv_(params, exp_avg, denom, steps)
         if wd > 0.0:
-            decay = [p for p in params if p not in strict]
+            decay = [p for i, p in enumerate(params) if i not in set(strict)]
             if decay:
                 torch._foreach_add_(decay, torch._foreach_mul(decay, -lr * wd))
-            for p in strict:
-                p.addcmul_(p, masks[p], value=-lr * wd)
+            for i in strict:
+                params[i].addcmul_(params[i], masks[params[i]], value=-lr * wd)
 
 
 class ChildOptimizer(Optimizer):

@@ -8,7 +8,7 @@ did on BERT; `per_layer` ranks within each block instead of globally.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,7 +20,7 @@ from childtune.strategies.fixed import FixedStrategy
 @dataclass
 class ChildTuningD(FixedStrategy):
     p: float
-    scope: str = "layers"
+    scope: str = field(default="layers", kw_only=True)
     per_layer: bool = False
     per_example: bool = False
     num_samples: int | None = None

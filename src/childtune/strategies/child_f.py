@@ -35,7 +35,7 @@ class ChildTuningF(Strategy):
     p: float
     seed: int = 0
     generator: torch.Generator | None = field(default=None, repr=False, compare=False)
-    always: tuple[str, ...] = ()
+    always: tuple[str, ...] = field(default=(), kw_only=True)
 
     fixed = False
 

@@ -8,7 +8,7 @@ transformer block, and so on down to the embeddings.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 
 import torch
@@ -24,7 +24,7 @@ class GradualUnfreezing(Strategy):
     block below the top one unfreezes (an increasing sequence)."""
 
     schedule: int | Sequence[int]
-    always: tuple[str, ...] = ()
+    always: tuple[str, ...] = field(default=(), kw_only=True)
 
     fixed = False
 

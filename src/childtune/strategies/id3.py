@@ -13,7 +13,7 @@ paper's dynamic sparsification of adapters: bind the optimizer to those paramete
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,7 +29,7 @@ class ID3(FixedStrategy):
     total_steps: int
     eps: float = 1e-3
     exp: float = 1.0
-    rest: str = "freeze"
+    rest: str = field(default="freeze", kw_only=True)
 
     fixed = False
 

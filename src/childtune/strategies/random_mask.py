@@ -6,7 +6,7 @@ fine-tuning's, since each surviving parameter has to carry more of the adaptatio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,7 +20,7 @@ class RandomMasking(FixedStrategy):
 
     p: float
     seed: int = 0
-    rest: str = "freeze"
+    rest: str = field(default="freeze", kw_only=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
