@@ -1,0 +1,234 @@
+"""Fisher information of each weight: the importance score behind Child-Tuning_D.
+
+Child-Tuning_D updates the weights whose gradients say most about the labels,
+F(w_i) = mean over examples of (d log p(y|x) / d w_i)^2, estimated on the task's training data before
+fine-tuning. `masks.top_fraction` turns these scores into the child network; this module only scores.
+
+Two estimates are offered because they rank weights differently:
+- `per_example=False` (the authors'): one backward pass per batch, squaring the gradient of the
+  *batch-mean* loss. Cheap, but cross terms between examples survive the squaring: the per-example
+  part shrinks as 1/batch size while the squared mean gradient does not, so batch size moves the ranking.
+- `per_example=True` (the definition): the squared gradient of every example's own log-likelihood.
+  torch.func (vmap over grad) gives all of a batch's per-example gradients in one call when the model
+  can be vectorised; models with data-dependent control flow (HF's attention-mask creation checks
+  `mask.all()`) fall back to one backward pass per example.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sized
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from tqdm.auto import tqdm
+
+from childtune.layers import in_layer
+
+# One vmap call materialises chunk x (scored parameters) gradients at once; chunks are sized to keep
+# that under this many bytes, so per-example scoring of a full BERT does not need batch x 340 MB.
+_VMAP_BYTES = 1 << 30
+
+
+class VmapFallbackWarning(UserWarning):
+    """torch.func could not vectorise the model; per-example gradients are computed one at a time."""
+
+
+def fisher_information(
+    model: nn.Module,
+    batches: Iterable[Mapping],
+    *,
+    scored: Callable[[str], bool] | Iterable[str] | None = None,
+    num_samples: int | None = None,
+    per_example: bool = False,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Fisher information of every scored parameter, as float32 tensors shaped like the parameters.
+
+    `batches` yields HF-style dicts with `labels` (integer classes, or floats with a single output for
+    regression, scored as a unit-variance Gaussian). `scored` is a name predicate or a list of names
+    (default: parameters inside the transformer blocks, as the authors scored). `num_samples` caps the
+    examples read on this rank. Under torch.distributed, sums and counts are all-reduced, so every rank
+    returns the same scores from its own shard. The model runs in eval mode (no dropout); its modes and
+    its parameters' `.grad` are left as they were.
+    """
+    params = _scored_parameters(model, scored)
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                    or num_samples < 1):
+        raise ValueError(f"num_samples must be a positive int or None, got {num_samples!r}")
+    device = next(model.parameters()).device
+    sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+    examples = steps = 0
+    use_vmap = True  # until the model proves it cannot be vectorised
+    distributed = dist.is_available() and dist.is_initialized()
+    bar = tqdm(total=_expected(batches, num_samples), unit="ex", desc="Fisher information",
+               disable=not progress or (distributed and dist.get_rank() != 0))
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.enable_grad():
+            for batch in batches:
+                inputs, labels = _split(batch, device)
+                if len(labels) == 0:
+                    continue
+                if num_samples is not None and len(labels) > num_samples - examples:
+                    keep = num_samples - examples
+                    inputs, labels = _rows(inputs, len(labels), 0, keep), labels[:keep]
+                if per_example:
+                    use_vmap = _add_per_example(model, params, inputs, labels, sums, use_vmap)
+                else:
+                    # the batch-mean loss, as the authors backpropagated it
+                    _add_squares(sums, _grads(-_log_likelihood(model(**inputs), labels).mean(), params))
+                examples, steps = examples + len(labels), steps + 1
+                bar.update(len(labels))
+                if num_samples is not None and examples >= num_samples:
+                    break
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        bar.close()
+    # Per example the mean is over examples; the authors average squared batch gradients over batches.
+    counts = torch.tensor([examples, examples if per_example else steps], dtype=torch.float64, device=device)
+    if distributed:
+        for s in sums.values():
+            dist.all_reduce(s)
+        dist.all_reduce(counts)
+    if counts[0] == 0:
+        raise ValueError("the data loader yielded no examples; Fisher information needs at least one")
+    return {n: s / float(counts[1]) for n, s in sums.items()}
+
+
+def _scored_parameters(model: nn.Module, scored) -> dict[str, nn.Parameter]:
+    """Resolve `scored` to trainable parameters in model order, refusing a choice that scores nothing."""
+    named = dict(model.named_parameters())
+    if scored is None or callable(scored):
+        keep = scored or in_layer
+        chosen = {n: p for n, p in named.items() if p.requires_grad and keep(n)}
+    else:
+        if isinstance(scored, str):
+            raise TypeError("scored must be a predicate or an iterable of names, not a single string")
+        wanted = set(scored)
+        unknown = sorted(wanted - named.keys())
+        if unknown:
+            raise ValueError(f"scored names are not parameters of the model: {unknown[:5]}")
+        frozen = sorted(n for n in wanted if not named[n].requires_grad)
+        if frozen:
+            raise ValueError(f"scored parameters do not require grad, so have no gradient: {frozen[:5]}")
+        chosen = {n: p for n, p in named.items() if n in wanted}
+    if sum(p.numel() for p in chosen.values()) == 0:
+        raise ValueError("no parameter elements to score: `scored` selects no trainable parameter")
+    return chosen
+
+
+def _split(batch: Mapping, device: torch.device) -> tuple[dict, torch.Tensor]:
+    """Model inputs (moved to the model's device) and labels; Fisher needs the labels' log-likelihood."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batches must yield dicts of model inputs, got {type(batch).__name__}")
+    if batch.get("labels") is None:
+        raise ValueError("the data loader yields no labels; Fisher information needs them")
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    del inputs["labels"]
+    labels = torch.as_tensor(batch["labels"], device=device)
+    if labels.dim() == 0:
+        raise ValueError("labels must hold one entry per example, got a scalar")
+    return inputs, labels
+
+
+def _batched(inputs: dict, n: int) -> list[str]:
+    """Keys whose tensors carry one row per example (everything else is shared by the batch)."""
+    return [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n]
+
+
+def _rows(inputs: dict, n: int, start: int, stop: int) -> dict:
+    """Examples start..stop-1 with their own padding and attention mask, so their logits match the batch's."""
+    keys = _batched(inputs, n)
+    return {k: v[start:stop] if k in keys else v for k, v in inputs.items()}
+
+
+def _log_likelihood(output, labels: torch.Tensor) -> torch.Tensor:
+    """log p(y|x) per example, from the logits rather than the model's loss (whose scale varies by model).
+
+    One output means regression: a unit-variance Gaussian, -(y - f)^2 / 2 up to a constant, which is
+    what HF's `num_labels=1` models fit. Otherwise the log-softmax at the label.
+    """
+    logits = getattr(output, "logits", None)
+    if logits is None:
+        logits = output if isinstance(output, torch.Tensor) else output[0]
+    if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"expected logits of shape (batch, outputs) for {labels.shape[0]} labels, got "
+                         f"{tuple(logits.shape)}: Fisher scoring covers one prediction per example")
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        return -0.5 * (labels.reshape(-1).float() - logits[:, 0]) ** 2
+    if labels.is_floating_point():
+        raise ValueError("float labels with several outputs (multi-label or soft targets) are not supported")
+    return torch.log_softmax(logits, dim=-1).gather(1, labels.reshape(-1, 1).long())[:, 0]
+
+
+def _add_squares(sums: dict[str, torch.Tensor], grads, stacked: bool = False) -> None:
+    """Accumulate squared gradients in float32, where half-precision squares would underflow.
+
+    `stacked` gradients carry one row per example (from vmap), each squared before summing.
+    """
+    for s, g in zip(sums.values(), grads, strict=True):
+        if g is not None:  # a parameter the output does not depend on scores zero
+            s += g.float().pow(2).sum(0) if stacked else g.float().pow(2)
+
+
+def _grads(loss: torch.Tensor, params: dict[str, nn.Parameter]):
+    """Gradients without touching `.grad`: the caller's accumulated gradients must survive scoring."""
+    return torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+
+
+def _add_per_example(model, params, inputs, labels, sums, use_vmap: bool) -> bool:
+    """Add every example's squared gradient, vectorised in chunks while the model allows it.
+
+    Returns whether vmap is still worth trying: a model that failed once fails on every batch.
+    """
+    n = len(labels)
+    chunk = max(1, _VMAP_BYTES // (4 * sum(p.numel() for p in params.values())))
+    for start in range(0, n, chunk):
+        rows, ys = _rows(inputs, n, start, start + chunk), labels[start : start + chunk]
+        if use_vmap:
+            try:
+                _add_squares(sums, _vmap_grads(model, params, rows, ys), stacked=True)
+                continue
+            except Exception as err:
+                use_vmap = False
+                warnings.warn(f"torch.func.vmap cannot run {type(model).__name__} ({str(err)[:120]}...); "
+                              "computing per-example gradients one example at a time",
+                              VmapFallbackWarning, stacklevel=3)
+        for i in range(len(ys)):
+            ll = _log_likelihood(model(**_rows(rows, len(ys), i, i + 1)), ys[i : i + 1])
+            _add_squares(sums, _grads(-ll[0], params))
+    return use_vmap
+
+
+def _vmap_grads(model, params, inputs, labels) -> list[torch.Tensor]:
+    """Per-example gradients, stacked on dim 0: each example is run alone as a batch of one."""
+    keys = _batched(inputs, len(labels))
+    shared = {k: v for k, v in inputs.items() if k not in keys}
+    others = {n: p.detach() for n, p in model.named_parameters() if n not in params}
+
+    def loss(trainable, rows, label):
+        one = {k: v.unsqueeze(0) for k, v in rows.items()}
+        output = functional_call(model, {**others, **trainable}, (), {**shared, **one})
+        return -_log_likelihood(output, label.unsqueeze(0))[0]
+
+    with warnings.catch_warnings():  # torch notes kernels without a batching rule: slow, still correct
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        grads = vmap(grad(loss), in_dims=(None, 0, 0))(
+            {n: p.detach() for n, p in params.items()}, {k: inputs[k] for k in keys}, labels
+        )
+    return [grads[n] for n in params]
+
+
+def _expected(batches, num_samples: int | None) -> int | None:
+    """Examples the progress bar expects: num_samples, else the size of a batching DataLoader's sampler."""
+    sampler = getattr(batches, "sampler", None) if getattr(batches, "batch_size", None) else None
+    total = len(sampler) if isinstance(sampler, Sized) else None
+    if num_samples is None or total is None:
+        return num_samples if total is None else total
+    return min(total, num_samples)

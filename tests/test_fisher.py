@@ -1,0 +1,350 @@
+"""Fisher information checked against brute force: every estimate is recomputed here the slow, obvious way."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import traceback
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_bert_config
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import BertForSequenceClassification
+
+from childtune.fisher import VmapFallbackWarning, fisher_information
+from childtune.layers import in_layer
+
+LENGTHS = [5, 2, 7, 3, 3, 6, 4, 1]  # batches of 3 pad to 7, 6 and 4 tokens
+
+
+def make_examples(regression: bool = False, lengths=LENGTHS, seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        label = torch.randn((), generator=g) if regression else torch.randint(0, 2, (), generator=g)
+        out.append({"input_ids": torch.randint(1, 64, (n,), generator=g), "labels": label})
+    return out
+
+
+def pad_collate(examples: list[dict]) -> dict:
+    """Dynamic padding to the longest example of the batch, as HF's DataCollatorWithPadding does."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(examples):
+        ids[i, : len(e["input_ids"])] = e["input_ids"]
+        mask[i, : len(e["input_ids"])] = 1
+    labels = torch.stack([e["labels"] for e in examples])
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": labels}
+
+
+def loader(examples: list[dict], batch_size: int = 3) -> DataLoader:
+    return DataLoader(examples, batch_size=batch_size, collate_fn=pad_collate)
+
+
+def scored_params(model, scored=in_layer) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if scored(n)}
+
+
+def neg_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example -log p(y|x), written out independently of the module under test."""
+    if logits.shape[-1] == 1:
+        return 0.5 * (labels.float() - logits[:, 0]) ** 2
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def brute_force_per_example(model, examples, params) -> dict[str, torch.Tensor]:
+    """Each example alone, unpadded and without any mask: mean of squared gradients."""
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for e in examples:
+        logits = model(input_ids=e["input_ids"][None]).logits
+        grads = torch.autograd.grad(neg_log_likelihood(logits, e["labels"][None])[0], list(params.values()))
+        for n, g in zip(params, grads, strict=True):
+            total[n] += g**2
+    return {n: t / len(examples) for n, t in total.items()}
+
+
+def brute_force_batches(model, batches, params) -> dict[str, torch.Tensor]:
+    """The authors' estimate by hand: mean over batches of the squared gradient of the batch-mean loss."""
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for b in batches:
+        inputs = {k: v for k, v in b.items() if k != "labels"}
+        loss = neg_log_likelihood(model(**inputs).logits, b["labels"]).mean()
+        for n, g in zip(params, torch.autograd.grad(loss, list(params.values())), strict=True):
+            total[n] += g**2
+    return {n: t / len(batches) for n, t in total.items()}
+
+
+def assert_scores_close(actual: dict, expected: dict) -> None:
+    assert list(actual) == list(expected)
+    scale = max(float(e.abs().max()) for e in expected.values())
+    for n in expected:
+        torch.testing.assert_close(actual[n], expected[n], rtol=1e-4, atol=1e-6 * scale, msg=n)
+
+
+class Fussy(nn.Module):
+    """Wraps a model with data-dependent control flow, which torch.func.vmap cannot trace."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, **kwargs):
+        if bool((input_ids < 0).any()):
+            raise ValueError("negative token ids")
+        return self.inner(input_ids=input_ids, **kwargs)
+
+
+class MaskedMeanPool(nn.Module):
+    """A model vmap can vectorise that still depends on the attention mask (padding must be excluded)."""
+
+    def __init__(self, num_labels: int = 2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(64, 8)
+        self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+        self.head = nn.Linear(8, num_labels)
+
+    def forward(self, input_ids, attention_mask=None, **unused):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        if attention_mask is None:
+            return self.head(h.mean(1))
+        m = attention_mask.unsqueeze(-1).float()
+        return self.head((h * m).sum(1) / m.sum(1))  # plain tensor output: no `.logits`
+
+
+def quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VmapFallbackWarning)
+        return fn(*args, progress=False, **kwargs)
+
+
+def test_per_example_equals_each_example_alone_unpadded(tiny_bert):
+    examples = make_examples()
+    scores = quiet(fisher_information, tiny_bert, loader(examples), per_example=True)
+    assert_scores_close(scores, brute_force_per_example(tiny_bert, examples, scored_params(tiny_bert)))
+
+
+def test_authors_estimate_is_mean_of_squared_batch_gradients(tiny_bert):
+    data = loader(make_examples())
+    scores = fisher_information(tiny_bert, data, progress=False)
+    expected = brute_force_batches(tiny_bert, list(data), scored_params(tiny_bert))
+    assert_scores_close(scores, expected)
+    # Squaring a batch mean is not the mean of squares: the two estimates genuinely differ.
+    per_example = quiet(fisher_information, tiny_bert, data, per_example=True)
+    assert not torch.allclose(scores["bert.encoder.layer.0.output.dense.weight"],
+                              per_example["bert.encoder.layer.0.output.dense.weight"])
+
+
+def test_vmap_path_respects_padding():
+    model = MaskedMeanPool()
+    examples = make_examples()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VmapFallbackWarning)  # the vectorised path must be the one taken
+        scores = fisher_information(model, loader(examples), per_example=True, progress=False)
+    params = scored_params(model)
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    for e in examples:
+        loss = F.cross_entropy(model(e["input_ids"][None]), e["labels"][None])
+        for n, g in zip(params, torch.autograd.grad(loss, list(params.values())), strict=True):
+            expected[n] += g**2 / len(examples)
+    assert_scores_close(scores, expected)
+
+
+def test_vmap_and_loop_fallback_agree_on_bert(tiny_bert):
+    # Without an attention mask HF BERT vectorises; the wrapper's `if` forces the per-example loop.
+    batches = [{k: v for k, v in pad_collate(make_examples(lengths=[6] * 4, seed=s)).items()
+                if k != "attention_mask"} for s in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VmapFallbackWarning)
+        vmapped = fisher_information(tiny_bert, batches, per_example=True, progress=False)
+    with pytest.warns(VmapFallbackWarning, match="one example at a time"):
+        looped = fisher_information(Fussy(tiny_bert), batches, per_example=True, progress=False)
+    assert_scores_close({n.removeprefix("inner."): s for n, s in looped.items()}, vmapped)
+
+
+def test_loop_fallback_on_masked_model_matches_vmap():
+    data = loader(make_examples())
+    vmapped = fisher_information(MaskedMeanPool(), data, per_example=True, progress=False)
+    with pytest.warns(VmapFallbackWarning):
+        looped = fisher_information(Fussy(MaskedMeanPool()), data, per_example=True, progress=False)
+    assert_scores_close({n.removeprefix("inner."): s for n, s in looped.items()}, vmapped)
+
+
+def test_num_samples_truncates_and_stops_reading(tiny_bert):
+    examples = make_examples()
+    batches = list(loader(examples))
+
+    def only_two_batches():
+        yield batches[0]
+        yield batches[1]
+        raise AssertionError("read past the examples asked for")
+
+    params = scored_params(tiny_bert)
+    per_example = quiet(fisher_information, tiny_bert, only_two_batches(), num_samples=4, per_example=True)
+    assert_scores_close(per_example, brute_force_per_example(tiny_bert, examples[:4], params))
+    authors = fisher_information(tiny_bert, only_two_batches(), num_samples=4, progress=False)
+    truncated = {k: v[:1] for k, v in batches[1].items()}
+    assert_scores_close(authors, brute_force_batches(tiny_bert, [batches[0], truncated], params))
+    # Exactly one full batch: the second is never requested.
+    fisher_information(tiny_bert, iter([batches[0]]), num_samples=3, progress=False)
+    with pytest.raises(ValueError, match="num_samples"):
+        fisher_information(tiny_bert, batches, num_samples=0, progress=False)
+
+
+def test_default_scores_only_encoder_layers(tiny_bert):
+    scores = fisher_information(tiny_bert, loader(make_examples()), progress=False)
+    names = [n for n, _ in tiny_bert.named_parameters()]
+    assert list(scores) == [n for n in names if ".encoder.layer." in n]
+    assert not [n for n in scores if "embeddings" in n or "pooler" in n or "classifier" in n]
+    params = dict(tiny_bert.named_parameters())
+    for n, s in scores.items():
+        assert s.dtype == torch.float32 and s.shape == params[n].shape and s.device == params[n].device
+        assert (s >= 0).all()
+    assert any(s.sum() > 0 for s in scores.values())
+
+
+def test_scored_by_names_or_predicate(tiny_bert):
+    data = loader(make_examples())
+    chosen = ["classifier.weight", "bert.encoder.layer.1.attention.self.query.weight"]
+    by_name = fisher_information(tiny_bert, data, scored=chosen, progress=False)
+    assert list(by_name) == ["bert.encoder.layer.1.attention.self.query.weight", "classifier.weight"]
+    by_predicate = fisher_information(tiny_bert, data, scored=lambda n: n in chosen, progress=False)
+    assert_scores_close(by_predicate, by_name)
+    # Fisher scores of a parameter do not depend on which other parameters are scored alongside it.
+    full = fisher_information(tiny_bert, data, scored=lambda n: True, progress=False)
+    assert_scores_close(by_name, {n: full[n] for n in by_name})
+    with pytest.raises(ValueError, match="not parameters"):
+        fisher_information(tiny_bert, data, scored=["no.such.weight"], progress=False)
+
+
+def test_frozen_parameters_are_not_scored(tiny_bert):
+    frozen = "bert.encoder.layer.0.attention.self.query.weight"
+    tiny_bert.get_parameter(frozen).requires_grad_(False)
+    scores = fisher_information(tiny_bert, loader(make_examples()), progress=False)
+    assert frozen not in scores and "bert.encoder.layer.0.attention.self.key.weight" in scores
+    with pytest.raises(ValueError, match="do not require grad"):
+        fisher_information(tiny_bert, loader(make_examples()), scored=[frozen], progress=False)
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_regression_uses_gaussian_log_likelihood(per_example):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(num_labels=1))
+    examples = make_examples(regression=True)
+    data = loader(examples)
+    scores = quiet(fisher_information, model, data, per_example=per_example)
+    params = scored_params(model)
+    if per_example:
+        expected = brute_force_per_example(model, examples, params)
+    else:
+        expected = brute_force_batches(model, list(data), params)
+    assert_scores_close(scores, expected)
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_grads_and_training_modes_untouched(per_example):
+    torch.manual_seed(0)
+    config = tiny_bert_config()
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.5
+    model = BertForSequenceClassification(config)
+    data = loader(make_examples())
+    expected = quiet(fisher_information, model.eval(), data, per_example=per_example)
+
+    model.train()
+    model.bert.pooler.eval()  # a mixed state must come back exactly, not as a blanket train()/eval()
+    before = {m: m.training for m in model.modules()}
+    params = dict(model.named_parameters())
+    params["bert.encoder.layer.0.output.dense.weight"].grad = torch.full_like(
+        params["bert.encoder.layer.0.output.dense.weight"], 3.0)
+    params["classifier.bias"].grad = torch.ones(2)
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in params.items()}
+
+    # Dropout at 0.5 would change every score if estimation ran in training mode.
+    assert_scores_close(quiet(fisher_information, model, data, per_example=per_example), expected)
+    assert {m: m.training for m in model.modules()} == before
+    for n, p in params.items():
+        if grads[n] is None:
+            assert p.grad is None, n
+        else:
+            assert torch.equal(p.grad, grads[n]), n
+
+
+def test_missing_labels_is_an_error(tiny_bert):
+    batch = pad_collate(make_examples())
+    del batch["labels"]
+    with pytest.raises(ValueError, match="yields no labels; Fisher information needs them"):
+        fisher_information(tiny_bert, [batch], progress=False)
+
+
+def test_empty_data_is_an_error(tiny_bert):
+    with pytest.raises(ValueError, match="no examples"):
+        fisher_information(tiny_bert, [], progress=False)
+
+
+@pytest.mark.parametrize("scored", [lambda n: False, []], ids=["predicate", "names"])
+def test_nothing_scored_is_an_error(tiny_bert, scored):
+    with pytest.raises(ValueError, match="no parameter elements to score"):
+        fisher_information(tiny_bert, loader(make_examples()), scored=scored, progress=False)
+
+
+def test_all_frozen_model_scores_nothing(tiny_bert):
+    for p in tiny_bert.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter elements to score"):
+        fisher_information(tiny_bert, loader(make_examples()), progress=False)
+
+
+def test_progress_bar_can_be_silenced(tiny_bert, capsys):
+    data = loader(make_examples())
+    fisher_information(tiny_bert, data, progress=False)
+    assert capsys.readouterr().err == ""
+    fisher_information(tiny_bert, data, progress=True)
+    assert "8/8" in capsys.readouterr().err
+
+
+def _rank_main(rank: int, store: str, model, shards, out: str) -> None:
+    try:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", VmapFallbackWarning)
+            result = {
+                mode: fisher_information(model, shards[rank], per_example=mode, progress=False)
+                for mode in (False, True)
+            }
+        torch.save(result, out)
+        torch.distributed.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or "fork" not in multiprocessing.get_all_start_methods(),
+                    reason="needs torch.distributed and fork-started processes")
+def test_distributed_ranks_agree_with_one_process_on_all_data(tiny_bert, tmp_path):
+    batches = list(loader(make_examples()))
+    shards = [[batches[0], batches[2]], [batches[1]]]  # uneven on purpose: 5 and 3 examples
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_rank_main, args=(r, tmp_path / "store", tiny_bert, shards, tmp_path / f"{r}.pt"))
+             for r in range(2)]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+            assert p.exitcode == 0, "a rank failed or hung (its traceback is in the captured stderr)"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    for per_example in (False, True):
+        single = quiet(fisher_information, tiny_bert, batches, per_example=per_example)
+        for r in range(2):
+            assert_scores_close(torch.load(tmp_path / f"{r}.pt")[per_example], single)
