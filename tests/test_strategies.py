@@ -1,0 +1,179 @@
+"""Strategies on real (tiny) transformers and on arbitrary modules."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from childtune import ID3, ChildOptimizer, ChildTuningD, ChildTuningF, GradualUnfreezing, RandomMasking
+from childtune.layers import blocks, layer_index, parameter_type
+from childtune.masks import count, top_fraction, top_k
+
+
+def batches(n_batches: int = 3, batch: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(1, 64, (batch, 10), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                    "labels": torch.randint(0, 2, (batch,), generator=g)})
+    return out
+
+
+def train(model, opt, data, steps: int) -> None:
+    for t in range(steps):
+        opt.zero_grad()
+        model(**data[t % len(data)]).loss.backward()
+        opt.step()
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed(model, before):
+    return {n: p.detach() != before[n] for n, p in model.named_parameters()}
+
+
+def test_id3_ends_with_exactly_budget_changed_elements(tiny_bert):
+    before, steps, budget = snapshot(tiny_bert), 7, 1001
+    strategy = ID3(budget, total_steps=steps)
+    opt = ChildOptimizer(tiny_bert.named_parameters(), strategy, lr=1e-2, weight_decay=0.1, strict=True)
+    data = batches()
+    grown = []
+    for t in range(steps):
+        train(tiny_bert, opt, [data[t % 3]], 1)
+        grown.append(count({n: m for n, m in strategy.chosen.items() if "classifier" not in n}))
+    assert grown == [strategy.target(t) for t in range(steps)]
+    assert grown[-1] == budget and all(a < b for a, b in itertools.pairwise(grown))
+    moved = changed(tiny_bert, before)
+    body = {n: m for n, m in moved.items() if "classifier" not in n}
+    assert count(body) == budget
+    assert all(torch.equal(body[n], strategy.chosen[n]) for n in body)
+    assert all(m.all() for n, m in moved.items() if "classifier" in n)  # the head trains in full
+
+
+def test_id3_budget_checks(tiny_bert):
+    n = sum(p.numel() for name, p in tiny_bert.named_parameters() if "classifier" not in name)
+    with pytest.raises(ValueError, match="exceeds"):
+        ChildOptimizer(tiny_bert.named_parameters(), ID3(n + 1, total_steps=5))
+    ChildOptimizer(tiny_bert.named_parameters(), ID3(n, total_steps=5))
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(ValueError, match="budget"):
+            ID3(bad, total_steps=5)
+    with pytest.raises(ValueError, match="total_steps"):
+        ID3(10, total_steps=0)
+
+
+def test_child_tuning_d_picks_top_fisher_and_strict_changes_only_them(tiny_bert):
+    data = batches()
+    strategy = ChildTuningD(0.2, rest="freeze")
+    opt = ChildOptimizer(tiny_bert.named_parameters(), strategy, lr=1e-2, weight_decay=0.01, strict=True)
+    strategy.prepare(tiny_bert, data)
+    scored = [n for n in strategy.chosen if layer_index(n) is not None]
+    total = sum(strategy.params[n].numel() for n in scored)
+    assert count({n: strategy.chosen[n] for n in scored}) == round(0.2 * total)
+    before = snapshot(tiny_bert)
+    train(tiny_bert, opt, data, 3)
+    for name, moved in changed(tiny_bert, before).items():
+        if "classifier" in name:
+            assert moved.all()
+        else:
+            assert torch.equal(moved & ~strategy.chosen[name], torch.zeros_like(moved)), name
+
+
+def test_child_tuning_d_authors_default_trains_unscored_in_full(tiny_bert):
+    strategy = ChildTuningD(0.1)
+    ChildOptimizer(tiny_bert.named_parameters(), strategy)
+    strategy.prepare(tiny_bert, batches())
+    assert all(layer_index(n) is not None for n in strategy.chosen)  # embeddings, pooler, head: no mask
+
+
+def test_child_tuning_d_needs_data(tiny_bert):
+    strategy = ChildTuningD(0.3)
+    ChildOptimizer(tiny_bert.named_parameters(), strategy)
+    with pytest.raises(ValueError, match="batches"):
+        strategy.prepare(tiny_bert, None)
+    with pytest.raises(RuntimeError, match="prepare"):
+        strategy.masks(0)
+
+
+def test_gradual_unfreezing_goes_top_down(tiny_bert):
+    names = [n for n, _ in tiny_bert.named_parameters()]
+    order = blocks(names)
+    assert [layer_index(g[0]) for g in order] == [None, 0, 1, None]
+    assert any("embeddings" in n for n in order[0]) and any("classifier" in n for n in order[-1])
+    strategy = GradualUnfreezing(2)
+    opt = ChildOptimizer(tiny_bert.named_parameters(), strategy, lr=1e-2, strict=True)
+    data = batches()
+    seen = []
+    for t in range(8):
+        before = snapshot(tiny_bert)
+        train(tiny_bert, opt, [data[t % 3]], 1)
+        moved = changed(tiny_bert, before)
+        seen.append({i for i, group in enumerate(order) if any(moved[n].any() for n in group)})
+    assert seen[:2] == [{3}, {3}]
+    assert seen[2:4] == [{2, 3}, {2, 3}]
+    assert seen[4:6] == [{1, 2, 3}, {1, 2, 3}]
+    assert seen[6] == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="increasing"):
+        GradualUnfreezing([5, 3])
+
+
+def test_strategies_work_on_any_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    for strategy in (RandomMasking(0.3), ID3(20, total_steps=4), ChildTuningF(0.5, seed=1)):
+        before = snapshot(model)
+        opt = ChildOptimizer(model.named_parameters(), strategy, lr=1e-2, strict=True)
+        for _ in range(4):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert count(changed(model, before)) > 0
+        if isinstance(strategy, ID3):
+            assert count(changed(model, before)) == 20
+
+
+def test_random_masking_is_seeded_and_exact():
+    model = nn.Linear(50, 40)
+
+    def chosen(seed):
+        s = RandomMasking(0.1, seed=seed, always=())
+        ChildOptimizer(model.named_parameters(), s)
+        return s.chosen
+
+    a, b, c = chosen(1), chosen(1), chosen(2)
+    assert count(a) == round(0.1 * (50 * 40 + 40))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], c[n]) for n in a)
+
+
+def test_config_round_trips():
+    for strategy in (ChildTuningD(0.3, per_layer=True), ID3(100, total_steps=10, eps=1e-2),
+                     RandomMasking(0.05, seed=3), GradualUnfreezing((1, 5)), ChildTuningF(0.2, seed=4)):
+        again = type(strategy)(**strategy.config())
+        assert again.config() == strategy.config()
+
+
+def test_top_k_is_exact_under_ties_and_per_layer():
+    scores = {"a.0.w": torch.ones(10), "a.1.w": torch.ones(30)}
+    assert count(top_k(scores, 7)) == 7  # a percentile cut would keep all 40 tied elements
+    per_layer = top_fraction(scores, 0.5, per_layer=True)
+    assert int(per_layer["a.0.w"].sum()) == 5 and int(per_layer["a.1.w"].sum()) == 15
+    with pytest.raises(ValueError):
+        top_k(scores, 41)
+
+
+def test_parameter_types_from_names(tiny_bert):
+    kinds = {n: parameter_type(n) for n, _ in tiny_bert.named_parameters()}
+    assert kinds["bert.encoder.layer.0.attention.self.query.weight"] == "attention"
+    assert kinds["bert.encoder.layer.0.attention.output.LayerNorm.weight"] == "layernorm"
+    assert kinds["bert.encoder.layer.0.intermediate.dense.weight"] == "ffn"
+    assert kinds["bert.encoder.layer.0.output.dense.weight"] == "ffn"
+    assert kinds["bert.embeddings.word_embeddings.weight"] == "embedding"
+    assert kinds["classifier.weight"] == "head"
