@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 lint: install
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check .
 
 # pytest exits 5 when it collects nothing: that is a failure here too.
 test: install lint
