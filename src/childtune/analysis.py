@@ -1,0 +1,472 @@
+"""Which pretrained weights a child network uses: per-layer and per-type shares, and overlaps.
+
+The Child-Tuning paper's claim that a task's child network is task-specific is a claim about sets, so
+this module compares sets: each child network is its masks (`childtune.masks`, name -> bool tensor),
+loaded from a masks file or a sparse delta. Task heads are left out by default (`EXCLUDE`): they are
+newly initialised, trained in full and shaped per task, so they say nothing about which *pretrained*
+weights a task relies on, and they would not line up between a regression and a classification task.
+A parameter absent from a child network's masks counts as not chosen at all.
+
+Overlap is reported next to what chance alone would give: two unrelated child networks of densities
+p and q still share about pq / (p + q - pq) of their union (0.11 for two 20% networks), and an
+overlap is only evidence of shared structure above that level.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from childtune.layers import blocks, layer_index, parameter_type
+from childtune.masks import Masks, count
+
+MaskMap = Mapping[str, torch.Tensor]
+
+EXCLUDE = ("classifier", "score")
+"""Name fragments of task heads, left out of every statistic unless the caller says otherwise."""
+
+TYPES = ("embedding", "attention", "ffn", "layernorm", "head", "other")
+EMBEDDINGS, TOP = "embeddings", "top"
+MASKS_FILE = "masks.safetensors"
+"""The file name `save_masks` writes inside a run directory and `load_masks` looks for."""
+
+
+# --------------------------------------------------------------------------- writing files atomically
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp)` on a temporary sibling of `path`, then rename it into place.
+
+    A reader (or a resumed study) therefore sees either the old file or the complete new one, never a
+    half-written table after a crash or a kill.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_csv(path: str | Path, header: Iterable[str], rows: Iterable[Iterable]) -> Path:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_text(path, buffer.getvalue())
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    try:
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+
+
+# --------------------------------------------------------------------------- loading child networks
+
+
+def save_masks(masks: MaskMap, path: str | Path) -> Path:
+    """Masks as a safetensors file of bool tensors, the form `load_masks` reads back."""
+    from safetensors.torch import save_file
+
+    tensors = {n: m.detach().to("cpu", torch.bool).contiguous() for n, m in masks.items()}
+    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"childtune": "masks"}))
+
+
+def load_masks(path: str | Path) -> Masks:
+    """A child network from a masks file, a sparse delta, or a run directory holding one of them.
+
+    A delta's child network is the set of elements it changes. Masks may be stored as bool or as 0/1
+    integers; anything else is refused rather than thresholded.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = _child_file(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no child network at {path}")
+    delta = _delta_masks(path)
+    if delta is not None:
+        return delta
+    from safetensors.torch import load_file
+
+    out: Masks = {}
+    for name, tensor in load_file(str(path)).items():
+        if tensor.dtype != torch.bool:
+            if tensor.is_floating_point() or not bool(((tensor == 0) | (tensor == 1)).all()):
+                raise ValueError(f"{path}: {name!r} is not a mask (dtype {tensor.dtype}, values not all 0/1)")
+            tensor = tensor.bool()
+        out[name] = tensor
+    return out
+
+
+def _child_file(directory: Path) -> Path:
+    candidates = [directory / MASKS_FILE, *sorted(directory.glob("*delta*.safetensors"))]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{directory} holds no {MASKS_FILE} and no *delta*.safetensors")
+
+
+def _delta_masks(path: Path) -> Masks | None:
+    """The delta's masks when `path` is a sparse delta, else None (then it is read as plain masks)."""
+    try:
+        from childtune.delta import DeltaError, SparseDelta
+    except ImportError:
+        return None
+    try:
+        delta = SparseDelta.load(path)
+    except DeltaError:
+        return None
+    return {n: m.bool() for n, m in delta.masks().items()}
+
+
+# --------------------------------------------------------------------------- shares
+
+
+@dataclass(frozen=True)
+class Share:
+    """One group of parameters (a layer, or a parameter type) and how much of it the child holds.
+
+    `density`: the fraction of the group's elements that are in the child network (what a heatmap
+    row shows: does the task use this layer?). `share`: the fraction of the child network that lies in
+    the group (where its budget went).
+    """
+
+    group: str
+    chosen: int
+    total: int
+    child: int
+
+    @property
+    def density(self) -> float:
+        return self.chosen / self.total if self.total else 0.0
+
+    @property
+    def share(self) -> float:
+        return self.chosen / self.child if self.child else 0.0
+
+
+def _kept(masks: MaskMap, exclude: Iterable[str]) -> dict[str, torch.Tensor]:
+    exclude = tuple(exclude)
+    return {n: m for n, m in masks.items() if not any(e in n for e in exclude)}
+
+
+def layer_group(name: str, position: str = "before") -> str:
+    """`layer i` for a parameter inside block i; else `embeddings` or `top` (pooler, final norm, head).
+
+    A parameter outside the blocks is placed by its name when the name says what it is (embeddings
+    below, pooler and heads on top), whatever order it was saved in: safetensors files come back
+    sorted by name, which puts GPT-2's `wte` after its blocks. Otherwise `position` (before or after
+    the blocks in the given order) decides.
+    """
+    index = layer_index(name)
+    if index is not None:
+        return f"layer {index}"
+    if parameter_type(name) == "embedding" or "embed" in name.lower():
+        return EMBEDDINGS
+    if parameter_type(name) == "head":
+        return TOP
+    return EMBEDDINGS if position == "before" else TOP
+
+
+def _group_order(label: str) -> tuple[int, int]:
+    if label == EMBEDDINGS:
+        return (0, 0)
+    if label == TOP:
+        return (2, 0)
+    return (1, int(label.split()[-1]))
+
+
+def _layer_groups(names: Iterable[str]) -> dict[str, str]:
+    """name -> layer group, using `blocks` to tell what came before the stacked blocks from after."""
+    names = list(names)
+    grouped = blocks(names)
+    seen_block = False
+    out = {}
+    for group in grouped:
+        numbered = layer_index(group[0]) is not None
+        seen_block = seen_block or numbered
+        for name in group:
+            out[name] = layer_group(name, "after" if seen_block and not numbered else "before")
+    return out
+
+
+def _shares(masks: MaskMap, key: Mapping[str, str], order) -> list[Share]:
+    chosen: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for name, mask in masks.items():
+        group = key[name]
+        chosen[group] = chosen.get(group, 0) + int(mask.sum())
+        total[group] = total.get(group, 0) + mask.numel()
+    child = sum(chosen.values())
+    return [Share(g, chosen[g], total[g], child) for g in sorted(total, key=order)]
+
+
+def layer_share(masks: MaskMap, exclude: Iterable[str] = EXCLUDE) -> list[Share]:
+    """The child network per layer, bottom-up: embeddings, layer 0 … layer N-1, top."""
+    kept = _kept(masks, exclude)
+    return _shares(kept, _layer_groups(kept), _group_order)
+
+
+def type_share(masks: MaskMap, exclude: Iterable[str] = EXCLUDE) -> list[Share]:
+    """The child network per parameter type (`childtune.layers.parameter_type`)."""
+    kept = _kept(masks, exclude)
+    return _shares(kept, {n: parameter_type(n) for n in kept}, TYPES.index)
+
+
+# --------------------------------------------------------------------------- overlap
+
+
+def _aligned(a: MaskMap, b: MaskMap, exclude: Iterable[str]):
+    a, b = _kept(a, exclude), _kept(b, exclude)
+    for name in a.keys() & b.keys():
+        if a[name].shape != b[name].shape:
+            raise ValueError(
+                f"{name!r} has shape {tuple(a[name].shape)} in one child network and {tuple(b[name].shape)} "
+                "in the other: they come from different models"
+            )
+    return a, b
+
+
+def jaccard(a: MaskMap, b: MaskMap, exclude: Iterable[str] = EXCLUDE) -> float:
+    """|A n B| / |A u B| over all elements; two empty child networks are identical (1.0, as scipy)."""
+    a, b = _aligned(a, b, exclude)
+    inter = sum(int((a[n] & b[n].to(a[n].device)).sum()) for n in a.keys() & b.keys())
+    union = count(a) + count(b) - inter
+    return inter / union if union else 1.0
+
+
+def chance_jaccard(a: MaskMap, b: MaskMap, exclude: Iterable[str] = EXCLUDE) -> float:
+    """Expected Jaccard of two random child networks with the same size as `a` and `b` in every tensor.
+
+    Per tensor of n elements holding k_a and k_b chosen ones, a uniformly random pair meets in
+    k_a k_b / n elements on average; summing per tensor keeps a method that concentrates on some
+    layers from looking like shared structure. (Ratio of expectations: exact to O(1/n).)
+    """
+    a, b = _aligned(a, b, exclude)
+    inter = 0.0
+    for name in a.keys() & b.keys():
+        inter += int(a[name].sum()) * int(b[name].sum()) / a[name].numel()
+    union = count(a) + count(b) - inter
+    return inter / union if union else 1.0
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Pairwise Jaccard overlaps of named child networks, with the chance level of each pair."""
+
+    labels: tuple[str, ...]
+    values: np.ndarray
+    chance: np.ndarray
+
+
+def overlap_matrix(named_masks: Mapping[str, MaskMap], exclude: Iterable[str] = EXCLUDE) -> Overlap:
+    labels = tuple(named_masks)
+    n = len(labels)
+    values, chance = np.eye(n), np.eye(n)
+    for i in range(n):
+        for j in range(i + 1, n):
+            a, b = named_masks[labels[i]], named_masks[labels[j]]
+            values[i, j] = values[j, i] = jaccard(a, b, exclude)
+            chance[i, j] = chance[j, i] = chance_jaccard(a, b, exclude)
+    for i in range(n):  # an empty child network is identical to itself; say so rather than assume
+        values[i, i] = jaccard(named_masks[labels[i]], named_masks[labels[i]], exclude)
+    return Overlap(labels, values, chance)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _share_grid(tables: Mapping[str, list[Share]], order) -> tuple[list[str], np.ndarray]:
+    columns = sorted({s.group for rows in tables.values() for s in rows}, key=order)
+    grid = np.full((len(tables), len(columns)), np.nan)
+    for i, rows in enumerate(tables.values()):
+        for s in rows:
+            grid[i, columns.index(s.group)] = s.density
+    return columns, grid
+
+
+def _heatmap(ax, grid: np.ndarray, rows: list[str], columns: list[str], text: Callable[[int, int], str], cmap: str,
+             vmax: float):
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, rotation=35, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            value = grid[i, j]
+            if math.isnan(value):
+                continue
+            r, g, b, _ = image.cmap(image.norm(value))
+            dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # text in whichever colour the cell lets you read
+            ax.text(j, i, text(i, j), ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    return image
+
+
+def plot_layer_share(named_masks: Mapping[str, MaskMap], path: str | Path,
+                     exclude: Iterable[str] = EXCLUDE) -> Path:
+    """Heatmaps of each child network's density per layer (left) and per parameter type (right).
+
+    Rows are child networks labelled with their overall density; a dark cell is a layer the task
+    updates much of, a pale one a layer it leaves almost untouched.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    exclude = tuple(exclude)
+    layers = {k: layer_share(m, exclude) for k, m in named_masks.items()}
+    types = {k: type_share(m, exclude) for k, m in named_masks.items()}
+    rows = []
+    for label, table in layers.items():
+        total = sum(s.total for s in table)
+        rows.append(f"{label} ({100 * sum(s.chosen for s in table) / total:.1f}%)" if total else label)
+    layer_cols, layer_grid = _share_grid(layers, _group_order)
+    type_cols, type_grid = _share_grid(types, TYPES.index)
+    vmax = max(float(np.nanmax(np.concatenate([layer_grid.ravel(), type_grid.ravel()]), initial=0.0)), 1e-9)
+    width = 2.0 + 0.75 * (len(layer_cols) + len(type_cols))
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(width, 1.2 + 0.45 * len(rows)), gridspec_kw={"width_ratios": [len(layer_cols), len(type_cols)]},
+        constrained_layout=True,
+    )
+    pct = lambda grid: lambda i, j: f"{100 * grid[i, j]:.0f}"  # noqa: E731
+    _heatmap(left, layer_grid, rows, layer_cols, pct(layer_grid), "Blues", vmax)
+    image = _heatmap(right, type_grid, rows, type_cols, pct(type_grid), "Blues", vmax)
+    right.set_yticks(range(len(rows)), [""] * len(rows))
+    left.set_title("per layer (bottom → top)")
+    right.set_title("per parameter type")
+    fig.suptitle("Share of each group's weights in the child network (%)")
+    fig.colorbar(image, ax=[left, right], label="fraction of the group's weights chosen", shrink=0.9)
+    return save_figure(fig, path)
+
+
+def plot_overlap(overlap: Overlap, path: str | Path, title: str = "Child-network overlap (Jaccard)") -> Path:
+    """Heatmap of pairwise Jaccard overlap; each cell also shows the chance level for that pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(overlap.labels)
+    size = 2.5 + 1.1 * n
+    fig, ax = plt.subplots(figsize=(size + 1.2, size), constrained_layout=True)
+    values, chance = overlap.values.copy(), overlap.chance
+    # The diagonal (each network with itself) is left grey so the colour scale spans the pairs only.
+    np.fill_diagonal(values, np.nan)
+    vmax = max(float(np.nanmax(values, initial=0.0)), 1e-9)
+
+    def text(i: int, j: int) -> str:
+        return f"{values[i, j]:.3f}\n(chance {chance[i, j]:.3f})"
+
+    ax.set_facecolor("0.85")
+    image = _heatmap(ax, values, list(overlap.labels), list(overlap.labels), text, "viridis", vmax)
+    for i in range(n):
+        ax.text(i, i, "self", ha="center", va="center", fontsize=8, color="0.4")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="|A ∩ B| / |A ∪ B|")
+    return save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------- tables and the whole report
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def share_markdown(tables: Mapping[str, list[Share]], what: str) -> str:
+    """One Markdown table: a row per child network, a column per group, cells 'density (share)' in %."""
+    columns = sorted({s.group for rows in tables.values() for s in rows},
+                     key=_group_order if what == "layer" else TYPES.index)
+    lines = [f"| child network | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
+    for label, rows in tables.items():
+        by = {s.group: s for s in rows}
+        cells = [f"{_pct(by[c].density)} ({_pct(by[c].share)})" if c in by else "" for c in columns]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def overlap_markdown(overlap: Overlap) -> str:
+    labels = overlap.labels
+    lines = [f"| | {' | '.join(labels)} |", "|---" * (len(labels) + 1) + "|"]
+    for i, row in enumerate(labels):
+        cells = [
+            f"{overlap.values[i, j]:.3f}" if i == j else f"{overlap.values[i, j]:.3f} ({overlap.chance[i, j]:.3f})"
+            for j in range(len(labels))
+        ]
+        lines.append(f"| {row} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def analyze(inputs: Mapping[str, str | Path | MaskMap], output_dir: str | Path,
+            exclude: Iterable[str] = EXCLUDE) -> dict[str, Path]:
+    """Load each named child network (a path, or masks already in memory) and write the analysis.
+
+    Writes `layer_share.csv`, `type_share.csv`, `overlap.csv`, `analysis.md`, `layer_share.png` and
+    `overlap.png` (only with two or more child networks) into `output_dir`; returns them by stem.
+    """
+    if not inputs:
+        raise ValueError("analyze needs at least one child network")
+    exclude = tuple(exclude)
+    named = {k: v if isinstance(v, Mapping) else load_masks(v) for k, v in inputs.items()}
+    out = Path(output_dir)
+    layers = {k: layer_share(m, exclude) for k, m in named.items()}
+    types = {k: type_share(m, exclude) for k, m in named.items()}
+    header = ["child_network", "group", "chosen", "total", "density", "share"]
+    paths = {
+        "layer_share": write_csv(out / "layer_share.csv", header, _share_rows(layers)),
+        "type_share": write_csv(out / "type_share.csv", header, _share_rows(types)),
+    }
+    sections = [
+        "# Child-network analysis",
+        "Cells are *density (share)* in %: density = fraction of the group's weights in the child network; "
+        "share = fraction of the child network in the group. Task heads are excluded"
+        + (f" (names containing {', '.join(map(repr, exclude))})." if exclude else " only if asked (none here)."),
+        "## Per layer", share_markdown(layers, "layer"),
+        "## Per parameter type", share_markdown(types, "type"),
+        "![layer share](layer_share.png)",
+    ]
+    paths["layer_share_png"] = plot_layer_share(named, out / "layer_share.png", exclude)
+    if len(named) > 1:
+        overlap = overlap_matrix(named, exclude)
+        labels = overlap.labels
+        pairs = [(labels[i], labels[j], overlap.values[i, j], overlap.chance[i, j])
+                 for i in range(len(labels)) for j in range(i + 1, len(labels))]
+        paths["overlap"] = write_csv(out / "overlap.csv", ["a", "b", "jaccard", "chance"], pairs)
+        paths["overlap_png"] = plot_overlap(overlap, out / "overlap.png")
+        sections += [
+            "## Overlap",
+            "Jaccard |A ∩ B| / |A ∪ B|; in brackets the chance level: what two random child networks with the "
+            "same per-tensor sizes would share on average.",
+            overlap_markdown(overlap),
+            "![overlap](overlap.png)",
+        ]
+    paths["analysis"] = write_text(out / "analysis.md", "\n\n".join(sections) + "\n")
+    return paths
+
+
+def _share_rows(tables: Mapping[str, list[Share]]):
+    for label, rows in tables.items():
+        for s in rows:
+            yield label, s.group, s.chosen, s.total, f"{s.density:.6f}", f"{s.share:.6f}"
