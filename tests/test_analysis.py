@@ -185,3 +185,22 @@ def test_analyze_single_network_has_no_overlap(tmp_path):
     paths = analyze({"only": leading(CHOSEN)}, tmp_path)
     assert "overlap" not in paths and "overlap_png" not in paths
     assert "## Overlap" not in paths["analysis"].read_text()
+
+
+def test_masks_from_a_sparse_delta_are_the_changed_elements(tmp_path, tiny_bert):
+    from childtune.delta import SparseDelta
+
+    base = {n: t.detach().clone() for n, t in tiny_bert.state_dict().items()}
+    name = "bert.encoder.layer.1.attention.self.query.weight"
+    changed = torch.zeros_like(base[name], dtype=torch.bool)
+    changed[0, :3] = True
+    changed[5, 7] = True
+    with torch.no_grad():
+        tiny_bert.get_parameter(name).add_(changed.float() * 0.5)
+        tiny_bert.classifier.weight.add_(1.0)  # the head is stored dense and left out of the child network
+    SparseDelta.from_training(base, tiny_bert, method="child-d").save(tmp_path / "run" / "delta")
+    for source in (tmp_path / "run", tmp_path / "run" / "delta", tmp_path / "run" / "delta" / "delta.safetensors"):
+        masks = load_masks(source)
+        assert list(masks) == [name]
+        assert torch.equal(masks[name], changed)
+    assert layer_share(masks)[0].chosen == 4

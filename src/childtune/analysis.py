@@ -17,8 +17,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from childtune.fileio import atomic_write
 from childtune.layers import blocks, layer_index, parameter_type
 from childtune.masks import Masks, count
 
@@ -37,33 +36,14 @@ EXCLUDE = ("classifier", "score")
 TYPES = ("embedding", "attention", "ffn", "layernorm", "head", "other")
 EMBEDDINGS, TOP = "embeddings", "top"
 MASKS_FILE = "masks.safetensors"
-"""The file name `save_masks` writes inside a run directory and `load_masks` looks for."""
+"""The file `load_masks` looks for in a folder that holds no sparse delta."""
 
 
 # --------------------------------------------------------------------------- writing files atomically
 
 
-def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp)` on a temporary sibling of `path`, then rename it into place.
-
-    A reader (or a resumed study) therefore sees either the old file or the complete new one, never a
-    half-written table after a crash or a kill.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_text(path: str | Path, text: str) -> Path:
-    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return atomic_write(path, text)
 
 
 def write_csv(path: str | Path, header: Iterable[str], rows: Iterable[Iterable]) -> Path:
@@ -71,16 +51,19 @@ def write_csv(path: str | Path, header: Iterable[str], rows: Iterable[Iterable])
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    return write_text(path, buffer.getvalue())
+    return atomic_write(path, buffer.getvalue())
 
 
 def save_figure(fig, path: str | Path) -> Path:
+    """Render to memory first, so the PNG on disk is replaced whole (`fileio.atomic_write`)."""
     import matplotlib.pyplot as plt
 
+    buffer = io.BytesIO()
     try:
-        return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
+        fig.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
     finally:
         plt.close(fig)
+    return atomic_write(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------- loading child networks
@@ -88,26 +71,30 @@ def save_figure(fig, path: str | Path) -> Path:
 
 def save_masks(masks: MaskMap, path: str | Path) -> Path:
     """Masks as a safetensors file of bool tensors, the form `load_masks` reads back."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {n: m.detach().to("cpu", torch.bool).contiguous() for n, m in masks.items()}
-    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"childtune": "masks"}))
+    return atomic_write(path, save(tensors, metadata={"childtune": "masks"}))
 
 
 def load_masks(path: str | Path) -> Masks:
-    """A child network from a masks file, a sparse delta, or a run directory holding one of them.
+    """A child network from a masks file, a sparse delta, or a run folder holding either.
 
-    A delta's child network is the set of elements it changes. Masks may be stored as bool or as 0/1
-    integers; anything else is refused rather than thresholded.
+    A sparse delta's child network is the set of elements the run changed (`SparseDelta.masks`); for a
+    strict run that is its child network, less any element whose gradient never moved it. Masks may be
+    stored as bool or as 0/1 integers; anything else is refused rather than thresholded.
     """
     path = Path(path)
+    delta_dir = _delta_dir(path)
+    if delta_dir is not None:
+        from childtune.delta import SparseDelta
+
+        return {n: m.bool() for n, m in SparseDelta.load(delta_dir).masks().items()}
     if path.is_dir():
-        path = _child_file(path)
+        path = path / MASKS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no child network at {path}")
-    delta = _delta_masks(path)
-    if delta is not None:
-        return delta
+        raise FileNotFoundError(f"no child network at {path}: expected a masks .safetensors file, a delta "
+                                "folder, or a run folder holding one")
     from safetensors.torch import load_file
 
     out: Masks = {}
@@ -120,25 +107,16 @@ def load_masks(path: str | Path) -> Masks:
     return out
 
 
-def _child_file(directory: Path) -> Path:
-    candidates = [directory / MASKS_FILE, *sorted(directory.glob("*delta*.safetensors"))]
-    for candidate in candidates:
-        if candidate.is_file():
+def _delta_dir(path: Path) -> Path | None:
+    """The delta folder `path` names: the folder itself, its tensor file, or a run folder's `delta/`."""
+    from childtune.delta import CONFIG_FILE, TENSORS_FILE
+
+    if path.is_file():
+        return path.parent if path.name == TENSORS_FILE and (path.parent / CONFIG_FILE).is_file() else None
+    for candidate in (path, path / "delta"):
+        if (candidate / CONFIG_FILE).is_file():
             return candidate
-    raise FileNotFoundError(f"{directory} holds no {MASKS_FILE} and no *delta*.safetensors")
-
-
-def _delta_masks(path: Path) -> Masks | None:
-    """The delta's masks when `path` is a sparse delta, else None (then it is read as plain masks)."""
-    try:
-        from childtune.delta import DeltaError, SparseDelta
-    except ImportError:
-        return None
-    try:
-        delta = SparseDelta.load(path)
-    except DeltaError:
-        return None
-    return {n: m.bool() for n, m in delta.masks().items()}
+    return None
 
 
 # --------------------------------------------------------------------------- shares
