@@ -1,0 +1,260 @@
+"""DDP on CPU (gloo): every rank trains the same child network, and matches a single process.
+
+One `torchrun` job of two ranks (started through `childtune.distributed.launch`, running this file as
+its script) trains a tiny BERT with Child-Tuning_F, Child-Tuning_D and ID3 under DDP, once more through
+Accelerate, and tries to train under FSDP; each rank saves what it ended with. The tests compare the
+ranks with each other and with the same loop run here in one process on the same global batches.
+Starting the job costs most of its ~20 s (two interpreters importing transformers), so it runs once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from childtune import ID3, ChildOptimizer, ChildTuningD, ChildTuningF
+from childtune import distributed as D
+from childtune.fisher import fisher_information
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # the torchrun ranks run this file as a script
+    sys.path.insert(0, str(HERE))
+from conftest import tiny_bert_config  # noqa: E402
+
+METHODS = ("child-f", "child-d", "id3")
+N, LENGTH, PER_RANK, WORLD, EPOCHS, LR, SEED = 32, 8, 4, 2, 2, 1e-2, 5
+STEPS = EPOCHS * N // (PER_RANK * WORLD)
+
+
+# ------------------------------------------------------------------------------ the loop, both sides
+
+
+def dataset() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(123)
+    ids = torch.randint(1, 64, (N, LENGTH), generator=g)
+    labels = (ids[:, 0] > 32).long()  # learnable, so gradients carry signal
+    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(N)]
+
+
+def make_model():
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(tiny_bert_config())
+
+
+def strategy(method: str):
+    if method == "child-f":
+        return ChildTuningF(0.4, seed=SEED)
+    if method == "child-d":
+        return ChildTuningD(0.3, per_example=True)
+    return ID3(0.05, total_steps=STEPS)
+
+
+def train(method: str, batch_size: int, world_size: int, rank: int, accelerate: bool = False) -> dict:
+    """The minimal DDP loop a user would write with childtune: sharded sampler, wrap, ChildOptimizer."""
+    data = dataset()
+    sampler = D.ShardedSampler(len(data), seed=SEED, rank=rank, world_size=world_size)
+    loader = DataLoader(data, batch_size=batch_size, sampler=sampler)
+    model = make_model()
+    strat = strategy(method)
+    fisher = None
+    if method == "child-d":  # scored on this rank's shard; fisher.py all-reduces the sums
+        sampler.set_epoch(0)
+        fisher = fisher_information(model, loader, per_example=True, progress=False)
+    optimizer = ChildOptimizer(model.named_parameters(), strat, lr=LR)
+    if method == "child-d":
+        sampler.set_epoch(0)
+        strat.prepare(model, loader)
+    if accelerate:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=True)
+        D.check_accelerator(accelerator)
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model = D.wrap(model)
+    model.train()
+    for epoch in range(EPOCHS):
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            loss = model(**batch).loss
+            if accelerate:
+                accelerator.backward(loss)
+            else:
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    inner = D.unwrap(model)
+    return {
+        "params": {n: p.detach().clone() for n, p in inner.named_parameters()},
+        "masks": {n: m.clone() for n, m in (getattr(strat, "chosen", None) or {}).items()},
+        "fisher": fisher,
+        "steps": optimizer.steps if not accelerate else optimizer.optimizer.steps,
+        "in_sync": D.in_sync(model),
+    }
+
+
+def worker(out: Path) -> None:
+    """One rank of the torchrun job: train every method, save this rank's results."""
+    torch.set_num_threads(1)
+    me = D.init()
+    results = {m: train(m, PER_RANK, me.world_size, me.rank) for m in METHODS}
+    results["accelerate-child-f"] = train("child-f", PER_RANK, me.world_size, me.rank, accelerate=True)
+    from torch.distributed.fsdp import fully_shard
+
+    try:
+        D.wrap(fully_shard(make_model()))
+        results["fsdp"] = "trained"
+    except D.DistributedError as err:
+        results["fsdp"] = str(err)
+    torch.save(results, out / f"rank{me.rank}.pt")
+    D.main_only(lambda: (out / "written-by").write_text(str(me.rank)))()
+    D.barrier()
+    D.shutdown()
+
+
+# ----------------------------------------------------------------------------------------- the tests
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    code = D.launch([str(out)], WORLD, script=Path(__file__), threads=1)
+    assert code == 0, "the torchrun job failed; its output is above"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)] + [out]
+
+
+@pytest.fixture(scope="module")
+def single() -> dict:
+    """The same loop in one process, with a batch as large as both ranks' together."""
+    return {m: train(m, PER_RANK * WORLD, 1, 0) for m in METHODS}
+
+
+def assert_equal_params(a: dict, b: dict, **tol) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        if tol:
+            torch.testing.assert_close(a[name], b[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
+        else:
+            assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("method", [*METHODS, "accelerate-child-f"])
+def test_ranks_end_bit_identical(ranks, method):
+    r0, r1 = ranks[0][method], ranks[1][method]
+    assert r0["steps"] == r1["steps"] == STEPS
+    assert r0["in_sync"] and r1["in_sync"]
+    assert_equal_params(r0["params"], r1["params"])
+    assert r0["masks"].keys() == r1["masks"].keys()
+    for name in r0["masks"]:
+        assert torch.equal(r0["masks"][name], r1["masks"][name]), name
+    start = dict(make_model().named_parameters())
+    moved = sum(int((r0["params"][n] != start[n]).sum()) for n in start)
+    assert moved > 0.01 * sum(p.numel() for p in start.values())  # it trained
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ddp_equals_single_process_with_same_global_batch(ranks, single, method):
+    """DDP averages the two half-batch gradients, the single process takes the whole batch's mean:
+    equal up to float rounding, with identical child networks."""
+    ddp, one = ranks[0][method], single[method]
+    for name in one["masks"]:
+        assert torch.equal(ddp["masks"][name], one["masks"][name]), name
+    assert_equal_params(ddp["params"], one["params"], rtol=1e-4, atol=1e-5)
+
+
+def test_fisher_is_all_reduced_across_ranks(ranks, single):
+    """Each rank scored only its own half of the data, yet both hold the scores of all of it."""
+    f0, f1, full = ranks[0]["child-d"]["fisher"], ranks[1]["child-d"]["fisher"], single["child-d"]["fisher"]
+    for name in full:
+        assert torch.equal(f0[name], f1[name]), name
+        torch.testing.assert_close(f0[name], full[name], rtol=1e-4, atol=1e-12)
+
+
+def test_accelerate_trains_like_plain_ddp(ranks):
+    assert_equal_params(ranks[0]["accelerate-child-f"]["params"], ranks[0]["child-f"]["params"])
+
+
+def test_fsdp_is_refused_naming_ddp(ranks):
+    for rank in ranks[:WORLD]:
+        assert "FSDP" in rank["fsdp"] and "DDP" in rank["fsdp"] and "--nproc" in rank["fsdp"]
+
+
+def test_only_rank_zero_writes(ranks):
+    out = ranks[-1]
+    assert (out / "written-by").read_text() == "0"
+
+
+# --------------------------------------------------------------------- pieces, without a process group
+
+
+def test_sampler_shards_are_the_single_process_batches():
+    """Per-rank batch k of all ranks together is exactly single-process batch k at world_size x size."""
+    one = list(D.ShardedSampler(30, seed=3, rank=0, world_size=1))
+    shards = [list(D.ShardedSampler(30, seed=3, rank=r, world_size=3)) for r in range(3)]
+    assert sorted(one) == list(range(30))
+    for k in range(5):
+        together = sorted(i for s in shards for i in s[2 * k : 2 * k + 2])
+        assert together == sorted(one[6 * k : 6 * k + 6])
+
+
+def test_sampler_order_depends_on_seed_and_epoch_and_resumes_mid_epoch():
+    s = D.ShardedSampler(20, seed=1, rank=1, world_size=2)
+    s.set_epoch(0)
+    first = list(s)
+    s.set_epoch(1)
+    second = list(s)
+    assert first != second and len(first) == len(s) == 10
+    s.set_epoch(1, start=4)
+    assert list(s) == second[4:] and len(s) == 6
+    assert list(D.ShardedSampler(20, seed=2, rank=1, world_size=2)) != first
+    with pytest.raises(ValueError, match="start"):
+        s.set_epoch(0, start=11)
+
+
+@pytest.mark.parametrize(("size", "drop_last", "per_rank"), [(7, False, 4), (7, True, 3), (0, False, 0)])
+def test_sampler_gives_every_rank_the_same_number_of_steps(size, drop_last, per_rank):
+    shards = [list(D.ShardedSampler(size, seed=0, rank=r, world_size=2, drop_last=drop_last)) for r in range(2)]
+    assert [len(s) for s in shards] == [per_rank, per_rank]
+    assert set(shards[0]) | set(shards[1]) == (set(range(size)) if not drop_last else set(shards[0] + shards[1]))
+
+
+def test_dist_info_from_env():
+    me = D.DistInfo.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (me.rank, me.world_size, me.local_rank, me.is_main, me.distributed) == (3, 4, 1, False, True)
+    assert D.DistInfo.from_env({}) == D.DistInfo(0, 1, 0)
+    with pytest.raises(D.DistributedError, match="WORLD_SIZE"):
+        D.DistInfo.from_env({"WORLD_SIZE": "two"})
+    with pytest.raises(D.DistributedError, match="rank 4"):
+        D.DistInfo.from_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_single_process_helpers_are_no_ops(tiny_bert):
+    assert D.init() == D.DistInfo()
+    assert D.wrap(tiny_bert) is tiny_bert
+    assert D.main_only(lambda: 7)() == 7
+    assert D.any_rank(True) and not D.any_rank(False)
+    assert D.gather("x") == ["x"]
+    assert D.in_sync(tiny_bert)
+
+
+def test_launch_arguments():
+    assert D.strip_nproc(["train", "--nproc", "2", "--task", "mr", "--nproc=3"]) == ["train", "--task", "mr"]
+    with pytest.raises(ValueError, match="nproc"):
+        D.launch(["train"], 0)
+
+
+def test_launch_refuses_to_nest(monkeypatch):
+    monkeypatch.setitem(os.environ, "WORLD_SIZE", "2")
+    with pytest.raises(D.DistributedError, match="already running"):
+        D.launch(["train"], 2)
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
