@@ -1,0 +1,762 @@
+"""Sparse deltas: save only what a fixed-mask run changed, and put it back exactly.
+
+A Child-Tuning run with a fixed child network changes a known fraction `p` of the base weights, plus a
+freshly initialised task head. Storing the whole model per task wastes `1/p` times the space; storing
+the changed elements as a *delta against the base* costs about `p` of it and can be applied to, reverted
+from and merged on the one shared base model, like peft's adapter files but sparse.
+
+Files (a directory, like peft's adapter layout):
+
+* `delta.safetensors`: per changed tensor `values/<name>` (tuned minus base, in the parameter dtype) and
+  its flat element indices in whichever encoding is smallest (`bitmap/`, `indices/`, `ef_high/` +
+  `ef_low/` for Elias-Fano, or nothing when every element changed); the exactness exceptions below
+  (`exc_pos/`, `exc_base/`, `exc_tuned/`); and the dense head, stored absolute (`dense/<name>`).
+* `delta_config.json`: a `DeltaConfig` (method, hyper-parameters, base model name and fingerprint,
+  format version, counts, per-tensor shape and encoding, sha256 of the tensor file).
+
+Exactness. Float addition does not undo itself: with `d = fl(t - b)`, `fl(b + d)` can miss the tuned
+value `t` and `fl(t - d)` can miss the base `b` when an update flips a sign, changes the magnitude a lot or
+ends on a signed zero (Sterbenz's lemma only covers `t` within a factor two of `b`). Rather than widen
+every value (which would double the file), extraction *checks* both round trips for every changed element
+in the parameter dtype and lists the few elements where either fails as exceptions carrying their exact
+base and tuned values. Applying computes `w + d` and sets exceptions to `tuned`; reverting computes `w - d`
+and sets exceptions to `base`. For every other element the check proved the arithmetic exact, so
+apply(base) equals the tuned model and revert(apply(base)) equals the base, bit for bit. Exceptions are
+rare in real fine-tuning (small updates fall under Sterbenz) and cost 12 bytes each.
+Both operations refuse to start on the wrong model (apply checks the base fingerprint; revert checks the
+result and rolls back if it is not the base), so they never leave a half-changed model behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from childtune.masks import Masks
+from childtune.strategies.base import HEAD, matches
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "delta_config.json"
+TENSORS_FILE = "delta.safetensors"
+DEFAULT_DENSE: tuple[str, ...] = HEAD
+"""Name fragments of the dense task head: freshly initialised per run, so stored whole and absolute."""
+
+ENCODINGS = ("all", "bitmap", "indices", "elias_fano")
+_ARRAYS = {"all": (), "bitmap": ("bitmap",), "indices": ("indices",), "elias_fano": ("ef_high", "ef_low")}
+_KINDS = {"values", "exc_pos", "exc_base", "exc_tuned", "dense", "bitmap", "indices", "ef_high", "ef_low"}
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class DeltaError(ValueError):
+    """Any bad delta file, wrong base model or unusable input: callers need to catch only this."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _state(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Name -> tensor sharing storage with the model, so in-place writes reach its parameters."""
+    return model.state_dict() if isinstance(model, torch.nn.Module) else dict(model)
+
+
+def _label(model: Any) -> str:
+    """A model's name for error messages: its hub name when it has one, else its class."""
+    name = getattr(model, "name_or_path", "") if isinstance(model, torch.nn.Module) else ""
+    return repr(name) if name else f"the given {type(model).__name__}"
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit pattern as integers: exact comparison that tells -0.0 from +0.0, unlike `==`."""
+    return t.view(_INT_OF[t.element_size()])
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_contiguous():
+        raise DeltaError("cannot write a delta into a non-contiguous tensor")
+    return t.view(-1)
+
+
+def _numel(shape: Iterable[int]) -> int:
+    return math.prod(shape)
+
+
+def fingerprint(
+    model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor], exclude: Iterable[str] = DEFAULT_DENSE
+) -> str:
+    """sha256 over the sorted names, dtypes, shapes and bytes of the base weights.
+
+    The task head (`exclude`, name fragments) is left out: it is re-initialised per run, so two runs from
+    one pretrained model must agree on the fingerprint.
+    """
+    exclude = tuple(exclude)
+    digest = hashlib.sha256()
+    state = _state(model_or_state_dict)
+    for name in sorted(state):
+        if matches(name, exclude):
+            continue
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------- index encodings
+
+
+def _ef_split(n: int, k: int) -> tuple[int, int]:
+    """Elias-Fano parameters: low bits per index and length of the unary-coded upper-bits bitmap."""
+    low = max(0, (n // k).bit_length() - 1)
+    return low, k + ((n - 1) >> low) + 1
+
+
+def _index_sizes(n: int, k: int) -> dict[str, int]:
+    """Bytes each encoding needs for `k` sorted indices out of `n`; `all` only when nothing is implied."""
+    low, upper = _ef_split(n, k)
+    sizes = {
+        "bitmap": -(-n // 8),
+        "indices": k * (4 if n <= 2**31 else 8),
+        "elias_fano": -(-upper // 8) + -(-(k * low) // 8),
+    }
+    if k == n:
+        sizes["all"] = 0
+    return sizes
+
+
+def _choose_encoding(name: str, n: int, k: int) -> str:
+    """Smallest encoding, counting each stored array's share of the safetensors header (~60 bytes)."""
+    sizes = _index_sizes(n, k)
+    return min(sizes, key=lambda e: (sizes[e] + sum(60 + len(a) + len(name) for a in _ARRAYS[e]),
+                                     ENCODINGS.index(e)))
+
+
+def _encode(encoding: str, indices: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    if encoding == "all":
+        return {}
+    if encoding == "bitmap":
+        bits = np.zeros(n, dtype=bool)
+        bits[indices] = True
+        return {"bitmap": np.packbits(bits)}
+    if encoding == "indices":
+        return {"indices": indices.astype(np.int32 if n <= 2**31 else np.int64)}
+    k = indices.size
+    low, upper = _ef_split(n, k)
+    high = np.zeros(upper, dtype=bool)
+    high[(indices >> low) + np.arange(k)] = True
+    lows = np.empty((k, low), dtype=np.uint8)
+    for j in range(low):
+        lows[:, j] = (indices >> (low - 1 - j)) & 1
+    return {"ef_high": np.packbits(high), "ef_low": np.packbits(lows.reshape(-1))}
+
+
+def _unpack(name: str, packed: np.ndarray, nbits: int) -> np.ndarray:
+    """Bits of a packed array of exactly the right length with zero padding (strict: no hidden data)."""
+    if packed.size != -(-nbits // 8):
+        raise DeltaError(f"{name}: packed bits have {packed.size} bytes, expected {-(-nbits // 8)}")
+    bits = np.unpackbits(packed)
+    if bits[nbits:].any():
+        raise DeltaError(f"{name}: non-zero padding bits")
+    return bits[:nbits]
+
+
+def _decode(name: str, encoding: str, arrays: Mapping[str, np.ndarray], n: int, k: int) -> np.ndarray:
+    """Sorted int64 indices, validated: count `k`, strictly increasing, all inside `[0, n)`."""
+    if encoding == "all":
+        if k != n:
+            raise DeltaError(f"{name}: encoding 'all' needs {n} values, file has {k}")
+        return np.arange(n, dtype=np.int64)
+    if encoding == "bitmap":
+        indices = np.flatnonzero(_unpack(name, arrays["bitmap"], n)).astype(np.int64)
+    elif encoding == "indices":
+        indices = arrays["indices"].astype(np.int64)
+    else:
+        low, upper = _ef_split(n, k)
+        ones = np.flatnonzero(_unpack(name, arrays["ef_high"], upper))
+        if ones.size != k:
+            raise DeltaError(f"{name}: {ones.size} indices for {k} values")
+        lows = _unpack(name, arrays["ef_low"], k * low).reshape(k, low)
+        indices = (ones - np.arange(k)).astype(np.int64) << low
+        for j in range(low):
+            indices |= lows[:, j].astype(np.int64) << (low - 1 - j)
+    if indices.size != k:
+        raise DeltaError(f"{name}: {indices.size} indices for {k} values")
+    if k and (indices.min() < 0 or indices.max() >= n):
+        raise DeltaError(f"{name}: index out of range for {n} elements")
+    if k > 1 and not (np.diff(indices) > 0).all():
+        raise DeltaError(f"{name}: indices are not strictly increasing (unsorted or duplicate)")
+    return indices
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """Where one changed tensor fits (`shape`) and how its indices are stored (`encoding`)."""
+
+    shape: tuple[int, ...]
+    encoding: str
+
+
+@dataclass
+class DeltaConfig:
+    """Everything needed to check a delta against its base and reproduce how it was made."""
+
+    method: str
+    base_fingerprint: str
+    base_model: str = ""
+    hparams: dict[str, Any] = field(default_factory=dict)
+    dense_patterns: tuple[str, ...] = DEFAULT_DENSE
+    tensors: dict[str, TensorLayout] = field(default_factory=dict)
+    dense: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    num_elements: int = 0
+    """Elements of the base outside the head: the denominator of the child network's density."""
+    num_changed: int = 0
+    num_exceptions: int = 0
+    num_dense: int = 0
+    tensors_sha256: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = asdict(self)
+        raw["dense_patterns"] = list(self.dense_patterns)
+        raw["tensors"] = {n: {"shape": list(t.shape), "encoding": t.encoding} for n, t in self.tensors.items()}
+        raw["dense"] = {n: list(s) for n, s in self.dense.items()}
+        return raw
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> DeltaConfig:
+        """Parse a JSON object strictly: unknown, missing or mistyped keys are named in a DeltaError."""
+        if not isinstance(raw, dict):
+            raise DeltaError(f"{CONFIG_FILE} must hold a JSON object, got {type(raw).__name__}")
+        known = {f for f in cls.__dataclass_fields__}
+        for key in raw:
+            if key not in known:
+                raise DeltaError(f"unknown config key {key!r}")
+        for key in known:
+            if key not in raw:
+                raise DeltaError(f"missing config key {key!r}")
+        version = _int(raw, "format_version")
+        if version != FORMAT_VERSION:
+            raise DeltaError(f"delta format version {version} is not supported (this childtune reads "
+                             f"{FORMAT_VERSION})")
+        if not isinstance(raw["hparams"], dict):
+            raise DeltaError("config key 'hparams' must be an object")
+        patterns = raw["dense_patterns"]
+        if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
+            raise DeltaError("config key 'dense_patterns' must be a list of non-empty strings")
+        tensors = {}
+        for name, spec in _obj(raw, "tensors").items():
+            if not isinstance(spec, dict) or set(spec) != {"shape", "encoding"}:
+                raise DeltaError(f"config 'tensors' entry {name!r} must have exactly 'shape' and 'encoding'")
+            if spec["encoding"] not in ENCODINGS:
+                raise DeltaError(f"config 'tensors' entry {name!r} has unknown encoding {spec['encoding']!r}")
+            tensors[name] = TensorLayout(_shape(f"tensors.{name}", spec["shape"]), spec["encoding"])
+        return cls(
+            method=_str(raw, "method"),
+            base_fingerprint=_str(raw, "base_fingerprint"),
+            base_model=_str(raw, "base_model"),
+            hparams=raw["hparams"],
+            dense_patterns=tuple(patterns),
+            tensors=tensors,
+            dense={name: _shape(f"dense.{name}", s) for name, s in _obj(raw, "dense").items()},
+            num_elements=_int(raw, "num_elements"),
+            num_changed=_int(raw, "num_changed"),
+            num_exceptions=_int(raw, "num_exceptions"),
+            num_dense=_int(raw, "num_dense"),
+            tensors_sha256=_str(raw, "tensors_sha256"),
+            format_version=version,
+        )
+
+
+def _int(raw: dict, key: str) -> int:
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DeltaError(f"config key {key!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _str(raw: dict, key: str) -> str:
+    if not isinstance(raw[key], str):
+        raise DeltaError(f"config key {key!r} must be a string, got {raw[key]!r}")
+    return raw[key]
+
+
+def _obj(raw: dict, key: str) -> dict:
+    if not isinstance(raw[key], dict):
+        raise DeltaError(f"config key {key!r} must be an object")
+    return raw[key]
+
+
+def _shape(where: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(type(d) is int and d >= 0 for d in value):
+        raise DeltaError(f"config {where}: shape must be a list of non-negative integers, got {value!r}")
+    return tuple(value)
+
+
+# ----------------------------------------------------------------------------------------- one tensor
+
+
+@dataclass
+class SparseEntry:
+    """The change to one tensor: sorted flat `indices` (int64, never cast), `values` = tuned - base.
+
+    `exc_pos` are positions into `indices` whose float round trip is not exact; `exc_base`/`exc_tuned`
+    hold their exact values (see the module docstring).
+    """
+
+    shape: tuple[int, ...]
+    indices: torch.Tensor
+    values: torch.Tensor
+    exc_pos: torch.Tensor
+    exc_base: torch.Tensor
+    exc_tuned: torch.Tensor
+
+
+def _extract(name: str, base: torch.Tensor, tuned: torch.Tensor) -> SparseEntry | None:
+    """Changed elements (bit-exact comparison) of one tensor, with exceptions where arithmetic is lossy."""
+    b = base.detach().cpu().reshape(-1)
+    t = tuned.detach().cpu().reshape(-1)
+    indices = (_bits(b) != _bits(t)).nonzero().squeeze(1)
+    if not indices.numel():
+        return None
+    bb, tt = b[indices], t[indices]
+    if not (torch.isfinite(bb).all() and torch.isfinite(tt).all()):
+        raise DeltaError(f"{name}: non-finite weights cannot be stored as a delta")
+    big = torch.finfo(b.dtype).max
+    values = torch.nan_to_num(tt - bb, posinf=big, neginf=-big)  # overflow: an exception below
+    lossy = (_bits(bb + values) != _bits(tt)) | (_bits(tt - values) != _bits(bb))
+    pos = lossy.nonzero().squeeze(1)
+    return SparseEntry(tuple(base.shape), indices, values, pos, bb[pos].clone(), tt[pos].clone())
+
+
+def _step(entry: SparseEntry, flat: torch.Tensor, forward: bool) -> torch.Tensor:
+    """New values at `entry.indices`: `w + d` forward, `w - d` back, exceptions set exactly.
+
+    An exception is set only where the weight holds its exact starting value; elsewhere (a delta stacked
+    on another one) it is added like any other element, which is what makes deltas compose.
+    The arithmetic runs on the CPU, where extraction checked it, whatever device the model is on.
+    """
+    current = flat[entry.indices.to(flat.device)].cpu()
+    values = entry.values.to(current.dtype)
+    new = current + values if forward else current - values
+    if entry.exc_pos.numel():
+        start, end = (entry.exc_base, entry.exc_tuned) if forward else (entry.exc_tuned, entry.exc_base)
+        at_start = _bits(current[entry.exc_pos]) == _bits(start)
+        new[entry.exc_pos] = torch.where(at_start, end, new[entry.exc_pos])
+    return new.to(flat.device)
+
+
+# ----------------------------------------------------------------------------------------- the delta
+
+
+class SparseDelta:
+    """A task's change to a base model: sparse entries, a dense head and the config that describes them."""
+
+    def __init__(self, config: DeltaConfig, entries: dict[str, SparseEntry], dense: dict[str, torch.Tensor]):
+        self.config = config
+        self.entries = entries
+        self.dense = dense
+        self._head_backups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    # -- making one
+
+    @classmethod
+    def from_training(
+        cls,
+        base_state: Mapping[str, torch.Tensor],
+        model: torch.nn.Module | Mapping[str, torch.Tensor],
+        *,
+        method: str,
+        hparams: Mapping[str, Any] | None = None,
+        base_model: str | None = None,
+        dense: Iterable[str] = DEFAULT_DENSE,
+    ) -> SparseDelta:
+        """Delta between `base_state` (pretrained values) and the tuned `model`.
+
+        Parameters matching `dense` are stored whole; every other tensor must exist in the base with the
+        same shape and dtype, and non-float tensors must be unchanged. Tied weights are stored once.
+        """
+        dense = tuple(dense)
+        tuned = _state(model)
+        names = {n for n in tuned if not matches(n, dense)}
+        base_names = {n for n in base_state if not matches(n, dense)}
+        if names != base_names:
+            raise DeltaError(f"base and tuned model differ in tensors: {sorted(names ^ base_names)[:5]}")
+        entries, heads, seen = {}, {}, set()
+        for name, t in tuned.items():
+            if matches(name, dense):
+                heads[name] = t.detach().cpu().clone()
+                continue
+            storage = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape)
+            if storage in seen and t.numel():
+                continue  # a tied alias of a tensor already compared
+            seen.add(storage)
+            b = base_state[name]
+            if b.shape != t.shape or b.dtype != t.dtype:
+                raise DeltaError(f"{name}: base is {b.dtype}{tuple(b.shape)}, tuned is {t.dtype}{tuple(t.shape)}")
+            if t.dtype not in _FLOATS:
+                if not torch.equal(b.cpu(), t.detach().cpu()):
+                    raise DeltaError(f"{name}: non-float tensor {t.dtype} changed; only float weights can")
+                continue
+            entry = _extract(name, b, t)
+            if entry is not None:
+                entries[name] = entry
+        config = _describe(
+            entries,
+            heads,
+            method=method,
+            hparams=dict(hparams or {}),
+            base_model=base_model if base_model is not None else getattr(model, "name_or_path", "") or "",
+            base_fingerprint=fingerprint(base_state, dense),
+            dense_patterns=dense,
+            num_elements=sum(base_state[n].numel() for n in base_names if base_state[n].dtype in _FLOATS),
+        )
+        return cls(config, entries, heads)
+
+    # -- using one
+
+    def apply(self, model: torch.nn.Module | Mapping[str, torch.Tensor], *, check_base: bool = True) -> None:
+        """Add the delta to `model` in place and load the dense head; exact on the base (module docstring).
+
+        `check_base=False` skips the fingerprint check to stack this delta on a model that already carries
+        another one (see `merge`); the base check is what guarantees the exact result.
+        """
+        state = _state(model)
+        self._check_target(state, model)
+        if check_base:
+            found = fingerprint(state, self.config.dense_patterns)
+            if found != self.config.base_fingerprint:
+                raise DeltaError(
+                    f"wrong base model: this delta was made on {self.config.base_model or 'an unnamed model'!r} "
+                    f"(fingerprint {self.config.base_fingerprint[:12]}), but {_label(model)} has fingerprint "
+                    f"{found[:12]}; apply it to the exact weights it was trained from"
+                )
+        with torch.no_grad():
+            updates = [(_flat(state[n]), e, _step(e, _flat(state[n]), True)) for n, e in self.entries.items()]
+            if isinstance(model, torch.nn.Module):
+                self._head_backups[model] = {n: state[n].detach().clone() for n in self.dense}
+            for flat, entry, new in updates:
+                flat[entry.indices.to(flat.device)] = new
+            for name, value in self.dense.items():
+                state[name].copy_(value)
+
+    def revert(self, model: torch.nn.Module | Mapping[str, torch.Tensor], *, check_base: bool = True) -> None:
+        """Subtract the delta from `model` in place, restoring the base bit for bit.
+
+        With `check_base` the result is fingerprinted and, if it is not the base (the model was not base +
+        this delta), the change is rolled back and DeltaError raised. The head returns to what `apply`
+        replaced when this object applied it to this model; otherwise it is left as is.
+        """
+        state = _state(model)
+        self._check_target(state, model)
+        with torch.no_grad():
+            updates = [(_flat(state[n]), e, _step(e, _flat(state[n]), False)) for n, e in self.entries.items()]
+            saved = []
+            for flat, entry, new in updates:
+                idx = entry.indices.to(flat.device)
+                saved.append((flat, idx, flat[idx]))
+                flat[idx] = new
+            if check_base:
+                found = fingerprint(state, self.config.dense_patterns)
+                if found != self.config.base_fingerprint:
+                    for flat, idx, old in saved:
+                        flat[idx] = old
+                    raise DeltaError(
+                        f"revert would not give back base {self.config.base_model or 'an unnamed model'!r} "
+                        f"(got fingerprint {found[:12]}, expected {self.config.base_fingerprint[:12]}): "
+                        f"{_label(model)} is not that base plus this delta; nothing was changed"
+                    )
+            backup = self._head_backups.pop(model, None) if isinstance(model, torch.nn.Module) else None
+            for name, value in (backup or {}).items():
+                state[name].copy_(value)
+
+    def _check_target(self, state: Mapping[str, torch.Tensor], model: Any) -> None:
+        """Every target tensor exists with the right shape and dtype, and no storage is written twice."""
+        seen = set()
+        for name, entry in self.entries.items():
+            target = state.get(name)
+            if target is None:
+                raise DeltaError(f"{_label(model)} has no tensor {name!r} that the delta changes")
+            if tuple(target.shape) != entry.shape:
+                raise DeltaError(f"{name}: delta is for shape {entry.shape}, model has {tuple(target.shape)}")
+            if target.dtype not in _FLOATS or (entry.exc_pos.numel() and entry.exc_base.dtype != target.dtype):
+                raise DeltaError(f"{name}: delta exceptions are {entry.exc_base.dtype}, model has {target.dtype}")
+            storage = (target.untyped_storage().data_ptr(), target.storage_offset())
+            if storage in seen:
+                raise DeltaError(f"{name}: shares storage with another changed tensor (tied weights)")
+            seen.add(storage)
+        for name, value in self.dense.items():
+            target = state.get(name)
+            if target is None or target.shape != value.shape:
+                got = None if target is None else tuple(target.shape)
+                raise DeltaError(f"dense head {name!r}: delta has shape {tuple(value.shape)}, model has {got}")
+
+    def masks(self, include_dense: bool = False) -> Masks:
+        """The child network as masks (name -> bool tensor): True where the run changed an element.
+
+        The dense head is trained whole, so it is all True when `include_dense`, absent otherwise.
+        """
+        out: Masks = {}
+        for name, entry in self.entries.items():
+            mask = torch.zeros(_numel(entry.shape), dtype=torch.bool)
+            mask[entry.indices] = True
+            out[name] = mask.view(entry.shape)
+        if include_dense:
+            out.update({name: torch.ones_like(value, dtype=torch.bool) for name, value in self.dense.items()})
+        return out
+
+    def astype(self, dtype: torch.dtype) -> SparseDelta:
+        """A copy with the delta values cast to `dtype`; indices and exact exceptions are untouched.
+
+        Narrowing loses the exactness of non-exception elements: apply then gives base + the rounded
+        delta, and `revert` refuses (rolling back) wherever that cannot be undone exactly. Values that
+        overflow `dtype` are refused rather than stored as infinities.
+        """
+        if dtype not in _FLOATS:
+            raise DeltaError(f"delta values must be a float dtype, got {dtype}")
+        entries = {n: replace(e, values=e.values.to(dtype)) for n, e in self.entries.items()}
+        for name, entry in entries.items():
+            if not torch.isfinite(entry.values).all():
+                raise DeltaError(f"{name}: delta values overflow {dtype}")
+        return SparseDelta(replace(self.config, tensors_sha256=""), entries, dict(self.dense))
+
+    # -- files
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write `delta.safetensors` then `delta_config.json`, each atomically (temp file + os.replace).
+
+        A crash leaves each file either old or new, never partial; a crash between the two leaves a new
+        tensor file beside an old config, which `load` refuses by checksum rather than misreading.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, entry in self.entries.items():
+            layout = self.config.tensors[name]
+            indices = entry.indices.numpy()
+            for kind, array in _encode(layout.encoding, indices, _numel(entry.shape)).items():
+                tensors[f"{kind}/{name}"] = torch.from_numpy(array)
+            tensors[f"values/{name}"] = entry.values.contiguous()
+            if entry.exc_pos.numel():
+                tensors[f"exc_pos/{name}"] = entry.exc_pos.to(torch.int32)
+                tensors[f"exc_base/{name}"] = entry.exc_base.contiguous()
+                tensors[f"exc_tuned/{name}"] = entry.exc_tuned.contiguous()
+        for name, value in self.dense.items():
+            tensors[f"dense/{name}"] = value.contiguous()
+        data = safetensors.torch.save(tensors, metadata={"format": "childtune-delta"})
+        self.config = replace(self.config, tensors_sha256=hashlib.sha256(data).hexdigest())
+        _atomic_write(directory / TENSORS_FILE, data)
+        _atomic_write(directory / CONFIG_FILE, (json.dumps(self.config.to_dict(), indent=2) + "\n").encode())
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> SparseDelta:
+        """Read and fully validate a delta directory; any problem is a DeltaError naming it."""
+        directory = Path(directory)
+        for file in (CONFIG_FILE, TENSORS_FILE):
+            if not (directory / file).is_file():
+                raise DeltaError(f"missing {file} in {directory}")
+        try:
+            raw = json.loads((directory / CONFIG_FILE).read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:
+            raise DeltaError(f"{CONFIG_FILE} is not valid JSON: {err}") from None
+        config = DeltaConfig.from_dict(raw)
+        data = (directory / TENSORS_FILE).read_bytes()
+        if hashlib.sha256(data).hexdigest() != config.tensors_sha256:
+            raise DeltaError(f"{TENSORS_FILE} does not match the checksum in {CONFIG_FILE} (truncated or corrupted)")
+        try:
+            tensors = safetensors.torch.load(data)
+        except Exception as err:  # the parser's own error types vary by version: report them all as ours
+            raise DeltaError(f"{TENSORS_FILE} is not a readable safetensors file: {err}") from None
+        entries, dense = _parse(config, tensors)
+        return cls(config, entries, dense)
+
+
+def _parse(config: DeltaConfig, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Check tensors against the config (names, kinds, dtypes, counts, finiteness) and decode indices."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        kind, _, name = key.partition("/")
+        if kind not in _KINDS or not name:
+            raise DeltaError(f"unexpected tensor {key!r} in {TENSORS_FILE}")
+        grouped.setdefault(name, {})[kind] = tensor
+    dense = {}
+    for name, shape in config.dense.items():
+        group = grouped.pop(name, {})
+        value = group.get("dense")
+        if set(group) != {"dense"} or value is None or tuple(value.shape) != shape or value.dtype not in _FLOATS:
+            raise DeltaError(f"dense head {name!r} is missing or not a float tensor of shape {shape}")
+        if not torch.isfinite(value).all():
+            raise DeltaError(f"dense head {name!r} has non-finite values")
+        dense[name] = value
+    entries = {}
+    for name, layout in config.tensors.items():
+        arrays = grouped.pop(name, {})
+        expected = {"values", *_ARRAYS[layout.encoding]}
+        if "exc_pos" in arrays:
+            expected |= {"exc_pos", "exc_base", "exc_tuned"}
+        if set(arrays) != expected:
+            raise DeltaError(f"{name}: stored arrays {sorted(arrays)} do not fit encoding {layout.encoding!r}")
+        for kind, array in arrays.items():
+            if array.dim() != 1:
+                raise DeltaError(f"{name}: {kind} must be one-dimensional")
+        values = arrays["values"]
+        if values.dtype not in _FLOATS or not torch.isfinite(values).all():
+            raise DeltaError(f"{name}: values must be finite floats")
+        for kind in ("bitmap", "ef_high", "ef_low"):
+            if kind in arrays and arrays[kind].dtype != torch.uint8:
+                raise DeltaError(f"{name}: {kind} must be uint8")
+        if "indices" in arrays and arrays["indices"].dtype not in (torch.int32, torch.int64):
+            raise DeltaError(f"{name}: indices must be int32 or int64")
+        k = values.numel()
+        if k == 0:
+            raise DeltaError(f"{name}: listed as changed but has no values")
+        numpy_arrays = {kind: a.numpy() for kind, a in arrays.items() if kind in _ARRAYS[layout.encoding]}
+        indices = _decode(name, layout.encoding, numpy_arrays, _numel(layout.shape), k)
+        pos = arrays.get("exc_pos", torch.zeros(0, dtype=torch.int32))
+        base = arrays.get("exc_base", torch.zeros(0))
+        tuned = arrays.get("exc_tuned", torch.zeros(0))
+        if pos.numel():
+            if pos.dtype not in (torch.int32, torch.int64) or base.dtype not in _FLOATS or tuned.dtype != base.dtype:
+                raise DeltaError(f"{name}: exceptions must be int positions and float values of one dtype")
+            if not pos.numel() == base.numel() == tuned.numel():
+                raise DeltaError(f"{name}: exception positions and values differ in count")
+            if pos[0] < 0 or pos[-1] >= k or (pos.numel() > 1 and not bool((pos.diff() > 0).all())):
+                raise DeltaError(f"{name}: exception positions out of range, unsorted or duplicate")
+            if not (torch.isfinite(base).all() and torch.isfinite(tuned).all()):
+                raise DeltaError(f"{name}: exceptions have non-finite values")
+        entries[name] = SparseEntry(layout.shape, torch.from_numpy(indices), values, pos.long(), base, tuned)
+    if grouped:
+        raise DeltaError(f"{TENSORS_FILE} holds tensors the config does not list: {sorted(grouped)[:5]}")
+    counts = (
+        sum(e.indices.numel() for e in entries.values()),
+        sum(e.exc_pos.numel() for e in entries.values()),
+        sum(v.numel() for v in dense.values()),
+    )
+    if counts != (config.num_changed, config.num_exceptions, config.num_dense) or counts[0] > config.num_elements:
+        raise DeltaError(f"counts in {CONFIG_FILE} do not match {TENSORS_FILE}")
+    return entries, dense
+
+
+def _describe(entries: Mapping[str, SparseEntry], dense: Mapping[str, torch.Tensor], **meta: Any) -> DeltaConfig:
+    """Config whose layout and counts follow from the entries, so the two can never disagree."""
+    return DeltaConfig(
+        tensors={
+            n: TensorLayout(e.shape, _choose_encoding(n, _numel(e.shape), e.indices.numel()))
+            for n, e in entries.items()
+        },
+        dense={n: tuple(v.shape) for n, v in dense.items()},
+        num_changed=sum(e.indices.numel() for e in entries.values()),
+        num_exceptions=sum(e.exc_pos.numel() for e in entries.values()),
+        num_dense=sum(v.numel() for v in dense.values()),
+        **meta,
+    )
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then os.replace: the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------ merging and sizes
+
+
+def merge(
+    first: SparseDelta, second: SparseDelta, base: torch.nn.Module | Mapping[str, torch.Tensor] | None = None
+) -> SparseDelta:
+    """One delta equal to applying `first` then `second` (stacked) on their common base.
+
+    Sparse deltas add; for the dense head the later one wins (a model has one head of each name).
+    Where the two children are disjoint the union is exact on its own. Where they overlap, the exact
+    float result depends on the base value itself, so `base` (the model or state dict both were made
+    from) is required and the merged delta is re-extracted from it, exceptions included.
+    """
+    a, b = first.config, second.config
+    if a.base_fingerprint != b.base_fingerprint or a.dense_patterns != b.dense_patterns:
+        raise DeltaError(f"cannot merge deltas on different bases: {a.base_model or 'unnamed'!r} "
+                         f"({a.base_fingerprint[:12]}) and {b.base_model or 'unnamed'!r} ({b.base_fingerprint[:12]})")
+    base_state = None
+    if base is not None:
+        base_state = _state(base)
+        if fingerprint(base_state, a.dense_patterns) != a.base_fingerprint:
+            raise DeltaError(f"the base given to merge is not {a.base_model or 'the deltas base'!r}")
+    entries = {}
+    for name in {**first.entries, **second.entries}:
+        x, y = first.entries.get(name), second.entries.get(name)
+        if x is None or y is None:
+            entries[name] = x or y
+        elif not np.intersect1d(x.indices.numpy(), y.indices.numpy()).size:
+            entries[name] = _union(x, y)
+        elif base_state is None:
+            raise DeltaError(f"{name}: the deltas change some of the same elements; pass base= to merge exactly")
+        else:
+            weights = base_state[name].detach().cpu().clone()
+            flat = _flat(weights)
+            for entry in (x, y):
+                flat[entry.indices] = _step(entry, flat, True)
+            merged = _extract(name, base_state[name], weights)
+            if merged is not None:
+                entries[name] = merged
+    dense = {**first.dense, **second.dense}
+    hparams = {f"{tag}.{k}": v for tag, c in (("first", a), ("second", b)) for k, v in c.hparams.items()}
+    config = _describe(
+        entries, dense, method=f"merge({a.method},{b.method})", base_model=a.base_model,
+        hparams={"first.method": a.method, "second.method": b.method, **hparams},
+        base_fingerprint=a.base_fingerprint, dense_patterns=a.dense_patterns, num_elements=a.num_elements,
+    )
+    return SparseDelta(config, entries, dense)
+
+
+def _union(x: SparseEntry, y: SparseEntry) -> SparseEntry:
+    """Two disjoint entries of one tensor as one, sorted by index, exceptions carried along."""
+    if x.values.dtype != y.values.dtype or x.exc_base.dtype != y.exc_base.dtype:
+        raise DeltaError("cannot merge deltas whose values have different dtypes")
+    indices = torch.cat([x.indices, y.indices])
+    order = torch.argsort(indices)
+    flag = torch.zeros(indices.numel(), dtype=torch.bool)
+    flag[torch.cat([x.exc_pos, y.exc_pos + x.indices.numel()])] = True
+    pos = flag[order].nonzero().squeeze(1)
+    base = torch.cat([x.exc_base, y.exc_base])
+    tuned = torch.cat([x.exc_tuned, y.exc_tuned])
+    exc_index = torch.cat([x.indices[x.exc_pos], y.indices[y.exc_pos]])
+    exc_order = torch.argsort(exc_index)
+    return SparseEntry(x.shape, indices[order], torch.cat([x.values, y.values])[order], pos,
+                       base[exc_order], tuned[exc_order])
+
+
+def encoded_bytes(delta: SparseDelta) -> dict[str, int]:
+    """Payload bytes by part (indices, values, exceptions, dense head) as `save` would write them.
+
+    The safetensors header (a few dozen bytes per stored array) comes on top; the file size on disk is the
+    number to compare with a full `model.safetensors`.
+    """
+    report = {"indices": 0, "values": 0, "exceptions": 0, "dense": 0}
+    for name, entry in delta.entries.items():
+        k = entry.indices.numel()
+        report["indices"] += _index_sizes(_numel(entry.shape), k)[delta.config.tensors[name].encoding]
+        report["values"] += k * entry.values.element_size()
+        report["exceptions"] += entry.exc_pos.numel() * (4 + 2 * entry.exc_base.element_size())
+    report["dense"] = sum(v.numel() * v.element_size() for v in delta.dense.values())
+    report["total"] = sum(report.values())
+    return report
