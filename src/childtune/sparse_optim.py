@@ -1,0 +1,215 @@
+"""AdamW whose memory is proportional to the child network, not to the model.
+
+A dense masked optimizer (`ChildOptimizer`, the authors' `ChildTuningAdamW`) keeps two moment tensors
+for every weight although only a fraction p of them ever changes. `SparseChildAdamW` keeps, per
+parameter, the flat indices of its child elements and moment vectors of that length only: each step it
+gathers the child gradients, runs torch's AdamW arithmetic on those vectors (`torch._foreach_*` over all
+parameters at once) and scatters the new values back, so work and state scale with p.
+
+That needs a child network that never loses an element: fixed ones (Child-Tuning_D, random masking)
+or growing ones (ID3, gradual unfreezing). Elements that join later are appended with their own step
+count, so their Adam bias correction starts at 1 as if they had been chosen from the first step
+(`bias_correction="element"`); a dense masked AdamW instead counts the tensor's steps, which shrinks a
+late joiner's first updates ~10x. `bias_correction="tensor"` reproduces that, for comparison.
+Semantics are strict: nothing outside the child network moves, weight decay included. Parameters the
+strategy does not mask (the task head) keep dense state; fully frozen ones keep none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from childtune.optim import _named_groups
+from childtune.strategies import GradualUnfreezing, Strategy
+from childtune.strategies.id3 import ID3
+
+GROWING = (ID3, GradualUnfreezing)
+"""Non-fixed strategies whose child network only ever grows; others may opt in with `grows = True`."""
+
+_LAYOUT = ("index", "cohort_sizes", "cohort_steps")  # integer state that torch's loader would cast to float
+
+
+class SparseChildAdamW(Optimizer):
+    """torch.optim.AdamW restricted to a fixed or growing child network, with state only for it.
+
+    `named_params` takes the forms `ChildOptimizer` does. Equal to
+    `ChildOptimizer(named_params, strategy, torch.optim.AdamW, strict=True, ...)` to float tolerance
+    (for growing strategies with `bias_correction="tensor"`). State per parameter: `exp_avg` and
+    `exp_avg_sq` over the child elements, their flat `index` (int32 where it fits), and runs of
+    elements sharing a step count (`cohort_sizes`, `cohort_steps`): one run unless the set grew.
+    """
+
+    def __init__(
+        self,
+        named_params: Iterable,
+        strategy: Strategy,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        bias_correction: str = "element",
+    ) -> None:
+        if not (strategy.fixed or isinstance(strategy, GROWING) or getattr(strategy, "grows", False)):
+            raise ValueError(
+                f"SparseChildAdamW needs a child network that is fixed or only grows, but {type(strategy).__name__} "
+                "chooses a new one every step, so there is no set of elements to keep moments for; "
+                "use ChildOptimizer or ChildTuningAdamW with it"
+            )
+        if bias_correction not in ("element", "tensor"):
+            raise ValueError(f"bias_correction must be 'element' or 'tensor', got {bias_correction!r}")
+        if lr < 0.0 or eps < 0.0 or weight_decay < 0.0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid AdamW hyperparameters: lr={lr}, betas={betas}, eps={eps}, wd={weight_decay}")
+        groups = _named_groups(named_params)
+        self.named = {n: p for g in groups for n, p in g["params"]}
+        if len(self.named) != sum(len(g["params"]) for g in groups):
+            raise ValueError("parameter names must be unique")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__([{**g, "params": [p for _, p in g["params"]]} for g in groups], defaults)
+        self.names = {p: n for n, p in self.named.items()}
+        self.strategy = strategy
+        self.bias_correction = bias_correction
+        self.steps = 0
+        strategy.bind(self.named)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["child_tuning"] = {"steps": self.steps, "strategy": self.strategy.state_dict()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch casts every non-step state tensor to the parameter's dtype; the integer layout is kept aside."""
+        state_dict = dict(state_dict)
+        child = state_dict.pop("child_tuning", {})
+        saved = state_dict["state"]
+        layout = {i: {k: s[k] for k in _LAYOUT if k in s} for i, s in saved.items()}
+        state_dict["state"] = {i: {k: v for k, v in s.items() if k not in _LAYOUT} for i, s in saved.items()}
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, keys in layout.items():
+            self.state[params[i]].update({k: v.to(params[i].device) for k, v in keys.items()})
+        self.steps = child.get("steps", 0)
+        self.strategy.load_state_dict(child.get("strategy", {}))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        masks = self.strategy.masks(self.steps)
+        unknown = set(masks) - set(self.named)
+        if unknown:
+            raise ValueError(f"strategy gave masks for {sorted(unknown)}, which are not in this optimizer")
+        for group in self.param_groups:
+            live = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SparseChildAdamW does not support sparse gradients")
+                state = self._sync(p, masks.get(self.names[p]))
+                state["step"] += 1
+                if "exp_avg" in state:
+                    state["cohort_steps"] += 1
+                    live.append((p, state))
+            _adamw(group, live)
+        self.steps += 1
+        return loss
+
+    def _sync(self, param: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
+        """Bring `param`'s state in line with its mask (None: all of it), appending elements that joined."""
+        state = self.state[param]
+        if not state:
+            state["step"] = 0
+        had = _size(param, state)
+        flat = None if mask is None else mask.reshape(-1)
+        now = param.numel() if flat is None else int(flat.count_nonzero())
+        if now == had:
+            return state  # a set that only grows is unchanged iff its size is
+        if now < had or (flat is not None and "index" in state and not bool(flat[state["index"]].all())):
+            raise RuntimeError(f"the child network of {self.names[param]!r} lost elements; SparseChildAdamW "
+                               "supports only fixed or growing child networks")
+        if had == 0 and now == param.numel():
+            state.update(exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
+            added = None
+        else:
+            fresh = torch.ones(param.numel(), dtype=torch.bool, device=param.device) if flat is None else flat.clone()
+            if "index" in state:
+                fresh[state["index"]] = False
+            elif had:  # dense state cannot grow: it already holds every element
+                raise AssertionError("unreachable: a dense parameter is already whole")
+            dtype = torch.int32 if param.numel() < 2**31 else torch.int64
+            added = fresh.nonzero().squeeze(1).to(dtype)
+            new = torch.zeros(len(added), dtype=param.dtype, device=param.device)
+            for key, tail in (("index", added), ("exp_avg", new), ("exp_avg_sq", new)):
+                state[key] = torch.cat([state[key], tail]) if key in state else tail.clone()
+        start = state["step"] if self.bias_correction == "tensor" else 0
+        sizes = state.get("cohort_sizes", torch.zeros(0, dtype=torch.int64))
+        steps = state.get("cohort_steps", torch.zeros(0, dtype=torch.int64))
+        state["cohort_sizes"], state["cohort_steps"] = _merge(
+            torch.cat([sizes, torch.tensor([now - had])]), torch.cat([steps, torch.tensor([start])]))
+        return state
+
+
+def _size(param: torch.Tensor, state: Mapping[str, Any]) -> int:
+    if "index" in state:
+        return len(state["index"])
+    return param.numel() if "exp_avg" in state else 0
+
+
+def _merge(sizes: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fuse neighbouring runs with equal step counts (in tensor mode there is only ever one run)."""
+    keep = torch.ones(len(steps), dtype=torch.bool)
+    keep[1:] = steps[1:] != steps[:-1]
+    run = keep.cumsum(0) - 1
+    return torch.zeros(int(run[-1]) + 1, dtype=torch.int64).index_add_(0, run, sizes), steps[keep]
+
+
+def _adamw(group: Mapping[str, Any], live: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
+    """torch.optim.AdamW's update on the child elements of every live parameter of one group."""
+    if not live:
+        return
+    beta1, beta2 = group["betas"]
+    lr, wd, eps = float(group["lr"]), group["weight_decay"], group["eps"]
+    values, grads = [], []
+    for p, s in live:  # dense parameters are updated in place; sparse ones through gathered copies
+        index = s.get("index")
+        values.append(p if index is None else p.view(-1).index_select(0, index))
+        grads.append(p.grad if index is None else p.grad.reshape(-1).index_select(0, index))
+    avgs, sqs = [s["exp_avg"] for _, s in live], [s["exp_avg_sq"] for _, s in live]
+    if wd:
+        torch._foreach_mul_(values, 1.0 - lr * wd)
+    torch._foreach_lerp_(avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(sqs, beta2)
+    torch._foreach_addcmul_(sqs, grads, grads, 1.0 - beta2)
+    denom = torch._foreach_sqrt(sqs)
+    one = [i for i, (_, s) in enumerate(live) if len(s["cohort_steps"]) == 1]
+    if one:  # one step count per tensor: python-float scalars, exactly as torch computes them
+        counts = [int(live[i][1]["cohort_steps"][0]) for i in one]
+        torch._foreach_div_([denom[i] for i in one], [(1 - beta2**t) ** 0.5 for t in counts])
+        torch._foreach_add_([denom[i] for i in one], eps)
+        torch._foreach_addcdiv_([values[i] for i in one], [avgs[i] for i in one], [denom[i] for i in one],
+                                [-lr / (1 - beta1**t) for t in counts])
+    for i, (_, s) in enumerate(live):
+        if len(s["cohort_steps"]) > 1:  # elements that joined at different steps: per-element corrections
+            t = s["cohort_steps"].double()
+            sizes, k = s["cohort_sizes"], len(s["exp_avg"])
+            bc2 = torch.repeat_interleave((1 - beta2**t).sqrt().float(), sizes, output_size=k)
+            size = torch.repeat_interleave((-lr / (1 - beta1**t)).float(), sizes, output_size=k)
+            values[i].add_(avgs[i].div(denom[i].div_(bc2).add_(eps)).mul_(size))
+    for (p, s), v in zip(live, values, strict=True):
+        if "index" in s:
+            p.view(-1).index_put_((s["index"],), v)
+
+
+def state_bytes(optimizer: Optimizer) -> int:
+    """Bytes held in an optimizer's state tensors (moments, indices, step counts), for memory accounting."""
+    total = 0
+    for state in optimizer.state.values():
+        total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    return total

@@ -1,0 +1,270 @@
+"""SparseChildAdamW against the dense masked AdamW and a float64 per-element reference."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from childtune import ChildOptimizer
+from childtune.sparse_optim import SparseChildAdamW, state_bytes
+from childtune.strategies import ID3, ChildTuningD, ChildTuningF, GradualUnfreezing, RandomMasking
+from childtune.strategies.fixed import FixedStrategy
+
+LR, BETAS, EPS, WD = 1e-2, (0.9, 0.999), 1e-8, 0.1
+SHAPES = {"layer.0.w": (40, 30), "layer.0.b": (30,), "layer.1.w": (4, 5, 6), "classifier.w": (3, 4)}
+
+
+@dataclass
+class Given(FixedStrategy):
+    """A fixed child network handed in directly (what Child-Tuning_D's Fisher step would produce)."""
+
+    given: dict = field(default_factory=dict, repr=False)
+
+    def masks(self, step: int):
+        return self.given
+
+
+@dataclass
+class Shrinking(FixedStrategy):
+    grows = True
+
+    def masks(self, step: int):
+        keep = step == 0
+        return {n: torch.full_like(p, keep, dtype=torch.bool) for n, p in self.maskable().items()}
+
+
+def make_named(seed: int = 0) -> dict[str, torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.nn.Parameter(torch.randn(*s, generator=g)) for n, s in SHAPES.items()}
+
+
+def set_grads(named, step: int) -> None:
+    g = torch.Generator().manual_seed(100 + step)
+    for p in named.values():
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+def run(opt, named, steps: int, start: int = 0) -> None:
+    for t in range(start, start + steps):
+        set_grads(named, t)
+        opt.step()
+
+
+def given_masks(named) -> dict[str, torch.Tensor]:
+    """A partial mask, a fully frozen parameter, a fully-child one; the head is left unmasked (dense)."""
+    g = torch.Generator().manual_seed(5)
+    return {
+        "layer.0.w": torch.rand(SHAPES["layer.0.w"], generator=g) < 0.2,
+        "layer.0.b": torch.zeros(SHAPES["layer.0.b"], dtype=torch.bool),
+        "layer.1.w": torch.ones(SHAPES["layer.1.w"], dtype=torch.bool),
+    }
+
+
+STRATEGIES = {
+    "given": lambda named: Given(given=given_masks(named)),
+    "random": lambda named: RandomMasking(0.15, seed=2),
+    "random-with-head": lambda named: RandomMasking(0.3, seed=4, always=()),
+    "id3-growing": lambda named: ID3(0.3, total_steps=4, scope="all"),
+    "gradual": lambda named: GradualUnfreezing(2),
+}
+
+
+def pair(make, bias_correction="tensor"):
+    sparse_named, dense_named = make_named(), make_named()
+    sparse = SparseChildAdamW(sparse_named, make(sparse_named), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
+                              bias_correction=bias_correction)
+    dense = ChildOptimizer(dense_named, make(dense_named), torch.optim.AdamW, strict=True,
+                           lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    return sparse, sparse_named, dense, dense_named
+
+
+@pytest.mark.parametrize("kind", list(STRATEGIES))
+def test_sparse_equals_dense_masked_adamw(kind):
+    sparse, a, dense, b = pair(STRATEGIES[kind])
+    before = {n: p.detach().clone() for n, p in a.items()}
+    run(sparse, a, steps=6)
+    run(dense, b, steps=6)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(a[n], before[n]) for n in a)
+
+
+def test_fixed_masks_are_strict_and_state_covers_only_the_child():
+    named = make_named()
+    masks = given_masks(named)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    opt = SparseChildAdamW(named, Given(given=masks), lr=LR, weight_decay=WD)
+    run(opt, named, steps=3)
+    for n, m in masks.items():
+        assert torch.equal(named[n].detach()[~m], before[n][~m])  # weight decay did not touch them either
+        assert (named[n].detach()[m] != before[n][m]).all()
+    partial, frozen, whole, head = (opt.state[named[n]] for n in SHAPES)
+    assert len(partial["exp_avg"]) == int(masks["layer.0.w"].sum()) and partial["index"].dtype == torch.int32
+    assert set(frozen) == {"step"}  # a frozen parameter keeps no tensors at all
+    assert whole["exp_avg"].shape == SHAPES["layer.1.w"] and "index" not in whole
+    assert head["exp_avg"].shape == SHAPES["classifier.w"]
+
+
+def per_element_reference(named, masks_per_step, steps):
+    """AdamW in float64 where each element counts its own steps from the one it joined the child network."""
+    p = {n: q.detach().double().clone() for n, q in named.items()}
+    m = {n: torch.zeros_like(q) for n, q in p.items()}
+    v = {n: torch.zeros_like(q) for n, q in p.items()}
+    t = {n: torch.zeros_like(q) for n, q in p.items()}
+    for step in range(steps):
+        g = torch.Generator().manual_seed(100 + step)
+        for n in p:
+            grad = torch.randn(p[n].shape, generator=g).double()
+            inside = masks_per_step[step].get(n, torch.ones_like(p[n], dtype=torch.bool))
+            t[n] += inside
+            m[n] = torch.where(inside, BETAS[0] * m[n] + (1 - BETAS[0]) * grad, m[n])
+            v[n] = torch.where(inside, BETAS[1] * v[n] + (1 - BETAS[1]) * grad * grad, v[n])
+            age = t[n].clamp(min=1)
+            update = (LR / (1 - BETAS[0] ** age)) * m[n] / (v[n].sqrt() / (1 - BETAS[1] ** age).sqrt() + EPS)
+            p[n] = torch.where(inside, p[n] * (1 - LR * WD) - update, p[n])
+    return p
+
+
+def test_id3_new_elements_get_their_own_bias_correction():
+    named = make_named()
+    strategy = ID3(0.4, total_steps=4, scope="all")
+    opt = SparseChildAdamW(named, strategy, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    reference_start = make_named()
+    history = []
+    for step in range(6):
+        set_grads(named, step)
+        opt.step()
+        history.append({n: mk.clone() for n, mk in strategy.chosen.items()})
+    assert len(history[0]) and history[0]["layer.0.w"].sum() < history[-1]["layer.0.w"].sum()  # it did grow
+    expected = per_element_reference(reference_start, history, steps=6)
+    for n, q in named.items():
+        torch.testing.assert_close(q.detach().double(), expected[n], rtol=1e-5, atol=1e-6)
+    # joined in several steps, so several runs of step counts; the dense-masked answer differs
+    assert len(opt.state[named["layer.0.w"]]["cohort_steps"]) > 1
+    tensor_mode, tensor_named, _, _ = pair(STRATEGIES["id3-growing"])
+    run(tensor_mode, tensor_named, steps=6)
+    assert not torch.allclose(tensor_named["layer.0.w"], named["layer.0.w"])
+
+
+def test_child_tuning_d_on_a_model_trains_like_dense(tiny_bert):
+    torch.manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 64, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long),
+                "labels": torch.randint(0, 2, (4,))} for _ in range(3)]
+    twin = type(tiny_bert)(tiny_bert.config)
+    twin.load_state_dict(tiny_bert.state_dict())
+    opts = []
+    for model, sparse in ((tiny_bert, True), (twin, False)):
+        strategy = ChildTuningD(0.2)
+        kwargs = dict(lr=1e-3, weight_decay=0.01)
+        opt = (SparseChildAdamW(model.named_parameters(), strategy, **kwargs) if sparse else
+               ChildOptimizer(model.named_parameters(), strategy, torch.optim.AdamW, strict=True, **kwargs))
+        strategy.prepare(model, batches)
+        for batch in batches:
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        opts.append(opt)
+    for (n, a), b in zip(tiny_bert.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    sparse, dense = opts
+    assert state_bytes(sparse) < 0.75 * state_bytes(dense)  # embeddings and head train in full under D's rest="train"
+
+
+@pytest.mark.parametrize("p", [0.3, 0.1, 0.01])
+def test_state_bytes_scale_with_p(p):
+    named = {f"layer.{i}.w": torch.nn.Parameter(torch.randn(200, 100)) for i in range(4)}
+    sparse = SparseChildAdamW(named, RandomMasking(p), lr=LR)
+    dense = torch.optim.AdamW(named.values(), lr=LR)
+    for opt in (sparse, dense):
+        run(opt, named, steps=1)
+    k = round(p * 80_000)
+    assert sum(len(s["exp_avg"]) for s in sparse.state.values()) == k
+    # two float32 moments and an int32 index per child element, plus one (size, step) run per tensor
+    assert state_bytes(sparse) == 12 * k + 16 * 4
+    assert state_bytes(dense) == 8 * 80_000 + 4 * 4  # torch keeps `step` as a float32 tensor
+    moments = sum(s["exp_avg"].nbytes + s["exp_avg_sq"].nbytes for s in sparse.state.values())
+    assert moments / (8 * 80_000) == pytest.approx(p, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["random", "id3-growing", "gradual"])
+def test_state_dict_round_trip_resumes_exactly(kind):
+    make = STRATEGIES[kind]
+    whole = make_named()
+    straight = SparseChildAdamW(whole, make(whole), lr=LR, weight_decay=WD)
+    run(straight, whole, steps=5)
+
+    first = make_named()
+    opt = SparseChildAdamW(first, make(first), lr=LR, weight_decay=WD)
+    run(opt, first, steps=2)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    resumed_named = {n: torch.nn.Parameter(p.detach().clone()) for n, p in first.items()}
+    fresh = make(resumed_named)
+    if isinstance(fresh, RandomMasking):
+        fresh.seed = 99  # the child network must come from the checkpoint, not be drawn again
+    resumed = SparseChildAdamW(resumed_named, fresh, lr=LR, weight_decay=WD)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.steps == 2
+    indexed = [s for s in resumed.state.values() if "index" in s]
+    assert all(s["index"].dtype == torch.int32 and s["cohort_steps"].dtype == torch.int64 for s in indexed)
+    run(resumed, resumed_named, steps=3, start=2)
+    for n in whole:
+        assert torch.equal(resumed_named[n], whole[n]), n
+
+
+def test_schedulers_drive_it_like_any_optimizer():
+    named = make_named()
+    strategy = RandomMasking(0.5)
+    opt = SparseChildAdamW(named, strategy, lr=LR, weight_decay=0.0)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.25)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    run(opt, named, steps=1)
+    # Adam's first step moves each updated element by the learning rate: here the scheduled one
+    for n, p in named.items():
+        moved = (p.detach() - before[n]).abs()
+        inside = strategy.chosen.get(n, torch.ones_like(moved, dtype=torch.bool))
+        torch.testing.assert_close(moved[inside], torch.full_like(moved[inside], 0.25 * LR), rtol=1e-4, atol=0)
+        assert not moved[~inside].any()
+
+
+def test_strategies_that_redraw_or_shrink_are_refused():
+    named = make_named()
+    with pytest.raises(ValueError, match=r"ChildTuningF chooses a new one every step"):
+        SparseChildAdamW(named, ChildTuningF(0.3))
+    with pytest.raises(ValueError, match="bias_correction"):
+        SparseChildAdamW(named, RandomMasking(0.3), bias_correction="global")
+    opt = SparseChildAdamW(named, Shrinking(), lr=LR)
+    run(opt, named, steps=1)
+    with pytest.raises(RuntimeError, match="lost elements"):
+        run(opt, named, steps=1, start=1)
+
+
+def test_masks_for_unknown_parameters_are_refused():
+    named = make_named()
+    opt = SparseChildAdamW(named, Given(given={"nope": torch.ones(2, dtype=torch.bool)}))
+    with pytest.raises(ValueError, match="nope"):
+        run(opt, named, steps=1)
+
+
+def test_bias_correction_of_a_late_joiner_starts_at_one():
+    """The first update of an element that joins late has size ~lr (as at step 1), not ~lr*(1-beta1)."""
+    named = {"layer.0.w": torch.nn.Parameter(torch.zeros(2))}
+
+    @dataclass
+    class Late(FixedStrategy):
+        grows = True
+
+        def masks(self, step):
+            return {"layer.0.w": torch.tensor([True, step >= 20])}
+
+    opt = SparseChildAdamW(named, Late(), lr=LR, weight_decay=0.0)
+    for _ in range(21):
+        named["layer.0.w"].grad = torch.ones(2)
+        opt.step()
+    assert named["layer.0.w"][1].item() == pytest.approx(-LR, rel=1e-6)
+    assert math.isclose(named["layer.0.w"][0].item(), -21 * LR, rel_tol=1e-5)
