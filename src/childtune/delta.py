@@ -7,12 +7,18 @@ from and merged on the one shared base model, like peft's adapter files but spar
 
 Files (a directory, like peft's adapter layout):
 
-* `delta.safetensors`: per changed tensor `values/<name>` (tuned minus base, in the parameter dtype) and
-  its flat element indices in whichever encoding is smallest (`bitmap/`, `indices/`, `ef_high/` +
-  `ef_low/` for Elias-Fano, or nothing when every element changed); the exactness exceptions below
-  (`exc_pos/`, `exc_base/`, `exc_tuned/`); and the dense head, stored absolute (`dense/<name>`).
+* `delta.safetensors`: per changed tensor its flat element indices in whichever encoding is smallest
+  (`bitmap/<name>`, `indices/<name>` as int32 or int64, `elias_fano/<name>`, or nothing at all when every
+  element changed), `values/<name>` (tuned minus base, in the parameter dtype), the exactness
+  exceptions below (`exc_base/`, `exc_tuned/` and their positions among the changed elements, encoded
+  the same way as `exc_bitmap/` etc.); and the dense head, stored absolute (`dense/<name>`).
 * `delta_config.json`: a `DeltaConfig` (method, hyper-parameters, base model name and fingerprint,
-  format version, counts, per-tensor shape and encoding, sha256 of the tensor file).
+  format version, counts, per-tensor shape and encodings, sha256 of the tensor file).
+
+Size. Values cost what the child network costs (`p` of the model). Indices come on top: a bitmap costs
+1 bit per element of the tensor, Elias-Fano about `2 + log2(1/p)` bits per changed element, plain int32
+32 bits; each tensor takes the smallest (a bitmap at p=0.3, Elias-Fano below ~0.2), which stays within
+~15% of the entropy of a random mask. Plain indices are kept as the simplest valid form.
 
 Exactness. Float addition does not undo itself: with `d = fl(t - b)`, `fl(b + d)` can miss the tuned
 value `t` and `fl(t - d)` can miss the base `b` when an update flips a sign, changes the magnitude a lot or
@@ -22,7 +28,9 @@ in the parameter dtype and lists the few elements where either fails as exceptio
 base and tuned values. Applying computes `w + d` and sets exceptions to `tuned`; reverting computes `w - d`
 and sets exceptions to `base`. For every other element the check proved the arithmetic exact, so
 apply(base) equals the tuned model and revert(apply(base)) equals the base, bit for bit. Exceptions are
-rare in real fine-tuning (small updates fall under Sterbenz) and cost 12 bytes each.
+weights near zero that an update dwarfs (about 1% of changed elements for 1e-3 steps on BERT-like
+weights); their value slot is not stored (it is `tuned - base`), so each costs ~5 bytes more than a
+plain element.
 Both operations refuse to start on the wrong model (apply checks the base fingerprint; revert checks the
 result and rolls back if it is not the base), so they never leave a half-changed model behind.
 """
@@ -33,7 +41,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -44,6 +51,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from childtune.fileio import atomic_write, write_json
 from childtune.masks import Masks
 from childtune.strategies.base import HEAD, matches
 
@@ -54,8 +62,8 @@ DEFAULT_DENSE: tuple[str, ...] = HEAD
 """Name fragments of the dense task head: freshly initialised per run, so stored whole and absolute."""
 
 ENCODINGS = ("all", "bitmap", "indices", "elias_fano")
-_ARRAYS = {"all": (), "bitmap": ("bitmap",), "indices": ("indices",), "elias_fano": ("ef_high", "ef_low")}
-_KINDS = {"values", "exc_pos", "exc_base", "exc_tuned", "dense", "bitmap", "indices", "ef_high", "ef_low"}
+"""Ways to store sorted element indices; `all` (every element) needs no array, the others one each."""
+_KINDS = {"values", "exc_base", "exc_tuned", "dense", *ENCODINGS[1:], *(f"exc_{e}" for e in ENCODINGS[1:])}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -136,29 +144,29 @@ def _index_sizes(n: int, k: int) -> dict[str, int]:
 
 
 def _choose_encoding(name: str, n: int, k: int) -> str:
-    """Smallest encoding, counting each stored array's share of the safetensors header (~60 bytes)."""
+    """Smallest encoding, counting a stored array's share of the safetensors header (~70 bytes)."""
     sizes = _index_sizes(n, k)
-    return min(sizes, key=lambda e: (sizes[e] + sum(60 + len(a) + len(name) for a in _ARRAYS[e]),
-                                     ENCODINGS.index(e)))
+    return min(sizes, key=lambda e: (sizes[e] + (e != "all") * (70 + len(name)), ENCODINGS.index(e)))
 
 
-def _encode(encoding: str, indices: np.ndarray, n: int) -> dict[str, np.ndarray]:
+def _encode(encoding: str, indices: np.ndarray, n: int) -> np.ndarray | None:
+    """The one array that stores sorted `indices` out of `n` (None for `all`)."""
     if encoding == "all":
-        return {}
+        return None
     if encoding == "bitmap":
         bits = np.zeros(n, dtype=bool)
         bits[indices] = True
-        return {"bitmap": np.packbits(bits)}
+        return np.packbits(bits)
     if encoding == "indices":
-        return {"indices": indices.astype(np.int32 if n <= 2**31 else np.int64)}
-    k = indices.size
+        return indices.astype(np.int32 if n <= 2**31 else np.int64)
+    k = indices.size  # Elias-Fano: upper bits in unary (a bitmap), then `low` plain bits per index
     low, upper = _ef_split(n, k)
     high = np.zeros(upper, dtype=bool)
     high[(indices >> low) + np.arange(k)] = True
     lows = np.empty((k, low), dtype=np.uint8)
     for j in range(low):
         lows[:, j] = (indices >> (low - 1 - j)) & 1
-    return {"ef_high": np.packbits(high), "ef_low": np.packbits(lows.reshape(-1))}
+    return np.concatenate([np.packbits(high), np.packbits(lows.reshape(-1))])
 
 
 def _unpack(name: str, packed: np.ndarray, nbits: int) -> np.ndarray:
@@ -171,27 +179,31 @@ def _unpack(name: str, packed: np.ndarray, nbits: int) -> np.ndarray:
     return bits[:nbits]
 
 
-def _decode(name: str, encoding: str, arrays: Mapping[str, np.ndarray], n: int, k: int) -> np.ndarray:
+def _decode(name: str, encoding: str, array: np.ndarray | None, n: int, k: int) -> np.ndarray:
     """Sorted int64 indices, validated: count `k`, strictly increasing, all inside `[0, n)`."""
     if encoding == "all":
         if k != n:
-            raise DeltaError(f"{name}: encoding 'all' needs {n} values, file has {k}")
+            raise DeltaError(f"{name}: encoding 'all' means {n} elements, file has {k}")
         return np.arange(n, dtype=np.int64)
+    wanted = (np.int32, np.int64) if encoding == "indices" else (np.uint8,)
+    if array is None or array.dtype not in wanted or array.ndim != 1:
+        raise DeltaError(f"{name}: {encoding} must be a 1-d array of {' or '.join(t.__name__ for t in wanted)}")
     if encoding == "bitmap":
-        indices = np.flatnonzero(_unpack(name, arrays["bitmap"], n)).astype(np.int64)
+        indices = np.flatnonzero(_unpack(name, array, n)).astype(np.int64)
     elif encoding == "indices":
-        indices = arrays["indices"].astype(np.int64)
+        indices = array.astype(np.int64)
     else:
-        low, upper = _ef_split(n, k)
-        ones = np.flatnonzero(_unpack(name, arrays["ef_high"], upper))
+        low, upper = _ef_split(n, k) if k else (0, 0)
+        split = -(-upper // 8)
+        ones = np.flatnonzero(_unpack(name, array[:split], upper))
         if ones.size != k:
-            raise DeltaError(f"{name}: {ones.size} indices for {k} values")
-        lows = _unpack(name, arrays["ef_low"], k * low).reshape(k, low)
+            raise DeltaError(f"{name}: {ones.size} indices for {k} elements")
+        lows = _unpack(name, array[split:], k * low).reshape(k, low)
         indices = (ones - np.arange(k)).astype(np.int64) << low
         for j in range(low):
             indices |= lows[:, j].astype(np.int64) << (low - 1 - j)
     if indices.size != k:
-        raise DeltaError(f"{name}: {indices.size} indices for {k} values")
+        raise DeltaError(f"{name}: {indices.size} indices for {k} elements")
     if k and (indices.min() < 0 or indices.max() >= n):
         raise DeltaError(f"{name}: index out of range for {n} elements")
     if k > 1 and not (np.diff(indices) > 0).all():
@@ -204,10 +216,12 @@ def _decode(name: str, encoding: str, arrays: Mapping[str, np.ndarray], n: int, 
 
 @dataclass(frozen=True)
 class TensorLayout:
-    """Where one changed tensor fits (`shape`) and how its indices are stored (`encoding`)."""
+    """Where one changed tensor fits (`shape`), how its indices are stored (`encoding`) and how the
+    positions of its exceptions among them are (`exceptions`, None when it has none)."""
 
     shape: tuple[int, ...]
     encoding: str
+    exceptions: str | None = None
 
 
 @dataclass
@@ -232,7 +246,7 @@ class DeltaConfig:
     def to_dict(self) -> dict[str, Any]:
         raw = asdict(self)
         raw["dense_patterns"] = list(self.dense_patterns)
-        raw["tensors"] = {n: {"shape": list(t.shape), "encoding": t.encoding} for n, t in self.tensors.items()}
+        raw["tensors"] = {n: {**asdict(t), "shape": list(t.shape)} for n, t in self.tensors.items()}
         raw["dense"] = {n: list(s) for n, s in self.dense.items()}
         return raw
 
@@ -259,11 +273,14 @@ class DeltaConfig:
             raise DeltaError("config key 'dense_patterns' must be a list of non-empty strings")
         tensors = {}
         for name, spec in _obj(raw, "tensors").items():
-            if not isinstance(spec, dict) or set(spec) != {"shape", "encoding"}:
-                raise DeltaError(f"config 'tensors' entry {name!r} must have exactly 'shape' and 'encoding'")
-            if spec["encoding"] not in ENCODINGS:
-                raise DeltaError(f"config 'tensors' entry {name!r} has unknown encoding {spec['encoding']!r}")
-            tensors[name] = TensorLayout(_shape(f"tensors.{name}", spec["shape"]), spec["encoding"])
+            if not isinstance(spec, dict) or set(spec) != {"shape", "encoding", "exceptions"}:
+                raise DeltaError(f"config 'tensors' entry {name!r} must have exactly 'shape', 'encoding' and "
+                                 "'exceptions'")
+            for key in ("encoding", "exceptions"):
+                if spec[key] not in ENCODINGS and not (key == "exceptions" and spec[key] is None):
+                    raise DeltaError(f"config 'tensors' entry {name!r} has unknown {key} {spec[key]!r}")
+            tensors[name] = TensorLayout(_shape(f"tensors.{name}", spec["shape"]), spec["encoding"],
+                                         spec["exceptions"])
         return cls(
             method=_str(raw, "method"),
             base_fingerprint=_str(raw, "base_fingerprint"),
@@ -335,11 +352,16 @@ def _extract(name: str, base: torch.Tensor, tuned: torch.Tensor) -> SparseEntry 
     bb, tt = b[indices], t[indices]
     if not (torch.isfinite(bb).all() and torch.isfinite(tt).all()):
         raise DeltaError(f"{name}: non-finite weights cannot be stored as a delta")
-    big = torch.finfo(b.dtype).max
-    values = torch.nan_to_num(tt - bb, posinf=big, neginf=-big)  # overflow: an exception below
+    values = _difference(tt, bb)
     lossy = (_bits(bb + values) != _bits(tt)) | (_bits(tt - values) != _bits(bb))
     pos = lossy.nonzero().squeeze(1)
     return SparseEntry(tuple(base.shape), indices, values, pos, bb[pos].clone(), tt[pos].clone())
+
+
+def _difference(tuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """`tuned - base`, overflow clamped to the largest float (the round-trip check then makes it exact)."""
+    big = torch.finfo(tuned.dtype).max
+    return torch.nan_to_num(tuned - base, posinf=big, neginf=-big)
 
 
 def _step(entry: SparseEntry, flat: torch.Tensor, forward: bool) -> torch.Tensor:
@@ -390,6 +412,11 @@ class SparseDelta:
         same shape and dtype, and non-float tensors must be unchanged. Tied weights are stored once.
         """
         dense = tuple(dense)
+        hparams = dict(hparams or {})
+        try:
+            json.dumps(hparams, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise DeltaError(f"hparams must be plain JSON values: {err}") from None
         tuned = _state(model)
         names = {n for n in tuned if not matches(n, dense)}
         base_names = {n for n in base_state if not matches(n, dense)}
@@ -418,7 +445,7 @@ class SparseDelta:
             entries,
             heads,
             method=method,
-            hparams=dict(hparams or {}),
+            hparams=hparams,
             base_model=base_model if base_model is not None else getattr(model, "name_or_path", "") or "",
             base_fingerprint=fingerprint(base_state, dense),
             dense_patterns=dense,
@@ -546,20 +573,23 @@ class SparseDelta:
         tensors = {}
         for name, entry in self.entries.items():
             layout = self.config.tensors[name]
-            indices = entry.indices.numpy()
-            for kind, array in _encode(layout.encoding, indices, _numel(entry.shape)).items():
-                tensors[f"{kind}/{name}"] = torch.from_numpy(array)
-            tensors[f"values/{name}"] = entry.values.contiguous()
-            if entry.exc_pos.numel():
-                tensors[f"exc_pos/{name}"] = entry.exc_pos.to(torch.int32)
-                tensors[f"exc_base/{name}"] = entry.exc_base.contiguous()
-                tensors[f"exc_tuned/{name}"] = entry.exc_tuned.contiguous()
+            stored = {layout.encoding: _encode(layout.encoding, entry.indices.numpy(), _numel(entry.shape))}
+            keep = torch.ones(entry.indices.numel(), dtype=torch.bool)
+            keep[entry.exc_pos] = False  # an exception's value is tuned - base: not stored twice
+            if layout.exceptions is not None:
+                pos = _encode(layout.exceptions, entry.exc_pos.numpy(), entry.indices.numel())
+                stored.update({f"exc_{layout.exceptions}": pos, "exc_base": entry.exc_base,
+                               "exc_tuned": entry.exc_tuned})
+            stored["values"] = entry.values[keep]
+            for kind, array in stored.items():
+                if array is not None:
+                    tensors[f"{kind}/{name}"] = torch.as_tensor(array).contiguous()
         for name, value in self.dense.items():
             tensors[f"dense/{name}"] = value.contiguous()
         data = safetensors.torch.save(tensors, metadata={"format": "childtune-delta"})
         self.config = replace(self.config, tensors_sha256=hashlib.sha256(data).hexdigest())
-        _atomic_write(directory / TENSORS_FILE, data)
-        _atomic_write(directory / CONFIG_FILE, (json.dumps(self.config.to_dict(), indent=2) + "\n").encode())
+        atomic_write(directory / TENSORS_FILE, data)
+        write_json(directory / CONFIG_FILE, self.config.to_dict())
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> SparseDelta:
@@ -603,41 +633,7 @@ def _parse(config: DeltaConfig, tensors: dict[str, torch.Tensor]) -> tuple[dict,
         dense[name] = value
     entries = {}
     for name, layout in config.tensors.items():
-        arrays = grouped.pop(name, {})
-        expected = {"values", *_ARRAYS[layout.encoding]}
-        if "exc_pos" in arrays:
-            expected |= {"exc_pos", "exc_base", "exc_tuned"}
-        if set(arrays) != expected:
-            raise DeltaError(f"{name}: stored arrays {sorted(arrays)} do not fit encoding {layout.encoding!r}")
-        for kind, array in arrays.items():
-            if array.dim() != 1:
-                raise DeltaError(f"{name}: {kind} must be one-dimensional")
-        values = arrays["values"]
-        if values.dtype not in _FLOATS or not torch.isfinite(values).all():
-            raise DeltaError(f"{name}: values must be finite floats")
-        for kind in ("bitmap", "ef_high", "ef_low"):
-            if kind in arrays and arrays[kind].dtype != torch.uint8:
-                raise DeltaError(f"{name}: {kind} must be uint8")
-        if "indices" in arrays and arrays["indices"].dtype not in (torch.int32, torch.int64):
-            raise DeltaError(f"{name}: indices must be int32 or int64")
-        k = values.numel()
-        if k == 0:
-            raise DeltaError(f"{name}: listed as changed but has no values")
-        numpy_arrays = {kind: a.numpy() for kind, a in arrays.items() if kind in _ARRAYS[layout.encoding]}
-        indices = _decode(name, layout.encoding, numpy_arrays, _numel(layout.shape), k)
-        pos = arrays.get("exc_pos", torch.zeros(0, dtype=torch.int32))
-        base = arrays.get("exc_base", torch.zeros(0))
-        tuned = arrays.get("exc_tuned", torch.zeros(0))
-        if pos.numel():
-            if pos.dtype not in (torch.int32, torch.int64) or base.dtype not in _FLOATS or tuned.dtype != base.dtype:
-                raise DeltaError(f"{name}: exceptions must be int positions and float values of one dtype")
-            if not pos.numel() == base.numel() == tuned.numel():
-                raise DeltaError(f"{name}: exception positions and values differ in count")
-            if pos[0] < 0 or pos[-1] >= k or (pos.numel() > 1 and not bool((pos.diff() > 0).all())):
-                raise DeltaError(f"{name}: exception positions out of range, unsorted or duplicate")
-            if not (torch.isfinite(base).all() and torch.isfinite(tuned).all()):
-                raise DeltaError(f"{name}: exceptions have non-finite values")
-        entries[name] = SparseEntry(layout.shape, torch.from_numpy(indices), values, pos.long(), base, tuned)
+        entries[name] = _parse_entry(name, layout, grouped.pop(name, {}))
     if grouped:
         raise DeltaError(f"{TENSORS_FILE} holds tensors the config does not list: {sorted(grouped)[:5]}")
     counts = (
@@ -650,33 +646,63 @@ def _parse(config: DeltaConfig, tensors: dict[str, torch.Tensor]) -> tuple[dict,
     return entries, dense
 
 
+def _layout(name: str, entry: SparseEntry) -> TensorLayout:
+    k, m = entry.indices.numel(), entry.exc_pos.numel()
+    exceptions = _choose_encoding(name, k, m) if m else None
+    return TensorLayout(entry.shape, _choose_encoding(name, _numel(entry.shape), k), exceptions)
+
+
+def _parse_entry(name: str, layout: TensorLayout, arrays: dict[str, torch.Tensor]) -> SparseEntry:
+    """One tensor's arrays, checked (kinds, dtypes, counts, finiteness) and decoded."""
+    expected = {"values"} | ({layout.encoding} - {"all"})
+    if layout.exceptions is not None:
+        expected |= {"exc_base", "exc_tuned"} | ({f"exc_{layout.exceptions}"} - {"exc_all"})
+    if set(arrays) != expected:
+        raise DeltaError(f"{name}: stored arrays {sorted(arrays)} do not fit its layout {layout}")
+    if any(a.dim() != 1 for a in arrays.values()):
+        raise DeltaError(f"{name}: stored arrays must be one-dimensional")
+    stored = arrays["values"]
+    base = arrays.get("exc_base", torch.zeros(0, dtype=stored.dtype))
+    tuned = arrays.get("exc_tuned", base)
+    if stored.dtype not in _FLOATS or base.dtype not in _FLOATS or tuned.dtype != base.dtype:
+        raise DeltaError(f"{name}: values and exceptions must be floats (exceptions of one dtype)")
+    if base.numel() != tuned.numel() or (layout.exceptions is not None and not base.numel()):
+        raise DeltaError(f"{name}: exception base and tuned values differ in count or are missing")
+    m = base.numel()
+    k = stored.numel() + m
+    if k == 0:
+        raise DeltaError(f"{name}: listed as changed but has no values")
+    n = _numel(layout.shape)
+    indices = _decode(name, layout.encoding, _numpy(arrays.get(layout.encoding)), n, k)
+    pos = torch.zeros(0, dtype=torch.int64)
+    if layout.exceptions is not None:
+        exc_array = _numpy(arrays.get(f"exc_{layout.exceptions}"))
+        pos = torch.from_numpy(_decode(f"{name} exceptions", layout.exceptions, exc_array, k, m))
+    values = torch.empty(k, dtype=stored.dtype)
+    keep = torch.ones(k, dtype=torch.bool)
+    keep[pos] = False
+    values[keep] = stored
+    values[pos] = _difference(tuned, base).to(stored.dtype)
+    if not (torch.isfinite(values).all() and torch.isfinite(base).all() and torch.isfinite(tuned).all()):
+        raise DeltaError(f"{name}: values must be finite")
+    return SparseEntry(layout.shape, torch.from_numpy(indices), values, pos, base, tuned)
+
+
+def _numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
+    """A stored integer array as numpy (safetensors gives torch tensors; the codec works in numpy)."""
+    return None if tensor is None or tensor.dtype not in (torch.uint8, torch.int32, torch.int64) else tensor.numpy()
+
+
 def _describe(entries: Mapping[str, SparseEntry], dense: Mapping[str, torch.Tensor], **meta: Any) -> DeltaConfig:
     """Config whose layout and counts follow from the entries, so the two can never disagree."""
     return DeltaConfig(
-        tensors={
-            n: TensorLayout(e.shape, _choose_encoding(n, _numel(e.shape), e.indices.numel()))
-            for n, e in entries.items()
-        },
+        tensors={n: _layout(n, e) for n, e in entries.items()},
         dense={n: tuple(v.shape) for n, v in dense.items()},
         num_changed=sum(e.indices.numel() for e in entries.values()),
         num_exceptions=sum(e.exc_pos.numel() for e in entries.values()),
         num_dense=sum(v.numel() for v in dense.values()),
         **meta,
     )
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then os.replace: the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------ merging and sizes
@@ -753,10 +779,12 @@ def encoded_bytes(delta: SparseDelta) -> dict[str, int]:
     """
     report = {"indices": 0, "values": 0, "exceptions": 0, "dense": 0}
     for name, entry in delta.entries.items():
-        k = entry.indices.numel()
-        report["indices"] += _index_sizes(_numel(entry.shape), k)[delta.config.tensors[name].encoding]
-        report["values"] += k * entry.values.element_size()
-        report["exceptions"] += entry.exc_pos.numel() * (4 + 2 * entry.exc_base.element_size())
+        layout = delta.config.tensors[name]
+        k, m = entry.indices.numel(), entry.exc_pos.numel()
+        report["indices"] += _index_sizes(_numel(entry.shape), k)[layout.encoding]
+        report["values"] += (k - m) * entry.values.element_size()
+        if m:
+            report["exceptions"] += _index_sizes(k, m)[layout.exceptions] + 2 * m * entry.exc_base.element_size()
     report["dense"] = sum(v.numel() * v.element_size() for v in delta.dense.values())
     report["total"] = sum(report.values())
     return report
