@@ -144,7 +144,7 @@ def test_id3_new_elements_get_their_own_bias_correction():
     for n, q in named.items():
         torch.testing.assert_close(q.detach().double(), expected[n], rtol=1e-5, atol=1e-6)
     # joined in several steps, so several runs of step counts; the dense-masked answer differs
-    assert len(opt.state[named["layer.0.w"]]["cohort_steps"]) > 1
+    assert len(opt.state[named["layer.0.w"]]["cohort_joined"]) > 1
     tensor_mode, tensor_named, _, _ = pair(STRATEGIES["id3-growing"])
     run(tensor_mode, tensor_named, steps=6)
     assert not torch.allclose(tensor_named["layer.0.w"], named["layer.0.w"])
@@ -183,8 +183,8 @@ def test_state_bytes_scale_with_p(p):
         run(opt, named, steps=1)
     k = round(p * 80_000)
     assert sum(len(s["exp_avg"]) for s in sparse.state.values()) == k
-    # two float32 moments and an int32 index per child element, plus one (size, step) run per tensor
-    assert state_bytes(sparse) == 12 * k + 16 * 4
+    # two float32 moments and an int32 index per child element
+    assert state_bytes(sparse) == 12 * k
     assert state_bytes(dense) == 8 * 80_000 + 4 * 4  # torch keeps `step` as a float32 tensor
     moments = sum(s["exp_avg"].nbytes + s["exp_avg_sq"].nbytes for s in sparse.state.values())
     assert moments / (8 * 80_000) == pytest.approx(p, abs=1e-4)
@@ -211,7 +211,8 @@ def test_state_dict_round_trip_resumes_exactly(kind):
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert resumed.steps == 2
     indexed = [s for s in resumed.state.values() if "index" in s]
-    assert all(s["index"].dtype == torch.int32 and s["cohort_steps"].dtype == torch.int64 for s in indexed)
+    assert all(s["index"].dtype == torch.int32 for s in indexed)  # not cast to float by torch's loader
+    assert indexed or kind == "gradual"  # gradual unfreezing only ever has whole tensors
     run(resumed, resumed_named, steps=3, start=2)
     for n in whole:
         assert torch.equal(resumed_named[n], whole[n]), n

@@ -30,7 +30,7 @@ from childtune.strategies.id3 import ID3
 GROWING = (ID3, GradualUnfreezing)
 """Non-fixed strategies whose child network only ever grows; others may opt in with `grows = True`."""
 
-_LAYOUT = ("index", "cohort_sizes", "cohort_steps")  # integer state that torch's loader would cast to float
+_LAYOUT = ("index",)  # integer state that torch's loader would cast to the parameter's float dtype
 
 
 class SparseChildAdamW(Optimizer):
@@ -39,8 +39,9 @@ class SparseChildAdamW(Optimizer):
     `named_params` takes the forms `ChildOptimizer` does. Equal to
     `ChildOptimizer(named_params, strategy, torch.optim.AdamW, strict=True, ...)` to float tolerance
     (for growing strategies with `bias_correction="tensor"`). State per parameter: `exp_avg` and
-    `exp_avg_sq` over the child elements, their flat `index` (int32 where it fits), and runs of
-    elements sharing a step count (`cohort_sizes`, `cohort_steps`): one run unless the set grew.
+    `exp_avg_sq` over the child elements, their flat `index` (int32 where it fits), the tensor's `step`
+    count and, as plain ints, runs of elements by the tensor step they joined at (`cohort_sizes`,
+    `cohort_joined`): one run unless the set grew, so per-element step counts cost almost nothing.
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class SparseChildAdamW(Optimizer):
         self.strategy = strategy
         self.bias_correction = bias_correction
         self.steps = 0
+        self._seen: dict[torch.Tensor, torch.Tensor | None] = {}  # mask each parameter was last synced to
         strategy.bind(self.named)
 
     def state_dict(self) -> dict[str, Any]:
@@ -115,7 +117,6 @@ class SparseChildAdamW(Optimizer):
                 state = self._sync(p, masks.get(self.names[p]))
                 state["step"] += 1
                 if "exp_avg" in state:
-                    state["cohort_steps"] += 1
                     live.append((p, state))
             _adamw(group, live)
         self.steps += 1
@@ -126,6 +127,9 @@ class SparseChildAdamW(Optimizer):
         state = self.state[param]
         if not state:
             state["step"] = 0
+        elif self.strategy.fixed and param in self._seen and self._seen[param] is mask:
+            return state  # a fixed strategy's masks never change in place: nothing to check
+        self._seen[param] = mask
         had = _size(param, state)
         flat = None if mask is None else mask.reshape(-1)
         now = param.numel() if flat is None else int(flat.count_nonzero())
@@ -148,11 +152,13 @@ class SparseChildAdamW(Optimizer):
             new = torch.zeros(len(added), dtype=param.dtype, device=param.device)
             for key, tail in (("index", added), ("exp_avg", new), ("exp_avg_sq", new)):
                 state[key] = torch.cat([state[key], tail]) if key in state else tail.clone()
-        start = state["step"] if self.bias_correction == "tensor" else 0
-        sizes = state.get("cohort_sizes", torch.zeros(0, dtype=torch.int64))
-        steps = state.get("cohort_steps", torch.zeros(0, dtype=torch.int64))
-        state["cohort_sizes"], state["cohort_steps"] = _merge(
-            torch.cat([sizes, torch.tensor([now - had])]), torch.cat([steps, torch.tensor([start])]))
+        joined = state["step"] if self.bias_correction == "element" else 0  # "tensor": counted from its first step
+        sizes, starts = state.setdefault("cohort_sizes", []), state.setdefault("cohort_joined", [])
+        if starts and starts[-1] == joined:
+            sizes[-1] += now - had
+        else:
+            sizes.append(now - had)
+            starts.append(joined)
         return state
 
 
@@ -160,14 +166,6 @@ def _size(param: torch.Tensor, state: Mapping[str, Any]) -> int:
     if "index" in state:
         return len(state["index"])
     return param.numel() if "exp_avg" in state else 0
-
-
-def _merge(sizes: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fuse neighbouring runs with equal step counts (in tensor mode there is only ever one run)."""
-    keep = torch.ones(len(steps), dtype=torch.bool)
-    keep[1:] = steps[1:] != steps[:-1]
-    run = keep.cumsum(0) - 1
-    return torch.zeros(int(run[-1]) + 1, dtype=torch.int64).index_add_(0, run, sizes), steps[keep]
 
 
 def _adamw(group: Mapping[str, Any], live: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
@@ -188,17 +186,17 @@ def _adamw(group: Mapping[str, Any], live: list[tuple[torch.Tensor, dict[str, An
     torch._foreach_mul_(sqs, beta2)
     torch._foreach_addcmul_(sqs, grads, grads, 1.0 - beta2)
     denom = torch._foreach_sqrt(sqs)
-    one = [i for i, (_, s) in enumerate(live) if len(s["cohort_steps"]) == 1]
+    one = [i for i, (_, s) in enumerate(live) if len(s["cohort_joined"]) == 1]
     if one:  # one step count per tensor: python-float scalars, exactly as torch computes them
-        counts = [int(live[i][1]["cohort_steps"][0]) for i in one]
+        counts = [live[i][1]["step"] - live[i][1]["cohort_joined"][0] for i in one]
         torch._foreach_div_([denom[i] for i in one], [(1 - beta2**t) ** 0.5 for t in counts])
         torch._foreach_add_([denom[i] for i in one], eps)
         torch._foreach_addcdiv_([values[i] for i in one], [avgs[i] for i in one], [denom[i] for i in one],
                                 [-lr / (1 - beta1**t) for t in counts])
     for i, (_, s) in enumerate(live):
-        if len(s["cohort_steps"]) > 1:  # elements that joined at different steps: per-element corrections
-            t = s["cohort_steps"].double()
-            sizes, k = s["cohort_sizes"], len(s["exp_avg"])
+        if len(s["cohort_joined"]) > 1:  # elements that joined at different steps: per-element corrections
+            t = s["step"] - torch.tensor(s["cohort_joined"], dtype=torch.float64)
+            sizes, k = torch.tensor(s["cohort_sizes"]), len(s["exp_avg"])
             bc2 = torch.repeat_interleave((1 - beta2**t).sqrt().float(), sizes, output_size=k)
             size = torch.repeat_interleave((-lr / (1 - beta1**t)).float(), sizes, output_size=k)
             values[i].add_(avgs[i].div(denom[i].div_(bc2).add_(eps)).mul_(size))
