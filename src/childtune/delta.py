@@ -414,7 +414,7 @@ class SparseDelta:
         dense = tuple(dense)
         hparams = dict(hparams or {})
         try:
-            json.dumps(hparams, allow_nan=False)
+            json.dumps(hparams)
         except (TypeError, ValueError) as err:
             raise DeltaError(f"hparams must be plain JSON values: {err}") from None
         tuned = _state(model)
