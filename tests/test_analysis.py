@@ -187,9 +187,10 @@ def test_analyze_single_network_has_no_overlap(tmp_path):
     assert "## Overlap" not in paths["analysis"].read_text()
 
 
-def test_masks_from_a_sparse_delta_are_the_changed_elements(tmp_path, tiny_bert):
+def test_masks_from_a_sparse_delta_are_the_changed_elements_in_the_whole_model(tmp_path, tiny_bert):
     from childtune.delta import SparseDelta
 
+    tiny_bert.save_pretrained(tmp_path / "base")  # the base model, so unchanged tensors can be counted
     base = {n: t.detach().clone() for n, t in tiny_bert.state_dict().items()}
     name = "bert.encoder.layer.1.attention.self.query.weight"
     changed = torch.zeros_like(base[name], dtype=torch.bool)
@@ -198,9 +199,26 @@ def test_masks_from_a_sparse_delta_are_the_changed_elements(tmp_path, tiny_bert)
     with torch.no_grad():
         tiny_bert.get_parameter(name).add_(changed.float() * 0.5)
         tiny_bert.classifier.weight.add_(1.0)  # the head is stored dense and left out of the child network
-    SparseDelta.from_training(base, tiny_bert, method="child-d").save(tmp_path / "run" / "delta")
+    delta = SparseDelta.from_training(base, tiny_bert, method="child-d", base_model=str(tmp_path / "base"))
+    delta.save(tmp_path / "run" / "delta")
     for source in (tmp_path / "run", tmp_path / "run" / "delta", tmp_path / "run" / "delta" / "delta.safetensors"):
         masks = load_masks(source)
-        assert list(masks) == [name]
+        assert set(masks) == {n for n in base if not n.startswith("classifier")}
         assert torch.equal(masks[name], changed)
-    assert layer_share(masks)[0].chosen == 4
+        assert sum(int(m.sum()) for m in masks.values()) == 4
+    shares = {s.group: s for s in layer_share(masks)}
+    layer_size = sum(p.numel() for n, p in tiny_bert.named_parameters() if ".layer.1." in n)
+    assert (shares["layer 1"].chosen, shares["layer 1"].total) == (4, layer_size)
+    assert shares["layer 0"].chosen == 0 and shares["embeddings"].total > 0
+
+
+def test_delta_without_its_base_model_warns_and_counts_changed_tensors_only(tmp_path, tiny_bert):
+    from childtune.delta import SparseDelta
+
+    base = {n: t.detach().clone() for n, t in tiny_bert.state_dict().items()}
+    with torch.no_grad():
+        tiny_bert.bert.pooler.dense.bias.add_(1.0)
+    SparseDelta.from_training(base, tiny_bert, method="x", base_model=str(tmp_path / "gone")).save(tmp_path / "d")
+    with pytest.warns(UserWarning, match="not found"):
+        masks = load_masks(tmp_path / "d")
+    assert list(masks) == ["bert.pooler.dense.bias"] and bool(masks["bert.pooler.dense.bias"].all())

@@ -15,8 +15,10 @@ overlap is only evidence of shared structure above that level.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +91,14 @@ def load_masks(path: str | Path) -> Masks:
     if delta_dir is not None:
         from childtune.delta import SparseDelta
 
-        return {n: m.bool() for n, m in SparseDelta.load(delta_dir).masks().items()}
+        delta = SparseDelta.load(delta_dir)
+        masks = {n: m.bool() for n, m in delta.masks().items()}
+        shapes = base_shapes(delta.config.base_model)
+        if shapes is None:
+            warnings.warn(f"{delta_dir}: base model {delta.config.base_model!r} not found; shares are over the "
+                          "tensors the delta changed only, not the whole model", stacklevel=2)
+            return masks
+        return complete(masks, shapes, exclude=delta.config.dense_patterns)
     if path.is_dir():
         path = path / MASKS_FILE
     if not path.is_file():
@@ -105,6 +114,46 @@ def load_masks(path: str | Path) -> Masks:
             tensor = tensor.bool()
         out[name] = tensor
     return out
+
+
+def complete(masks: MaskMap, shapes: Mapping[str, tuple[int, ...]], exclude: Iterable[str] = EXCLUDE) -> Masks:
+    """`masks` plus an all-False mask for every other parameter in `shapes` (outside `exclude`).
+
+    A sparse delta lists only the tensors a run changed; a tensor the child network never touched is
+    absent, yet it belongs in the denominator of its layer's share.
+    """
+    exclude = tuple(exclude)
+    out = dict(masks)
+    for name, shape in shapes.items():
+        if name in out:
+            if tuple(out[name].shape) != tuple(shape):
+                raise ValueError(f"{name!r}: mask has shape {tuple(out[name].shape)}, the model has {tuple(shape)}")
+        elif not any(e in name for e in exclude):
+            out[name] = torch.zeros(shape, dtype=torch.bool)
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def base_shapes(model: str) -> dict[str, tuple[int, ...]] | None:
+    """Parameter names and shapes of a sequence classifier on `model` (a folder or pinned name).
+
+    Built on the meta device from the model's config, so no weights are read; None when the model
+    cannot be found (a delta moved to another machine).
+    """
+    if not model:
+        return None
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from childtune.assets import AssetError
+    from childtune.train import model_folder
+
+    try:
+        config = AutoConfig.from_pretrained(model_folder(model))
+    except (OSError, ValueError, AssetError):
+        return None
+    with torch.device("meta"):
+        net = AutoModelForSequenceClassification.from_config(config)
+    return {n: tuple(t.shape) for n, t in net.state_dict().items()}
 
 
 def _delta_dir(path: Path) -> Path | None:
