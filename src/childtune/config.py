@@ -1,0 +1,251 @@
+"""Every knob of a training run in one typed dataclass, and the one table that turns a method name into a strategy.
+
+A run is reproducible from its `config.json` alone, so the saved config holds *resolved* values: the
+per-method defaults (learning rate, child-network size, strictness) are filled in before it is written,
+and a later change of default cannot silently change what a rerun does. Loading is strict: an unknown
+or mistyped key is an error that names it, never a value quietly ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from childtune.layers import blocks
+from childtune.strategies import (
+    ID3,
+    ChildTuningD,
+    ChildTuningF,
+    FullFineTuning,
+    GradualUnfreezing,
+    RandomMasking,
+    Strategy,
+)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, explained in one line naming the offending key."""
+
+
+def _opt(help: str, **extra: Any) -> dict[str, Any]:
+    return {"help": help, **extra}
+
+
+@dataclass
+class TrainConfig:
+    """One fine-tuning run. `None` means "the method's default" (see `METHODS`) where noted."""
+
+    # -- data
+    task: str | None = field(default="mr", metadata=_opt("built-in task (mr, subj, spam, vader-*)"))
+    train_file: str | None = field(default=None, metadata=_opt("your train CSV/JSONL (instead of --task)",
+                                                                flag="--train"))
+    dev_file: str | None = field(default=None, metadata=_opt("your dev CSV/JSONL", flag="--dev"))
+    test_file: str | None = field(default=None, metadata=_opt("your test CSV/JSONL (optional)", flag="--test"))
+    text_col: str = field(default="text", metadata=_opt("text column of --train/--dev/--test"))
+    label_col: str = field(default="label", metadata=_opt("label column of --train/--dev/--test"))
+    train_size: int | None = field(default=None, metadata=_opt("subsample this many training examples (by seed)"))
+    model: str = field(default="all-MiniLM-L6-v2",
+                       metadata=_opt("a local Hugging Face model folder, or the name of a pinned offline model"))
+    max_length: int = field(default=128, metadata=_opt("truncate texts to this many tokens"))
+    # -- method
+    method: str = field(default="child-d", metadata=_opt("full, child-f, child-d, random, id3, gradual, lora"))
+    reserve_p: float | None = field(default=None, metadata=_opt("child network share (child-f/child-d/random)"))
+    lr: float | None = field(default=None, metadata=_opt("peak learning rate (default: per method)"))
+    strict: bool | None = field(default=None, metadata=_opt(
+        "change nothing outside the child network, weight decay included (default: on for fixed-mask methods)"))
+    rest: str = field(default="freeze", metadata=_opt(
+        "child-d: parameters outside the scored blocks (embeddings, pooler) 'freeze' or 'train' (the authors')"))
+    fisher_samples: int | None = field(default=None, metadata=_opt("child-d: examples for Fisher (default: all)"))
+    fisher_per_example: bool = field(default=False, metadata=_opt("child-d: exact per-example Fisher (slower)"))
+    id3_budget: float = field(default=0.005, metadata=_opt("id3: final child network, fraction of scored weights"))
+    id3_eps: float = field(default=1e-3, metadata=_opt("id3: eps in |g| / (|w| + eps)^exp"))
+    id3_exp: float = field(default=1.0, metadata=_opt("id3: exponent in |g| / (|w| + eps)^exp"))
+    gradual_every: int | None = field(default=None, metadata=_opt(
+        "gradual: steps between unfreezing blocks (default: all unfrozen by mid-training)"))
+    lora_rank: int = field(default=8, metadata=_opt("lora: rank"))
+    lora_alpha: int = field(default=16, metadata=_opt("lora: alpha"))
+    lora_dropout: float = field(default=0.1, metadata=_opt("lora: dropout"))
+    # -- optimisation
+    epochs: int = field(default=3, metadata=_opt("passes over the training data"))
+    batch_size: int = field(default=16, metadata=_opt("training batch size"))
+    eval_batch_size: int = field(default=64, metadata=_opt("evaluation batch size"))
+    weight_decay: float = field(default=0.01, metadata=_opt("AdamW decoupled weight decay (not on bias/LayerNorm)"))
+    warmup: float = field(default=0.1, metadata=_opt("share of steps with linear LR warmup, then linear decay"))
+    max_grad_norm: float | None = field(default=1.0, metadata=_opt("clip gradients to this norm (none: no clip)"))
+    seed: int = field(default=1, metadata=_opt("seed for subsampling, head init, data order, masks"))
+    nonfinite: str = field(default="stop", metadata=_opt(
+        "on a non-finite loss or gradient: 'stop' with an error, or 'skip' the step (weights never change)"))
+    # -- outputs
+    metric_extra: tuple[str, ...] = field(default=(), metadata=_opt("extra metrics, comma-separated (mcc)"))
+    output: str | None = field(default=None, metadata=_opt("run folder to write (refused if it holds a run)"))
+    overwrite: bool = field(default=False, metadata=_opt("replace a run already in --output"))
+    save: str = field(default="auto", metadata=_opt(
+        "weights to keep: 'delta' (sparse, vs the base), 'model' (whole), 'none'; auto: delta for strict runs"))
+    log_every: int = field(default=10, metadata=_opt("log the training loss every N steps"))
+    eval_every_epoch: bool = field(default=False, metadata=_opt("also evaluate dev after every epoch"))
+    progress: bool = field(default=True, metadata=_opt("show progress bars"))
+
+    # ------------------------------------------------------------------ JSON
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["metric_extra"] = list(self.metric_extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> TrainConfig:
+        """Parse strictly: unknown keys and values of the wrong type are errors naming the key."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(raw).__name__}")
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in fields(cls)}
+        for key in raw:
+            if key not in known:
+                raise ConfigError(f"unknown config key {key!r}")
+        return cls(**{key: _coerce(key, value, hints[key]) for key, value in raw.items()})
+
+    def save_json(self, path: str | Path) -> None:
+        from childtune.report import atomic_write
+
+        atomic_write(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path} is not a JSON config: {err}") from None
+        return cls.from_dict(raw)
+
+    # ------------------------------------------------------------------ defaults and checks
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the method's defaults filled in and everything checked: what a run really uses."""
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        spec = METHODS[self.method]
+        done = replace(
+            self,
+            lr=spec.lr if self.lr is None else self.lr,
+            strict=spec.strict if self.strict is None else self.strict,
+            reserve_p=spec.reserve_p if self.reserve_p is None else self.reserve_p,
+            metric_extra=tuple(self.metric_extra),
+        )
+        done.validate()
+        return done
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        files = self.train_file is not None or self.dev_file is not None or self.test_file is not None
+        if files and (self.train_file is None or self.dev_file is None):
+            raise ConfigError("your own data needs both --train and --dev files")
+        if not files and not self.task:
+            raise ConfigError("give a --task, or --train and --dev files")
+        _check(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr", self.lr, "a positive number")
+        _check(self.reserve_p is None or 0 < self.reserve_p <= 1, "reserve_p", self.reserve_p, "in (0, 1]")
+        _check(0 < self.id3_budget < 1, "id3_budget", self.id3_budget, "a fraction in (0, 1)")
+        for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "lora_rank", "lora_alpha"):
+            _check(getattr(self, key) >= 1, key, getattr(self, key), "at least 1")
+        _check(self.max_length >= 2, "max_length", self.max_length, "at least 2")
+        for key in ("train_size", "fisher_samples", "gradual_every"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, key, value, "at least 1")
+        _check(0 <= self.warmup < 1, "warmup", self.warmup, "in [0, 1)")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "> 0")
+        _check(self.nonfinite in ("stop", "skip"), "nonfinite", self.nonfinite, "'stop' or 'skip'")
+        _check(self.rest in ("freeze", "train"), "rest", self.rest, "'freeze' or 'train'")
+        _check(self.save in ("auto", "delta", "model", "none"), "save", self.save, "auto, delta, model or none")
+        unknown = sorted(set(self.metric_extra) - {"mcc"})
+        _check(not unknown, "metric_extra", ",".join(unknown), "only 'mcc'")
+        if self.method == "lora" and self.save == "delta":
+            raise ConfigError("save='delta' is for masking methods; a LoRA run saves its merged model")
+
+
+def _check(ok: bool, key: str, value: Any, want: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {want}, got {value!r}")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """`value` as the field's type (JSON lists become tuples, ints pass as floats), or a ConfigError."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for kind in options:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, str):
+            return value
+        if typing.get_origin(kind) is tuple and isinstance(value, list | tuple) and all(
+            isinstance(v, str) for v in value
+        ):
+            return tuple(value)
+    names = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in options)
+    raise ConfigError(f"config key {key!r} must be {names}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method's defaults and how to build its strategy.
+
+    Learning rates are for the ~22M-parameter MiniLM on a few epochs of 1,000 examples: Child-Tuning
+    trains at full fine-tuning's rate (its masked gradients are rescaled, or the child is large); random
+    masking and ID3 update far fewer weights, so, as their papers do, they need a much larger step.
+    `strict` is on where the child network is fixed, so the run changes exactly that network and can be
+    saved as a sparse delta.
+    """
+
+    lr: float
+    strict: bool
+    build: Callable[[TrainConfig, int, list[str]], Strategy]
+    reserve_p: float | None = None
+    adapter: str | None = None
+
+
+def _gradual(config: TrainConfig, total_steps: int, names: list[str]) -> Strategy:
+    every = config.gradual_every or max(1, math.ceil(total_steps / (2 * max(1, len(blocks(names)) - 1))))
+    return GradualUnfreezing(every)
+
+
+METHODS: dict[str, Method] = {
+    "full": Method(1e-4, False, lambda c, t, n: FullFineTuning()),
+    "child-f": Method(1e-4, False, lambda c, t, n: ChildTuningF(c.reserve_p, seed=c.seed), reserve_p=0.3),
+    "child-d": Method(1e-4, True, lambda c, t, n: ChildTuningD(
+        c.reserve_p, rest=c.rest, num_samples=c.fisher_samples, per_example=c.fisher_per_example), reserve_p=0.3),
+    "random": Method(1e-3, True, lambda c, t, n: RandomMasking(c.reserve_p, seed=c.seed), reserve_p=0.01),
+    "id3": Method(1e-3, True, lambda c, t, n: ID3(c.id3_budget, t, eps=c.id3_eps, exp=c.id3_exp)),
+    "gradual": Method(1e-4, True, _gradual),
+    "lora": Method(1e-3, False, lambda c, t, n: FullFineTuning(), adapter="lora"),
+}
+
+
+def build_strategy(config: TrainConfig, total_steps: int, param_names: Iterable[str]) -> Strategy:
+    """The strategy `config.method` names, configured from `config` (resolve the config first).
+
+    `total_steps` is the number of optimizer steps (ID3 reaches its budget there; gradual unfreezing
+    spreads its schedule over it) and `param_names` the names the optimizer will see.
+    """
+    if config.method not in METHODS:
+        raise ConfigError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
+    if config.reserve_p is None and METHODS[config.method].reserve_p is not None:
+        config = config.resolved()
+    return METHODS[config.method].build(config, total_steps, list(param_names))

@@ -1,0 +1,90 @@
+"""Child-Tuning inside an existing Hugging Face `Trainer` script, in one changed line.
+
+    trainer = ChildTuningTrainer(strategy=ChildTuningD(0.3), strict=True, model=model, args=args, ...)
+
+`ChildTuningTrainer` only replaces `create_optimizer`: the optimizer becomes a `ChildOptimizer` over
+the same parameter groups the Trainer would build (weight decay off for biases and norms, the
+Trainer's learning rate, betas and eps), and a strategy that needs data, such as Child-Tuning_D's
+Fisher information, is prepared on the Trainer's own training dataloader first. Everything else
+(scheduler, Accelerate, DDP, logging, saving) is the Trainer's. Scripts that build their optimizer
+themselves can pass `create_optimizer(model, strategy, ...)` in `Trainer(optimizers=(opt, None))`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from childtune.optim import ChildOptimizer
+from childtune.strategies import Strategy
+
+
+def needs_data(strategy: Strategy) -> bool:
+    """Whether the strategy does work in `prepare` (today: Child-Tuning_D's Fisher estimate)."""
+    return type(strategy).prepare is not Strategy.prepare
+
+
+def create_optimizer(
+    model: torch.nn.Module,
+    strategy: Strategy,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    strict: bool = False,
+    batches: Iterable | None = None,
+    no_decay: Iterable[str] | None = None,
+    optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    **optimizer_kwargs: Any,
+) -> ChildOptimizer:
+    """A `ChildOptimizer` for `model`'s trainable parameters, the strategy prepared on `batches` if needed.
+
+    `no_decay` names parameters (exact names) that get no weight decay; by default biases and norm
+    weights, as the Trainer does.
+    """
+    from childtune.train import param_groups
+
+    if no_decay is None:
+        groups = param_groups(model, weight_decay, lambda n: "bias" in n or "norm" in n.lower())
+    else:
+        skip = set(no_decay)
+        groups = param_groups(model, weight_decay, skip.__contains__)
+    opt = ChildOptimizer(groups, strategy, optimizer, strict=strict, lr=lr, **optimizer_kwargs)
+    if needs_data(strategy):
+        if batches is None:
+            raise ValueError(f"{type(strategy).__name__} chooses its child network from data: pass batches=")
+        strategy.prepare(model, batches)
+    return opt
+
+
+class ChildTuningTrainer(Trainer):
+    """A `Trainer` whose optimizer updates only the child network `strategy` chooses.
+
+    `strict=True` keeps every element outside the child network exactly at its pretrained value
+    (weight decay included), so the run can be saved as a sparse delta. `fisher_batches` overrides
+    the data Child-Tuning_D scores (default: the Trainer's training dataloader).
+    """
+
+    def __init__(self, *args: Any, strategy: Strategy, strict: bool = False,
+                 fisher_batches: Iterable | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.strategy = strategy
+        self.strict = strict
+        self.fisher_batches = fisher_batches
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(model))
+            no_decay = [n for n, p in model.named_parameters() if p.requires_grad and n not in decay]
+            batches = None
+            if needs_data(self.strategy):
+                batches = self.fisher_batches if self.fisher_batches is not None else self.get_train_dataloader()
+            self.optimizer = create_optimizer(
+                model, self.strategy, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
+                strict=self.strict, batches=batches, no_decay=no_decay,
+                betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
+            )
+        return self.optimizer
