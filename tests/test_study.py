@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -12,14 +13,18 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from childtune import analysis
 from childtune.config import TrainConfig
 from childtune.fileio import write_json
 from childtune.study import (
+    DEFAULT_GRID,
     PAPER_GRID,
     Cell,
     StudyConfig,
     StudyError,
+    add_arguments,
     configs,
+    from_args,
     holm,
     paired_test,
     plan,
@@ -286,3 +291,23 @@ def test_tiny_slice_trains_resumes_transfers_and_analyses(tmp_path, tiny_model_d
 
     again = run_study(study, run=refuse, progress=False)
     assert [r.metrics["dev"] for r in again.records] == [r.metrics["dev"] for r in result.records]
+
+    # the same runs through the entry point of `childtune analyze`
+    runs = tmp_path / "study" / "runs" / "movies"
+    parser = analysis.add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args([str(runs / "child-d" / "p0.3" / "seed1"), f"other={runs / 'child-d' / 'p0.3' / 'seed2'}",
+                              "--output", str(tmp_path / "cli-analysis")])
+    assert list(analysis.parse_inputs(args.inputs)) == ["train child-d s1", "other"]
+    assert analysis.run_from_args(args) == 0
+    assert "| train child-d s1 |" in (tmp_path / "cli-analysis" / "analysis.md").read_text()
+
+
+def test_study_options_build_the_study(tmp_path):
+    parser = add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--tasks", "mr,subj", "--methods", "full,child-d", "--seeds", "1-3", "--grid",
+                              "defaults", "--no-transfer", "--output", str(tmp_path / "s")])
+    study = from_args(args, TrainConfig(epochs=2))
+    assert (study.tasks, study.methods, study.seeds) == (("mr", "subj"), ("full", "child-d"), (1, 2, 3))
+    assert study.grid == DEFAULT_GRID and not study.transfer and study.train_size == 1000
+    assert study.base.epochs == 2 and study.base.progress is False
+    assert len(plan(study)) == 2 * 2 * 3

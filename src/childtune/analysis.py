@@ -14,6 +14,7 @@ overlap is only evidence of shared structure above that level.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import functools
 import io
@@ -497,3 +498,56 @@ def _share_rows(tables: Mapping[str, list[Share]]):
     for label, rows in tables.items():
         for s in rows:
             yield label, s.group, s.chosen, s.total, f"{s.density:.6f}", f"{s.share:.6f}"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of `childtune analyze`."""
+    parser.add_argument("inputs", nargs="+", metavar="[NAME=]PATH",
+                        help="child networks: run folders, delta folders or masks .safetensors files; NAME labels "
+                             "it in the tables and plots [task method seed, read from the run]")
+    parser.add_argument("--output", required=True, help="folder for the tables (CSV, Markdown) and PNGs")
+    parser.add_argument("--include-head", action="store_true",
+                        help="count the task head too (left out by default: it is new and trained whole)")
+    return parser
+
+
+def parse_inputs(items: Iterable[str]) -> dict[str, Path]:
+    """`NAME=PATH` or `PATH` (named after the run it came from) -> {name: path}; names must be unique."""
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or Path(item).exists():
+            name, path = describe(Path(item)), item
+        if name in out:
+            raise ValueError(f"two child networks are both named {name!r}; name them with NAME=PATH")
+        out[name] = Path(path)
+    return out
+
+
+def describe(path: Path) -> str:
+    """A readable name for a saved child network: `task method s<seed>` from its run or delta config."""
+    import json
+
+    for candidate, key in ((path / "config.json", None), (path / "delta" / "delta_config.json", "hparams"),
+                           (path / "delta_config.json", "hparams"), (path.parent / "delta_config.json", "hparams")):
+        if candidate.is_file():
+            try:
+                raw = json.loads(candidate.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                break
+            conf = raw.get(key, {}) if key else raw
+            task = conf.get("task") or Path(conf.get("train_file") or path.name).stem
+            if conf.get("method") is not None and conf.get("seed") is not None:
+                return f"{task} {conf['method']} s{conf['seed']}"
+    return path.stem if path.is_file() else path.name
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """What `childtune analyze` does once its options are parsed."""
+    paths = analyze(parse_inputs(args.inputs), args.output, exclude=() if args.include_head else EXCLUDE)
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0

@@ -719,31 +719,36 @@ def _seeds(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in _csv(text))
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="childtune study", description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", type=_csv, default=TASKS, help=f"comma-separated (default {','.join(TASKS)})")
-    parser.add_argument("--methods", type=_csv, default=METHODS, help="comma-separated (default: all seven)")
-    parser.add_argument("--seeds", type=_seeds, default=SEEDS, help="e.g. 1,2,3 or 1-5 (default 1-5)")
-    parser.add_argument("--train-size", type=int, default=1000, help="training examples per run (default 1000)")
+SKIP_CONFIG_OPTIONS = frozenset({"task", "train_file", "dev_file", "test_file", "method", "seed", "train_size",
+                                  "output", "overwrite"})
+"""`TrainConfig` fields the study sets per cell or takes as its own options: a CLI that offers every other
+training option for the study's base config must leave these out."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The study's own options (the base training config's options are the caller's business)."""
+    parser.add_argument("--tasks", type=_csv, default=TASKS, help=f"comma-separated [{','.join(TASKS)}]")
+    parser.add_argument("--methods", type=_csv, default=METHODS, help=f"comma-separated [{','.join(METHODS)}]")
+    parser.add_argument("--seeds", type=_seeds, default=SEEDS, help="e.g. 1,2,3 or 1-5 [1-5]")
+    parser.add_argument("--train-size", type=int, default=1000, help="training examples per run [1000]")
     parser.add_argument("--grid", choices=("paper", "defaults"), default="paper",
-                        help="paper: the p / lr sweep of the papers; defaults: one config per method")
-    parser.add_argument("--epochs", type=int, default=None, help="passes over the data (default: training default)")
-    parser.add_argument("--model", default=None, help="model folder or pinned model name")
+                        help="paper: the papers' p / lr sweep; defaults: one config per method [paper]")
     parser.add_argument("--no-transfer", action="store_true", help="skip the domain-transfer experiment")
-    parser.add_argument("--transfer-methods", type=_csv, default=TRANSFER_METHODS)
+    parser.add_argument("--transfer-methods", type=_csv, default=TRANSFER_METHODS,
+                        help=f"[{','.join(TRANSFER_METHODS)}]")
     parser.add_argument("--no-analysis", action="store_true", help="skip the child-network analysis")
-    parser.add_argument("--output", default="runs/study", help="study folder (resumed if it exists)")
-    parser.add_argument("--results", default=None, help="Markdown report to write (default <output>/RESULTS.md)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--output", default="runs/study", help="study folder, resumed if it exists [runs/study]")
+    parser.add_argument("--results", default=None, help="Markdown report to write [OUTPUT/RESULTS.md]")
     return parser
 
 
-def study_from_args(args: argparse.Namespace) -> StudyConfig:
-    base = TrainConfig(progress=not args.quiet)
-    if args.epochs is not None:
-        base = replace(base, epochs=args.epochs)
-    if args.model is not None:
-        base = replace(base, model=args.model)
+def from_args(args: argparse.Namespace, base: TrainConfig) -> StudyConfig:
+    """The study the parsed options describe, every cell starting from `base`.
+
+    Per-run progress bars are off unless `--progress` was given: the study's own bar names the cell.
+    """
+    if not hasattr(args, "progress"):
+        base = replace(base, progress=False)
     return StudyConfig(
         tasks=args.tasks, methods=args.methods, seeds=args.seeds, train_size=args.train_size,
         grid=dict(PAPER_GRID if args.grid == "paper" else DEFAULT_GRID), base=base, output=args.output,
@@ -751,19 +756,25 @@ def study_from_args(args: argparse.Namespace) -> StudyConfig:
     )
 
 
-def run_from_args(args: argparse.Namespace, command: str) -> int:
-    """What `childtune study` does once its arguments are parsed (`build_parser`)."""
-    result = run_study(study_from_args(args), command=command, results=args.results, progress=not args.quiet)
+def run_from_args(args: argparse.Namespace, base: TrainConfig, command: str) -> int:
+    """What `childtune study` does once its options are parsed; prints the selected rows and the report path."""
+    result = run_study(from_args(args, base), command=command, results=args.results)
     for row in result.main:
         print(f"{row.task:12s} {row.method:8s} {row.config:24s} n={len(row.scores)} {_f(row.mean)} ± {_f(row.std)}")
     print(f"report: {result.files['results']}")
     return 0
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m childtune.study") -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m childtune.study`: the study without the full CLI (only --epochs and --model of the base)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])).parse_args(argv)
-    return run_from_args(args, " ".join([prog, *map(shlex.quote, argv)]))
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m childtune.study",
+                                                   description=__doc__.split("\n")[0]))
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="passes over the data [3]")
+    parser.add_argument("--model", default=TrainConfig.model, help="model folder or pinned model name")
+    args = parser.parse_args(argv)
+    base = TrainConfig(epochs=args.epochs, model=args.model)
+    return run_from_args(args, base, " ".join(["python -m childtune.study", *map(shlex.quote, argv)]))
 
 
 if __name__ == "__main__":
