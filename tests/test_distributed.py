@@ -113,6 +113,7 @@ def worker(out: Path) -> None:
         results["fsdp"] = "trained"
     except D.DistributedError as err:
         results["fsdp"] = str(err)
+    results["any_rank"] = (D.any_rank(me.rank == 1), D.any_rank(False))  # one rank's NaN stops every rank
     torch.save(results, out / f"rank{me.rank}.pt")
     D.main_only(lambda: (out / "written-by").write_text(str(me.rank)))()
     D.barrier()
@@ -184,6 +185,10 @@ def test_accelerate_trains_like_plain_ddp(ranks):
 def test_fsdp_is_refused_naming_ddp(ranks):
     for rank in ranks[:WORLD]:
         assert "FSDP" in rank["fsdp"] and "DDP" in rank["fsdp"] and "--nproc" in rank["fsdp"]
+
+
+def test_ranks_agree_when_one_sees_a_problem(ranks):
+    assert [r["any_rank"] for r in ranks[:WORLD]] == [(True, False)] * WORLD
 
 
 def test_only_rank_zero_writes(ranks):

@@ -35,6 +35,7 @@ import safetensors.torch
 import torch
 
 from childtune import distributed
+from childtune.fileio import atomic_write, sha256_file
 
 FORMAT_VERSION = 1
 CHECKPOINT = "checkpoint"
@@ -75,7 +76,7 @@ def save_checkpoint(run_dir: str | Path, state: Mapping[str, Any]) -> Path:
     final, previous = run_dir / CHECKPOINT, run_dir / PREVIOUS
     try:
         for name, data in files.items():
-            _write(tmp / name, data)
+            atomic_write(tmp / name, data)
         _fsync_dir(tmp)
         if final.exists():
             # checkpoint/ is complete, so an old copy beside it is stale: replace it with the current one
@@ -121,13 +122,6 @@ def _model_bytes(model: Any) -> bytes:
     return safetensors.torch.save(tensors)
 
 
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _fsync_dir(path: Path) -> None:
     """Make a rename durable: the directory entry, not only the file, must reach the disk."""
     try:
@@ -167,7 +161,7 @@ def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise CheckpointError(f"{path} is corrupt: its sha256 does not match {META_FILE}")
     state: dict[str, Any] = dict(meta["scalars"])
     try:
@@ -195,14 +189,6 @@ def _meta(folder: Path) -> dict[str, Any]:
             or not all(isinstance(v, str) for v in files.values())):
         raise CheckpointError(f"{path} does not describe a childtune checkpoint")
     return meta
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------- RNG states
@@ -251,3 +237,87 @@ def _numpy_state() -> dict[str, Any]:
 def _tuples(value: Any) -> Any:
     """random.setstate wants the nested tuples getstate gave; a round trip may hand back lists."""
     return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+# ------------------------------------------------------------------------------ the training loop's hook
+
+# Settings that change what is computed: a resume under different values would not be the same run.
+_DISPLAY_ONLY = frozenset({"output", "overwrite", "progress", "log_every"})
+
+
+def snapshot(state: Any) -> dict[str, Any]:
+    """What `train.TrainState` holds that the next step depends on. Collective (RNG): call on all ranks."""
+    return {
+        "model": distributed.unwrap(state.model).state_dict(),
+        "optimizer": state.optimizer.state_dict(),  # includes the step count and the strategy's state
+        "scheduler": state.scheduler.state_dict(),
+        "step": state.step,
+        "epoch": state.epoch,
+        "batch": state.batch,
+        "skipped": state.skipped,
+        "config": state.config.to_dict(),
+        "rng": capture_rng(),
+    }
+
+
+def restore(state: Any, saved: Mapping[str, Any]) -> None:
+    """Put a snapshot back into `state`, refusing one taken under different settings."""
+    now, then = state.config.to_dict(), saved.get("config", {})
+    changed = sorted(k for k in now.keys() | then.keys() if k not in _DISPLAY_ONLY and now.get(k) != then.get(k))
+    if changed:
+        key = changed[0]
+        raise CheckpointError(f"the checkpoint was taken with {key}={then.get(key)!r}, this run has "
+                              f"{key}={now.get(key)!r}: a resumed run must use the interrupted run's settings")
+    distributed.unwrap(state.model).load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.step, state.epoch, state.batch = saved["step"], saved["epoch"], saved["batch"]
+    state.skipped = saved.get("skipped", 0)
+    restore_rng(saved["rng"])
+    state.resumed = True
+
+
+class Checkpointer:
+    """A `train` callback: save the run every `every` updates; with `resume`, first restore the last save.
+
+    Checkpoints go to `directory` (default: the run's working folder). Rank 0 writes, every rank
+    restores. The checkpoint is deleted when the run completes (`keep=False`): the finished run's
+    weights are saved by the run itself, and a model plus AdamW's moments is three models' worth.
+    """
+
+    def __init__(self, every: int, *, resume: bool = False, directory: str | Path | None = None,
+                 keep: bool = False) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"checkpoint interval must be a positive number of steps, got {every!r}")
+        self.every, self.resume, self.keep = every, resume, keep
+        self.directory = Path(directory) if directory is not None else None
+        self._saved_at: int | None = None
+
+    def _dir(self, state: Any) -> Path:
+        folder = self.directory or state.workdir
+        if folder is None:
+            raise CheckpointError("checkpointing needs a folder: give the run an output folder or a directory")
+        return Path(folder)
+
+    def on_start(self, state: Any) -> None:
+        folder = self._dir(state)
+        if self.resume:
+            restore(state, load_checkpoint(folder))
+            self._saved_at = state.step
+
+    def on_step(self, state: Any) -> None:
+        if not state.step or state.step % self.every or state.step == self._saved_at:  # skipped: no new step
+            return
+        saved = snapshot(state)
+        distributed.main_only(save_checkpoint)(self._dir(state), saved)
+        self._saved_at = state.step
+
+    def on_end(self, state: Any, metrics: Mapping[str, Any]) -> None:
+        if not self.keep:
+            folder = self._dir(state)
+            distributed.main_only(_remove)(folder)
+
+
+def _remove(run_dir: Path) -> None:
+    for name in (CHECKPOINT, PREVIOUS):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
