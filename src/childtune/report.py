@@ -225,6 +225,10 @@ def runs_csv(runs: Sequence[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
+def _percent(share: float) -> str:
+    return f"{share:.0f}%" if share >= 10 else f"{share:.1f}%" if share >= 1 else f"{share:.2g}%"
+
+
 def _num(x: float) -> str:
     return "" if math.isnan(x) else f"{x:.6g}"
 
@@ -259,7 +263,7 @@ def plot(runs: Sequence[dict[str, Any]]) -> bytes:
     right.set_yscale("log")
     right.set_ylim(min(s for s in shares if s > 0) / 3 if any(s > 0 for s in shares) else 1e-3, 300)
     for x, s in zip(xs, shares, strict=True):
-        right.text(x, max(s, 1e-9) * 1.15, f"{s:.2g}%", ha="center", va="bottom", fontsize=9)
+        right.text(x, max(s, 1e-9) * 1.15, _percent(s), ha="center", va="bottom", fontsize=9)
     right.set_title("weights changed by the run (% of model)", fontsize=10)
     right.set_ylabel("% of parameters changed (log scale)")
     for ax in (left, right):
