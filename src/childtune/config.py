@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from childtune.fileio import atomic_write
 from childtune.layers import blocks
 from childtune.strategies import (
     ID3,
@@ -111,8 +112,6 @@ class TrainConfig:
         return cls(**{key: _coerce(key, value, hints[key]) for key, value in raw.items()})
 
     def save_json(self, path: str | Path) -> None:
-        from childtune.report import atomic_write
-
         atomic_write(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

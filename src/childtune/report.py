@@ -14,46 +14,22 @@ import math
 import os
 import shutil
 import statistics
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from childtune.fileio import atomic_write, write_json
+
 MARKERS = ("metrics.json", "compare.json", "delta_config.json", "childtune.json")
 """Files that mark a folder as childtune output, which `--overwrite` may replace (and nothing else)."""
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class RunExistsError(ValueError):
     """The output folder already holds results (or something that is not ours)."""
 
 
-# ------------------------------------------------------------------------------------------ atomic files
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder and os.replace: old file or new, never partial."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; results are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
+# ------------------------------------------------------------------------------------------ run files
 
 
 class MetricsLog:

@@ -28,8 +28,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from childtune.config import METHODS, ConfigError, TrainConfig, build_strategy
+from childtune.fileio import write_json
 from childtune.optim import ChildOptimizer
-from childtune.report import MetricsLog, RunFolder, write_json
+from childtune.report import MetricsLog, RunFolder
 from childtune.strategies import ChildTuningF, Strategy
 from childtune.strategies.fixed import FixedStrategy
 
@@ -163,11 +164,11 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
 @torch.no_grad()
 def evaluate(model, examples, spec, collate, config: TrainConfig, desc: str) -> dict[str, float]:
     """Metrics of the model on `examples` (dropout off), batched with dynamic padding."""
-    from childtune.data import TextDataset, compute_metrics
+    from childtune.data import compute_metrics
 
     model.eval()
     outputs, labels = [], []
-    loader = DataLoader(TextDataset(examples), batch_size=config.eval_batch_size, collate_fn=collate)
+    loader = _loader(examples, batch_size=config.eval_batch_size, collate_fn=collate)
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not config.progress):
         labels.append(batch.pop("labels"))
         outputs.append(model(**batch).logits.float())
@@ -277,7 +278,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> dict[str, 
 
         started = time.perf_counter()
         if not state.resumed:  # Child-Tuning_D: Fisher information on the training data (own progress bar)
-            fisher_batches = DataLoader(_dataset(task.train), batch_size=config.batch_size, collate_fn=collate)
+            fisher_batches = _loader(task.train, batch_size=config.batch_size, collate_fn=collate)
             strategy.prepare(model, fisher_batches)
         prepare_time = time.perf_counter() - started
 
@@ -366,13 +367,15 @@ def _step(state: TrainState, batch: dict[str, torch.Tensor]) -> float | None:
 def _batches(examples, collate, config: TrainConfig, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
     """The epoch's batches from position `start` on (earlier ones were done before a resume)."""
     plan = epoch_batches(len(examples), config.batch_size, config.seed, epoch)[start:]
-    yield from DataLoader(_dataset(examples), batch_sampler=plan, collate_fn=collate)
+    yield from _loader(examples, batch_sampler=plan, collate_fn=collate)
 
 
-def _dataset(examples):
+def _loader(examples, **kwargs) -> DataLoader:
+    """A DataLoader with its own generator: iterating one draws a seed, which must not come from the
+    global RNG (dropout's), or a resumed run that opens a fresh loader mid-epoch would drift by a draw."""
     from childtune.data import TextDataset
 
-    return TextDataset(examples)
+    return DataLoader(TextDataset(examples), generator=torch.Generator(), **kwargs)
 
 
 def _save_weights(config: TrainConfig, workdir: Path, pretrained, model, tokenizer, spec) -> None:
@@ -445,8 +448,6 @@ def apply_delta(delta_dir: str | os.PathLike, output: str | os.PathLike, *, mode
     import transformers
 
     from childtune.delta import DeltaError, SparseDelta
-    from childtune.report import write_json
-
     delta_dir = Path(delta_dir)
     if (delta_dir / "delta").is_dir():
         delta_dir = delta_dir / "delta"
