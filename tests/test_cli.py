@@ -73,13 +73,15 @@ def test_compare_prints_a_table_and_writes_csv_and_png(tiny, tmp_path, capsys):
                                                                  "full-seed2"]
 
 
-def test_export_then_apply_gives_a_model_folder(tiny, tmp_path):
+def test_export_apply_and_analyze_a_run(tiny, tmp_path):
     run = tmp_path / "run"
     assert main(["train", *data_args(tiny), "--method", "child-d", "--epochs", "1", "--output", str(run)]) == 0
     assert main(["export", str(run), "--output", str(tmp_path / "delta")]) == 0
     assert (tmp_path / "delta" / "delta_config.json").is_file()
     assert main(["apply", str(tmp_path / "delta"), "--output", str(tmp_path / "model")]) == 0
     assert (tmp_path / "model" / "model.safetensors").is_file() and (tmp_path / "model" / "tokenizer.json").is_file()
+    assert main(["analyze", f"d={run}", f"e={tmp_path / 'delta'}", "--output", str(tmp_path / "analysis")]) == 0
+    assert list((tmp_path / "analysis").glob("*.png"))
 
 
 # -------------------------------------------------------------------------------------------- bad input

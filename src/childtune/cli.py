@@ -1,4 +1,4 @@
-"""`childtune`: a thin argparse layer over the library (train, compare, export, apply).
+"""`childtune`: a thin argparse layer over the library (train, compare, export, apply, analyze, study).
 
 The options of `train` and `compare` are generated from `TrainConfig`'s fields, so the CLI, the config
 file and the library can never disagree on a name or a default. A user error (bad data, unknown task or
@@ -9,6 +9,7 @@ only a bug shows a traceback.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import types
 import typing
@@ -63,10 +64,10 @@ def _method_list(text: str) -> list[str]:
     return list(_comma_list(text))
 
 
-def _config(args: argparse.Namespace) -> TrainConfig:
+def _config(args: argparse.Namespace, skip: set[str] = frozenset()) -> TrainConfig:
     """The config file (if any) with every option given on the command line applied on top."""
     base = TrainConfig.load_json(args.config) if getattr(args, "config", None) else TrainConfig()
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in skip and hasattr(args, f.name)}
     if given.keys() & {"train_file", "dev_file", "test_file"}:
         given.setdefault("task", None)  # own files replace the default task
     return replace(base, **given)
@@ -120,6 +121,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from childtune import study
+
+    base = _config(args, skip=set(study.SKIP_CONFIG_OPTIONS))
+    command = " ".join(["childtune", *map(shlex.quote, sys.argv[1:])])
+    return study.run_from_args(args, base, command)
+
+
 # --------------------------------------------------------------------------------------------- parser
 
 
@@ -158,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--model", default=None, help="base model folder or name [the delta's base model]")
     apply.add_argument("--overwrite", action="store_true", help="replace a model childtune wrote in --output")
     apply.set_defaults(func=cmd_apply)
+
+    from childtune import analysis, study
+
+    analyze = sub.add_parser("analyze", help="where child networks sit (layers, parameter types) and how they overlap",
+                             description=analysis.__doc__.splitlines()[0])
+    analysis.add_arguments(analyze)
+    analyze.set_defaults(func=analysis.run_from_args)
+
+    grid = sub.add_parser("study", help="the resumable multi-task study behind docs/RESULTS.md",
+                          description=study.__doc__.splitlines()[0])
+    study.add_arguments(grid)
+    grid.add_argument("--config", metavar="FILE", help="base config.json for every cell (options override it)")
+    _add_config_options(grid, skip=set(study.SKIP_CONFIG_OPTIONS))
+    grid.set_defaults(func=cmd_study)
     return parser
 
 
