@@ -179,6 +179,8 @@ def test_study_selects_by_dev_and_tests_against_full(tmp_path):
 def test_study_resumes_and_keeps_hand_written_findings(tmp_path):
     study = fake_study(tmp_path, transfer=False)
     results = tmp_path / "RESULTS.md"
+    nothing = run_study(study, run=FakeTrain(), results=results, progress=False, train_missing=False)
+    assert nothing.records == [] and "0 / 10 (**rest not yet run**)" in results.read_text()
     first = FakeTrain()
     run_study(study, run=first, results=results, progress=False)
     results.write_text("# Findings\n\nWritten by hand.\n\n" + results.read_text() + "\nMore by hand.\n")

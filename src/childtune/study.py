@@ -248,8 +248,11 @@ class Record:
 
 
 def run_cells(study: StudyConfig, run: Callable[..., dict[str, Any]] | None = None,
-              progress: bool = True) -> list[Record]:
-    """Train every cell not yet done (in plan order), read back the done ones; return all records."""
+              progress: bool = True, train_missing: bool = True) -> list[Record]:
+    """Train every cell not yet done (in plan order), read back the done ones; return all records.
+
+    `train_missing=False` only reads back what is done, to report a study that is still under way.
+    """
     from childtune.train import train
 
     run = run or train
@@ -272,6 +275,8 @@ def run_cells(study: StudyConfig, run: Callable[..., dict[str, Any]] | None = No
             if cell.experiment == "transfer":
                 metrics["transfer"] = json.loads((folder / "transfer.json").read_text(encoding="utf-8"))
             done += 1
+        elif not train_missing:
+            continue
         else:
             callbacks = [TransferEval(study.transfer_targets)] if cell.experiment == "transfer" else []
             config = config_of[cell]
@@ -695,12 +700,14 @@ def _write_block(path: Path, block: str) -> Path:
 
 
 def run_study(study: StudyConfig, *, run: Callable[..., dict[str, Any]] | None = None, command: str | None = None,
-              results: str | Path | None = None, progress: bool = True) -> StudyResult:
+              results: str | Path | None = None, progress: bool = True, train_missing: bool = True) -> StudyResult:
     """Run (or resume) every cell of `study`, then write its tables, plots, analysis and report.
 
     `run` is the training function, `train.train` by default (called as `run(config, callbacks)`).
+    With `train_missing=False` nothing is trained: the report covers the cells already done and lists
+    the rest as not yet run.
     """
-    records = run_cells(study, run, progress)
+    records = run_cells(study, run, progress, train_missing)
     return report(study, records, command, results)
 
 
@@ -739,6 +746,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-analysis", action="store_true", help="skip the child-network analysis")
     parser.add_argument("--output", default="runs/study", help="study folder, resumed if it exists [runs/study]")
     parser.add_argument("--results", default=None, help="Markdown report to write [OUTPUT/RESULTS.md]")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: report the runs already done, the rest marked not yet run")
     return parser
 
 
@@ -757,8 +766,14 @@ def from_args(args: argparse.Namespace, base: TrainConfig) -> StudyConfig:
 
 
 def run_from_args(args: argparse.Namespace, base: TrainConfig, command: str) -> int:
-    """What `childtune study` does once its options are parsed; prints the selected rows and the report path."""
-    result = run_study(from_args(args, base), command=command, results=args.results)
+    """What `childtune study` does once its options are parsed; prints the selected rows and the report path.
+
+    The report quotes the command without `--report-only`: that is the command that makes (or resumes)
+    the numbers it shows.
+    """
+    command = " ".join(part for part in command.split(" ") if part != "--report-only")
+    result = run_study(from_args(args, base), command=command, results=args.results,
+                       train_missing=not args.report_only)
     for row in result.main:
         print(f"{row.task:12s} {row.method:8s} {row.config:24s} n={len(row.scores)} {_f(row.mean)} ± {_f(row.std)}")
     print(f"report: {result.files['results']}")
