@@ -76,12 +76,6 @@ def tiny_run(tmp_path_factory) -> dict:
     return {"model": str(write_tiny_model(root / "model")), "train_file": str(train), "dev_file": str(dev)}
 
 
-@pytest.fixture(scope="module")
-def deterministic_run(tiny_run, tmp_path_factory) -> dict:
-    """The same run without dropout: isolates everything but the RNG (weights, optimizer, strategy, data)."""
-    return {**tiny_run, "model": str(write_tiny_model(tmp_path_factory.mktemp("tiny0") / "model", dropout=0.0))}
-
-
 def run_config(tiny_run: dict, method: str, **overrides):
     from childtune.config import TrainConfig
 
@@ -152,16 +146,10 @@ def interrupt_and_resume(files: dict, folder: Path, method: str, crash_at: int) 
 
 
 @pytest.mark.parametrize(("method", "crash_at"), [("child-f", 3), ("child-d", 5), ("id3", 4), ("full", 7)])
-def test_interrupted_run_resumes_bit_identical(deterministic_run, tmp_path, method, crash_at):
-    """Mid-epoch (3, 4, 7) and at an epoch boundary (5): optimizer, strategy, scheduler and data position."""
-    interrupt_and_resume(deterministic_run, tmp_path, method, crash_at)
-
-
-@pytest.mark.xfail(strict=True, reason="train.py's DataLoaders draw a seed from the global torch RNG each time "
-                                       "one is iterated, so a resumed run's dropout stream is one draw off; fixed "
-                                       "by DataLoader(..., generator=torch.Generator()) in train.py (see report)")
-def test_interrupted_run_with_dropout_resumes_bit_identical(tiny_run, tmp_path):
-    interrupt_and_resume(tiny_run, tmp_path, "child-f", 3)
+def test_interrupted_run_resumes_bit_identical(tiny_run, tmp_path, method, crash_at):
+    """Mid-epoch (3, 4, 7) and at an epoch boundary (5): weights, optimizer, strategy state, scheduler,
+    data position and the dropout RNG all continue where they stopped."""
+    interrupt_and_resume(tiny_run, tmp_path, method, crash_at)
 
 
 def test_resume_refuses_different_settings(tiny_run, tmp_path):
@@ -199,11 +187,11 @@ KILLED = textwrap.dedent("""
 """)
 
 
-def test_sigkilled_run_resumes_bit_identical(deterministic_run, tmp_path):
+def test_sigkilled_run_resumes_bit_identical(tiny_run, tmp_path):
     """A real process, killed with SIGKILL (no cleanup, no finally), then resumed here."""
     from childtune.train import train
 
-    config = run_config(deterministic_run, "id3")
+    config = run_config(tiny_run, "id3")
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in config.to_dict().items()}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, "-c", KILLED.format(step=5), json.dumps(settings), str(tmp_path)],

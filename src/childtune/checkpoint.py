@@ -47,7 +47,7 @@ _TEMP_PREFIX = ".checkpoint-"
 _SCALARS = (bool, int, float, str, type(None))
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or corrupt, named with what is wrong and where."""
 
 

@@ -39,7 +39,7 @@ _MIX = 0x9E3779B97F4A7C15  # spreads (seed, epoch) pairs so seed s, epoch e+1 is
 _DOCS = "docs/distributed.md"
 
 
-class DistributedError(RuntimeError):
+class DistributedError(ValueError):
     """A distributed setup childtune cannot train correctly, explained with what to do instead."""
 
 
