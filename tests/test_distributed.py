@@ -100,12 +100,32 @@ def train(method: str, batch_size: int, world_size: int, rank: int, accelerate: 
     }
 
 
+def trainer_run(out: Path) -> dict:
+    """Child-Tuning_D through the HF Trainer (Accelerate wraps it in DDP, shards its dataloader and the
+    strategy scores Fisher on this rank's shard), as a user of `ChildTuningTrainer` runs it under torchrun."""
+    from transformers import TrainingArguments
+
+    from childtune.hf import ChildTuningTrainer
+
+    model, strat = make_model(), ChildTuningD(0.3, rest="freeze")
+    args = TrainingArguments(output_dir=str(out / "trainer"), use_cpu=True, report_to=[], save_strategy="no",
+                             max_steps=4, per_device_train_batch_size=PER_RANK, learning_rate=LR, seed=SEED,
+                             logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+    trainer = ChildTuningTrainer(model=model, args=args, train_dataset=dataset(), strategy=strat, strict=True)
+    D.check_accelerator(trainer.accelerator)
+    trainer.train()
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "masks": {n: m.clone() for n, m in strat.chosen.items()}, "steps": trainer.state.global_step,
+            "in_sync": D.in_sync(model), "world": trainer.accelerator.num_processes}
+
+
 def worker(out: Path) -> None:
     """One rank of the torchrun job: train every method, save this rank's results."""
     torch.set_num_threads(1)
     me = D.init()
     results = {m: train(m, PER_RANK, me.world_size, me.rank) for m in METHODS}
     results["accelerate-child-f"] = train("child-f", PER_RANK, me.world_size, me.rank, accelerate=True)
+    results["trainer-child-d"] = trainer_run(out)
     from torch.distributed.fsdp import fully_shard
 
     try:
@@ -146,10 +166,10 @@ def assert_equal_params(a: dict, b: dict, **tol) -> None:
             assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("method", [*METHODS, "accelerate-child-f"])
+@pytest.mark.parametrize("method", [*METHODS, "accelerate-child-f", "trainer-child-d"])
 def test_ranks_end_bit_identical(ranks, method):
     r0, r1 = ranks[0][method], ranks[1][method]
-    assert r0["steps"] == r1["steps"] == STEPS
+    assert r0["steps"] == r1["steps"] == (4 if method.startswith("trainer") else STEPS)
     assert r0["in_sync"] and r1["in_sync"]
     assert_equal_params(r0["params"], r1["params"])
     assert r0["masks"].keys() == r1["masks"].keys()
@@ -180,6 +200,10 @@ def test_fisher_is_all_reduced_across_ranks(ranks, single):
 
 def test_accelerate_trains_like_plain_ddp(ranks):
     assert_equal_params(ranks[0]["accelerate-child-f"]["params"], ranks[0]["child-f"]["params"])
+
+
+def test_trainer_ran_as_two_processes(ranks):
+    assert ranks[0]["trainer-child-d"]["world"] == ranks[1]["trainer-child-d"]["world"] == WORLD
 
 
 def test_fsdp_is_refused_naming_ddp(ranks):
@@ -247,6 +271,19 @@ def test_single_process_helpers_are_no_ops(tiny_bert):
     assert D.any_rank(True) and not D.any_rank(False)
     assert D.gather("x") == ["x"]
     assert D.in_sync(tiny_bert)
+
+
+def test_check_accelerator_refuses_sharding_and_lone_ranks(monkeypatch):
+    from types import SimpleNamespace
+
+    for kind in ("DistributedType.FSDP", "DistributedType.DEEPSPEED"):
+        with pytest.raises(D.DistributedError, match="DDP"):
+            D.check_accelerator(SimpleNamespace(distributed_type=kind, num_processes=2))
+    D.check_accelerator(SimpleNamespace(distributed_type="DistributedType.MULTI_CPU", num_processes=1))
+    monkeypatch.setitem(os.environ, "WORLD_SIZE", "2")  # `accelerate launch --multi_gpu` on a CPU-only machine
+    with pytest.raises(D.DistributedError, match="cpu=True"):
+        D.check_accelerator(SimpleNamespace(distributed_type="DistributedType.NO", num_processes=1))
+    D.check_accelerator(SimpleNamespace(distributed_type="DistributedType.MULTI_CPU", num_processes=2))
 
 
 def test_launch_arguments():
