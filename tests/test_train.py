@@ -296,3 +296,19 @@ def test_refuses_existing_output_before_doing_any_work(tiny_task, tmp_path, monk
     monkeypatch.setattr("childtune.train.load_data", lambda c: pytest.fail("loaded data for a refused run"))
     with pytest.raises(RunExistsError):
         train(tiny_config(tiny_task, output=str(out)))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_strict_fixed_child_network_skips_gradients_of_wholly_frozen_weights(tiny_task, strict):
+    seen = {}
+
+    class Look(Callback):
+        def on_step(self, state):
+            embeddings = state.model.bert.embeddings.word_embeddings.weight
+            seen.setdefault("requires_grad", embeddings.requires_grad)
+            seen.setdefault("moments", embeddings in state.optimizer.state)
+
+    metrics = train(tiny_config(tiny_task, method="child-d", epochs=1, strict=strict), callbacks=[Look()])
+    assert seen == {"requires_grad": not strict, "moments": not strict}
+    if strict:
+        assert metrics["changed_outside_child"] == 0
