@@ -121,6 +121,20 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, capsys,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]  # no run, no partial folder
 
 
+def test_compare_checks_every_cell_before_training_any(tiny, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", *data_args(tiny), "--methods", "full,nope", "--output", str(out)]) == 2
+    assert capsys.readouterr().err == "childtune: error: unknown method 'nope'; choose from " \
+        "full, child-f, child-d, random, id3, gradual, lora\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_file_with_an_unknown_key_is_named(tmp_path, capsys):
+    (tmp_path / "c.json").write_text(json.dumps({"task": "mr", "learnin_rate": 1e-4}))
+    assert main(["train", "--config", str(tmp_path / "c.json"), "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == "childtune: error: unknown config key 'learnin_rate'\n"
+
+
 def test_existing_run_is_refused_unless_overwrite(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", *data_args(tiny), "--method", "full", "--epochs", "1", "--output", str(out)]

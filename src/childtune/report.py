@@ -50,6 +50,12 @@ class MetricsLog:
             self._file.close()
             self._file = None
 
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def is_ours(path: Path) -> bool:
     return any((path / marker).exists() for marker in MARKERS)

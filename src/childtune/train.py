@@ -254,7 +254,7 @@ class TrainState:
     batch: int = 0  # batches of the current epoch already consumed
     skipped: int = 0  # batches dropped for a non-finite loss or gradient
     resumed: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # callbacks' own bookkeeping
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -284,9 +284,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> dict[str, 
     optimizer = ChildOptimizer(groups, strategy, torch.optim.AdamW, strict=config.strict, lr=config.lr)
     scheduler = linear_schedule(optimizer, round(config.warmup * total_steps), total_steps)
 
-    with folder or _NoFolder() as workdir:
+    with folder or _NoFolder() as workdir, MetricsLog(workdir / "metrics.jsonl" if workdir else None) as log:
         state = TrainState(model, optimizer, scheduler, strategy, config, workdir)
-        log = MetricsLog(workdir / "metrics.jsonl" if workdir else None)
         if workdir:
             config.save_json(workdir / "config.json")
         for cb in callbacks:
@@ -352,7 +351,6 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> dict[str, 
             write_json(workdir / "metrics.json", metrics)
         for cb in callbacks:
             cb.on_end(state, metrics)
-        log.close()
     return metrics
 
 
