@@ -275,7 +275,7 @@ def test_tiny_slice_trains_resumes_transfers_and_analyses(tmp_path, tiny_model_d
                            / "transfer.json").read_text())
     assert set(transfer) == {str(other)} and 0.0 <= transfer[str(other)]["accuracy"] <= 1.0
     assert {(r.task, r.method) for r in result.transfer} == {
-        (t, m) for t in ("movies", f"movies → {other}") for m in ("full", "child-d")}
+        (t, m) for t in ("movies", "movies → books") for m in ("full", "child-d")}
 
     files = result.files
     assert {"study_png", "transfer_png", "layer_share_png", "overlap_png", "results"} <= set(files)
@@ -313,3 +313,14 @@ def test_study_options_build_the_study(tmp_path):
     assert study.grid == DEFAULT_GRID and not study.transfer and study.train_size == 1000
     assert study.base.epochs == 2 and study.base.progress is False
     assert len(plan(study)) == 2 * 2 * 3
+
+
+def test_grid_option_takes_a_json_subset_of_the_paper_grid():
+    parser = add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--grid", '{"child-d": {"reserve_p": [0.3], "lr": [0.0001]}}', "--methods",
+                              "full,child-d", "--tasks", "mr", "--seeds", "1", "--no-transfer"])
+    cells = plan(from_args(args, TrainConfig()))
+    assert [c.label for c in cells] == ["default", "lr0.0001-p0.3"]
+    assert cells[1].label in {Cell("main", "mr", "child-d", c, 1).label for c in configs(PAPER_GRID, "child-d")}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--grid", '{"child-d": {"reserve_p": 0.3}}'])

@@ -604,7 +604,8 @@ def transfer_table(study: StudyConfig, records: Sequence[Record]) -> list[Row]:
     rows = []
     for split in ["test", *targets]:
         for row in results_table(records, split, study.baseline):
-            rows.append(replace(row, task=row.task if split == "test" else f"{row.task} → {split}", split="test"))
+            target = Path(split).stem if Path(split).suffix in (".csv", ".jsonl") else split
+            rows.append(replace(row, task=row.task if split == "test" else f"{row.task} → {target}", split="test"))
     tested = [row for row in rows if row.paired is not None]
     for row, p in zip(tested, holm([row.paired.p_t for row in tested]), strict=True):
         row.p_holm = p
@@ -718,6 +719,21 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def _grid(text: str) -> Grid:
+    """`paper`, `defaults`, or a JSON object {method: {setting: [values]}}."""
+    if text in ("paper", "defaults"):
+        return dict(PAPER_GRID if text == "paper" else DEFAULT_GRID)
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--grid must be paper, defaults or a JSON object ({err})") from None
+    if not isinstance(raw, dict) or not all(
+        isinstance(g, dict) and all(isinstance(v, list) for v in g.values()) for g in raw.values()
+    ):
+        raise argparse.ArgumentTypeError('--grid JSON must look like {"method": {"setting": [values]}}')
+    return {method: {k: tuple(v) for k, v in g.items()} for method, g in raw.items()}
+
+
 def _seeds(text: str) -> tuple[int, ...]:
     """`1,2,3` or `1-5` (inclusive)."""
     match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
@@ -738,8 +754,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--methods", type=_csv, default=METHODS, help=f"comma-separated [{','.join(METHODS)}]")
     parser.add_argument("--seeds", type=_seeds, default=SEEDS, help="e.g. 1,2,3 or 1-5 [1-5]")
     parser.add_argument("--train-size", type=int, default=1000, help="training examples per run [1000]")
-    parser.add_argument("--grid", choices=("paper", "defaults"), default="paper",
-                        help="paper: the papers' p / lr sweep; defaults: one config per method [paper]")
+    parser.add_argument("--grid", type=_grid, default="paper", metavar="paper|defaults|JSON",
+                        help="paper: the papers' p / lr sweep; defaults: one config per method; or a JSON object "
+                             'like \'{"child-d": {"reserve_p": [0.1, 0.3]}}\' (methods absent from it use their '
+                             "defaults) [paper]")
     parser.add_argument("--no-transfer", action="store_true", help="skip the domain-transfer experiment")
     parser.add_argument("--transfer-methods", type=_csv, default=TRANSFER_METHODS,
                         help=f"[{','.join(TRANSFER_METHODS)}]")
@@ -760,7 +778,7 @@ def from_args(args: argparse.Namespace, base: TrainConfig) -> StudyConfig:
         base = replace(base, progress=False)
     return StudyConfig(
         tasks=args.tasks, methods=args.methods, seeds=args.seeds, train_size=args.train_size,
-        grid=dict(PAPER_GRID if args.grid == "paper" else DEFAULT_GRID), base=base, output=args.output,
+        grid=_grid(args.grid) if isinstance(args.grid, str) else args.grid, base=base, output=args.output,
         transfer=not args.no_transfer, transfer_methods=args.transfer_methods, analysis=not args.no_analysis,
     )
 
