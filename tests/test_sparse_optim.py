@@ -93,6 +93,22 @@ def test_sparse_equals_dense_masked_adamw(kind):
     assert any(not torch.equal(a[n], before[n]) for n in a)
 
 
+def test_param_groups_keep_their_own_weight_decay():
+    """The training loop's groups: (name, param) pairs, decay on weights only."""
+    def groups(named):
+        return [{"params": [(n, p) for n, p in named.items() if n.endswith(".w")], "weight_decay": WD},
+                {"params": [(n, p) for n, p in named.items() if not n.endswith(".w")], "weight_decay": 0.0}]
+
+    a, b = make_named(), make_named()
+    sparse = SparseChildAdamW(groups(a), RandomMasking(0.3, seed=1, always=()), lr=LR)
+    dense = ChildOptimizer(groups(b), RandomMasking(0.3, seed=1, always=()), torch.optim.AdamW, strict=True, lr=LR)
+    run(sparse, a, steps=3)
+    run(dense, b, steps=3)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-6, atol=1e-7)
+    assert [g["weight_decay"] for g in sparse.param_groups] == [WD, 0.0]
+
+
 def test_fixed_masks_are_strict_and_state_covers_only_the_child():
     named = make_named()
     masks = given_masks(named)
