@@ -324,3 +324,18 @@ def test_grid_option_takes_a_json_subset_of_the_paper_grid():
     assert cells[1].label in {Cell("main", "mr", "child-d", c, 1).label for c in configs(PAPER_GRID, "child-d")}
     with pytest.raises(SystemExit):
         parser.parse_args(["--grid", '{"child-d": {"reserve_p": 0.3}}'])
+
+
+def test_transfer_targets_must_share_the_source_labels(tmp_path):
+    from childtune.data import TaskSpec
+    from childtune.study import _target
+
+    source = TaskSpec("src", "classification", 2, ("0", "1"), "accuracy")
+    good = write_task(tmp_path / "good.csv", 6, "book", 1)
+    spec, examples = _target(str(good), source)
+    assert (spec.name, spec.metric, len(examples)) == ("good", "accuracy", 6)
+    (tmp_path / "words.csv").write_text("text,label\nthe book,neg\nthe film,pos\n")
+    with pytest.raises(StudyError, match="labels"):
+        _target(str(tmp_path / "words.csv"), source)
+    with pytest.raises(StudyError, match="neither a built-in task nor a file"):
+        _target(str(tmp_path / "missing.csv"), source)
