@@ -9,6 +9,7 @@ Starting the job costs most of its ~20 s (two interpreters importing transformer
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the torchrun ranks run this file as a script
     sys.path.insert(0, str(HERE))
 from conftest import tiny_bert_config  # noqa: E402
+from test_resume import Final, needs_cli, write_task, write_tiny_model  # noqa: E402
 
 METHODS = ("child-f", "child-d", "id3")
 N, LENGTH, PER_RANK, WORLD, EPOCHS, LR, SEED = 32, 8, 4, 2, 2, 1e-2, 5
@@ -296,6 +298,51 @@ def test_launch_refuses_to_nest(monkeypatch):
     monkeypatch.setitem(os.environ, "WORLD_SIZE", "2")
     with pytest.raises(D.DistributedError, match="already running"):
         D.launch(["train"], 2)
+
+
+# -------------------------------------------------------------------------------- through the CLI
+
+
+@needs_cli
+def test_cli_nproc_2_trains_like_one_process(tmp_path, capfd):
+    """`childtune train --nproc 2` re-runs itself under torchrun: DDP over the same global batches as one
+    process, rank 0 alone writing the run folder and printing the result."""
+    import safetensors.torch
+
+    from childtune.cli import main
+    from childtune.config import TrainConfig
+    from childtune.train import train
+
+    train_file, dev_file = write_task(tmp_path)
+    files = {"model": str(write_tiny_model(tmp_path / "model", dropout=0.0)), "train_file": str(train_file),
+             "dev_file": str(dev_file)}
+    argv = ["train", "--nproc", "2", "--model", files["model"], "--train", files["train_file"],
+            "--dev", files["dev_file"], "--method", "child-d", "--fisher-per-example", "--epochs", "2",
+            "--batch-size", "4", "--lr", "0.01", "--seed", "3", "--save", "model", "--no-progress",
+            "--output", str(tmp_path / "run")]
+    assert main(argv) == 0
+    assert capfd.readouterr().out.count("wrote") == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    one = Final()
+    train(TrainConfig(task=None, **files, method="child-d", fisher_per_example=True, epochs=2, batch_size=4,
+                      lr=1e-2, seed=3, progress=False), [one])
+    ddp = safetensors.torch.load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == one.metrics["steps"] == 10
+    for name, value in one.params.items():
+        torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@needs_cli
+def test_cli_nproc_needs_a_batch_that_splits_evenly(tmp_path):
+    """Checked on every rank before any work: both exit with the error, and torchrun reports failure."""
+    from childtune.cli import main
+
+    train_file, dev_file = write_task(tmp_path)
+    argv = ["train", "--nproc", "2", "--model", str(write_tiny_model(tmp_path / "model")), "--train",
+            str(train_file), "--dev", str(dev_file), "--batch-size", "5", "--output", str(tmp_path / "run")]
+    assert main(argv) != 0
+    assert not (tmp_path / "run").exists()
 
 
 if __name__ == "__main__":
