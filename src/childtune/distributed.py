@@ -35,7 +35,7 @@ from torch.utils.data import Sampler
 
 T = TypeVar("T")
 
-_MIX = 0x9E3779B97F4A7C15  # spreads (seed, epoch) pairs so seed s, epoch e+1 is not seed s+1, epoch e
+_EPOCHS = 100_003  # seed * _EPOCHS + epoch seeds an epoch's order: one process gets the loop's historic order
 _DOCS = "docs/distributed.md"
 
 
@@ -251,7 +251,7 @@ class ShardedSampler(Sampler[int]):
         """The whole epoch's order, before sharding: identical on every rank."""
         if not self.shuffle:
             return list(range(self.size))
-        generator = torch.Generator().manual_seed((self.seed * _MIX + self.epoch) % 2**63)
+        generator = torch.Generator().manual_seed(self.seed * _EPOCHS + self.epoch)
         return torch.randperm(self.size, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[int]:
