@@ -39,7 +39,7 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: set[str] = frozen
             hint, types.UnionType) else [hint]
         kind = options[0]
         default = f.default if f.default is not MISSING else f.default_factory()
-        shown = "method default" if default is None and f.name in ("lr", "strict", "reserve_p") else default
+        shown = _METHOD_DEFAULTS[f.name]() if f.name in _METHOD_DEFAULTS else default
         common = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{f.metadata['help']} [{shown}]"}
         if kind is bool:
             parser.add_argument(_flag(f), action=argparse.BooleanOptionalAction, **common)
@@ -47,6 +47,13 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: set[str] = frozen
             parser.add_argument(_flag(f), type=_comma_list, metavar="A,B", **common)
         else:
             parser.add_argument(_flag(f), type=kind, metavar=f.name.upper(), **common)
+
+
+_METHOD_DEFAULTS = {
+    "lr": lambda: ", ".join(f"{name} {m.lr:g}" for name, m in METHODS.items()),
+    "reserve_p": lambda: ", ".join(f"{name} {m.reserve_p:g}" for name, m in METHODS.items() if m.reserve_p),
+    "strict": lambda: "on for " + ", ".join(name for name, m in METHODS.items() if m.strict),
+}
 
 
 def _comma_list(text: str) -> tuple[str, ...]:

@@ -57,12 +57,12 @@ class TrainConfig:
     # -- method
     method: str = field(default="child-d", metadata=_opt("full, child-f, child-d, random, id3, gradual, lora"))
     reserve_p: float | None = field(default=None, metadata=_opt("child network share (child-f/child-d/random)"))
-    lr: float | None = field(default=None, metadata=_opt("peak learning rate (default: per method)"))
+    lr: float | None = field(default=None, metadata=_opt("peak learning rate"))
     strict: bool | None = field(default=None, metadata=_opt(
-        "change nothing outside the child network, weight decay included (default: on for fixed-mask methods)"))
+        "change nothing outside the child network, weight decay included"))
     rest: str = field(default="freeze", metadata=_opt(
         "child-d: parameters outside the scored blocks (embeddings, pooler) 'freeze' or 'train' (the authors')"))
-    fisher_samples: int | None = field(default=None, metadata=_opt("child-d: examples for Fisher (default: all)"))
+    fisher_samples: int | None = field(default=None, metadata=_opt("child-d: examples for Fisher (none: all)"))
     fisher_per_example: bool = field(default=False, metadata=_opt("child-d: exact per-example Fisher (slower)"))
     id3_budget: float = field(default=0.005, metadata=_opt("id3: final child network, fraction of scored weights"))
     id3_eps: float = field(default=1e-3, metadata=_opt("id3: eps in |g| / (|w| + eps)^exp"))
