@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from childtune import ChildOptimizer, ChildTuningAdamW, FullFineTuning, RandomMasking
+from childtune import ChildOptimizer, ChildTuningAdamW, ChildTuningF, FullFineTuning, RandomMasking
 
 LR, BETAS, EPS, WD = 1e-2, (0.9, 0.999), 1e-6, 0.1
 
@@ -204,3 +204,23 @@ def test_child_optimizer_is_an_optimizer_for_schedulers_and_round_trips_state():
     assert fresh.steps == 2
     assert all(torch.equal(fresh.strategy.chosen[n], opt.strategy.chosen[n]) for n in opt.strategy.chosen)
     torch.testing.assert_close(fresh.state[params[0]]["exp_avg"], opt.state[params[0]]["exp_avg"])
+
+
+def test_f_with_a_callers_generator_resumes_its_stream():
+    def opt_for(params):
+        return ChildOptimizer({str(i): p for i, p in enumerate(params)},
+                              ChildTuningF(0.5, generator=torch.Generator().manual_seed(5)), lr=LR)
+
+    straight, resumed = make_params(), make_params()
+    first = opt_for(straight)
+    run(first, straight, steps=3)
+    second = opt_for(resumed)
+    run(second, resumed, steps=1)
+    again = opt_for(resumed)
+    again.load_state_dict(second.state_dict())
+    for t in (1, 2):
+        for p, g in zip(resumed, grads_for(t, resumed), strict=True):
+            p.grad = g.clone()
+        again.step()
+    for a, b in zip(straight, resumed, strict=True):
+        assert torch.equal(a, b)

@@ -68,6 +68,20 @@ class ChildTuningF(Strategy):
         config.pop("generator")
         return config
 
+    def state_dict(self):
+        """A caller's generator advances with every draw, so a resumed run needs its state; a seeded
+        strategy needs nothing (the mask at step t is a function of (seed, t))."""
+        return {} if self.generator is None else {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state) -> None:
+        unknown = set(state) - {"generator"}
+        if unknown:
+            raise ValueError(f"unknown ChildTuningF state keys: {sorted(unknown)}")
+        if "generator" in state:
+            if self.generator is None:
+                raise ValueError("saved state has a generator's state, but this ChildTuningF draws from its seed")
+            self.generator.set_state(state["generator"])
+
     def masks(self, step: int) -> Masks:
         if self.p == 1.0:
             return {}
