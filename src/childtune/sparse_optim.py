@@ -138,15 +138,12 @@ class SparseChildAdamW(Optimizer):
         if now < had or (flat is not None and "index" in state and not bool(flat[state["index"]].all())):
             raise RuntimeError(f"the child network of {self.names[param]!r} lost elements; SparseChildAdamW "
                                "supports only fixed or growing child networks")
-        if had == 0 and now == param.numel():
+        if had == 0 and now == param.numel():  # whole from the start (or the head): dense state, no index
             state.update(exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
-            added = None
-        else:
+        else:  # `had` is 0 or a partial index here: dense state is already whole, so it cannot have grown
             fresh = torch.ones(param.numel(), dtype=torch.bool, device=param.device) if flat is None else flat.clone()
             if "index" in state:
                 fresh[state["index"]] = False
-            elif had:  # dense state cannot grow: it already holds every element
-                raise AssertionError("unreachable: a dense parameter is already whole")
             dtype = torch.int32 if param.numel() < 2**31 else torch.int64
             added = fresh.nonzero().squeeze(1).to(dtype)
             new = torch.zeros(len(added), dtype=param.dtype, device=param.device)
