@@ -31,7 +31,6 @@ from childtune.train import (
     TrainState,
     _step,
     apply_delta,
-    epoch_batches,
     evaluate,
     export_delta,
     train,
@@ -125,15 +124,6 @@ def test_build_strategy_maps_every_method(tiny_bert):
     gradual = build_strategy(TrainConfig(method="gradual").resolved(), 60, names)
     assert gradual.schedule == 10
     assert build_strategy(TrainConfig(method="child-f", seed=5).resolved(), 1, names).seed == 5
-
-
-def test_epoch_order_depends_on_seed_and_epoch_only():
-    a = epoch_batches(50, 16, seed=1, epoch=0)
-    assert a == epoch_batches(50, 16, seed=1, epoch=0)
-    assert sorted(i for b in a for i in b) == list(range(50))
-    assert [len(b) for b in a] == [16, 16, 16, 2]
-    assert a != epoch_batches(50, 16, seed=1, epoch=1)
-    assert a != epoch_batches(50, 16, seed=2, epoch=0)
 
 
 # ------------------------------------------------------------------------------------------ training

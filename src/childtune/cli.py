@@ -83,14 +83,38 @@ def _config(args: argparse.Namespace, skip: set[str] = frozenset()) -> TrainConf
 # ------------------------------------------------------------------------------------------- commands
 
 
+def _resumed(run: str) -> TrainConfig:
+    """The interrupted run's own config: a resume continues that run, whatever the command line says."""
+    from childtune.report import partial_dir
+
+    saved = partial_dir(run) / "config.json"
+    if not saved.is_file():
+        raise FileNotFoundError(f"no interrupted run to resume at {run}: {saved} does not exist")
+    return TrainConfig.load_json(saved)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from childtune import distributed
+    from childtune.checkpoint import Checkpointer
+    from childtune.report import partial_dir
     from childtune.train import train
 
-    config = _config(args)
+    if args.nproc > 1 and not distributed.info().distributed:  # re-run this command as N ranks under torchrun
+        return distributed.launch(args.argv, args.nproc)
+    config = _resumed(args.resume) if args.resume else _config(args)
     if config.output is None:
         name = config.task or Path(config.train_file or "data").stem
         config = replace(config, output=str(Path("runs") / f"{name}-{config.method}-seed{config.seed}"))
-    metrics = train(config)
+    checkpoints = []
+    if args.checkpoint_every or args.resume:
+        checkpoints.append(Checkpointer(args.checkpoint_every or sys.maxsize, resume=bool(args.resume),
+                                        directory=partial_dir(config.output)))
+    try:
+        metrics = train(config, checkpoints, resume=bool(args.resume))
+    finally:
+        distributed.shutdown()
+    if not distributed.info().is_main:
+        return 0
     split = "test" if metrics["test"] else "dev"
     primary = metrics["primary_metric"]
     print(f"{metrics['method']} on {metrics['task']}: {split} {primary} {metrics[split][primary]:.4f}, "
@@ -147,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Fine-tune with one method; writes config.json, metrics.json, "
                                        "metrics.jsonl and the weights (delta/ or model/) into --output.")
     train.add_argument("--config", metavar="FILE", help="start from this config.json (options override it)")
+    train.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="train on N processes with DDP (gloo on CPU, nccl on GPUs); see docs/distributed.md [1]")
+    train.add_argument("--resume", metavar="RUN", default=None,
+                       help="continue the interrupted run whose --output was RUN, from its last checkpoint")
+    train.add_argument("--checkpoint-every", type=int, default=200, metavar="N",
+                       help="save a resumable checkpoint every N updates (0: never) [200]")
     _add_config_options(train)
     train.set_defaults(func=cmd_train)
 
@@ -200,6 +230,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc re-runs under torchrun
     try:
         return args.func(args)
     except _user_errors() as err:

@@ -61,6 +61,12 @@ def is_ours(path: Path) -> bool:
     return any((path / marker).exists() for marker in MARKERS)
 
 
+def partial_dir(output: str | os.PathLike) -> Path:
+    """Where the run for `output` is built, and where an interrupted one keeps its checkpoint for --resume."""
+    output = Path(output)
+    return output.parent / f".{output.name}.partial"
+
+
 class RunFolder:
     """A context manager giving a fresh hidden folder that replaces `output` only if the block succeeds.
 
@@ -68,8 +74,11 @@ class RunFolder:
     `overwrite`, and even then a non-empty folder that childtune did not write is never deleted.
     """
 
-    def __init__(self, output: str | os.PathLike, overwrite: bool = False) -> None:
-        self.output = Path(output)
+    def __init__(self, output: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> None:
+        self.output, self.resume = Path(output), resume
+        self.partial = partial_dir(self.output)
+        if resume and not self.partial.is_dir():
+            raise RunExistsError(f"no interrupted run to resume for {self.output} ({self.partial} does not exist)")
         if self.output.exists():
             if not self.output.is_dir():
                 raise RunExistsError(f"output {self.output} exists and is not a folder")
@@ -80,9 +89,10 @@ class RunFolder:
                 if not is_ours(self.output):
                     raise RunExistsError(f"output folder {self.output} is not empty and holds no childtune "
                                          "results; refusing to replace it even with --overwrite")
-        self.partial = self.output.parent / f".{self.output.name}.partial"
 
     def __enter__(self) -> Path:
+        if self.resume:  # the interrupted run's folder, checkpoint and all
+            return self.partial
         if self.partial.exists():  # left by a crashed run
             shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True)
@@ -90,7 +100,8 @@ class RunFolder:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            shutil.rmtree(self.partial, ignore_errors=True)
+            if not (self.partial / "checkpoint").exists():  # a checkpointed run stays, for --resume
+                shutil.rmtree(self.partial, ignore_errors=True)
             return
         old = None
         if self.output.exists():

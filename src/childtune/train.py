@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from childtune import distributed
 from childtune.config import METHODS, ConfigError, TrainConfig, build_strategy
 from childtune.fileio import write_json
 from childtune.optim import ChildOptimizer
@@ -155,12 +156,6 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Example indices of every batch of `epoch`: a function of (seed, epoch) only, so resumable."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
 @torch.no_grad()
 def evaluate(model, examples, spec, collate, config: TrainConfig, desc: str) -> dict[str, float]:
     """Metrics of the model on `examples` (dropout off), batched with dynamic padding."""
@@ -260,12 +255,19 @@ class TrainState:
 # ------------------------------------------------------------------------------------------- the loop
 
 
-def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
-    """Fine-tune with `config.method`; return (and, with `config.output`, write) the run's metrics."""
+def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *, resume: bool = False) -> dict[str, Any]:
+    """Fine-tune with `config.method`; return (and, with `config.output`, write) the run's metrics.
+
+    Under torchrun every rank calls this: DDP, the data sharded by rank, files written by rank 0 only.
+    `resume` reopens the interrupted run's working folder (and its checkpoint) instead of a fresh one.
+    """
     from childtune.data import make_collate
 
     config = config.resolved()
-    folder = RunFolder(config.output, config.overwrite) if config.output else None  # refuse early
+    me = distributed.init()
+    if config.batch_size % me.world_size:
+        raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {me.world_size} processes")
+    folder = RunFolder(config.output, config.overwrite, resume) if config.output and me.is_main else None
     torch.manual_seed(config.seed)
     task = load_data(config)
     if not task.train or not task.dev:
@@ -293,14 +295,17 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> dict[str, 
 
         started = time.perf_counter()
         if not state.resumed:  # Child-Tuning_D: Fisher information on the training data (own progress bar)
-            fisher_batches = _loader(task.train, batch_size=config.batch_size, collate_fn=collate)
+            shard = distributed.ShardedSampler(len(task.train), seed=config.seed, shuffle=False)  # rank's share
+            fisher_batches = _loader(task.train, batch_size=config.batch_size // me.world_size, sampler=shard,
+                                     collate_fn=collate)
             strategy.prepare(model, fisher_batches)
         prepare_time = time.perf_counter() - started
         freeze_unchosen(strategy, params, config.strict)  # before any DDP wrapping: DDP fixes its params
+        state.model = distributed.wrap(model)  # DDP under torchrun; the model itself for one process
 
         started = time.perf_counter()
         bar = tqdm(total=total_steps, initial=state.step + state.skipped, desc=f"train {config.method}",
-                   unit="step", disable=not config.progress)
+                   unit="step", disable=not config.progress or not me.is_main)
         losses: list[float] = []
         while state.epoch < config.epochs:
             model.train()
@@ -358,7 +363,7 @@ def _step(state: TrainState, batch: dict[str, torch.Tensor]) -> float | None:
     """One update; a non-finite loss or gradient stops the run or skips the batch, never reaching the weights."""
     config, model, optimizer = state.config, state.model, state.optimizer
     loss = model(**batch).loss
-    finite = bool(torch.isfinite(loss))
+    finite = not distributed.any_rank(not bool(torch.isfinite(loss)))  # every rank skips together, or DDP hangs
     if finite:
         loss.backward()
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -380,9 +385,15 @@ def _step(state: TrainState, batch: dict[str, torch.Tensor]) -> float | None:
 
 
 def _batches(examples, collate, config: TrainConfig, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
-    """The epoch's batches from position `start` on (earlier ones were done before a resume)."""
-    plan = epoch_batches(len(examples), config.batch_size, config.seed, epoch)[start:]
-    yield from _loader(examples, batch_sampler=plan, collate_fn=collate)
+    """This rank's share of the epoch's batches from batch `start` on (earlier ones were done before a resume).
+
+    The order is a function of (seed, epoch), and per-rank batch k of all ranks together is batch k of a
+    single process: `batch_size` is the global batch whatever the number of processes.
+    """
+    per_rank = config.batch_size // distributed.info().world_size
+    sampler = distributed.ShardedSampler(len(examples), seed=config.seed)
+    sampler.set_epoch(epoch, start * per_rank)
+    yield from _loader(examples, batch_size=per_rank, sampler=sampler, collate_fn=collate)
 
 
 def _loader(examples, **kwargs) -> DataLoader:
