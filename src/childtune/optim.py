@@ -192,7 +192,7 @@ class ChildOptimizer(Optimizer):
         strict: bool = False,
         **optimizer_kwargs: Any,
     ) -> None:
-        groups = _named_groups(named_params)
+        groups = named_groups(named_params)
         self.named = {n: p for g in groups for n, p in g["params"]}
         if len(self.named) != sum(len(g["params"]) for g in groups):
             raise ValueError("parameter names must be unique")
@@ -249,7 +249,8 @@ class ChildOptimizer(Optimizer):
         return kept
 
 
-def _named_groups(named_params: Iterable) -> list[dict[str, Any]]:
+def named_groups(named_params: Iterable) -> list[dict[str, Any]]:
+    """Normalise the accepted forms of named parameters to param-group dicts of (name, param) pairs."""
     if isinstance(named_params, Mapping):
         named_params = named_params.items()
     items = list(named_params)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from childtune.optim import _named_groups
+from childtune.optim import named_groups
 from childtune.strategies import GradualUnfreezing, Strategy
 from childtune.strategies.id3 import ID3
 
@@ -65,7 +65,7 @@ class SparseChildAdamW(Optimizer):
             raise ValueError(f"bias_correction must be 'element' or 'tensor', got {bias_correction!r}")
         if lr < 0.0 or eps < 0.0 or weight_decay < 0.0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"invalid AdamW hyperparameters: lr={lr}, betas={betas}, eps={eps}, wd={weight_decay}")
-        groups = _named_groups(named_params)
+        groups = named_groups(named_params)
         self.named = {n: p for g in groups for n, p in g["params"]}
         if len(self.named) != sum(len(g["params"]) for g in groups):
             raise ValueError("parameter names must be unique")
