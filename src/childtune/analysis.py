@@ -375,7 +375,7 @@ def plot_layer_share(named_masks: Mapping[str, MaskMap], path: str | Path,
     vmax = max(float(np.nanmax(np.concatenate([layer_grid.ravel(), type_grid.ravel()]), initial=0.0)), 1e-9)
     width = 2.0 + 0.75 * (len(layer_cols) + len(type_cols))
     fig, (left, right) = plt.subplots(
-        1, 2, figsize=(width, 1.2 + 0.45 * len(rows)), gridspec_kw={"width_ratios": [len(layer_cols), len(type_cols)]},
+        1, 2, figsize=(width, 2.2 + 0.45 * len(rows)), gridspec_kw={"width_ratios": [len(layer_cols), len(type_cols)]},
         constrained_layout=True,
     )
     pct = lambda grid: lambda i, j: f"{100 * grid[i, j]:.0f}"  # noqa: E731
@@ -385,7 +385,7 @@ def plot_layer_share(named_masks: Mapping[str, MaskMap], path: str | Path,
     left.set_title("per layer (bottom → top)")
     right.set_title("per parameter type")
     fig.suptitle("Share of each group's weights in the child network (%)")
-    fig.colorbar(image, ax=[left, right], label="fraction of the group's weights chosen", shrink=0.9)
+    fig.colorbar(image, ax=[left, right], label="share of the group chosen", shrink=0.9, aspect=12)
     return save_figure(fig, path)
 
 
