@@ -84,8 +84,6 @@ def test_text_longer_than_the_model_accepts_is_truncated(capsys, tmp_path, tiny_
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 6
 
 
-@pytest.mark.xfail(strict=True, reason="make_collate caps at the tokenizer's model_max_length only; a tokenizer "
-                                       "without one lets texts overrun max_position_embeddings (see report)")
 def test_long_text_with_a_tokenizer_that_states_no_limit(capsys, tmp_path, tiny_run):
     model = write_tiny_model(tmp_path / "model")
     settings_file = model / "tokenizer_config.json"

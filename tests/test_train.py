@@ -302,3 +302,15 @@ def test_strict_fixed_child_network_skips_gradients_of_wholly_frozen_weights(tin
     assert seen == {"requires_grad": not strict, "moments": not strict}
     if strict:
         assert metrics["changed_outside_child"] == 0
+
+
+def test_position_limit_reserves_roberta_padding_slots(tiny_bert):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from childtune.train import position_limit
+
+    roberta = RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+        max_position_embeddings=514))
+    assert position_limit(roberta) == 512
+    assert position_limit(tiny_bert) == tiny_bert.config.max_position_embeddings

@@ -102,6 +102,18 @@ def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
     return tokenizer, model
 
 
+def position_limit(model: torch.nn.Module) -> int:
+    """Longest input the model can place: its position table, less the slots RoBERTa-style models
+    reserve below their first position (pad_token_id + 1). Tokenizers do not always state this limit,
+    and a text past it fails deep inside the embedding lookup instead of being truncated."""
+    config = model.config
+    table = getattr(config, "max_position_embeddings", None)
+    if not isinstance(table, int) or table <= 0:
+        return 1_000_000
+    reserved = (config.pad_token_id or 0) + 1 if "roberta" in getattr(config, "model_type", "") else 0
+    return table - reserved
+
+
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Hide transformers' own log lines and per-file progress bars; ours say what the run is doing."""
@@ -287,7 +299,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *, resume: bo
     if not task.train or not task.dev:
         raise ConfigError("training needs a non-empty train and dev split")
     tokenizer, model = load_model(config, task.spec)
-    collate = make_collate(tokenizer, config.max_length, task.spec.kind)
+    collate = make_collate(tokenizer, min(config.max_length, position_limit(model)), task.spec.kind)
     pretrained = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
     if METHODS[config.method].adapter == "lora":
         model = add_lora(model, config)
