@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from childtune import distributed
 from childtune.optim import ChildOptimizer
 from childtune.strategies import Strategy
 
@@ -77,6 +78,8 @@ class ChildTuningTrainer(Trainer):
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             model = self.model if model is None else model
+            distributed.refuse_fsdp(model)  # masks are shaped like whole parameters; FSDP shards them
+            distributed.check_accelerator(self.accelerator)
             decay = set(self.get_decay_parameter_names(model))
             no_decay = [n for n, p in model.named_parameters() if p.requires_grad and n not in decay]
             batches = None
