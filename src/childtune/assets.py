@@ -10,7 +10,6 @@ that names the file, never a silent change of data. Nothing is installed; files 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -20,6 +19,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from childtune.fileio import sha256_file
 
 CACHE_ENV = "CHILDTUNE_CACHE"
 _TIMEOUT_S = 600
@@ -82,14 +83,6 @@ def cache_dir() -> Path:
     """`$CHILDTUNE_CACHE`, else `~/.cache/childtune`; read on every call so tests can redirect it."""
     root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "childtune"
     return Path(root).expanduser()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # Paths already hashed in this process, keyed by (size, mtime): an 80 MB wheel is hashed once per

@@ -31,6 +31,14 @@ from childtune.strategies.child_f import ChildTuningF
 MODES = (None, "ChildTuning-F", "ChildTuning-D")
 
 
+def evaluate_closure(closure) -> torch.Tensor | None:
+    """The `Optimizer.step(closure)` contract: re-evaluate the loss with gradients enabled."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def mask_gradients_(grads: list[torch.Tensor], masks: list[torch.Tensor], scale: float = 1.0) -> None:
     """In place: g <- g * mask * scale, one fused call per list (no Python loop over elements)."""
     if grads:
@@ -120,10 +128,7 @@ class ChildTuningAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         masks, scale = self._step_masks()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -221,10 +226,7 @@ class ChildOptimizer(Optimizer):
         self.strategy.load_state_dict(child.get("strategy", {}))
 
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         with torch.no_grad():
             kept = self._mask(self.strategy.masks(self.steps))
             self.optimizer.step()

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from childtune.optim import named_groups
+from childtune.optim import evaluate_closure, named_groups
 from childtune.strategies import GradualUnfreezing, Strategy
 from childtune.strategies.id3 import ID3
 
@@ -99,10 +99,7 @@ class SparseChildAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         masks = self.strategy.masks(self.steps)
         unknown = set(masks) - set(self.named)
         if unknown:
