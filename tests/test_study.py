@@ -339,3 +339,16 @@ def test_transfer_targets_must_share_the_source_labels(tmp_path):
         _target(str(tmp_path / "words.csv"), source)
     with pytest.raises(StudyError, match="neither a built-in task nor a file"):
         _target(str(tmp_path / "missing.csv"), source)
+
+
+def test_fisher_against_id3_is_one_markdown_table(tmp_path):
+    """A blank line inside a Markdown table ends it: the rows would render as loose text."""
+    from childtune.study import _analysis_section
+
+    (tmp_path / "analysis.md").write_text("# Analysis\n\n## Per layer\n\n| a |\n|---|\n| 1 |\n")
+    text = _analysis_section({"analysis": tmp_path / "analysis.md"}, [["mr", "1", "0.0152", "0.0074"],
+                                                                      ["mr", "2", "0.0160", "0.0074"]])
+    table = text.split("### Fisher (Child-Tuning_D) against ID3's final child network\n\n", 1)[1]
+    assert table.splitlines() == ["| task | seed | Jaccard | chance |", "|---|---|---|---|",
+                                  "| mr | 1 | 0.0152 | 0.0074 |", "| mr | 2 | 0.0160 | 0.0074 |"]
+    assert "### Per layer" in text

@@ -645,9 +645,9 @@ def _analysis_section(paths: Mapping[str, Path], fisher_vs_id3: list[list[str]])
     body = body.replace("## ", "### ")
     out = ["## Child networks", body.strip()]
     if fisher_vs_id3:
-        out += ["### Fisher (Child-Tuning_D) against ID3's final child network",
-                "| task | seed | Jaccard | chance |", "|---|---|---|---|",
-                *(f"| {' | '.join(row)} |" for row in fisher_vs_id3)]
+        table = ["| task | seed | Jaccard | chance |", "|---|---|---|---|",
+                 *(f"| {' | '.join(row)} |" for row in fisher_vs_id3)]
+        out += ["### Fisher (Child-Tuning_D) against ID3's final child network", "\n".join(table)]
     return "\n\n".join(out)
 
 
