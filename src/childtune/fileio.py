@@ -14,13 +14,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once at import: the only portable way to learn the umask is to set it
+
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
-    """Write to a temp file in the same folder, fsync, then `os.replace` it over `path`."""
+    """Write to a temp file in the same folder, fsync, then `os.replace` it over `path`.
+
+    The file gets the permissions a plain `open` would give it: `mkstemp` makes temp files private
+    (0600), and a shared model folder nobody else can read is a surprise.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data.encode("utf-8") if isinstance(data, str) else data)
             handle.flush()
