@@ -71,6 +71,9 @@ def test_compare_prints_a_table_and_writes_csv_and_png(tiny, tmp_path, capsys):
     assert image.shape[0] > 300 and image.shape[1] > 500
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["child-d-seed1", "child-d-seed2", "full-seed1",
                                                                  "full-seed2"]
+    saved = json.loads((out / "runs" / "child-d-seed2" / "config.json").read_text())
+    assert saved["output"] == str(out / "runs" / "child-d-seed2")  # rerunnable with --config, not the temp folder
+    assert (saved["method"], saved["seed"]) == ("child-d", 2)
 
 
 def test_export_apply_and_analyze_a_run(tiny, tmp_path):

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from childtune.fileio import atomic_write
+from childtune.fileio import write_json
 from childtune.layers import blocks
 from childtune.strategies import (
     ID3,
@@ -112,7 +112,7 @@ class TrainConfig:
         return cls(**{key: _coerce(key, value, hints[key]) for key, value in raw.items()})
 
     def save_json(self, path: str | Path) -> None:
-        atomic_write(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict())
 
     @classmethod
     def load_json(cls, path: str | Path) -> TrainConfig:

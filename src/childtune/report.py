@@ -303,8 +303,10 @@ def compare(base, methods: Sequence[str], seeds: Sequence[int], output: str | os
         write_json(work / "compare.json", {"methods": list(methods), "seeds": list(seeds),
                                            "base": base.to_dict()})
         for config in configs:
-            cell = replace(config, output=str(work / "runs" / f"{config.method}-seed{config.seed}"))
-            runs.append(run(cell))
+            name = f"{config.method}-seed{config.seed}"
+            runs.append(run(replace(config, output=str(work / "runs" / name))))
+            # the run was built inside the hidden folder; its config must name where it will live
+            replace(config, output=str(Path(output) / "runs" / name)).save_json(work / "runs" / name / "config.json")
         table = format_table(runs)
         atomic_write(work / "runs.csv", runs_csv(runs))
         atomic_write(work / "summary.csv", summary_csv(runs))
