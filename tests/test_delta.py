@@ -23,13 +23,11 @@ from childtune.delta import (
     TENSORS_FILE,
     DeltaError,
     SparseDelta,
-    _choose_encoding,
-    _decode,
-    _encode,
     encoded_bytes,
     fingerprint,
     merge,
 )
+from childtune.indexcodec import choose_encoding, decode_indices, encode_indices
 
 HEAD_NAMES = ("classifier.weight", "classifier.bias")
 
@@ -421,12 +419,12 @@ def test_fingerprint_ignores_the_head_and_sees_one_bit():
 def test_index_encodings_round_trip_and_pick_the_smallest(n, k, expected):
     rng = np.random.default_rng(k)
     indices = np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
-    encoding = _choose_encoding("w", n, k)
+    encoding = choose_encoding("w", n, k)
     assert encoding == expected
     for enc in ("bitmap", "indices", "elias_fano", *(("all",) if k == n else ())):
-        assert np.array_equal(_decode("w", enc, _encode(enc, indices, n), n, k), indices)
+        assert np.array_equal(decode_indices("w", enc, encode_indices(enc, indices, n), n, k), indices)
     if expected == "elias_fano":
-        stored = _encode(expected, indices, n).nbytes
+        stored = encode_indices(expected, indices, n).nbytes
         p = k / n
         assert stored * 8 / n < 1.5 * (-p * np.log2(p) - (1 - p) * np.log2(1 - p)) + 0.01  # near entropy
 

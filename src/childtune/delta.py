@@ -15,10 +15,8 @@ Files (a directory, like peft's adapter layout):
 * `delta_config.json`: a `DeltaConfig` (method, hyper-parameters, base model name and fingerprint,
   format version, counts, per-tensor shape and encodings, sha256 of the tensor file).
 
-Size. Values cost what the child network costs (`p` of the model). Indices come on top: a bitmap costs
-1 bit per element of the tensor, Elias-Fano about `2 + log2(1/p)` bits per changed element, plain int32
-32 bits; each tensor takes the smallest (a bitmap at p=0.3, Elias-Fano below ~0.2), which stays within
-~15% of the entropy of a random mask. Plain indices are kept as the simplest valid form.
+Size. Values cost what the child network costs (`p` of the model). Indices come on top, each tensor's in
+the smallest of the encodings in `childtune.indexcodec` (within ~15% of the entropy of a random mask).
 
 Exactness. Float addition does not undo itself: with `d = fl(t - b)`, `fl(b + d)` can miss the tuned
 value `t` and `fl(t - d)` can miss the base `b` when an update flips a sign, changes the magnitude a lot or
@@ -52,6 +50,7 @@ import safetensors.torch
 import torch
 
 from childtune.fileio import atomic_write, write_json
+from childtune.indexcodec import ENCODINGS, DeltaError, choose_encoding, decode_indices, encode_indices, index_sizes
 from childtune.masks import Masks
 from childtune.strategies.base import HEAD, matches
 
@@ -61,15 +60,9 @@ TENSORS_FILE = "delta.safetensors"
 DEFAULT_DENSE: tuple[str, ...] = HEAD
 """Name fragments of the dense task head: freshly initialised per run, so stored whole and absolute."""
 
-ENCODINGS = ("all", "bitmap", "indices", "elias_fano")
-"""Ways to store sorted element indices; `all` (every element) needs no array, the others one each."""
 _KINDS = {"values", "exc_base", "exc_tuned", "dense", *ENCODINGS[1:], *(f"exc_{e}" for e in ENCODINGS[1:])}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-class DeltaError(ValueError):
-    """Any bad delta file, wrong base model or unusable input: callers need to catch only this."""
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -119,96 +112,6 @@ def fingerprint(
         digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
-
-
-# ----------------------------------------------------------------------------------- index encodings
-
-
-def _ef_split(n: int, k: int) -> tuple[int, int]:
-    """Elias-Fano parameters: low bits per index and length of the unary-coded upper-bits bitmap."""
-    low = max(0, (n // k).bit_length() - 1)
-    return low, k + ((n - 1) >> low) + 1
-
-
-def _index_sizes(n: int, k: int) -> dict[str, int]:
-    """Bytes each encoding needs for `k` sorted indices out of `n`; `all` only when nothing is implied."""
-    low, upper = _ef_split(n, k)
-    sizes = {
-        "bitmap": -(-n // 8),
-        "indices": k * (4 if n <= 2**31 else 8),
-        "elias_fano": -(-upper // 8) + -(-(k * low) // 8),
-    }
-    if k == n:
-        sizes["all"] = 0
-    return sizes
-
-
-def _choose_encoding(name: str, n: int, k: int) -> str:
-    """Smallest encoding, counting a stored array's share of the safetensors header (~70 bytes)."""
-    sizes = _index_sizes(n, k)
-    return min(sizes, key=lambda e: (sizes[e] + (e != "all") * (70 + len(name)), ENCODINGS.index(e)))
-
-
-def _encode(encoding: str, indices: np.ndarray, n: int) -> np.ndarray | None:
-    """The one array that stores sorted `indices` out of `n` (None for `all`)."""
-    if encoding == "all":
-        return None
-    if encoding == "bitmap":
-        bits = np.zeros(n, dtype=bool)
-        bits[indices] = True
-        return np.packbits(bits)
-    if encoding == "indices":
-        return indices.astype(np.int32 if n <= 2**31 else np.int64)
-    k = indices.size  # Elias-Fano: upper bits in unary (a bitmap), then `low` plain bits per index
-    low, upper = _ef_split(n, k)
-    high = np.zeros(upper, dtype=bool)
-    high[(indices >> low) + np.arange(k)] = True
-    lows = np.empty((k, low), dtype=np.uint8)
-    for j in range(low):
-        lows[:, j] = (indices >> (low - 1 - j)) & 1
-    return np.concatenate([np.packbits(high), np.packbits(lows.reshape(-1))])
-
-
-def _unpack(name: str, packed: np.ndarray, nbits: int) -> np.ndarray:
-    """Bits of a packed array of exactly the right length with zero padding (strict: no hidden data)."""
-    if packed.size != -(-nbits // 8):
-        raise DeltaError(f"{name}: packed bits have {packed.size} bytes, expected {-(-nbits // 8)}")
-    bits = np.unpackbits(packed)
-    if bits[nbits:].any():
-        raise DeltaError(f"{name}: non-zero padding bits")
-    return bits[:nbits]
-
-
-def _decode(name: str, encoding: str, array: np.ndarray | None, n: int, k: int) -> np.ndarray:
-    """Sorted int64 indices, validated: count `k`, strictly increasing, all inside `[0, n)`."""
-    if encoding == "all":
-        if k != n:
-            raise DeltaError(f"{name}: encoding 'all' means {n} elements, file has {k}")
-        return np.arange(n, dtype=np.int64)
-    wanted = (np.int32, np.int64) if encoding == "indices" else (np.uint8,)
-    if array is None or array.dtype not in wanted or array.ndim != 1:
-        raise DeltaError(f"{name}: {encoding} must be a 1-d array of {' or '.join(t.__name__ for t in wanted)}")
-    if encoding == "bitmap":
-        indices = np.flatnonzero(_unpack(name, array, n)).astype(np.int64)
-    elif encoding == "indices":
-        indices = array.astype(np.int64)
-    else:
-        low, upper = _ef_split(n, k) if k else (0, 0)
-        split = -(-upper // 8)
-        ones = np.flatnonzero(_unpack(name, array[:split], upper))
-        if ones.size != k:
-            raise DeltaError(f"{name}: {ones.size} indices for {k} elements")
-        lows = _unpack(name, array[split:], k * low).reshape(k, low)
-        indices = (ones - np.arange(k)).astype(np.int64) << low
-        for j in range(low):
-            indices |= lows[:, j].astype(np.int64) << (low - 1 - j)
-    if indices.size != k:
-        raise DeltaError(f"{name}: {indices.size} indices for {k} elements")
-    if k and (indices.min() < 0 or indices.max() >= n):
-        raise DeltaError(f"{name}: index out of range for {n} elements")
-    if k > 1 and not (np.diff(indices) > 0).all():
-        raise DeltaError(f"{name}: indices are not strictly increasing (unsorted or duplicate)")
-    return indices
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -573,11 +476,11 @@ class SparseDelta:
         tensors = {}
         for name, entry in self.entries.items():
             layout = self.config.tensors[name]
-            stored = {layout.encoding: _encode(layout.encoding, entry.indices.numpy(), _numel(entry.shape))}
+            stored = {layout.encoding: encode_indices(layout.encoding, entry.indices.numpy(), _numel(entry.shape))}
             keep = torch.ones(entry.indices.numel(), dtype=torch.bool)
             keep[entry.exc_pos] = False  # an exception's value is tuned - base: not stored twice
             if layout.exceptions is not None:
-                pos = _encode(layout.exceptions, entry.exc_pos.numpy(), entry.indices.numel())
+                pos = encode_indices(layout.exceptions, entry.exc_pos.numpy(), entry.indices.numel())
                 stored.update({f"exc_{layout.exceptions}": pos, "exc_base": entry.exc_base,
                                "exc_tuned": entry.exc_tuned})
             stored["values"] = entry.values[keep]
@@ -648,8 +551,8 @@ def _parse(config: DeltaConfig, tensors: dict[str, torch.Tensor]) -> tuple[dict,
 
 def _layout(name: str, entry: SparseEntry) -> TensorLayout:
     k, m = entry.indices.numel(), entry.exc_pos.numel()
-    exceptions = _choose_encoding(name, k, m) if m else None
-    return TensorLayout(entry.shape, _choose_encoding(name, _numel(entry.shape), k), exceptions)
+    exceptions = choose_encoding(name, k, m) if m else None
+    return TensorLayout(entry.shape, choose_encoding(name, _numel(entry.shape), k), exceptions)
 
 
 def _parse_entry(name: str, layout: TensorLayout, arrays: dict[str, torch.Tensor]) -> SparseEntry:
@@ -673,11 +576,11 @@ def _parse_entry(name: str, layout: TensorLayout, arrays: dict[str, torch.Tensor
     if k == 0:
         raise DeltaError(f"{name}: listed as changed but has no values")
     n = _numel(layout.shape)
-    indices = _decode(name, layout.encoding, _numpy(arrays.get(layout.encoding)), n, k)
+    indices = decode_indices(name, layout.encoding, _numpy(arrays.get(layout.encoding)), n, k)
     pos = torch.zeros(0, dtype=torch.int64)
     if layout.exceptions is not None:
         exc_array = _numpy(arrays.get(f"exc_{layout.exceptions}"))
-        pos = torch.from_numpy(_decode(f"{name} exceptions", layout.exceptions, exc_array, k, m))
+        pos = torch.from_numpy(decode_indices(f"{name} exceptions", layout.exceptions, exc_array, k, m))
     values = torch.empty(k, dtype=stored.dtype)
     keep = torch.ones(k, dtype=torch.bool)
     keep[pos] = False
@@ -781,10 +684,10 @@ def encoded_bytes(delta: SparseDelta) -> dict[str, int]:
     for name, entry in delta.entries.items():
         layout = delta.config.tensors[name]
         k, m = entry.indices.numel(), entry.exc_pos.numel()
-        report["indices"] += _index_sizes(_numel(entry.shape), k)[layout.encoding]
+        report["indices"] += index_sizes(_numel(entry.shape), k)[layout.encoding]
         report["values"] += (k - m) * entry.values.element_size()
         if m:
-            report["exceptions"] += _index_sizes(k, m)[layout.exceptions] + 2 * m * entry.exc_base.element_size()
+            report["exceptions"] += index_sizes(k, m)[layout.exceptions] + 2 * m * entry.exc_base.element_size()
     report["dense"] = sum(v.numel() * v.element_size() for v in delta.dense.values())
     report["total"] = sum(report.values())
     return report
