@@ -16,6 +16,7 @@ from scipy import stats
 from childtune import analysis
 from childtune.config import TrainConfig
 from childtune.fileio import write_json
+from childtune.stats import holm, paired_test
 from childtune.study import (
     DEFAULT_GRID,
     PAPER_GRID,
@@ -25,8 +26,6 @@ from childtune.study import (
     add_arguments,
     configs,
     from_args,
-    holm,
-    paired_test,
     plan,
     results_table,
     run_study,

@@ -10,7 +10,8 @@ Protocol, as in the Child-Tuning paper: for each task and method the hyper-param
 mean *dev* score over seeds are selected, and that configuration's *test* scores are reported. A method
 is compared with `full` by a paired test over seeds (the seed fixes the 1,000-example subsample, the
 head's initialisation and the data order, so the same seed is the same draw of data for both methods):
-a paired t-test and the Wilcoxon signed-rank test, and Holm's correction over all comparisons.
+a paired t-test and the Wilcoxon signed-rank test, and Holm's correction over all comparisons
+(`childtune.stats`).
 Note that with 5 seeds an exact two-sided Wilcoxon test cannot go below p = 0.0625.
 
 The transfer experiment trains on one domain and evaluates the same model, without further training,
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 from childtune.analysis import analyze, write_csv
 from childtune.config import TrainConfig
 from childtune.fileio import atomic_write, write_json
+from childtune.stats import Paired, holm, paired_test
 from childtune.train import Callback
 
 Grid = dict[str, dict[str, tuple[Any, ...]]]
@@ -303,60 +305,6 @@ def _describe(study: StudyConfig) -> dict[str, Any]:
         "transfer_source": study.transfer_source, "transfer_targets": list(study.transfer_targets),
         "transfer_methods": list(study.transfer_methods),
     }
-
-
-# ---------------------------------------------------------------------------------------------- statistics
-
-
-@dataclass(frozen=True)
-class Paired:
-    """A method against the baseline over the seeds both have: mean difference and two tests."""
-
-    n: int
-    mean_diff: float
-    std_diff: float
-    t: float
-    p_t: float
-    p_wilcoxon: float
-
-
-def paired_test(method: Sequence[float], baseline: Sequence[float]) -> Paired:
-    """Paired t-test and Wilcoxon signed-rank test of `method - baseline` (same seeds, same order).
-
-    Fewer than two pairs give NaN statistics; identical scores give a difference of 0 and p = 1.
-    """
-    from scipy import stats
-
-    a, b = np.asarray(method, dtype=float), np.asarray(baseline, dtype=float)
-    if a.shape != b.shape:
-        raise ValueError(f"paired scores must match one to one, got {a.shape} and {b.shape}")
-    diff = a - b
-    n = len(diff)
-    if n < 2:
-        mean = float(diff[0]) if n else math.nan
-        return Paired(n, mean, math.nan, math.nan, math.nan, math.nan)
-    if not diff.any():
-        return Paired(n, 0.0, 0.0, 0.0, 1.0, 1.0)
-    std = float(diff.std(ddof=1))
-    if std == 0.0:  # a constant non-zero shift: t is infinite, the t-test p is 0 in the limit
-        t, p_t = math.copysign(math.inf, float(diff.mean())), 0.0
-    else:
-        result = stats.ttest_rel(a, b)
-        t, p_t = float(result.statistic), float(result.pvalue)
-    p_w = float(stats.wilcoxon(a, b).pvalue)
-    return Paired(n, float(diff.mean()), std, t, p_t, p_w)
-
-
-def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm's step-down adjustment (controls the family-wise error); NaNs are left out and kept NaN."""
-    order = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
-    m = len(order)
-    out = [math.nan] * len(pvalues)
-    running = 0.0
-    for rank, (p, i) in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p))
-        out[i] = running
-    return out
 
 
 @dataclass
