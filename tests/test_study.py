@@ -27,10 +27,9 @@ from childtune.study import (
     configs,
     from_args,
     plan,
-    results_table,
     run_study,
-    select,
 )
+from childtune.study_report import results_table, select
 
 # ---------------------------------------------------------------------------------------------- statistics
 
@@ -206,7 +205,8 @@ def test_partial_study_reports_what_is_not_yet_run(tmp_path):
     study = fake_study(tmp_path, transfer=False, seeds=(1, 2))
     fake = FakeTrain()
     run_study(replace(study, seeds=(1,)), run=fake, progress=False)
-    from childtune.study import Record, coverage, plan
+    from childtune.study import Record, plan
+    from childtune.study_report import coverage
 
     records = [Record(c, fake(replace(TrainConfig(task=c.task), method=c.method, seed=c.seed, lr=dict(c.overrides)
                                       ["lr"], output=str(tmp_path / "x" / str(i)))))
@@ -342,7 +342,7 @@ def test_transfer_targets_must_share_the_source_labels(tmp_path):
 
 def test_fisher_against_id3_is_one_markdown_table(tmp_path):
     """A blank line inside a Markdown table ends it: the rows would render as loose text."""
-    from childtune.study import _analysis_section
+    from childtune.study_report import _analysis_section
 
     (tmp_path / "analysis.md").write_text("# Analysis\n\n## Per layer\n\n| a |\n|---|\n| 1 |\n")
     text = _analysis_section({"analysis": tmp_path / "analysis.md"}, [["mr", "1", "0.0152", "0.0074"],
