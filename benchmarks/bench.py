@@ -185,8 +185,9 @@ def fisher_section(model, args) -> tuple[Section, dict[str, torch.Tensor]]:
     from transformers import AutoTokenizer
 
     from childtune.assets import model_path
-    from childtune.data import load_task, make_collate
+    from childtune.data import make_collate
     from childtune.fisher import VmapFallbackWarning, fisher_information
+    from childtune.tasks import load_task
 
     n = 1000
     data = load_task("mr", train_size=n)

@@ -15,8 +15,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from childtune import assets, data
-from childtune.data import TASKS, DataError, TaskSpec, compute_metrics, load_files, load_task
+from childtune import assets, data, metrics, tasks
+from childtune.data import DataError, TaskSpec
+from childtune.metrics import compute_metrics
+from childtune.tasks import TASKS, load_task
+from childtune.userfiles import load_files
 
 
 def texts(split):
@@ -70,7 +73,7 @@ def test_subj_balances_plots_against_a_sample_of_reviews():
     objective = [text for text, label in everything if label == 0]
     assert len(objective) == len(everything) - len(objective)
     assert 1_050 < len(objective) <= 1_097
-    reviews = set(texts(data._read_mr()))
+    reviews = set(texts(tasks._read_mr()))
     subjective = {text for text, label in everything if label == 1}
     assert subjective <= reviews and not set(objective) & reviews
 
@@ -89,7 +92,7 @@ def test_spam_maps_groups_to_ham_and_spam():
             group = parts[2] if len(parts) == 4 and parts[3].endswith(".json") else None
             if group in seen and seen[group] < 20:
                 record = json.load(archive.extractfile(member))
-                text = " ".join(data._email_text(record["text"]).split())
+                text = " ".join(tasks._email_text(record["text"]).split())
                 if text in label_of:
                     assert label_of[text] == int(group.startswith("spam")), (group, member.name)
                     seen[group] += 1
@@ -103,7 +106,7 @@ def test_email_text_keeps_subject_and_decoded_body_only():
         'Content-Type: multipart/alternative; boundary="B"\n\n--B\nContent-Type: text/html\n\n'
         "<html><style>p {color: red}</style><p>Buy&nbsp;now</p></html>\n--B--\n"
     )
-    text = data._email_text(raw)
+    text = tasks._email_text(raw)
     assert "Café offer" in text and "Buy\xa0now" in text
     assert "Return-Path" not in text and "color" not in text and "<p>" not in text
 
@@ -131,7 +134,7 @@ def test_binary_vader_is_the_sign_of_its_regression_twin(domain):
 
 def test_dedupe_drops_conflicts_and_keeps_agreeing_duplicates():
     pairs = [("good  film", 1), ("good film", 1), ("bad", 0), ("mixed", 0), ("mixed", 1), ("  ", 1)]
-    assert data._dedupe(pairs) == [("bad", 0), ("good film", 1)]
+    assert tasks._dedupe(pairs) == [("bad", 0), ("good film", 1)]
 
 
 def test_loading_is_deterministic_and_splits_ignore_the_seed():
@@ -352,8 +355,8 @@ def test_metric_inputs_are_checked():
 
 
 def test_primary_metric_is_the_specs():
-    assert data.primary_metric(TASKS["spam"]) == "f1"
-    assert data.primary_metric(TASKS["vader-movie"]) in compute_metrics(
+    assert metrics.primary_metric(TASKS["spam"]) == "f1"
+    assert metrics.primary_metric(TASKS["vader-movie"]) in compute_metrics(
         REGRESSION, [1.0, 2.0, 0.0], [1, 3, 0]
     )
 

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from childtune.config import METHODS, ConfigError, TrainConfig, build_strategy
-from childtune.data import load_files, make_collate
+from childtune.data import make_collate
 from childtune.delta import SparseDelta
 from childtune.optim import ChildOptimizer
 from childtune.report import RunExistsError, RunFolder
@@ -35,6 +35,7 @@ from childtune.train import (
     export_delta,
     train,
 )
+from childtune.userfiles import load_files
 
 WORDS = [f"w{i}" for i in range(40)]
 LABELS = ("neg", "pos")

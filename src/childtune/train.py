@@ -54,19 +54,21 @@ class ModelError(ValueError):
 
 def load_data(config: TrainConfig):
     """The task's splits: a built-in task (subsampled by seed), or the user's own files."""
-    from childtune import data
+    from childtune.data import DataError
+    from childtune.tasks import load_task
+    from childtune.userfiles import load_files
 
     if config.train_file is not None:
-        task = data.load_files(config.train_file, config.dev_file, config.test_file,
-                               text_col=config.text_col, label_col=config.label_col)
+        task = load_files(config.train_file, config.dev_file, config.test_file,
+                          text_col=config.text_col, label_col=config.label_col)
         if config.train_size is not None:
             if config.train_size > len(task.train):
-                raise data.DataError(f"train_size={config.train_size} but {config.train_file} has "
-                                     f"{len(task.train)} examples")
+                raise DataError(f"train_size={config.train_size} but {config.train_file} has "
+                                f"{len(task.train)} examples")
             order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(config.seed))
             task.train = [task.train[i] for i in sorted(order[: config.train_size].tolist())]
         return task
-    return data.load_task(config.task, seed=config.seed, train_size=config.train_size)
+    return load_task(config.task, seed=config.seed, train_size=config.train_size)
 
 
 def model_folder(name: str) -> Path:
@@ -172,7 +174,7 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
 @torch.no_grad()
 def evaluate(model, examples, spec, collate, config: TrainConfig, desc: str) -> dict[str, float]:
     """Metrics of the model on `examples` (dropout off), batched with dynamic padding."""
-    from childtune.data import compute_metrics
+    from childtune.metrics import compute_metrics
 
     model.eval()
     outputs, labels = [], []

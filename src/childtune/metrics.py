@@ -1,0 +1,71 @@
+"""Scoring predictions against gold labels, the same way for training, studies and reports.
+
+Checkpoint selection, the final test numbers, transfer runs and the study tables all read the scores
+computed here, so one task's numbers are comparable wherever they appear.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from childtune.data import TaskSpec
+
+
+def _numpy(values: Any) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def compute_metrics(
+    spec: TaskSpec, predictions: Any, labels: Any, extra: Sequence[str] = ()
+) -> dict[str, float]:
+    """Scores of predictions (class ids or logits; regression values) against gold labels.
+
+    Classification: accuracy, macro F1 and, for binary tasks, F1 of class 1; `extra=("mcc",)` adds
+    Matthews correlation. Regression: Pearson and Spearman correlation, NaN for constant predictions.
+    """
+    from scipy.stats import ConstantInputWarning, pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    preds, gold = _numpy(predictions), _numpy(labels)
+    if spec.kind == "classification" and preds.ndim == 2:
+        preds = preds.argmax(axis=-1)
+    if spec.kind == "regression" and preds.ndim == 2 and preds.shape[1] == 1:
+        preds = preds[:, 0]
+    if preds.ndim != 1 or preds.shape != gold.shape:
+        raise ValueError(f"predictions of shape {preds.shape} do not match labels of shape {gold.shape}")
+    if len(gold) == 0:
+        raise ValueError("cannot score zero examples")
+    unknown = set(extra) - {"mcc"}
+    if unknown or (extra and spec.kind == "regression"):
+        raise ValueError(
+            f"extra metrics {sorted(set(extra))} not available for {spec.kind}; only 'mcc' for classification"
+        )
+    if spec.kind == "regression":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConstantInputWarning)
+            return {
+                "pearson": float(pearsonr(preds, gold).statistic),
+                "spearman": float(spearmanr(preds, gold).statistic),
+            }
+    classes = list(range(spec.num_labels))
+    out = {
+        "accuracy": float(accuracy_score(gold, preds)),
+        "macro_f1": float(f1_score(gold, preds, labels=classes, average="macro", zero_division=0)),
+    }
+    if spec.num_labels == 2:
+        out["f1"] = float(f1_score(gold, preds, pos_label=1, average="binary", zero_division=0))
+    if "mcc" in extra:
+        out["mcc"] = float(matthews_corrcoef(gold, preds))
+    return out
+
+
+def primary_metric(spec: TaskSpec) -> str:
+    """The metric that picks the best checkpoint and is reported for the task."""
+    return spec.metric

