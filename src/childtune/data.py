@@ -11,7 +11,6 @@ batches whatever the examples came from.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -118,22 +117,3 @@ def make_collate(
         return out
 
     return collate
-
-
-# --------------------------------------------------------------------------- moved names
-
-# Where the names that used to live here live now. Callers not yet updated (`childtune.study`) and
-# user code that says `childtune.data.load_task` still find them; new code imports the home module.
-_MOVED = {
-    "TASKS": "childtune.tasks",
-    "load_task": "childtune.tasks",
-    "load_files": "childtune.userfiles",
-    "compute_metrics": "childtune.metrics",
-    "primary_metric": "childtune.metrics",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

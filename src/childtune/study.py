@@ -26,7 +26,6 @@ import itertools
 import json
 import math
 import re
-import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -188,16 +187,17 @@ class TransferEval(Callback):
     def on_end(self, state, metrics: dict[str, Any]) -> None:
         from transformers import AutoTokenizer
 
-        from childtune import data
+        from childtune.data import make_collate
+        from childtune.tasks import TASKS
         from childtune.train import evaluate, model_folder
 
         config = state.config
-        source = data.TASKS.get(metrics["task"]) or _file_spec(config)
+        source = TASKS.get(metrics["task"]) or _file_spec(config)
         tokenizer = AutoTokenizer.from_pretrained(model_folder(config.model))
         results = {}
         for target in self.targets:
             spec, examples = _target(target, source)
-            collate = data.make_collate(tokenizer, config.max_length, spec.kind)
+            collate = make_collate(tokenizer, config.max_length, spec.kind)
             results[target] = evaluate(state.model, examples, spec, collate, config, f"eval {target}")
         metrics["transfer"] = results
         if state.workdir is not None:
@@ -212,16 +212,17 @@ def _file_spec(config: TrainConfig):
 
 def _target(target: str, source) -> tuple[Any, list]:
     """The target's test examples and the spec to score them with (the source's, checked compatible)."""
-    from childtune import data
+    from childtune.tasks import TASKS, load_task
+    from childtune.userfiles import load_files
 
-    if target in data.TASKS:
-        task = data.load_task(target)
+    if target in TASKS:
+        task = load_task(target)
         spec, examples = task.spec, task.test
     else:
         path = Path(target)
         if not path.is_file():
             raise StudyError(f"transfer target {target!r} is neither a built-in task nor a file")
-        task = data.load_files(path, path, kind=source.kind)
+        task = load_files(path, path, kind=source.kind)
         spec, examples = replace(task.spec, name=path.stem, metric=source.metric), task.train
     if (spec.kind, spec.num_labels, spec.label_names) != (source.kind, source.num_labels, source.label_names):
         raise StudyError(f"transfer target {target!r} has labels {spec.label_names} ({spec.kind}); the source "
@@ -406,23 +407,3 @@ def run_from_args(args: argparse.Namespace, base: TrainConfig, command: str) -> 
         print(f"{row.task:12s} {row.method:8s} {row.config:24s} n={len(row.scores)} {fmt(row.mean)} ± {fmt(row.std)}")
     print(f"report: {result.files['results']}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m childtune.study`: the study without the full CLI (only --epochs and --model of the base)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m childtune.study",
-                                                   description=__doc__.split("\n")[0]))
-    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="passes over the data [3]")
-    parser.add_argument("--model", default=TrainConfig.model, help="model folder or pinned model name")
-    args = parser.parse_args(argv)
-    base = TrainConfig(epochs=args.epochs, model=args.model)
-    return run_from_args(args, base, " ".join(["python -m childtune.study", *map(shlex.quote, argv)]))
-
-
-if __name__ == "__main__":
-    # Run the package's copy of this module rather than this one, `__main__`: study_report imports
-    # childtune.study, and the cells it plans must be the same classes as the ones run here.
-    from childtune import study
-
-    sys.exit(study.main())
