@@ -108,9 +108,12 @@ class FakeTrain:
 
     def __init__(self):
         self.calls: list[TrainConfig] = []
+        self.resumed: list[str] = []
 
-    def __call__(self, config: TrainConfig, callbacks=()):
+    def __call__(self, config: TrainConfig, callbacks=(), resume: bool = False):
         self.calls.append(config)
+        if resume:
+            self.resumed.append(config.output)
         dev, test = fake_scores(config.method, config.lr, config.seed)
         metrics = {"task": config.task, "method": config.method, "seed": config.seed, "kind": "classification",
                    "primary_metric": "accuracy", "dev": {"accuracy": dev}, "test": {"accuracy": test},
@@ -199,6 +202,16 @@ def test_study_resumes_and_keeps_hand_written_findings(tmp_path):
     run_study(study, run=third, results=results, progress=False)
     assert [c.output for c in third.calls] == [str(lost)]
     assert third.calls[0].overwrite
+    assert third.resumed == []
+
+    # a cell killed after writing a checkpoint goes on from it instead of starting over
+    lost = Path(first.calls[5].output)
+    (lost / "metrics.json").unlink()
+    (lost.parent / f".{lost.name}.partial" / "checkpoint").mkdir(parents=True)
+    (lost.parent / f".{lost.name}.partial" / "checkpoint" / "meta.json").write_text("{}")
+    fourth = FakeTrain()
+    run_study(study, run=fourth, results=results, progress=False)
+    assert fourth.resumed == [str(lost)]
 
 
 def test_partial_study_reports_what_is_not_yet_run(tmp_path):

@@ -280,6 +280,21 @@ def test_run_folder_refuses_existing_results_unless_overwrite(tmp_path):
     assert (mine / "notes.txt").read_text() == "precious"
 
 
+def test_a_fresh_run_does_not_wipe_an_interrupted_runs_checkpoint(tmp_path):
+    out = tmp_path / "long"
+    (tmp_path / ".long.partial" / "checkpoint.old").mkdir(parents=True)  # killed while replacing it
+    (tmp_path / ".long.partial" / "checkpoint.old" / "meta.json").write_text("{}")
+    with pytest.raises(RunExistsError, match=r"left a checkpoint .*childtune train --resume .*long"):
+        RunFolder(out)
+    assert (tmp_path / ".long.partial" / "checkpoint.old" / "meta.json").is_file()
+    with RunFolder(out, resume=True) as work:
+        assert (work / "checkpoint.old").is_dir()
+    (tmp_path / ".other.partial" / "checkpoint").mkdir(parents=True)
+    (tmp_path / ".other.partial" / "checkpoint" / "meta.json").write_text("{}")
+    with RunFolder(tmp_path / "other", overwrite=True) as work:  # starting over is the user's explicit call
+        assert not (work / "checkpoint").exists()
+
+
 def test_refuses_existing_output_before_doing_any_work(tiny_task, tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()

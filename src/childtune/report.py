@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from childtune.checkpoint import checkpoint_dir
 from childtune.fileio import atomic_write, write_json
 
 MARKERS = ("metrics.json", "compare.json", "delta_config.json", "childtune.json")
@@ -79,6 +80,9 @@ class RunFolder:
         self.partial = partial_dir(self.output)
         if resume and not self.partial.is_dir():
             raise RunExistsError(f"no interrupted run to resume for {self.output} ({self.partial} does not exist)")
+        if not resume and not overwrite and checkpoint_dir(self.partial) is not None:
+            raise RunExistsError(f"an interrupted run for {self.output} left a checkpoint in {self.partial}; "
+                                 f"resume it (childtune train --resume {self.output}) or start over with --overwrite")
         if self.output.exists():
             if not self.output.is_dir():
                 raise RunExistsError(f"output {self.output} exists and is not a folder")
@@ -100,7 +104,7 @@ class RunFolder:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            if not (self.partial / "checkpoint").exists():  # a checkpointed run stays, for --resume
+            if checkpoint_dir(self.partial) is None:  # a checkpointed run stays, for --resume
                 shutil.rmtree(self.partial, ignore_errors=True)
             return
         old = None

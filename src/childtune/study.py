@@ -34,8 +34,10 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from childtune.checkpoint import checkpoint_dir
 from childtune.config import TrainConfig
 from childtune.fileio import write_json
+from childtune.report import partial_dir
 from childtune.train import Callback
 
 if TYPE_CHECKING:
@@ -284,7 +286,10 @@ def run_cells(study: StudyConfig, run: Callable[..., dict[str, Any]] | None = No
             config = config_of[cell]
             if folder.exists():  # metrics.json missing: not a finished run of ours (e.g. no transfer.json)
                 config = replace(config, overwrite=True)
-            metrics = run(config, callbacks)
+            if checkpoint_dir(partial_dir(folder)) is not None:  # killed after a checkpoint: go on from there
+                metrics = run(config, callbacks, resume=True)
+            else:
+                metrics = run(config, callbacks)
         records.append(Record(cell, metrics))
     bar.close()
     if progress and done:
