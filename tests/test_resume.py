@@ -146,6 +146,21 @@ def interrupt_and_resume(files: dict, folder: Path, method: str, crash_at: int) 
     assert not (folder / "checkpoint").exists()  # a finished run drops its checkpoint
 
 
+def test_resumed_runs_log_has_each_step_once(tiny_run, tmp_path):
+    """Steps 5..7 ran after the checkpoint at 4 and are replayed on resume: their records are cut back."""
+    from childtune.train import train
+
+    out = tmp_path / "run"
+    config = run_config(tiny_run, "child-f", log_every=1, output=str(out))
+    with pytest.raises(Crash):
+        train(config, [Checkpointer(4), CrashAt(7)])
+    with (tmp_path / ".run.partial" / "metrics.jsonl").open("a") as log:
+        log.write('{"step": 8, "lo')  # a line torn by the crash
+    train(config, [Checkpointer(4, resume=True)], resume=True)
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 11))
+
+
 @pytest.mark.parametrize(("method", "crash_at"), [("child-f", 3), ("child-d", 5), ("id3", 4), ("full", 7)])
 def test_interrupted_run_resumes_bit_identical(tiny_run, tmp_path, method, crash_at):
     """Mid-epoch (3, 4, 7) and at an epoch boundary (5): weights, optimizer, strategy state, scheduler,
@@ -398,6 +413,10 @@ def test_cli_resume_after_sigkill_matches_the_uninterrupted_run(tiny_run, tmp_pa
     assert main(["train", "--resume", str(run)]) == 0
     assert not partial.exists() and not (run / "checkpoint").exists()
     assert json.loads((run / "metrics.json").read_text())["steps"] == 100
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    every = TrainConfig.log_every  # each step's record once: the replayed steps' records were cut back
+    assert [r["step"] for r in log if "loss" in r] == list(range(every, 101, every))
+    assert [(r["eval"], r["step"]) for r in log if "eval" in r] == [("dev", 100)]
     whole = Final()
     config = TrainConfig.load_json(run / "config.json")
     train(TrainConfig(**{**config.to_dict(), "output": None, "metric_extra": ()}), [whole])

@@ -255,6 +255,7 @@ def snapshot(state: Any) -> dict[str, Any]:
         "epoch": state.epoch,
         "batch": state.batch,
         "skipped": state.skipped,
+        "log_mark": state.log.mark() if state.log is not None else None,
         "config": state.config.to_dict(),
         "rng": capture_rng(),
     }
@@ -273,6 +274,8 @@ def restore(state: Any, saved: Mapping[str, Any]) -> None:
     state.scheduler.load_state_dict(saved["scheduler"])
     state.step, state.epoch, state.batch = saved["step"], saved["epoch"], saved["batch"]
     state.skipped = saved.get("skipped", 0)
+    if state.log is not None:
+        state.log.rewind(saved.get("log_mark"))
     restore_rng(saved["rng"])
     state.resumed = True
 

@@ -46,6 +46,16 @@ class MetricsLog:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
 
+    def mark(self) -> int | None:
+        """Where the file ends now: a checkpoint keeps it so that a resume can `rewind` to it."""
+        return self._file.tell() if self._file else None
+
+    def rewind(self, mark: int | None) -> None:
+        """Cut the file back to `mark`: a resumed run replays the steps after its checkpoint, and their
+        records (and a line torn by the crash) must not appear twice."""
+        if self._file and mark is not None:
+            self._file.truncate(mark)  # appends then continue from the new end (the file is in append mode)
+
     def close(self) -> None:
         if self._file:
             self._file.close()

@@ -272,6 +272,7 @@ class TrainState:
     strategy: Strategy
     config: TrainConfig
     workdir: Path | None
+    log: MetricsLog | None = None
     step: int = 0  # optimizer updates done
     epoch: int = 0  # current epoch
     batch: int = 0  # batches of the current epoch already consumed
@@ -315,7 +316,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *, resume: bo
     scheduler = linear_schedule(optimizer, round(config.warmup * total_steps), total_steps)
 
     with folder or _NoFolder() as workdir, MetricsLog(workdir / "metrics.jsonl" if workdir else None) as log:
-        state = TrainState(model, optimizer, scheduler, strategy, config, workdir)
+        state = TrainState(model, optimizer, scheduler, strategy, config, workdir, log)
         if workdir:
             config.save_json(workdir / "config.json")
         for cb in callbacks:
