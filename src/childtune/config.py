@@ -235,7 +235,8 @@ METHODS: dict[str, Method] = {
     # 1% of the weights need a 10x larger step (Xu & Zhang, 2024); measured on mr (1,000 examples, dev
     # accuracy, seeds 1 and 2): 0.797 / 0.776 at lr 1e-2 against 0.590 / 0.600 at 1e-3.
     "random": Method(1e-2, True, lambda c, t, n: RandomMasking(c.reserve_p, seed=c.seed), reserve_p=0.01),
-    "id3": Method(1e-3, True, lambda c, t, n: ID3(c.id3_budget, t, eps=c.id3_eps, exp=c.id3_exp)),
+    # mr dev accuracy, seeds 1 and 2, budget 0.5%: 0.758 / 0.754 at lr 5e-3 against 0.750 / 0.746 at 1e-3.
+    "id3": Method(5e-3, True, lambda c, t, n: ID3(c.id3_budget, t, eps=c.id3_eps, exp=c.id3_exp)),
     "gradual": Method(1e-4, True, _gradual),
     "lora": Method(1e-3, False, lambda c, t, n: FullFineTuning(), adapter="lora"),
 }

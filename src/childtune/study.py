@@ -57,7 +57,7 @@ PAPER_GRID: Grid = {
     "child-d": {"reserve_p": (0.1, 0.2, 0.3), "lr": (2e-5, 5e-5, 1e-4)},
     # Random masking and ID3 update a small fraction of the weights and need much larger steps.
     "random": {"reserve_p": (0.01,), "lr": (1e-3, 5e-3, 1e-2)},
-    "id3": {"id3_budget": (0.005,), "lr": (5e-4, 1e-3, 2e-3)},
+    "id3": {"id3_budget": (0.005,), "lr": (1e-3, 2e-3, 5e-3)},
     "gradual": {"lr": (2e-5, 5e-5, 1e-4)},
     "lora": {"lora_rank": (8,), "lr": (2e-4, 5e-4, 1e-3)},
 }
