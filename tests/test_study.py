@@ -16,6 +16,7 @@ from scipy import stats
 from childtune import analysis
 from childtune.config import TrainConfig
 from childtune.fileio import write_json
+from childtune.report import partial_dir
 from childtune.stats import holm, paired_test
 from childtune.study import (
     DEFAULT_GRID,
@@ -207,8 +208,8 @@ def test_study_resumes_and_keeps_hand_written_findings(tmp_path):
     # a cell killed after writing a checkpoint goes on from it instead of starting over
     lost = Path(first.calls[5].output)
     (lost / "metrics.json").unlink()
-    (lost.parent / f".{lost.name}.partial" / "checkpoint").mkdir(parents=True)
-    (lost.parent / f".{lost.name}.partial" / "checkpoint" / "meta.json").write_text("{}")
+    (partial_dir(lost) / "checkpoint").mkdir(parents=True)
+    (partial_dir(lost) / "checkpoint" / "meta.json").write_text("{}")
     fourth = FakeTrain()
     run_study(study, run=fourth, results=results, progress=False)
     assert fourth.resumed == [str(lost)]

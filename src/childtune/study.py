@@ -3,7 +3,8 @@
 A grid of (task, method, hyper-parameters, seed) cells, each one ordinary `train.train` run in its own
 folder `runs/<task>/<method>/<config>/seed<k>/`. A cell whose `metrics.json` exists is done and is read
 back, never retrained, so a study killed after hours resumes where it stopped (a cell killed half way
-left only a hidden `.partial` folder, which the next attempt replaces). This is `report.compare` made
+left only a hidden `.partial` folder: the next attempt resumes it from its checkpoint if it has one,
+else replaces it). This is `report.compare` made
 resumable per cell and extended with hyper-parameter selection and paired tests; the tables, plots
 and Markdown report are written by `childtune.study_report`.
 
