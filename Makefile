@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# ruff for the code, lint-imports for the architecture (the contracts in pyproject.toml).
 lint: install
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 # pytest exits 5 when it collects nothing: that is a failure here too.
 test: install lint

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from childtune import ChildOptimizer, ChildTuningAdamW
 from childtune.fileio import atomic_write
 from childtune.masks import top_fraction
-from childtune.sparse_optim import SparseChildAdamW, state_bytes
+from childtune.optim.sparse import SparseChildAdamW, state_bytes
 from childtune.strategies import (
     ID3,
     ChildTuningD,
@@ -82,7 +82,7 @@ class Section:
 def load_model():
     from transformers import AutoModelForSequenceClassification
 
-    from childtune.assets import model_path
+    from childtune.data.assets import model_path
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -184,10 +184,10 @@ def token_batch(model, batch: int = 16, length: int = 128) -> dict[str, torch.Te
 def fisher_section(model, args) -> tuple[Section, dict[str, torch.Tensor]]:
     from transformers import AutoTokenizer
 
-    from childtune.assets import model_path
-    from childtune.data import make_collate
+    from childtune.data.assets import model_path
+    from childtune.data.batching import make_collate
+    from childtune.data.tasks import load_task
     from childtune.fisher import VmapFallbackWarning, fisher_information
-    from childtune.tasks import load_task
 
     n = 1000
     data = load_task("mr", train_size=n)
@@ -412,7 +412,7 @@ def _state_row(section: Section, name: str, opt, full: int, p: float | None) -> 
 
 def delta_section(model) -> Section:
     from childtune.delta import SparseDelta
-    from childtune.strategies import HEAD
+    from childtune.layers import HEAD
 
     base = {n: t.detach().clone() for n, t in model.state_dict().items()}
     section = Section(

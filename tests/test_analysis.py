@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.spatial.distance import jaccard as scipy_jaccard_distance
 
-from childtune.analysis import (
+from childtune.study.analysis import (
     analyze,
     chance_jaccard,
     jaccard,

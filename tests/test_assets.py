@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from childtune import assets
-from childtune.assets import ASSETS, Asset, AssetError
+from childtune.data import assets
+from childtune.data.assets import ASSETS, Asset, AssetError
 
 
 @pytest.fixture

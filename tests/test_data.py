@@ -15,11 +15,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from childtune import assets, data, metrics, tasks
-from childtune.data import DataError, TaskSpec
-from childtune.metrics import compute_metrics
-from childtune.tasks import TASKS, load_task
-from childtune.userfiles import load_files
+from childtune.data import assets, tasks
+from childtune.data import batching as data
+from childtune.data.metrics import compute_metrics
+from childtune.data.tasks import TASKS, load_task
+from childtune.data.types import DataError, TaskSpec
+from childtune.data.userfiles import load_files
 
 
 def texts(split):
@@ -355,8 +356,8 @@ def test_metric_inputs_are_checked():
 
 
 def test_primary_metric_is_the_specs():
-    assert metrics.primary_metric(TASKS["spam"]) == "f1"
-    assert metrics.primary_metric(TASKS["vader-movie"]) in compute_metrics(
+    assert TASKS["spam"].metric == "f1"
+    assert TASKS["vader-movie"].metric in compute_metrics(
         REGRESSION, [1.0, 2.0, 0.0], [1, 3, 0]
     )
 
@@ -368,7 +369,7 @@ def test_primary_metric_is_the_specs():
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from childtune.assets import model_path
+    from childtune.data.assets import model_path
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")

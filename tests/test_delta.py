@@ -18,16 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import BertForSequenceClassification
 
-from childtune.delta import (
-    CONFIG_FILE,
-    TENSORS_FILE,
-    DeltaError,
-    SparseDelta,
-    encoded_bytes,
-    fingerprint,
-    merge,
-)
-from childtune.indexcodec import choose_encoding, decode_indices, encode_indices
+from childtune.delta import CONFIG_FILE, TENSORS_FILE, DeltaError, SparseDelta, encoded_bytes, fingerprint, merge
+from childtune.delta.indexcodec import choose_encoding, decode_indices, encode_indices
 
 HEAD_NAMES = ("classifier.weight", "classifier.bias")
 

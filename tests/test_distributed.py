@@ -1,6 +1,6 @@
 """DDP on CPU (gloo): every rank trains the same child network, and matches a single process.
 
-One `torchrun` job of two ranks (started through `childtune.distributed.launch`, running this file as
+One `torchrun` job of two ranks (started through `childtune.training.distributed.launch`, running this file as
 its script) trains a tiny BERT with Child-Tuning_F, Child-Tuning_D and ID3 under DDP, once more through
 Accelerate, and tries to train under FSDP; each rank saves what it ended with. The tests compare the
 ranks with each other and with the same loop run here in one process on the same global batches.
@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from childtune import ID3, ChildOptimizer, ChildTuningD, ChildTuningF
-from childtune import distributed as D
 from childtune.fisher import fisher_information
+from childtune.training import distributed as D
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the torchrun ranks run this file as a script
@@ -310,8 +310,8 @@ def test_cli_nproc_2_trains_like_one_process(tmp_path, capfd):
     import safetensors.torch
 
     from childtune.cli import main
-    from childtune.config import TrainConfig
-    from childtune.train import train
+    from childtune.training.config import TrainConfig
+    from childtune.training.loop import train
 
     train_file, dev_file = write_task(tmp_path)
     files = {"model": str(write_tiny_model(tmp_path / "model", dropout=0.0)), "train_file": str(train_file),

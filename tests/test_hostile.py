@@ -166,7 +166,7 @@ def all_finite(optimizer) -> bool:
 
 @pytest.mark.parametrize("where", ["loss", "gradient"])
 def test_nonfinite_step_is_skipped_without_touching_weights(tiny_run, where):
-    from childtune.train import train
+    from childtune.training.loop import train
 
     poison = Poison(where, batch=2)
     metrics = train(run_config(tiny_run, "child-f", nonfinite="skip", epochs=1), [poison])
@@ -179,7 +179,7 @@ def test_nonfinite_step_is_skipped_without_touching_weights(tiny_run, where):
 
 @pytest.mark.parametrize("where", ["loss", "gradient"])
 def test_nonfinite_step_stops_with_a_clear_error_and_intact_weights(tiny_run, where):
-    from childtune.train import TrainError, train
+    from childtune.training.loop import TrainError, train
 
     poison = Poison(where, batch=2)
     with pytest.raises(TrainError, match=f"non-finite {where}.*--nonfinite skip"):
@@ -195,7 +195,7 @@ def test_nonfinite_step_stops_with_a_clear_error_and_intact_weights(tiny_run, wh
 @pytest.fixture(scope="module")
 def strict_run(tmp_path_factory, tiny_run) -> Path:
     """A finished child-d run (strict, so it saved a sparse delta) to tamper with."""
-    from childtune.train import train
+    from childtune.training.loop import train
 
     output = tmp_path_factory.mktemp("strict") / "run"
     train(run_config(tiny_run, "child-d", epochs=1, output=str(output)))

@@ -1,7 +1,7 @@
 """Resumable runs: atomic checkpoints, and an interrupted run that ends bit-identical to an uninterrupted one.
 
 The runs train a tiny BERT saved to a folder (with dropout on, so the RNG state matters) on a small CSV
-task through the real loop, `childtune.train.train`, with `checkpoint.Checkpointer` as its callback.
+task through the real loop, `childtune.training.loop.train`, with `checkpoint.Checkpointer` as its callback.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from childtune import checkpoint as ckpt
-from childtune.checkpoint import Checkpointer, CheckpointError, load_checkpoint, save_checkpoint
+from childtune.training import checkpoint as ckpt
+from childtune.training.checkpoint import Checkpointer, CheckpointError, load_checkpoint, save_checkpoint
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -78,7 +78,7 @@ def tiny_run(tmp_path_factory) -> dict:
 
 
 def run_config(tiny_run: dict, method: str, **overrides):
-    from childtune.config import TrainConfig
+    from childtune.training.config import TrainConfig
 
     settings = dict(tiny_run, task=None, method=method, epochs=2, batch_size=4, eval_batch_size=8, seed=3,
                     lr=1e-2, id3_budget=0.05, max_length=16, progress=False, warmup=0.2)
@@ -127,7 +127,7 @@ def assert_same_params(a: dict, b: dict) -> None:
 
 def interrupt_and_resume(files: dict, folder: Path, method: str, crash_at: int) -> None:
     """Crash after a checkpoint at `crash_at`, resume, and compare with an uninterrupted run."""
-    from childtune.train import train
+    from childtune.training.loop import train
 
     config = run_config(files, method)
     whole = Final()
@@ -148,7 +148,7 @@ def interrupt_and_resume(files: dict, folder: Path, method: str, crash_at: int) 
 
 def test_resumed_runs_log_has_each_step_once(tiny_run, tmp_path):
     """Steps 5..7 ran after the checkpoint at 4 and are replayed on resume: their records are cut back."""
-    from childtune.train import train
+    from childtune.training.loop import train
 
     out = tmp_path / "run"
     config = run_config(tiny_run, "child-f", log_every=1, output=str(out))
@@ -169,7 +169,7 @@ def test_interrupted_run_resumes_bit_identical(tiny_run, tmp_path, method, crash
 
 
 def test_resume_refuses_different_settings(tiny_run, tmp_path):
-    from childtune.train import train
+    from childtune.training.loop import train
 
     with pytest.raises(Crash):
         train(run_config(tiny_run, "id3"), [Checkpointer(2, directory=tmp_path), CrashAt(2)])
@@ -178,7 +178,7 @@ def test_resume_refuses_different_settings(tiny_run, tmp_path):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_run, tmp_path):
-    from childtune.train import train
+    from childtune.training.loop import train
 
     with pytest.raises(CheckpointError, match="nothing to resume"):
         train(run_config(tiny_run, "full"), [Checkpointer(2, resume=True, directory=tmp_path)])
@@ -186,9 +186,9 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_run, tmp_path):
 
 KILLED = textwrap.dedent("""
     import json, sys, time
-    from childtune.checkpoint import Checkpointer
-    from childtune.config import TrainConfig
-    from childtune.train import train
+    from childtune.training.checkpoint import Checkpointer
+    from childtune.training.config import TrainConfig
+    from childtune.training.loop import train
 
     class Hang:  # holds the run after `step` so the test can kill it at a known point
         def on_start(self, state): pass
@@ -205,7 +205,7 @@ KILLED = textwrap.dedent("""
 
 def test_sigkilled_run_resumes_bit_identical(tiny_run, tmp_path):
     """A real process, killed with SIGKILL (no cleanup, no finally), then resumed here."""
-    from childtune.train import train
+    from childtune.training.loop import train
 
     config = run_config(tiny_run, "id3")
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in config.to_dict().items()}
@@ -389,8 +389,8 @@ def test_cli_resume_after_sigkill_matches_the_uninterrupted_run(tiny_run, tmp_pa
     import safetensors.torch
 
     from childtune.cli import main
-    from childtune.config import TrainConfig
-    from childtune.train import train
+    from childtune.training.config import TrainConfig
+    from childtune.training.loop import train
 
     run, partial = tmp_path / "run", tmp_path / ".run.partial"
     argv = ["train", "--model", tiny_run["model"], "--train", tiny_run["train_file"], "--dev", tiny_run["dev_file"],

@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from childtune import ChildOptimizer
-from childtune.sparse_optim import SparseChildAdamW, state_bytes
+from childtune.optim.sparse import SparseChildAdamW, state_bytes
 from childtune.strategies import ID3, ChildTuningD, ChildTuningF, GradualUnfreezing, RandomMasking
-from childtune.strategies.fixed import FixedStrategy
+from childtune.strategies.chosen import ChosenStrategy
 
 LR, BETAS, EPS, WD = 1e-2, (0.9, 0.999), 1e-8, 0.1
 SHAPES = {"layer.0.w": (40, 30), "layer.0.b": (30,), "layer.1.w": (4, 5, 6), "classifier.w": (3, 4)}
 
 
 @dataclass
-class Given(FixedStrategy):
+class Given(ChosenStrategy):
     """A fixed child network handed in directly (what Child-Tuning_D's Fisher step would produce)."""
 
     given: dict = field(default_factory=dict, repr=False)
@@ -29,8 +29,8 @@ class Given(FixedStrategy):
 
 
 @dataclass
-class Shrinking(FixedStrategy):
-    grows = True
+class Shrinking(ChosenStrategy):
+    kind = "growing"
 
     def masks(self, step: int):
         keep = step == 0
@@ -273,8 +273,8 @@ def test_bias_correction_of_a_late_joiner_starts_at_one():
     named = {"layer.0.w": torch.nn.Parameter(torch.zeros(2))}
 
     @dataclass
-    class Late(FixedStrategy):
-        grows = True
+    class Late(ChosenStrategy):
+        kind = "growing"
 
         def masks(self, step):
             return {"layer.0.w": torch.tensor([True, step >= 20])}

@@ -13,24 +13,17 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from childtune import analysis
-from childtune.config import TrainConfig
+from childtune.cli import add_analyze_arguments, add_study_arguments
+from childtune.cli.commands import cmd_analyze, study_from_args
 from childtune.fileio import write_json
-from childtune.report import partial_dir
-from childtune.stats import holm, paired_test
-from childtune.study import (
-    DEFAULT_GRID,
-    PAPER_GRID,
-    Cell,
-    StudyConfig,
-    StudyError,
-    add_arguments,
-    configs,
-    from_args,
-    plan,
-    run_study,
-)
-from childtune.study_report import results_table, select
+from childtune.study import analysis
+from childtune.study.plan import DEFAULT_GRID, PAPER_GRID, Cell, StudyConfig, StudyError, configs, plan
+from childtune.study.report import results_table, select
+from childtune.study.run import run_study
+from childtune.study.stats import holm, paired_test
+from childtune.study.transfer import target_examples
+from childtune.training.config import TrainConfig
+from childtune.training.runfolder import partial_dir
 
 # ---------------------------------------------------------------------------------------------- statistics
 
@@ -105,7 +98,8 @@ def fake_scores(method: str, lr: float, seed: int) -> tuple[float, float]:
 
 
 class FakeTrain:
-    """Stands in for `train.train`: writes a run folder with metrics.json (and transfer.json when asked)."""
+    """Stands in for `train`: writes a run folder with its resolved config.json and metrics.json (and
+    transfer.json when asked), as the real loop does."""
 
     def __init__(self):
         self.calls: list[TrainConfig] = []
@@ -122,6 +116,7 @@ class FakeTrain:
                    "train_time_s": 1.0}
         folder = Path(config.output)
         folder.mkdir(parents=True, exist_ok=True)
+        config.resolved().save_json(folder / "config.json")
         write_json(folder / "metrics.json", metrics)
         if callbacks:
             metrics["transfer"] = {"other": {"accuracy": test - 0.1}}
@@ -219,8 +214,8 @@ def test_partial_study_reports_what_is_not_yet_run(tmp_path):
     study = fake_study(tmp_path, transfer=False, seeds=(1, 2))
     fake = FakeTrain()
     run_study(replace(study, seeds=(1,)), run=fake, progress=False)
-    from childtune.study import Record, plan
-    from childtune.study_report import coverage
+    from childtune.study.plan import Record, plan
+    from childtune.study.report import coverage
 
     records = [Record(c, fake(replace(TrainConfig(task=c.task), method=c.method, seed=c.seed, lr=dict(c.overrides)
                                       ["lr"], output=str(tmp_path / "x" / str(i)))))
@@ -309,19 +304,19 @@ def test_tiny_slice_trains_resumes_transfers_and_analyses(tmp_path, tiny_model_d
 
     # the same runs through the entry point of `childtune analyze`
     runs = tmp_path / "study" / "runs" / "movies"
-    parser = analysis.add_arguments(argparse.ArgumentParser())
+    parser = add_analyze_arguments(argparse.ArgumentParser())
     args = parser.parse_args([str(runs / "child-d" / "p0.3" / "seed1"), f"other={runs / 'child-d' / 'p0.3' / 'seed2'}",
                               "--output", str(tmp_path / "cli-analysis")])
     assert list(analysis.parse_inputs(args.inputs)) == ["train child-d s1", "other"]
-    assert analysis.run_from_args(args) == 0
+    assert cmd_analyze(args) == 0
     assert "| train child-d s1 |" in (tmp_path / "cli-analysis" / "analysis.md").read_text()
 
 
 def test_study_options_build_the_study(tmp_path):
-    parser = add_arguments(argparse.ArgumentParser())
+    parser = add_study_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--tasks", "mr,subj", "--methods", "full,child-d", "--seeds", "1-3", "--grid",
                               "defaults", "--no-transfer", "--output", str(tmp_path / "s")])
-    study = from_args(args, TrainConfig(epochs=2))
+    study = study_from_args(args, TrainConfig(epochs=2))
     assert (study.tasks, study.methods, study.seeds) == (("mr", "subj"), ("full", "child-d"), (1, 2, 3))
     assert study.grid == DEFAULT_GRID and not study.transfer and study.train_size == 1000
     assert study.base.epochs == 2 and study.base.progress is False
@@ -329,10 +324,10 @@ def test_study_options_build_the_study(tmp_path):
 
 
 def test_grid_option_takes_a_json_subset_of_the_paper_grid():
-    parser = add_arguments(argparse.ArgumentParser())
+    parser = add_study_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--grid", '{"child-d": {"reserve_p": [0.3], "lr": [0.0001]}}', "--methods",
                               "full,child-d", "--tasks", "mr", "--seeds", "1", "--no-transfer"])
-    cells = plan(from_args(args, TrainConfig()))
+    cells = plan(study_from_args(args, TrainConfig()))
     assert [c.label for c in cells] == ["default", "lr0.0001-p0.3"]
     assert cells[1].label in {Cell("main", "mr", "child-d", c, 1).label for c in configs(PAPER_GRID, "child-d")}
     with pytest.raises(SystemExit):
@@ -340,23 +335,22 @@ def test_grid_option_takes_a_json_subset_of_the_paper_grid():
 
 
 def test_transfer_targets_must_share_the_source_labels(tmp_path):
-    from childtune.data import TaskSpec
-    from childtune.study import _target
+    from childtune.data.types import TaskSpec
 
     source = TaskSpec("src", "classification", 2, ("0", "1"), "accuracy")
     good = write_task(tmp_path / "good.csv", 6, "book", 1)
-    spec, examples = _target(str(good), source)
+    spec, examples = target_examples(str(good), source)
     assert (spec.name, spec.metric, len(examples)) == ("good", "accuracy", 6)
     (tmp_path / "words.csv").write_text("text,label\nthe book,neg\nthe film,pos\n")
     with pytest.raises(StudyError, match="labels"):
-        _target(str(tmp_path / "words.csv"), source)
+        target_examples(str(tmp_path / "words.csv"), source)
     with pytest.raises(StudyError, match="neither a built-in task nor a file"):
-        _target(str(tmp_path / "missing.csv"), source)
+        target_examples(str(tmp_path / "missing.csv"), source)
 
 
 def test_fisher_against_id3_is_one_markdown_table(tmp_path):
     """A blank line inside a Markdown table ends it: the rows would render as loose text."""
-    from childtune.study_report import _analysis_section
+    from childtune.study.report import _analysis_section
 
     (tmp_path / "analysis.md").write_text("# Analysis\n\n## Per layer\n\n| a |\n|---|\n| 1 |\n")
     text = _analysis_section({"analysis": tmp_path / "analysis.md"}, [["mr", "1", "0.0152", "0.0074"],

@@ -19,23 +19,17 @@ from transformers import (
     BertTokenizerFast,
 )
 
-from childtune.config import METHODS, ConfigError, TrainConfig, build_strategy
-from childtune.data import make_collate
+from childtune.data.batching import make_collate
+from childtune.data.userfiles import load_files
 from childtune.delta import SparseDelta
-from childtune.optim import ChildOptimizer
-from childtune.report import RunExistsError, RunFolder
+from childtune.optim.masked import ChildOptimizer
 from childtune.strategies import ID3, ChildTuningD, ChildTuningF, FullFineTuning, GradualUnfreezing, RandomMasking
-from childtune.train import (
-    Callback,
-    TrainError,
-    TrainState,
-    _step,
-    apply_delta,
-    evaluate,
-    export_delta,
-    train,
-)
-from childtune.userfiles import load_files
+from childtune.training.config import ConfigError, TrainConfig, build_strategy
+from childtune.training.evaluate import evaluate
+from childtune.training.export import apply_delta, export_delta
+from childtune.training.loop import Callback, TrainError, TrainState, _step, train
+from childtune.training.methods import METHODS
+from childtune.training.runfolder import RunExistsError, RunFolder
 
 WORDS = [f"w{i}" for i in range(40)]
 LABELS = ("neg", "pos")
@@ -141,7 +135,7 @@ def test_full_run_learns_and_writes_its_files(tiny_task, tmp_path):
     assert json.loads((out / "metrics.json").read_text()) == metrics
     saved = TrainConfig.load_json(out / "config.json")
     assert saved == replace(tiny_config(tiny_task, method="full", output=str(out), metric_extra=("mcc",)),
-                            strict=False, reserve_p=None)
+                            strict=False, reserve_p=None, rest="freeze")
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
     assert [r["step"] for r in steps] == list(range(10, metrics["steps"] + 1, 10))
@@ -299,7 +293,7 @@ def test_refuses_existing_output_before_doing_any_work(tiny_task, tmp_path, monk
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.json").write_text("{}")
-    monkeypatch.setattr("childtune.train.load_data", lambda c: pytest.fail("loaded data for a refused run"))
+    monkeypatch.setattr("childtune.training.loop.load_data", lambda c: pytest.fail("loaded data for a refused run"))
     with pytest.raises(RunExistsError):
         train(tiny_config(tiny_task, output=str(out)))
 
@@ -323,7 +317,7 @@ def test_strict_fixed_child_network_skips_gradients_of_wholly_frozen_weights(tin
 def test_position_limit_reserves_roberta_padding_slots(tiny_bert):
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    from childtune.train import position_limit
+    from childtune.training.models import position_limit
 
     roberta = RobertaForSequenceClassification(RobertaConfig(
         vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,

@@ -4,7 +4,8 @@ The data path: choose a child network (`childtune.strategies`) -> mask gradients
 (`ChildOptimizer`, `ChildTuningAdamW`) -> train -> save a sparse delta -> evaluate and analyse.
 """
 
-from childtune.optim import ChildOptimizer, ChildTuningAdamW
+from childtune.optim.authors import ChildTuningAdamW
+from childtune.optim.masked import ChildOptimizer
 from childtune.strategies import (
     ID3,
     ChildTuningD,

@@ -18,14 +18,11 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from childtune import distributed
-from childtune.optim import ChildOptimizer
+from childtune.optim.masked import ChildOptimizer
 from childtune.strategies import Strategy
-
-
-def needs_data(strategy: Strategy) -> bool:
-    """Whether the strategy does work in `prepare` (today: Child-Tuning_D's Fisher estimate)."""
-    return type(strategy).prepare is not Strategy.prepare
+from childtune.training import distributed
+from childtune.training.params import no_decay as default_no_decay
+from childtune.training.params import param_groups
 
 
 def create_optimizer(
@@ -43,17 +40,12 @@ def create_optimizer(
     """A `ChildOptimizer` for `model`'s trainable parameters, the strategy prepared on `batches` if needed.
 
     `no_decay` names parameters (exact names) that get no weight decay; by default biases and norm
-    weights, as the Trainer does.
+    weights (`childtune.training.params.no_decay`, the rule the training loop uses too).
     """
-    from childtune.train import param_groups
-
-    if no_decay is None:
-        groups = param_groups(model, weight_decay, lambda n: "bias" in n or "norm" in n.lower())
-    else:
-        skip = set(no_decay)
-        groups = param_groups(model, weight_decay, skip.__contains__)
+    rule = default_no_decay if no_decay is None else set(no_decay).__contains__
+    groups = param_groups(model, weight_decay, rule)
     opt = ChildOptimizer(groups, strategy, optimizer, strict=strict, lr=lr, **optimizer_kwargs)
-    if needs_data(strategy):
+    if strategy.needs_data:
         if batches is None:
             raise ValueError(f"{type(strategy).__name__} chooses its child network from data: pass batches=")
         strategy.prepare(model, batches)
@@ -83,7 +75,7 @@ class ChildTuningTrainer(Trainer):
             decay = set(self.get_decay_parameter_names(model))
             no_decay = [n for n, p in model.named_parameters() if p.requires_grad and n not in decay]
             batches = None
-            if needs_data(self.strategy):
+            if self.strategy.needs_data:
                 batches = self.fisher_batches if self.fisher_batches is not None else self.get_train_dataloader()
             self.optimizer = create_optimizer(
                 model, self.strategy, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,

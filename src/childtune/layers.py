@@ -65,3 +65,13 @@ def parameter_type(name: str) -> str:
         if pattern.search(name):
             return label
     return "other"
+
+
+HEAD = ("classifier", "score")
+"""Name fragments of task heads. They are newly initialised per task, so the masking strategies train
+them in full, a sparse delta stores them whole, and the analysis leaves them out of every share."""
+
+
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    """Whether any of `patterns` (name fragments) occurs in `name`."""
+    return any(p in name for p in patterns)

@@ -1,29 +1,36 @@
-"""The one small interface every way of choosing a child network implements.
+"""The protocol every way of choosing a child network implements, and what callers may rely on.
 
-A strategy answers a single question for the optimizer: *at this step, which elements of each
-parameter may change?* Fixed strategies (Child-Tuning_D, random masking) answer it once; dynamic ones
-(Child-Tuning_F, ID3, gradual unfreezing) answer it anew each step, possibly from the gradients the
-backward pass just produced. Keeping the answer in one form (see `childtune.masks`) is what lets any
-strategy drive any optimizer, save as a sparse delta, and feed the analysis.
+A strategy answers one question for the optimizer: *at this step, which elements of each parameter may
+change?* It also declares, as data, everything the rest of childtune needs to know about it, so no
+module outside `childtune.strategies` ever tests a strategy's type:
+
+* `kind`: how its masks change over training. `"fixed"` (chosen once: Child-Tuning_D, random
+  masking, and full fine-tuning's empty masks), `"growing"` (elements join, never leave: ID3, gradual
+  unfreezing) or `"per_step"` (a fresh draw every step: Child-Tuning_F). Fixed and growing child
+  networks are what a sparse optimizer can keep moments for, and what a sparse delta stores exactly.
+* `needs_data`: whether `prepare(model, batches)` must run on training data first (Fisher scores).
+* `final_masks(steps)`: the run's child network once training is done (None for a per-step draw),
+  which the training loop counts, saves and analyses.
+* `budget_scope()`: the parameters a size such as p or ID3's budget is a share of.
+* `untouched()`: parameters a fixed child network leaves out entirely, which need no gradient at all.
+
+Keeping the answer itself in one form (`childtune.masks`: name -> bool tensor) is what lets any strategy
+drive any optimizer, save as a sparse delta, and feed the analysis. Adding a method is one module here
+and one line in `childtune.training.methods.METHODS` (see docs/architecture.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from childtune.layers import in_layer
+from childtune.layers import HEAD, in_layer, matches
 from childtune.masks import Masks
 
-HEAD = ("classifier", "score")
-"""Name fragments of task heads: newly initialised, so always trained in full by masking strategies."""
-
-
-def matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(p in name for p in patterns)
+NetworkKind = Literal["fixed", "growing", "per_step"]
 
 
 def in_scope(name: str, scope: str) -> bool:
@@ -39,7 +46,7 @@ def in_scope(name: str, scope: str) -> bool:
 class Strategy:
     """Base class: a dataclass whose init fields are its config, so every run can be saved and rerun.
 
-    Subclasses override `masks` and, when they need data or parameters up front, `prepare`.
+    Subclasses set `kind` (and `needs_data` when `prepare` needs batches) and override `masks`.
     `always` names parameters (by substring) that are never masked, such as the task head.
     """
 
@@ -48,8 +55,11 @@ class Strategy:
     """Factor applied to kept gradients (1/p for Child-Tuning_F, so the expected gradient is unbiased)."""
     params: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
-    fixed = True
-    """True when masks, once prepared, never change: optimizers may then cache or sparsify them."""
+    kind: ClassVar[NetworkKind] = "fixed"
+    """How the masks change: once chosen (`fixed`), only ever adding elements (`growing`), or drawn anew
+    every step (`per_step`). Optimizers cache, sparsify or refuse on this alone."""
+    needs_data: ClassVar[bool] = False
+    """True when `prepare(model, batches)` must see training data before the first step."""
 
     def bind(self, named_params: Mapping[str, torch.Tensor]) -> None:
         """Remember the parameters this strategy chooses among (called by the optimizer)."""
@@ -65,9 +75,27 @@ class Strategy:
         """
         raise NotImplementedError
 
+    def final_masks(self, steps: int) -> Masks | None:
+        """The child network a run of `steps` updates ended with; None when there is no single one
+        (a per-step draw). Names absent from it were trained in full."""
+        if self.kind == "per_step":
+            return None
+        return self.masks(max(steps - 1, 0))
+
+    def untouched(self) -> list[str]:
+        """Parameters a fixed child network leaves out entirely (all-False masks): with strict masking
+        they never change, so they need no gradient. Empty for any other kind."""
+        if self.kind != "fixed":
+            return []
+        return [n for n, m in self.masks(0).items() if not bool(m.any())]
+
     def maskable(self) -> dict[str, torch.Tensor]:
         """The bound parameters that are not in `always`."""
         return {n: p for n, p in self.params.items() if not matches(n, self.always)}
+
+    def budget_scope(self) -> dict[str, torch.Tensor]:
+        """The parameters a child-network size (p, a budget) is a share of: by default all maskable ones."""
+        return self.maskable()
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments, JSON-ready, so `type(s)(**s.config())` rebuilds the strategy."""

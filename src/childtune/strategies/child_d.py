@@ -9,21 +9,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from childtune.fisher import fisher_information
 from childtune.masks import check_probability, top_fraction
-from childtune.strategies.fixed import FixedStrategy
+from childtune.strategies.chosen import ChosenStrategy
 
 
 @dataclass
-class ChildTuningD(FixedStrategy):
+class ChildTuningD(ChosenStrategy):
     p: float
     scope: str = field(default="layers", kw_only=True)
     per_layer: bool = False
     per_example: bool = False
     num_samples: int | None = None
+
+    needs_data: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

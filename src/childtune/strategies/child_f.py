@@ -13,11 +13,12 @@ sampling noise of any real mask; `keep_probability` reports the exact value.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from childtune.masks import Masks, check_probability
-from childtune.strategies.base import Strategy
+from childtune.strategies.base import NetworkKind, Strategy
 
 _LANES = 4  # 16-bit lanes per int64 draw
 _MIX = 0x9E3779B97F4A7C15  # odd constant: spreads (seed, step) pairs over the seed space
@@ -37,7 +38,7 @@ class ChildTuningF(Strategy):
     generator: torch.Generator | None = field(default=None, repr=False, compare=False)
     always: tuple[str, ...] = field(default=(), kw_only=True)
 
-    fixed = False
+    kind: ClassVar[NetworkKind] = "per_step"
 
     def __post_init__(self) -> None:
         self.p = check_probability("reserve_p", self.p)

@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
+from typing import ClassVar
 
 import torch
 
 from childtune.layers import blocks
 from childtune.masks import Masks
-from childtune.strategies.base import Strategy
+from childtune.strategies.base import NetworkKind, Strategy
 
 
 @dataclass
@@ -26,7 +27,7 @@ class GradualUnfreezing(Strategy):
     schedule: int | Sequence[int]
     always: tuple[str, ...] = field(default=(), kw_only=True)
 
-    fixed = False
+    kind: ClassVar[NetworkKind] = "growing"
 
     def __post_init__(self) -> None:
         if isinstance(self.schedule, int):

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from childtune.masks import Masks, count, top_k
-from childtune.strategies.fixed import FixedStrategy
+from childtune.strategies.base import NetworkKind
+from childtune.strategies.chosen import ChosenStrategy
 
 
 @dataclass
-class ID3(FixedStrategy):
+class ID3(ChosenStrategy):
     """`budget` is a count of elements (an int) or a fraction of the scored elements (a float < 1)."""
 
     budget: int | float
@@ -31,7 +33,7 @@ class ID3(FixedStrategy):
     exp: float = 1.0
     rest: str = field(default="freeze", kw_only=True)
 
-    fixed = False
+    kind: ClassVar[NetworkKind] = "growing"
 
     def __post_init__(self) -> None:
         super().__post_init__()

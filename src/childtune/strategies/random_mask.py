@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 import torch
 
 from childtune.masks import check_probability, top_fraction
-from childtune.strategies.fixed import FixedStrategy
+from childtune.strategies.chosen import ChosenStrategy
 
 
 @dataclass
-class RandomMasking(FixedStrategy):
+class RandomMasking(ChosenStrategy):
     """Exactly round(p * n) elements, drawn from `seed` alone so every rank and resume agrees."""
 
     p: float

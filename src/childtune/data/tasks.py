@@ -34,8 +34,8 @@ import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from childtune import assets
-from childtune.data import SPLIT_SEED, DataError, Example, Label, TaskData, TaskSpec
+from childtune.data import assets
+from childtune.data.types import SPLIT_SEED, DataError, Example, Label, TaskData, TaskSpec
 
 DEV_FRACTION, DEV_CAP = 0.1, 1000
 TEST_FRACTION, TEST_CAP = 0.2, 2000

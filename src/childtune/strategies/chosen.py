@@ -1,7 +1,9 @@
-"""Shared plumbing for strategies whose child network is chosen once (or only ever grows).
+"""Shared plumbing for strategies whose child network is a set they hold: chosen once, or grown.
 
-Their state *is* the masks, so saving and restoring it is what makes such a run resumable and
-distributable: a resumed run, or another rank, gets the identical child network without re-estimating.
+Child-Tuning_D and random masking choose `chosen` once (`kind = "fixed"`); ID3 starts it empty and
+adds to it every step (`kind = "growing"`). Their state *is* the masks, so saving and restoring it
+is what makes such a run resumable and distributable: a resumed run, or another rank, gets the
+identical child network without re-estimating.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from childtune.strategies.base import Strategy, in_scope
 
 
 @dataclass(kw_only=True)
-class FixedStrategy(Strategy):
+class ChosenStrategy(Strategy):
     """A strategy whose masks live in `self.chosen`; `rest` says what happens outside `scope`.
 
     `rest="train"` gives unscored parameters their full gradient (the Child-Tuning authors' behaviour:
@@ -43,6 +45,17 @@ class FixedStrategy(Strategy):
             for name, param in self.maskable().items():
                 out.setdefault(name, torch.zeros_like(param, dtype=torch.bool))
         return out
+
+    def budget_scope(self) -> dict[str, torch.Tensor]:
+        return self.scored()
+
+    def final_masks(self, steps: int) -> Masks:
+        return self.chosen or {}
+
+    def untouched(self) -> list[str]:
+        if self.kind != "fixed" or not self.chosen:
+            return []
+        return [n for n, m in self.chosen.items() if not bool(m.any())]
 
     def masks(self, step: int) -> Masks:
         if self.chosen is None:

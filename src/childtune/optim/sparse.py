@@ -23,12 +23,16 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from childtune.optim import evaluate_closure, named_groups
-from childtune.strategies import GradualUnfreezing, Strategy
-from childtune.strategies.id3 import ID3
-
-GROWING = (ID3, GradualUnfreezing)
-"""Non-fixed strategies whose child network only ever grows; others may opt in with `grows = True`."""
+from childtune.optim.common import (
+    by_name,
+    check_adamw,
+    child_block,
+    evaluate_closure,
+    named_groups,
+    pop_child_block,
+    unnamed,
+)
+from childtune.strategies.base import Strategy
 
 _LAYOUT = ("index",)  # integer state that torch's loader would cast to the parameter's float dtype
 
@@ -55,7 +59,7 @@ class SparseChildAdamW(Optimizer):
         *,
         bias_correction: str = "element",
     ) -> None:
-        if not (strategy.fixed or isinstance(strategy, GROWING) or getattr(strategy, "grows", False)):
+        if strategy.kind == "per_step":
             raise ValueError(
                 f"SparseChildAdamW needs a child network that is fixed or only grows, but {type(strategy).__name__} "
                 "chooses a new one every step, so there is no set of elements to keep moments for; "
@@ -63,14 +67,11 @@ class SparseChildAdamW(Optimizer):
             )
         if bias_correction not in ("element", "tensor"):
             raise ValueError(f"bias_correction must be 'element' or 'tensor', got {bias_correction!r}")
-        if lr < 0.0 or eps < 0.0 or weight_decay < 0.0 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"invalid AdamW hyperparameters: lr={lr}, betas={betas}, eps={eps}, wd={weight_decay}")
+        check_adamw(lr, betas, eps, weight_decay)
         groups = named_groups(named_params)
-        self.named = {n: p for g in groups for n, p in g["params"]}
-        if len(self.named) != sum(len(g["params"]) for g in groups):
-            raise ValueError("parameter names must be unique")
+        self.named = by_name(groups)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        super().__init__([{**g, "params": [p for _, p in g["params"]]} for g in groups], defaults)
+        super().__init__(unnamed(groups), defaults)
         self.names = {p: n for n, p in self.named.items()}
         self.strategy = strategy
         self.bias_correction = bias_correction
@@ -79,14 +80,11 @@ class SparseChildAdamW(Optimizer):
         strategy.bind(self.named)
 
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["child_tuning"] = {"steps": self.steps, "strategy": self.strategy.state_dict()}
-        return state
+        return {**super().state_dict(), "child_tuning": child_block(self.steps, self.strategy)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch casts every non-step state tensor to the parameter's dtype; the integer layout is kept aside."""
-        state_dict = dict(state_dict)
-        child = state_dict.pop("child_tuning", {})
+        state_dict, self.steps = pop_child_block(state_dict, self.strategy)
         saved = state_dict["state"]
         layout = {i: {k: s[k] for k in _LAYOUT if k in s} for i, s in saved.items()}
         state_dict["state"] = {i: {k: v for k, v in s.items() if k not in _LAYOUT} for i, s in saved.items()}
@@ -94,8 +92,6 @@ class SparseChildAdamW(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for i, keys in layout.items():
             self.state[params[i]].update({k: v.to(params[i].device) for k, v in keys.items()})
-        self.steps = child.get("steps", 0)
-        self.strategy.load_state_dict(child.get("strategy", {}))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -124,7 +120,7 @@ class SparseChildAdamW(Optimizer):
         state = self.state[param]
         if not state:
             state["step"] = 0
-        elif self.strategy.fixed and param in self._seen and self._seen[param] is mask:
+        elif self.strategy.kind == "fixed" and param in self._seen and self._seen[param] is mask:
             return state  # a fixed strategy's masks never change in place: nothing to check
         self._seen[param] = mask
         had = _size(param, state)

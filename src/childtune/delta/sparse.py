@@ -37,11 +37,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import weakref
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,239 +48,31 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from childtune.delta.entry import FLOATS, SparseEntry, difference, extract, flat_view, numel, step
+from childtune.delta.errors import DeltaError
+from childtune.delta.format import (
+    CONFIG_FILE,
+    DEFAULT_DENSE,
+    TENSORS_FILE,
+    DeltaConfig,
+    TensorLayout,
+    fingerprint,
+    state_of,
+)
+from childtune.delta.indexcodec import ENCODINGS, choose_encoding, decode_indices, encode_indices
 from childtune.fileio import atomic_write, write_json
-from childtune.indexcodec import ENCODINGS, DeltaError, choose_encoding, decode_indices, encode_indices, index_sizes
+from childtune.layers import matches
 from childtune.masks import Masks
-from childtune.strategies.base import HEAD, matches
-
-FORMAT_VERSION = 1
-CONFIG_FILE = "delta_config.json"
-TENSORS_FILE = "delta.safetensors"
-DEFAULT_DENSE: tuple[str, ...] = HEAD
-"""Name fragments of the dense task head: freshly initialised per run, so stored whole and absolute."""
 
 _KINDS = {"values", "exc_base", "exc_tuned", "dense", *ENCODINGS[1:], *(f"exc_{e}" for e in ENCODINGS[1:])}
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def _state(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Name -> tensor sharing storage with the model, so in-place writes reach its parameters."""
-    return model.state_dict() if isinstance(model, torch.nn.Module) else dict(model)
 
 
 def _label(model: Any) -> str:
     """A model's name for error messages: its hub name when it has one, else its class."""
     name = getattr(model, "name_or_path", "") if isinstance(model, torch.nn.Module) else ""
     return repr(name) if name else f"the given {type(model).__name__}"
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Bit pattern as integers: exact comparison that tells -0.0 from +0.0, unlike `==`."""
-    return t.view(_INT_OF[t.element_size()])
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    if not t.is_contiguous():
-        raise DeltaError("cannot write a delta into a non-contiguous tensor")
-    return t.view(-1)
-
-
-def _numel(shape: Iterable[int]) -> int:
-    return math.prod(shape)
-
-
-def fingerprint(
-    model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor], exclude: Iterable[str] = DEFAULT_DENSE
-) -> str:
-    """sha256 over the sorted names, dtypes, shapes and bytes of the base weights.
-
-    The task head (`exclude`, name fragments) is left out: it is re-initialised per run, so two runs from
-    one pretrained model must agree on the fingerprint.
-    """
-    exclude = tuple(exclude)
-    digest = hashlib.sha256()
-    state = _state(model_or_state_dict)
-    for name in sorted(state):
-        if matches(name, exclude):
-            continue
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class TensorLayout:
-    """Where one changed tensor fits (`shape`), how its indices are stored (`encoding`) and how the
-    positions of its exceptions among them are (`exceptions`, None when it has none)."""
-
-    shape: tuple[int, ...]
-    encoding: str
-    exceptions: str | None = None
-
-
-@dataclass
-class DeltaConfig:
-    """Everything needed to check a delta against its base and reproduce how it was made."""
-
-    method: str
-    base_fingerprint: str
-    base_model: str = ""
-    hparams: dict[str, Any] = field(default_factory=dict)
-    dense_patterns: tuple[str, ...] = DEFAULT_DENSE
-    tensors: dict[str, TensorLayout] = field(default_factory=dict)
-    dense: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    num_elements: int = 0
-    """Elements of the base outside the head: the denominator of the child network's density."""
-    num_changed: int = 0
-    num_exceptions: int = 0
-    num_dense: int = 0
-    tensors_sha256: str = ""
-    format_version: int = FORMAT_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        raw = asdict(self)
-        raw["dense_patterns"] = list(self.dense_patterns)
-        raw["tensors"] = {n: {**asdict(t), "shape": list(t.shape)} for n, t in self.tensors.items()}
-        raw["dense"] = {n: list(s) for n, s in self.dense.items()}
-        return raw
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> DeltaConfig:
-        """Parse a JSON object strictly: unknown, missing or mistyped keys are named in a DeltaError."""
-        if not isinstance(raw, dict):
-            raise DeltaError(f"{CONFIG_FILE} must hold a JSON object, got {type(raw).__name__}")
-        known = {f for f in cls.__dataclass_fields__}
-        for key in raw:
-            if key not in known:
-                raise DeltaError(f"unknown config key {key!r}")
-        for key in known:
-            if key not in raw:
-                raise DeltaError(f"missing config key {key!r}")
-        version = _int(raw, "format_version")
-        if version != FORMAT_VERSION:
-            raise DeltaError(f"delta format version {version} is not supported (this childtune reads "
-                             f"{FORMAT_VERSION})")
-        if not isinstance(raw["hparams"], dict):
-            raise DeltaError("config key 'hparams' must be an object")
-        patterns = raw["dense_patterns"]
-        if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
-            raise DeltaError("config key 'dense_patterns' must be a list of non-empty strings")
-        tensors = {}
-        for name, spec in _obj(raw, "tensors").items():
-            if not isinstance(spec, dict) or set(spec) != {"shape", "encoding", "exceptions"}:
-                raise DeltaError(f"config 'tensors' entry {name!r} must have exactly 'shape', 'encoding' and "
-                                 "'exceptions'")
-            for key in ("encoding", "exceptions"):
-                if spec[key] not in ENCODINGS and not (key == "exceptions" and spec[key] is None):
-                    raise DeltaError(f"config 'tensors' entry {name!r} has unknown {key} {spec[key]!r}")
-            tensors[name] = TensorLayout(_shape(f"tensors.{name}", spec["shape"]), spec["encoding"],
-                                         spec["exceptions"])
-        return cls(
-            method=_str(raw, "method"),
-            base_fingerprint=_str(raw, "base_fingerprint"),
-            base_model=_str(raw, "base_model"),
-            hparams=raw["hparams"],
-            dense_patterns=tuple(patterns),
-            tensors=tensors,
-            dense={name: _shape(f"dense.{name}", s) for name, s in _obj(raw, "dense").items()},
-            num_elements=_int(raw, "num_elements"),
-            num_changed=_int(raw, "num_changed"),
-            num_exceptions=_int(raw, "num_exceptions"),
-            num_dense=_int(raw, "num_dense"),
-            tensors_sha256=_str(raw, "tensors_sha256"),
-            format_version=version,
-        )
-
-
-def _int(raw: dict, key: str) -> int:
-    value = raw[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise DeltaError(f"config key {key!r} must be a non-negative integer, got {value!r}")
-    return value
-
-
-def _str(raw: dict, key: str) -> str:
-    if not isinstance(raw[key], str):
-        raise DeltaError(f"config key {key!r} must be a string, got {raw[key]!r}")
-    return raw[key]
-
-
-def _obj(raw: dict, key: str) -> dict:
-    if not isinstance(raw[key], dict):
-        raise DeltaError(f"config key {key!r} must be an object")
-    return raw[key]
-
-
-def _shape(where: str, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(type(d) is int and d >= 0 for d in value):
-        raise DeltaError(f"config {where}: shape must be a list of non-negative integers, got {value!r}")
-    return tuple(value)
-
-
-# ----------------------------------------------------------------------------------------- one tensor
-
-
-@dataclass
-class SparseEntry:
-    """The change to one tensor: sorted flat `indices` (int64, never cast), `values` = tuned - base.
-
-    `exc_pos` are positions into `indices` whose float round trip is not exact; `exc_base`/`exc_tuned`
-    hold their exact values (see the module docstring).
-    """
-
-    shape: tuple[int, ...]
-    indices: torch.Tensor
-    values: torch.Tensor
-    exc_pos: torch.Tensor
-    exc_base: torch.Tensor
-    exc_tuned: torch.Tensor
-
-
-def _extract(name: str, base: torch.Tensor, tuned: torch.Tensor) -> SparseEntry | None:
-    """Changed elements (bit-exact comparison) of one tensor, with exceptions where arithmetic is lossy."""
-    b = base.detach().cpu().reshape(-1)
-    t = tuned.detach().cpu().reshape(-1)
-    indices = (_bits(b) != _bits(t)).nonzero().squeeze(1)
-    if not indices.numel():
-        return None
-    bb, tt = b[indices], t[indices]
-    if not (torch.isfinite(bb).all() and torch.isfinite(tt).all()):
-        raise DeltaError(f"{name}: non-finite weights cannot be stored as a delta")
-    values = _difference(tt, bb)
-    lossy = (_bits(bb + values) != _bits(tt)) | (_bits(tt - values) != _bits(bb))
-    pos = lossy.nonzero().squeeze(1)
-    return SparseEntry(tuple(base.shape), indices, values, pos, bb[pos].clone(), tt[pos].clone())
-
-
-def _difference(tuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """`tuned - base`, overflow clamped to the largest float (the round-trip check then makes it exact)."""
-    big = torch.finfo(tuned.dtype).max
-    return torch.nan_to_num(tuned - base, posinf=big, neginf=-big)
-
-
-def _step(entry: SparseEntry, flat: torch.Tensor, forward: bool) -> torch.Tensor:
-    """New values at `entry.indices`: `w + d` forward, `w - d` back, exceptions set exactly.
-
-    An exception is set only where the weight holds its exact starting value; elsewhere (a delta stacked
-    on another one) it is added like any other element, which is what makes deltas compose.
-    The arithmetic runs on the CPU, where extraction checked it, whatever device the model is on.
-    """
-    current = flat[entry.indices.to(flat.device)].cpu()
-    values = entry.values.to(current.dtype)
-    new = current + values if forward else current - values
-    if entry.exc_pos.numel():
-        start, end = (entry.exc_base, entry.exc_tuned) if forward else (entry.exc_tuned, entry.exc_base)
-        at_start = _bits(current[entry.exc_pos]) == _bits(start)
-        new[entry.exc_pos] = torch.where(at_start, end, new[entry.exc_pos])
-    return new.to(flat.device)
 
 
 # ----------------------------------------------------------------------------------------- the delta
@@ -320,7 +111,7 @@ class SparseDelta:
             json.dumps(hparams)
         except (TypeError, ValueError) as err:
             raise DeltaError(f"hparams must be plain JSON values: {err}") from None
-        tuned = _state(model)
+        tuned = state_of(model)
         names = {n for n in tuned if not matches(n, dense)}
         base_names = {n for n in base_state if not matches(n, dense)}
         if names != base_names:
@@ -337,14 +128,14 @@ class SparseDelta:
             b = base_state[name]
             if b.shape != t.shape or b.dtype != t.dtype:
                 raise DeltaError(f"{name}: base is {b.dtype}{tuple(b.shape)}, tuned is {t.dtype}{tuple(t.shape)}")
-            if t.dtype not in _FLOATS:
+            if t.dtype not in FLOATS:
                 if not torch.equal(b.cpu(), t.detach().cpu()):
                     raise DeltaError(f"{name}: non-float tensor {t.dtype} changed; only float weights can")
                 continue
-            entry = _extract(name, b, t)
+            entry = extract(name, b, t)
             if entry is not None:
                 entries[name] = entry
-        config = _describe(
+        config = describe(
             entries,
             heads,
             method=method,
@@ -352,7 +143,7 @@ class SparseDelta:
             base_model=base_model if base_model is not None else getattr(model, "name_or_path", "") or "",
             base_fingerprint=fingerprint(base_state, dense),
             dense_patterns=dense,
-            num_elements=sum(base_state[n].numel() for n in base_names if base_state[n].dtype in _FLOATS),
+            num_elements=sum(base_state[n].numel() for n in base_names if base_state[n].dtype in FLOATS),
         )
         return cls(config, entries, heads)
 
@@ -364,7 +155,7 @@ class SparseDelta:
         `check_base=False` skips the fingerprint check to stack this delta on a model that already carries
         another one (see `merge`); the base check is what guarantees the exact result.
         """
-        state = _state(model)
+        state = state_of(model)
         self._check_target(state, model)
         if check_base:
             found = fingerprint(state, self.config.dense_patterns)
@@ -375,7 +166,7 @@ class SparseDelta:
                     f"{found[:12]}; apply it to the exact weights it was trained from"
                 )
         with torch.no_grad():
-            updates = [(_flat(state[n]), e, _step(e, _flat(state[n]), True)) for n, e in self.entries.items()]
+            updates = [(flat_view(state[n]), e, step(e, flat_view(state[n]), True)) for n, e in self.entries.items()]
             if isinstance(model, torch.nn.Module):
                 self._head_backups[model] = {n: state[n].detach().clone() for n in self.dense}
             for flat, entry, new in updates:
@@ -390,10 +181,10 @@ class SparseDelta:
         this delta), the change is rolled back and DeltaError raised. The head returns to what `apply`
         replaced when this object applied it to this model; otherwise it is left as is.
         """
-        state = _state(model)
+        state = state_of(model)
         self._check_target(state, model)
         with torch.no_grad():
-            updates = [(_flat(state[n]), e, _step(e, _flat(state[n]), False)) for n, e in self.entries.items()]
+            updates = [(flat_view(state[n]), e, step(e, flat_view(state[n]), False)) for n, e in self.entries.items()]
             saved = []
             for flat, entry, new in updates:
                 idx = entry.indices.to(flat.device)
@@ -422,7 +213,7 @@ class SparseDelta:
                 raise DeltaError(f"{_label(model)} has no tensor {name!r} that the delta changes")
             if tuple(target.shape) != entry.shape:
                 raise DeltaError(f"{name}: delta is for shape {entry.shape}, model has {tuple(target.shape)}")
-            if target.dtype not in _FLOATS or (entry.exc_pos.numel() and entry.exc_base.dtype != target.dtype):
+            if target.dtype not in FLOATS or (entry.exc_pos.numel() and entry.exc_base.dtype != target.dtype):
                 raise DeltaError(f"{name}: delta exceptions are {entry.exc_base.dtype}, model has {target.dtype}")
             storage = (target.untyped_storage().data_ptr(), target.storage_offset())
             if storage in seen:
@@ -441,7 +232,7 @@ class SparseDelta:
         """
         out: Masks = {}
         for name, entry in self.entries.items():
-            mask = torch.zeros(_numel(entry.shape), dtype=torch.bool)
+            mask = torch.zeros(numel(entry.shape), dtype=torch.bool)
             mask[entry.indices] = True
             out[name] = mask.view(entry.shape)
         if include_dense:
@@ -455,7 +246,7 @@ class SparseDelta:
         delta, and `revert` refuses (rolling back) wherever that cannot be undone exactly. Values that
         overflow `dtype` are refused rather than stored as infinities.
         """
-        if dtype not in _FLOATS:
+        if dtype not in FLOATS:
             raise DeltaError(f"delta values must be a float dtype, got {dtype}")
         entries = {n: replace(e, values=e.values.to(dtype)) for n, e in self.entries.items()}
         for name, entry in entries.items():
@@ -476,7 +267,7 @@ class SparseDelta:
         tensors = {}
         for name, entry in self.entries.items():
             layout = self.config.tensors[name]
-            stored = {layout.encoding: encode_indices(layout.encoding, entry.indices.numpy(), _numel(entry.shape))}
+            stored = {layout.encoding: encode_indices(layout.encoding, entry.indices.numpy(), numel(entry.shape))}
             keep = torch.ones(entry.indices.numel(), dtype=torch.bool)
             keep[entry.exc_pos] = False  # an exception's value is tuned - base: not stored twice
             if layout.exceptions is not None:
@@ -529,7 +320,7 @@ def _parse(config: DeltaConfig, tensors: dict[str, torch.Tensor]) -> tuple[dict,
     for name, shape in config.dense.items():
         group = grouped.pop(name, {})
         value = group.get("dense")
-        if set(group) != {"dense"} or value is None or tuple(value.shape) != shape or value.dtype not in _FLOATS:
+        if set(group) != {"dense"} or value is None or tuple(value.shape) != shape or value.dtype not in FLOATS:
             raise DeltaError(f"dense head {name!r} is missing or not a float tensor of shape {shape}")
         if not torch.isfinite(value).all():
             raise DeltaError(f"dense head {name!r} has non-finite values")
@@ -552,7 +343,7 @@ def _parse(config: DeltaConfig, tensors: dict[str, torch.Tensor]) -> tuple[dict,
 def _layout(name: str, entry: SparseEntry) -> TensorLayout:
     k, m = entry.indices.numel(), entry.exc_pos.numel()
     exceptions = choose_encoding(name, k, m) if m else None
-    return TensorLayout(entry.shape, choose_encoding(name, _numel(entry.shape), k), exceptions)
+    return TensorLayout(entry.shape, choose_encoding(name, numel(entry.shape), k), exceptions)
 
 
 def _parse_entry(name: str, layout: TensorLayout, arrays: dict[str, torch.Tensor]) -> SparseEntry:
@@ -567,7 +358,7 @@ def _parse_entry(name: str, layout: TensorLayout, arrays: dict[str, torch.Tensor
     stored = arrays["values"]
     base = arrays.get("exc_base", torch.zeros(0, dtype=stored.dtype))
     tuned = arrays.get("exc_tuned", base)
-    if stored.dtype not in _FLOATS or base.dtype not in _FLOATS or tuned.dtype != base.dtype:
+    if stored.dtype not in FLOATS or base.dtype not in FLOATS or tuned.dtype != base.dtype:
         raise DeltaError(f"{name}: values and exceptions must be floats (exceptions of one dtype)")
     if base.numel() != tuned.numel() or (layout.exceptions is not None and not base.numel()):
         raise DeltaError(f"{name}: exception base and tuned values differ in count or are missing")
@@ -575,7 +366,7 @@ def _parse_entry(name: str, layout: TensorLayout, arrays: dict[str, torch.Tensor
     k = stored.numel() + m
     if k == 0:
         raise DeltaError(f"{name}: listed as changed but has no values")
-    n = _numel(layout.shape)
+    n = numel(layout.shape)
     indices = decode_indices(name, layout.encoding, _numpy(arrays.get(layout.encoding)), n, k)
     pos = torch.zeros(0, dtype=torch.int64)
     if layout.exceptions is not None:
@@ -585,7 +376,7 @@ def _parse_entry(name: str, layout: TensorLayout, arrays: dict[str, torch.Tensor
     keep = torch.ones(k, dtype=torch.bool)
     keep[pos] = False
     values[keep] = stored
-    values[pos] = _difference(tuned, base).to(stored.dtype)
+    values[pos] = difference(tuned, base).to(stored.dtype)
     if not (torch.isfinite(values).all() and torch.isfinite(base).all() and torch.isfinite(tuned).all()):
         raise DeltaError(f"{name}: values must be finite")
     return SparseEntry(layout.shape, torch.from_numpy(indices), values, pos, base, tuned)
@@ -596,7 +387,7 @@ def _numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
     return None if tensor is None or tensor.dtype not in (torch.uint8, torch.int32, torch.int64) else tensor.numpy()
 
 
-def _describe(entries: Mapping[str, SparseEntry], dense: Mapping[str, torch.Tensor], **meta: Any) -> DeltaConfig:
+def describe(entries: Mapping[str, SparseEntry], dense: Mapping[str, torch.Tensor], **meta: Any) -> DeltaConfig:
     """Config whose layout and counts follow from the entries, so the two can never disagree."""
     return DeltaConfig(
         tensors={n: _layout(n, e) for n, e in entries.items()},
@@ -606,88 +397,3 @@ def _describe(entries: Mapping[str, SparseEntry], dense: Mapping[str, torch.Tens
         num_dense=sum(v.numel() for v in dense.values()),
         **meta,
     )
-
-
-# ------------------------------------------------------------------------------------ merging and sizes
-
-
-def merge(
-    first: SparseDelta, second: SparseDelta, base: torch.nn.Module | Mapping[str, torch.Tensor] | None = None
-) -> SparseDelta:
-    """One delta equal to applying `first` then `second` (stacked) on their common base.
-
-    Sparse deltas add; for the dense head the later one wins (a model has one head of each name).
-    Where the two children are disjoint the union is exact on its own. Where they overlap, the exact
-    float result depends on the base value itself, so `base` (the model or state dict both were made
-    from) is required and the merged delta is re-extracted from it, exceptions included.
-    """
-    a, b = first.config, second.config
-    if a.base_fingerprint != b.base_fingerprint or a.dense_patterns != b.dense_patterns:
-        raise DeltaError(f"cannot merge deltas on different bases: {a.base_model or 'unnamed'!r} "
-                         f"({a.base_fingerprint[:12]}) and {b.base_model or 'unnamed'!r} ({b.base_fingerprint[:12]})")
-    base_state = None
-    if base is not None:
-        base_state = _state(base)
-        if fingerprint(base_state, a.dense_patterns) != a.base_fingerprint:
-            raise DeltaError(f"the base given to merge is not {a.base_model or 'the deltas base'!r}")
-    entries = {}
-    for name in {**first.entries, **second.entries}:
-        x, y = first.entries.get(name), second.entries.get(name)
-        if x is None or y is None:
-            entries[name] = x or y
-        elif not np.intersect1d(x.indices.numpy(), y.indices.numpy()).size:
-            entries[name] = _union(x, y)
-        elif base_state is None:
-            raise DeltaError(f"{name}: the deltas change some of the same elements; pass base= to merge exactly")
-        else:
-            weights = base_state[name].detach().cpu().clone()
-            flat = _flat(weights)
-            for entry in (x, y):
-                flat[entry.indices] = _step(entry, flat, True)
-            merged = _extract(name, base_state[name], weights)
-            if merged is not None:
-                entries[name] = merged
-    dense = {**first.dense, **second.dense}
-    hparams = {f"{tag}.{k}": v for tag, c in (("first", a), ("second", b)) for k, v in c.hparams.items()}
-    config = _describe(
-        entries, dense, method=f"merge({a.method},{b.method})", base_model=a.base_model,
-        hparams={"first.method": a.method, "second.method": b.method, **hparams},
-        base_fingerprint=a.base_fingerprint, dense_patterns=a.dense_patterns, num_elements=a.num_elements,
-    )
-    return SparseDelta(config, entries, dense)
-
-
-def _union(x: SparseEntry, y: SparseEntry) -> SparseEntry:
-    """Two disjoint entries of one tensor as one, sorted by index, exceptions carried along."""
-    if x.values.dtype != y.values.dtype or x.exc_base.dtype != y.exc_base.dtype:
-        raise DeltaError("cannot merge deltas whose values have different dtypes")
-    indices = torch.cat([x.indices, y.indices])
-    order = torch.argsort(indices)
-    flag = torch.zeros(indices.numel(), dtype=torch.bool)
-    flag[torch.cat([x.exc_pos, y.exc_pos + x.indices.numel()])] = True
-    pos = flag[order].nonzero().squeeze(1)
-    base = torch.cat([x.exc_base, y.exc_base])
-    tuned = torch.cat([x.exc_tuned, y.exc_tuned])
-    exc_index = torch.cat([x.indices[x.exc_pos], y.indices[y.exc_pos]])
-    exc_order = torch.argsort(exc_index)
-    return SparseEntry(x.shape, indices[order], torch.cat([x.values, y.values])[order], pos,
-                       base[exc_order], tuned[exc_order])
-
-
-def encoded_bytes(delta: SparseDelta) -> dict[str, int]:
-    """Payload bytes by part (indices, values, exceptions, dense head) as `save` would write them.
-
-    The safetensors header (a few dozen bytes per stored array) comes on top; the file size on disk is the
-    number to compare with a full `model.safetensors`.
-    """
-    report = {"indices": 0, "values": 0, "exceptions": 0, "dense": 0}
-    for name, entry in delta.entries.items():
-        layout = delta.config.tensors[name]
-        k, m = entry.indices.numel(), entry.exc_pos.numel()
-        report["indices"] += index_sizes(_numel(entry.shape), k)[layout.encoding]
-        report["values"] += (k - m) * entry.values.element_size()
-        if m:
-            report["exceptions"] += index_sizes(k, m)[layout.exceptions] + 2 * m * entry.exc_base.element_size()
-    report["dense"] = sum(v.numel() * v.element_size() for v in delta.dense.values())
-    report["total"] = sum(report.values())
-    return report

@@ -13,21 +13,16 @@ as the simplest valid form, and `all` (every element changed) needs no array at 
 Robust decoding. `decode_indices` checks the dtype, shape, byte count, padding bits, count, range and
 strict order of what it reads, so a corrupted or hostile file raises `DeltaError` instead of yielding
 indices that would write outside the tensor or twice into one element.
-
-`DeltaError` is defined here (and re-exported by `childtune.delta`) because the decoder raises it and
-`delta` imports this module: defining it in `delta` would make the two import each other.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from childtune.delta.errors import DeltaError
+
 ENCODINGS = ("all", "bitmap", "indices", "elias_fano")
 """Ways to store sorted element indices; `all` (every element) needs no array, the others one each."""
-
-
-class DeltaError(ValueError):
-    """Any bad delta file, wrong base model or unusable input: callers need to catch only this."""
 
 
 def _ef_split(n: int, k: int) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from childtune.data import DataError, Kind, TaskData, TaskSpec
+from childtune.data.types import DataError, Kind, TaskData, TaskSpec
 
 
 def load_files(

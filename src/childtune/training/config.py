@@ -1,4 +1,4 @@
-"""Every knob of a training run in one typed dataclass, and the one table that turns a method name into a strategy.
+"""Every knob of a training run in one typed dataclass: the one place for a run's defaults.
 
 A run is reproducible from its `config.json` alone, so the saved config holds *resolved* values: the
 per-method defaults (learning rate, child-network size, strictness) are filled in before it is written,
@@ -12,22 +12,14 @@ import json
 import math
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from childtune.fileio import write_json
-from childtune.layers import blocks
-from childtune.strategies import (
-    ID3,
-    ChildTuningD,
-    ChildTuningF,
-    FullFineTuning,
-    GradualUnfreezing,
-    RandomMasking,
-    Strategy,
-)
+from childtune.strategies import Strategy
+from childtune.training.methods import METHODS
 
 
 class ConfigError(ValueError):
@@ -60,7 +52,7 @@ class TrainConfig:
     lr: float | None = field(default=None, metadata=_opt("peak learning rate"))
     strict: bool | None = field(default=None, metadata=_opt(
         "change nothing outside the child network, weight decay included"))
-    rest: str = field(default="freeze", metadata=_opt(
+    rest: str | None = field(default=None, metadata=_opt(
         "child-d: parameters outside the scored blocks (embeddings, pooler) 'freeze' or 'train' (the authors')"))
     fisher_samples: int | None = field(default=None, metadata=_opt("child-d: examples for Fisher (none: all)"))
     fisher_per_example: bool = field(default=False, metadata=_opt("child-d: exact per-example Fisher (slower)"))
@@ -129,22 +121,21 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """A copy with the method's defaults filled in and everything checked: what a run really uses."""
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        check_method(self.method)
         spec = METHODS[self.method]
         done = replace(
             self,
             lr=spec.lr if self.lr is None else self.lr,
             strict=spec.strict if self.strict is None else self.strict,
             reserve_p=spec.reserve_p if self.reserve_p is None else self.reserve_p,
+            rest=spec.rest if self.rest is None else self.rest,
             metric_extra=tuple(self.metric_extra),
         )
         done.validate()
         return done
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        check_method(self.method)
         files = self.train_file is not None or self.dev_file is not None or self.test_file is not None
         if files and (self.train_file is None or self.dev_file is None):
             raise ConfigError("your own data needs both --train and --dev files")
@@ -164,12 +155,17 @@ class TrainConfig:
         _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "> 0")
         _check(self.nonfinite in ("stop", "skip"), "nonfinite", self.nonfinite, "'stop' or 'skip'")
-        _check(self.rest in ("freeze", "train"), "rest", self.rest, "'freeze' or 'train'")
+        _check(self.rest in (None, "freeze", "train"), "rest", self.rest, "'freeze' or 'train'")
         _check(self.save in ("auto", "delta", "model", "none"), "save", self.save, "auto, delta, model or none")
         unknown = sorted(set(self.metric_extra) - {"mcc"})
         _check(not unknown, "metric_extra", ",".join(unknown), "only 'mcc'")
         if self.method == "lora" and self.save == "delta":
             raise ConfigError("save='delta' is for masking methods; a LoRA run saves its merged model")
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
 def _check(ok: bool, key: str, value: Any, want: str) -> None:
@@ -199,57 +195,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"config key {key!r} must be {names}, got {value!r}")
 
 
-# ---------------------------------------------------------------------------------------------- methods
-
-
-@dataclass(frozen=True)
-class Method:
-    """A method's defaults and how to build its strategy.
-
-    Learning rates are for the ~22M-parameter MiniLM on 3 epochs of 1,000 examples (mr, seed 1, test
-    accuracy): full fine-tuning 0.793 at 1e-4 and 0.765 at 2e-4; Child-Tuning_F keeps full fine-tuning's
-    rate (its gradients are rescaled by 1/p); Child-Tuning_D, with embeddings frozen and 30% of the blocks
-    trained, 0.766 at 1e-4 and 0.784 at 2e-4. Random masking and ID3 update far fewer weights, so, as
-    their papers do, they take a much larger step.
-    `strict` is on where the child network is fixed, so the run changes exactly that network and can be
-    saved as a sparse delta.
-    """
-
-    lr: float
-    strict: bool
-    build: Callable[[TrainConfig, int, list[str]], Strategy]
-    reserve_p: float | None = None
-    adapter: str | None = None
-
-
-def _gradual(config: TrainConfig, total_steps: int, names: list[str]) -> Strategy:
-    every = config.gradual_every or max(1, math.ceil(total_steps / (2 * max(1, len(blocks(names)) - 1))))
-    return GradualUnfreezing(every)
-
-
-METHODS: dict[str, Method] = {
-    "full": Method(1e-4, False, lambda c, t, n: FullFineTuning()),
-    "child-f": Method(1e-4, False, lambda c, t, n: ChildTuningF(c.reserve_p, seed=c.seed), reserve_p=0.3),
-    "child-d": Method(2e-4, True, lambda c, t, n: ChildTuningD(
-        c.reserve_p, rest=c.rest, num_samples=c.fisher_samples, per_example=c.fisher_per_example), reserve_p=0.3),
-    # 1% of the weights need a 10x larger step (Xu & Zhang, 2024); measured on mr (1,000 examples, dev
-    # accuracy, seeds 1 and 2): 0.797 / 0.776 at lr 1e-2 against 0.590 / 0.600 at 1e-3.
-    "random": Method(1e-2, True, lambda c, t, n: RandomMasking(c.reserve_p, seed=c.seed), reserve_p=0.01),
-    # mr dev accuracy, seeds 1 and 2, budget 0.5%: 0.758 / 0.754 at lr 5e-3 against 0.750 / 0.746 at 1e-3.
-    "id3": Method(5e-3, True, lambda c, t, n: ID3(c.id3_budget, t, eps=c.id3_eps, exp=c.id3_exp)),
-    "gradual": Method(1e-4, True, _gradual),
-    "lora": Method(1e-3, False, lambda c, t, n: FullFineTuning(), adapter="lora"),
-}
-
-
 def build_strategy(config: TrainConfig, total_steps: int, param_names: Iterable[str]) -> Strategy:
-    """The strategy `config.method` names, configured from `config` (resolve the config first).
+    """The strategy `config.method` names, configured from `config` (resolved here if it is not yet).
 
     `total_steps` is the number of optimizer steps (ID3 reaches its budget there; gradual unfreezing
     spreads its schedule over it) and `param_names` the names the optimizer will see.
     """
-    if config.method not in METHODS:
-        raise ConfigError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
+    check_method(config.method)
     if config.reserve_p is None and METHODS[config.method].reserve_p is not None:
         config = config.resolved()
     return METHODS[config.method].build(config, total_steps, list(param_names))

@@ -1,18 +1,15 @@
-"""Applying a child network inside the optimizer step.
+"""`ChildTuningAdamW`: a drop-in for the Child-Tuning authors' optimizer (Xu et al., EMNLP 2021).
 
-Two entry points share one rule, "multiply the gradient by the mask before the optimizer sees it":
-
-* `ChildTuningAdamW`: a drop-in for the Child-Tuning authors' optimizer (same signature, same Adam
-  arithmetic: Hugging Face's classic AdamW, eps added to sqrt(v) and decoupled weight decay applied
-  after the step), vectorised with `torch._foreach_*` instead of a Python loop per tensor. With
-  `mode=None` it matches `torch.optim.AdamW` to float tolerance at fine-tuning learning rates: torch
-  decays before the step, the authors after it, a difference of lr^2 * weight_decay per step.
-* `ChildOptimizer`: any `torch.optim` optimizer driven by any strategy in `childtune.strategies`.
+Same signature and Adam arithmetic as their `ChildTuningAdamW` (alibaba/AliceMind, `ChildTuning/
+ChildTuningOptimizer.py`): Hugging Face's classic AdamW, eps added to sqrt(v) before bias correction
+and decoupled weight decay applied after the step, vectorised with `torch._foreach_*` instead of a
+Python loop per tensor. With `mode=None` it matches `torch.optim.AdamW` to float tolerance at
+fine-tuning learning rates: torch decays before the step, the authors after it, a difference of
+lr^2 * weight_decay per step.
 
 `strict=True` (our addition) leaves every element outside the child network exactly as it was. The
 authors' optimizer does not: its decoupled weight decay shrinks *every* weight each step, so a
-"fixed child network" run still moves the rest of the model. Strict runs are what make a sparse delta
-exact and the changed-parameter count equal to the child network's size.
+"fixed child network" run still moves the rest of the model.
 """
 
 from __future__ import annotations
@@ -25,26 +22,10 @@ import torch
 from torch.optim import Optimizer
 
 from childtune.masks import check_mask, check_probability
-from childtune.strategies.base import Strategy
+from childtune.optim.common import check_adamw, child_block, evaluate_closure, mask_gradients_, pop_child_block
 from childtune.strategies.child_f import ChildTuningF
 
 MODES = (None, "ChildTuning-F", "ChildTuning-D")
-
-
-def evaluate_closure(closure) -> torch.Tensor | None:
-    """The `Optimizer.step(closure)` contract: re-evaluate the loss with gradients enabled."""
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
-
-
-def mask_gradients_(grads: list[torch.Tensor], masks: list[torch.Tensor], scale: float = 1.0) -> None:
-    """In place: g <- g * mask * scale, one fused call per list (no Python loop over elements)."""
-    if grads:
-        torch._foreach_mul_(grads, masks)
-        if scale != 1.0:
-            torch._foreach_mul_(grads, scale)
 
 
 class ChildTuningAdamW(Optimizer):
@@ -73,12 +54,7 @@ class ChildTuningAdamW(Optimizer):
         seed: int = 0,
         generator: torch.Generator | None = None,
     ) -> None:
-        if lr < 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if eps < 0.0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        check_adamw(lr, betas, eps)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.reserve_p = check_probability("reserve_p", reserve_p)
@@ -117,13 +93,10 @@ class ChildTuningAdamW(Optimizer):
         return {}, 1.0
 
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["child_tuning"] = {"steps": self._steps}
-        return state
+        return {**super().state_dict(), "child_tuning": child_block(self._steps)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        self._steps = state_dict.pop("child_tuning", {}).get("steps", 0)
+        state_dict, self._steps = pop_child_block(state_dict)
         super().load_state_dict(state_dict)
 
     @torch.no_grad()
@@ -177,87 +150,3 @@ class ChildTuningAdamW(Optimizer):
                 torch._foreach_add_(decay, torch._foreach_mul(decay, -lr * wd))
             for i in strict:
                 params[i].addcmul_(params[i], masks[params[i]], value=-lr * wd)
-
-
-class ChildOptimizer(Optimizer):
-    """Wraps any `torch.optim` optimizer so it updates only the child network `strategy` chooses.
-
-    It *is* an `Optimizer` sharing the inner one's `param_groups` and `state`, so LR schedulers,
-    gradient clipping, Accelerate and the HF `Trainer` treat it like the optimizer it wraps.
-    `named_params` is `model.named_parameters()`, a `{name: param}` dict, or a list of param-group
-    dicts whose "params" are (name, param) pairs; names are what strategies reason about.
-    """
-
-    def __init__(
-        self,
-        named_params: Iterable,
-        strategy: Strategy,
-        optimizer: type[Optimizer] = torch.optim.AdamW,
-        *,
-        strict: bool = False,
-        **optimizer_kwargs: Any,
-    ) -> None:
-        groups = named_groups(named_params)
-        self.named = {n: p for g in groups for n, p in g["params"]}
-        if len(self.named) != sum(len(g["params"]) for g in groups):
-            raise ValueError("parameter names must be unique")
-        inner_groups = [{**g, "params": [p for _, p in g["params"]]} for g in groups]
-        self.optimizer = optimizer(inner_groups, **optimizer_kwargs)
-        super().__init__(inner_groups, self.optimizer.defaults)
-        self.param_groups = self.optimizer.param_groups
-        self.state = self.optimizer.state
-        self.strategy = strategy
-        self.strict = strict
-        self.steps = 0
-        strategy.bind(self.named)
-
-    def state_dict(self) -> dict[str, Any]:
-        state = self.optimizer.state_dict()
-        state["child_tuning"] = {"steps": self.steps, "strategy": self.strategy.state_dict()}
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        child = state_dict.pop("child_tuning", {})
-        self.optimizer.load_state_dict(state_dict)
-        self.param_groups = self.optimizer.param_groups
-        self.state = self.optimizer.state
-        self.steps = child.get("steps", 0)
-        self.strategy.load_state_dict(child.get("strategy", {}))
-
-    def step(self, closure=None):
-        loss = evaluate_closure(closure)
-        with torch.no_grad():
-            kept = self._mask(self.strategy.masks(self.steps))
-            self.optimizer.step()
-            for param, mask, before in kept:  # strict: put back whatever the optimizer moved outside
-                param.copy_(torch.where(mask, param, before))
-        self.steps += 1
-        return loss
-
-    def _mask(self, masks: Mapping[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        grads, kept_masks, kept = [], [], []
-        for name, mask in masks.items():
-            param = self.named.get(name)
-            if param is None:
-                raise ValueError(f"strategy gave a mask for {name!r}, which is not in this optimizer")
-            if param.grad is None:
-                continue
-            grads.append(param.grad)
-            kept_masks.append(mask)
-            if self.strict:
-                kept.append((param, mask, param.detach().clone()))
-        mask_gradients_(grads, kept_masks, self.strategy.scale)
-        return kept
-
-
-def named_groups(named_params: Iterable) -> list[dict[str, Any]]:
-    """Normalise the accepted forms of named parameters to param-group dicts of (name, param) pairs."""
-    if isinstance(named_params, Mapping):
-        named_params = named_params.items()
-    items = list(named_params)
-    if not items:
-        raise ValueError("ChildOptimizer got no parameters")
-    if isinstance(items[0], Mapping):
-        return [{**g, "params": list(g["params"])} for g in items]
-    return [{"params": items}]

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from childtune.data import TaskSpec
+from childtune.data.types import TaskSpec
 
 
 def _numpy(values: Any) -> np.ndarray:
@@ -64,8 +64,3 @@ def compute_metrics(
     if "mcc" in extra:
         out["mcc"] = float(matthews_corrcoef(gold, preds))
     return out
-
-
-def primary_metric(spec: TaskSpec) -> str:
-    """The metric that picks the best checkpoint and is reported for the task."""
-    return spec.metric

@@ -34,8 +34,8 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from childtune import distributed
 from childtune.fileio import atomic_write, sha256_file
+from childtune.training import distributed
 
 FORMAT_VERSION = 1
 CHECKPOINT = "checkpoint"

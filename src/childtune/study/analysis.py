@@ -14,10 +14,7 @@ overlap is only evidence of shared structure above that level.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import functools
-import io
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -27,46 +24,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from childtune.data.assets import AssetError
+from childtune.delta import CONFIG_FILE, TENSORS_FILE, SparseDelta
 from childtune.fileio import atomic_write
-from childtune.layers import blocks, layer_index, parameter_type
+from childtune.layers import HEAD, blocks, layer_index, parameter_type
 from childtune.masks import Masks, count
+from childtune.study.tables import save_figure, write_csv
+from childtune.training.models import model_folder
 
 MaskMap = Mapping[str, torch.Tensor]
 
-EXCLUDE = ("classifier", "score")
-"""Name fragments of task heads, left out of every statistic unless the caller says otherwise."""
+EXCLUDE = HEAD
+"""Task heads are left out of every statistic unless the caller says otherwise."""
 
 TYPES = ("embedding", "attention", "ffn", "layernorm", "head", "other")
 EMBEDDINGS, TOP = "embeddings", "top"
 MASKS_FILE = "masks.safetensors"
 """The file `load_masks` looks for in a folder that holds no sparse delta."""
-
-
-# --------------------------------------------------------------------------- writing files atomically
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, text)
-
-
-def write_csv(path: str | Path, header: Iterable[str], rows: Iterable[Iterable]) -> Path:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return atomic_write(path, buffer.getvalue())
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    """Render to memory first, so the PNG on disk is replaced whole (`fileio.atomic_write`)."""
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    try:
-        fig.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return atomic_write(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------- loading child networks
@@ -90,8 +64,6 @@ def load_masks(path: str | Path) -> Masks:
     path = Path(path)
     delta_dir = _delta_dir(path)
     if delta_dir is not None:
-        from childtune.delta import SparseDelta
-
         delta = SparseDelta.load(delta_dir)
         masks = {n: m.bool() for n, m in delta.masks().items()}
         shapes = base_shapes(delta.config.base_model)
@@ -145,11 +117,8 @@ def base_shapes(model: str) -> dict[str, tuple[int, ...]] | None:
         return None
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from childtune.assets import AssetError
-    from childtune.train import model_folder
-
     try:
-        config = AutoConfig.from_pretrained(model_folder(model))
+        config = AutoConfig.from_pretrained(model_folder(model), local_files_only=True)
     except (OSError, ValueError, AssetError):
         return None
     with torch.device("meta"):
@@ -159,8 +128,6 @@ def base_shapes(model: str) -> dict[str, tuple[int, ...]] | None:
 
 def _delta_dir(path: Path) -> Path | None:
     """The delta folder `path` names: the folder itself, its tensor file, or a run folder's `delta/`."""
-    from childtune.delta import CONFIG_FILE, TENSORS_FILE
-
     if path.is_file():
         return path.parent if path.name == TENSORS_FILE and (path.parent / CONFIG_FILE).is_file() else None
     for candidate in (path, path / "delta"):
@@ -419,10 +386,6 @@ def plot_overlap(overlap: Overlap, path: str | Path, title: str = "Child-network
 # --------------------------------------------------------------------------- tables and the whole report
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
 def share_markdown(tables: Mapping[str, list[Share]], what: str) -> str:
     """One Markdown table: a row per child network, a column per group, cells 'density (share)' in %."""
     columns = sorted({s.group for rows in tables.values() for s in rows},
@@ -430,7 +393,7 @@ def share_markdown(tables: Mapping[str, list[Share]], what: str) -> str:
     lines = [f"| child network | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
     for label, rows in tables.items():
         by = {s.group: s for s in rows}
-        cells = [f"{_pct(by[c].density)} ({_pct(by[c].share)})" if c in by else "" for c in columns]
+        cells = [f"{100 * by[c].density:.1f} ({100 * by[c].share:.1f})" if c in by else "" for c in columns]
         lines.append(f"| {label} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -490,7 +453,7 @@ def analyze(inputs: Mapping[str, str | Path | MaskMap], output_dir: str | Path,
             overlap_markdown(overlap),
             "![overlap](overlap.png)",
         ]
-    paths["analysis"] = write_text(out / "analysis.md", "\n\n".join(sections) + "\n")
+    paths["analysis"] = atomic_write(out / "analysis.md", "\n\n".join(sections) + "\n")
     return paths
 
 
@@ -500,18 +463,7 @@ def _share_rows(tables: Mapping[str, list[Share]]):
             yield label, s.group, s.chosen, s.total, f"{s.density:.6f}", f"{s.share:.6f}"
 
 
-# --------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Options of `childtune analyze`."""
-    parser.add_argument("inputs", nargs="+", metavar="[NAME=]PATH",
-                        help="child networks: run folders, delta folders or masks .safetensors files; NAME labels "
-                             "it in the tables and plots [task method seed, read from the run]")
-    parser.add_argument("--output", required=True, help="folder for the tables (CSV, Markdown) and PNGs")
-    parser.add_argument("--include-head", action="store_true",
-                        help="count the task head too (left out by default: it is new and trained whole)")
-    return parser
+# --------------------------------------------------------------------------- naming inputs
 
 
 def parse_inputs(items: Iterable[str]) -> dict[str, Path]:
@@ -543,11 +495,3 @@ def describe(path: Path) -> str:
             if conf.get("method") is not None and conf.get("seed") is not None:
                 return f"{task} {conf['method']} s{conf['seed']}"
     return path.stem if path.is_file() else path.name
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """What `childtune analyze` does once its options are parsed."""
-    paths = analyze(parse_inputs(args.inputs), args.output, exclude=() if args.include_head else EXCLUDE)
-    for path in paths.values():
-        print(f"wrote {path}")
-    return 0

@@ -1,0 +1,152 @@
+"""`childtune`: a thin argparse layer over the library (train, compare, export, apply, analyze, study).
+
+The options of `train` and `compare` are generated from `TrainConfig`'s fields, so the CLI, the config
+file and the library can never disagree on a name or a default. A user error (bad data, unknown task or
+method, existing output, unreachable registry, bad delta) is one line on stderr and exit status 2;
+only a bug shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from childtune.cli.commands import (
+    COMPARE_OWN,
+    STUDY_OWN,
+    cmd_analyze,
+    cmd_apply,
+    cmd_compare,
+    cmd_export,
+    cmd_study,
+    cmd_train,
+)
+from childtune.cli.options import add_config_options, comma_list, grid, seed_list
+from childtune.training.methods import METHODS
+
+EXIT_USAGE = 2
+
+
+def _list(text: str) -> list[str]:
+    return list(comma_list(text))
+
+
+def _ints(text: str) -> list[int]:
+    return list(seed_list(text))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="childtune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="fine-tune one model with one method",
+                           description="Fine-tune with one method; writes config.json, metrics.json, "
+                                       "metrics.jsonl and the weights (delta/ or model/) into --output.")
+    train.add_argument("--config", metavar="FILE", help="start from this config.json (options override it)")
+    train.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="train on N processes with DDP (gloo on CPU, nccl on GPUs); see docs/distributed.md [1]")
+    train.add_argument("--resume", metavar="RUN", default=None,
+                       help="continue the interrupted run whose --output was RUN, from its last checkpoint")
+    train.add_argument("--checkpoint-every", type=int, default=200, metavar="N",
+                       help="save a resumable checkpoint every N updates (0: never) [200]")
+    add_config_options(train)
+    train.set_defaults(func=cmd_train)
+
+    compare = sub.add_parser("compare", help="run a grid of methods x seeds and tabulate it",
+                             description="Train every method with every seed; print mean ± std per method, "
+                                         "write summary.csv, runs.csv and summary.png into --output.")
+    compare.add_argument("--methods", type=_list, default=["full", "child-f", "child-d"],
+                         metavar="A,B", help=f"methods to compare ({', '.join(METHODS)}) [full,child-f,child-d]")
+    compare.add_argument("--seeds", type=_ints, default=[1], metavar="1,2,3", help="seeds [1]")
+    compare.add_argument("--output", default=None, help="folder for the grid [runs/compare-TASK]")
+    compare.add_argument("--overwrite", action="store_true", help="replace results already in --output")
+    compare.add_argument("--config", metavar="FILE", help="base config.json for every cell (options override it)")
+    add_config_options(compare, skip=COMPARE_OWN)
+    compare.set_defaults(func=cmd_compare)
+
+    export = sub.add_parser("export", help="save a run's change to its base model as a sparse delta")
+    export.add_argument("run", help="a run folder written by `childtune train`")
+    export.add_argument("--output", required=True, help="folder for delta_config.json + delta.safetensors")
+    export.add_argument("--overwrite", action="store_true", help="replace a delta already in --output")
+    export.set_defaults(func=cmd_export)
+
+    apply = sub.add_parser("apply", help="apply a sparse delta to its base model, writing a model folder")
+    apply.add_argument("delta", help="a delta folder (or a run folder holding delta/)")
+    apply.add_argument("--output", required=True, help="folder for the Hugging Face model")
+    apply.add_argument("--model", default=None, help="base model folder or name [the delta's base model]")
+    apply.add_argument("--overwrite", action="store_true", help="replace a model childtune wrote in --output")
+    apply.set_defaults(func=cmd_apply)
+
+    analyze = sub.add_parser("analyze", help="where child networks sit (layers, parameter types) and how they overlap",
+                             description="Which pretrained weights each child network uses (per layer, per "
+                                         "parameter type) and how much two of them overlap, beside chance.")
+    add_analyze_arguments(analyze)
+    analyze.set_defaults(func=cmd_analyze)
+
+    study = sub.add_parser("study", help="the resumable multi-task study behind docs/RESULTS.md",
+                           description="Every method on every task over seeds, tested against full fine-tuning; "
+                                       "resumable, with tables, plots and a Markdown report.")
+    add_study_arguments(study)
+    study.add_argument("--config", metavar="FILE", help="base config.json for every cell (options override it)")
+    add_config_options(study, skip=STUDY_OWN)
+    study.set_defaults(func=cmd_study)
+    return parser
+
+
+def add_analyze_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of `childtune analyze`."""
+    parser.add_argument("inputs", nargs="+", metavar="[NAME=]PATH",
+                        help="child networks: run folders, delta folders or masks .safetensors files; NAME labels "
+                             "it in the tables and plots [task method seed, read from the run]")
+    parser.add_argument("--output", required=True, help="folder for the tables (CSV, Markdown) and PNGs")
+    parser.add_argument("--include-head", action="store_true",
+                        help="count the task head too (left out by default: it is new and trained whole)")
+    return parser
+
+
+def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The study's own options (its base training config's options come from `add_config_options`)."""
+    from childtune.study.plan import METHODS as STUDY_METHODS
+    from childtune.study.plan import SEEDS, TASKS, TRANSFER_METHODS
+
+    parser.add_argument("--tasks", type=comma_list, default=TASKS, help=f"comma-separated [{','.join(TASKS)}]")
+    parser.add_argument("--methods", type=comma_list, default=STUDY_METHODS,
+                        help=f"comma-separated [{','.join(STUDY_METHODS)}]")
+    parser.add_argument("--seeds", type=seed_list, default=SEEDS, help="e.g. 1,2,3 or 1-5 [1-5]")
+    parser.add_argument("--train-size", type=int, default=1000, help="training examples per run [1000]")
+    parser.add_argument("--grid", type=grid, default="paper", metavar="paper|defaults|JSON",
+                        help="paper: the papers' p / lr sweep; defaults: one config per method; or a JSON object "
+                             'like \'{"child-d": {"reserve_p": [0.1, 0.3]}}\' (methods absent from it use their '
+                             "defaults) [paper]")
+    parser.add_argument("--no-transfer", action="store_true", help="skip the domain-transfer experiment")
+    parser.add_argument("--transfer-methods", type=comma_list, default=TRANSFER_METHODS,
+                        help=f"[{','.join(TRANSFER_METHODS)}]")
+    parser.add_argument("--no-analysis", action="store_true", help="skip the child-network analysis")
+    parser.add_argument("--output", default="runs/study", help="study folder, resumed if it exists [runs/study]")
+    parser.add_argument("--results", default=None, help="Markdown report to write [OUTPUT/RESULTS.md]")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: report the runs already done, the rest marked not yet run")
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from childtune.data.assets import AssetError
+    from childtune.training.loop import TrainError
+
+    return ValueError, OSError, AssetError, TrainError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc re-runs under torchrun
+    try:
+        return args.func(args)
+    except _user_errors() as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"childtune: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("childtune: interrupted; finished runs are kept, an unfinished one left no run folder "
+              "(run the same command again to resume)", file=sys.stderr)
+        return 130
+

@@ -1,0 +1,134 @@
+"""What each `childtune` subcommand does once its options are parsed: build the config, call the
+library, print one line (or a table) saying what was written."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from childtune.cli.options import ACT_OF_WRITING, config_from_args, grid
+from childtune.training.config import TrainConfig
+
+STUDY_OWN = ACT_OF_WRITING | {"task", "train_file", "dev_file", "test_file", "method", "seed", "train_size"}
+"""`TrainConfig` fields the study sets per cell or takes as its own options."""
+
+COMPARE_OWN = ACT_OF_WRITING | {"method", "seed"}
+"""Config fields `compare` sets per cell or takes as its own options."""
+
+
+def _resumed(run: str) -> TrainConfig:
+    """The interrupted run's own config: a resume continues that run, whatever the command line says."""
+    from childtune.training.runfolder import partial_dir
+
+    saved = partial_dir(run) / "config.json"
+    if not saved.is_file():
+        raise FileNotFoundError(f"no interrupted run to resume at {run}: {saved} does not exist")
+    return TrainConfig.load_json(saved)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from childtune.training import distributed
+    from childtune.training.checkpoint import Checkpointer
+    from childtune.training.loop import train
+    from childtune.training.runfolder import partial_dir
+
+    if args.nproc > 1 and not distributed.info().distributed:  # re-run this command as N ranks under torchrun
+        return distributed.launch(args.argv, args.nproc)
+    config = _resumed(args.resume) if args.resume else config_from_args(args)
+    if config.output is None:
+        name = config.task or Path(config.train_file or "data").stem
+        config = replace(config, output=str(Path("runs") / f"{name}-{config.method}-seed{config.seed}"))
+    checkpoints = []
+    if args.checkpoint_every or args.resume:
+        checkpoints.append(Checkpointer(args.checkpoint_every or sys.maxsize, resume=bool(args.resume),
+                                        directory=partial_dir(config.output)))
+    try:
+        metrics = train(config, checkpoints, resume=bool(args.resume))
+    finally:
+        distributed.shutdown()
+    if not distributed.info().is_main:
+        return 0
+    split = "test" if metrics["test"] else "dev"
+    primary = metrics["primary_metric"]
+    print(f"{metrics['method']} on {metrics['task']}: {split} {primary} {metrics[split][primary]:.4f}, "
+          f"dev {primary} {metrics['dev'][primary]:.4f}; changed {metrics['changed_params']:,} of "
+          f"{metrics['total_params']:,} weights; wrote {config.output}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from childtune.study.compare import compare
+
+    config = config_from_args(args)
+    output = args.output or str(Path("runs") / f"compare-{config.task or 'data'}")
+    result = compare(config, args.methods, args.seeds, output, overwrite=args.overwrite)
+    print(result.table)
+    print(f"wrote {output}/summary.csv, {output}/summary.png, {output}/runs.csv")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from childtune.training.export import export_delta
+
+    delta = export_delta(args.run, args.output, overwrite=args.overwrite)
+    c = delta.config
+    print(f"wrote {args.output}: {c.num_changed:,} of {c.num_elements:,} base weights changed "
+          f"({100 * c.num_changed / max(1, c.num_elements):.3g}%), plus a {c.num_dense:,}-weight head")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from childtune.training.export import apply_delta
+
+    apply_delta(args.delta, args.output, model=args.model, overwrite=args.overwrite)
+    print(f"wrote {args.output}: a Hugging Face model folder (base + delta)")
+    return 0
+
+
+def study_from_args(args: argparse.Namespace, base: TrainConfig):
+    """The study the parsed options describe, every cell starting from `base`.
+
+    Per-run progress bars are off unless `--progress` was given: the study's own bar names the cell.
+    """
+    from childtune.study.plan import StudyConfig
+
+    if not hasattr(args, "progress"):
+        base = replace(base, progress=False)
+    return StudyConfig(
+        tasks=args.tasks, methods=args.methods, seeds=args.seeds, train_size=args.train_size,
+        grid=grid(args.grid) if isinstance(args.grid, str) else args.grid, base=base, output=args.output,
+        transfer=not args.no_transfer, transfer_methods=args.transfer_methods, analysis=not args.no_analysis,
+    )
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    """Run or resume the study; print the selected rows and the report path.
+
+    The report quotes the command without `--report-only`: that is the command that makes (or resumes)
+    the numbers it shows.
+    """
+    from childtune.study.run import run_study
+    from childtune.study.tables import fmt
+
+    base = config_from_args(args, skip=STUDY_OWN)
+    command = " ".join(["childtune", *map(shlex.quote, sys.argv[1:])])
+    command = " ".join(part for part in command.split(" ") if part != "--report-only")
+    result = run_study(study_from_args(args, base), command=command, results=args.results,
+                       train_missing=not args.report_only)
+    for row in result.main:
+        print(f"{row.task:12s} {row.method:8s} {row.config:24s} n={len(row.scores)} {fmt(row.mean)} ± {fmt(row.std)}")
+    print(f"report: {result.files['results']}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Write the child-network analysis of the given runs, deltas or mask files."""
+    from childtune.study.analysis import EXCLUDE, analyze, parse_inputs
+
+    paths = analyze(parse_inputs(args.inputs), args.output, exclude=() if args.include_head else EXCLUDE)
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,99 @@
+"""Command-line options generated from `TrainConfig`, and the parsers for list-valued options.
+
+The options of `train`, `compare` and `study` are generated from `TrainConfig`'s fields, so the CLI,
+the config file and the library can never disagree on a name or a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import types
+import typing
+from dataclasses import MISSING, fields, replace
+from typing import Any
+
+from childtune.training.config import TrainConfig
+from childtune.training.methods import METHODS
+
+ACT_OF_WRITING = frozenset({"output", "overwrite"})
+"""Options about where and whether a run is written, which `compare` and `study` set per cell."""
+
+
+def _flag(f) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+_METHOD_DEFAULTS = {
+    "lr": lambda: ", ".join(f"{name} {m.lr:g}" for name, m in METHODS.items()),
+    "reserve_p": lambda: ", ".join(f"{name} {m.reserve_p:g}" for name, m in METHODS.items() if m.reserve_p),
+    "strict": lambda: "on for " + ", ".join(name for name, m in METHODS.items() if m.strict),
+    "rest": lambda: METHODS["child-d"].rest,
+}
+
+
+def add_config_options(parser: argparse.ArgumentParser, skip: frozenset[str] | set[str] = frozenset()) -> None:
+    """One option per TrainConfig field; unset options stay out of the namespace (they don't override)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
+        hint = hints[f.name]
+        options = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(
+            hint, types.UnionType) else [hint]
+        kind = options[0]
+        default = f.default if f.default is not MISSING else f.default_factory()
+        shown = _METHOD_DEFAULTS[f.name]() if f.name in _METHOD_DEFAULTS else default
+        common = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{f.metadata['help']} [{shown}]"}
+        if kind is bool:
+            parser.add_argument(_flag(f), action=argparse.BooleanOptionalAction, **common)
+        elif typing.get_origin(kind) is tuple:
+            parser.add_argument(_flag(f), type=comma_list, metavar="A,B", **common)
+        else:
+            parser.add_argument(_flag(f), type=kind, metavar=f.name.upper(), **common)
+
+
+def config_from_args(args: argparse.Namespace, skip: frozenset[str] | set[str] = frozenset()) -> TrainConfig:
+    """The config file (if any) with every option given on the command line applied on top."""
+    base = TrainConfig.load_json(args.config) if getattr(args, "config", None) else TrainConfig()
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in skip and hasattr(args, f.name)}
+    if given.keys() & {"train_file", "dev_file", "test_file"}:
+        given.setdefault("task", None)  # own files replace the default task
+    return replace(base, **given)
+
+
+# ------------------------------------------------------------------------------------------ list values
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """`a, b,c` -> ("a", "b", "c"); empty parts dropped."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    """`1,2,3` or `1-5` (inclusive)."""
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+    if match:
+        return tuple(range(int(match.group(1)), int(match.group(2)) + 1))
+    try:
+        return tuple(int(part) for part in comma_list(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers or A-B, got {text!r}") from None
+
+
+def grid(text: str) -> dict[str, dict[str, tuple[Any, ...]]]:
+    """`paper`, `defaults`, or a JSON object {method: {setting: [values]}}."""
+    from childtune.study.plan import DEFAULT_GRID, PAPER_GRID
+
+    if text in ("paper", "defaults"):
+        return dict(PAPER_GRID if text == "paper" else DEFAULT_GRID)
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--grid must be paper, defaults or a JSON object ({err})") from None
+    if not isinstance(raw, dict) or not all(
+        isinstance(g, dict) and all(isinstance(v, list) for v in g.values()) for g in raw.values()
+    ):
+        raise argparse.ArgumentTypeError('--grid JSON must look like {"method": {"setting": [values]}}')
+    return {method: {k: tuple(v) for k, v in g.items()} for method, g in raw.items()}

@@ -1,0 +1,66 @@
+"""The types every part of the data path shares.
+
+A task is a `TaskSpec` (what it is: kind, labels, metric) and a `TaskData` (its train, dev and test
+examples). The built-in tasks (`tasks`), the user's own files (`userfiles`), batching (`batching`) and
+scoring (`metrics`) all speak these types, so they live here, with nothing else to import; those
+modules import this one, never the other way round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Kind = Literal["classification", "regression"]
+Label = int | float
+Example = tuple[str, Label]
+
+SPLIT_SEED = 20240501
+
+_METRICS: dict[str, frozenset[str]] = {
+    "classification": frozenset({"accuracy", "macro_f1", "f1", "mcc"}),
+    "regression": frozenset({"pearson", "spearman"}),
+}
+
+
+class DataError(ValueError):
+    """Input data that cannot be used, explained in one line that names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task is, independent of its data: enough to build a head and score predictions."""
+
+    name: str
+    kind: Kind
+    num_labels: int
+    label_names: tuple[str, ...]
+    metric: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in _METRICS:
+            raise ValueError(f"kind must be 'classification' or 'regression', got {self.kind!r}")
+        if self.metric not in _METRICS[self.kind]:
+            raise ValueError(
+                f"metric {self.metric!r} is not one of {sorted(_METRICS[self.kind])} for {self.kind}"
+            )
+        if self.kind == "regression" and (self.num_labels != 1 or self.label_names):
+            raise ValueError("a regression task has num_labels=1 and no label_names")
+        if self.kind == "classification" and (
+            self.num_labels < 2 or len(self.label_names) != self.num_labels
+        ):
+            raise ValueError(
+                f"need >= 2 classes with one name each, got {self.num_labels} / {self.label_names}"
+            )
+        if self.metric == "f1" and self.num_labels != 2:
+            raise ValueError("metric 'f1' (of class 1) needs a binary task; use 'macro_f1'")
+
+
+@dataclass
+class TaskData:
+    """A task's spec and its three splits of (text, label); `test` is empty when none was given."""
+
+    spec: TaskSpec
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example] = field(default_factory=list)

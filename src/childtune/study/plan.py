@@ -1,0 +1,184 @@
+"""What a study runs: its settings (`StudyConfig`), the grid of (task, method, hyper-parameters, seed)
+cells in the order they run, each cell's full training config, and the record a finished cell leaves.
+
+Each cell is one ordinary training run in its own folder `runs/<task>/<method>/<config>/seed<k>/`,
+trained (or read back when done) by the one grid runner `childtune.study.grid`, which `compare` uses
+too; `childtune.study.run` drives a whole study and `childtune.study.report` writes its findings.
+
+Protocol, as in the Child-Tuning paper: for each task and method the hyper-parameters with the best
+mean *dev* score over seeds are selected, and that configuration's *test* scores are reported. A method
+is compared with `full` by a paired test over seeds (the seed fixes the 1,000-example subsample, the
+head's initialisation and the data order, so the same seed is the same draw of data for both methods):
+a paired t-test and the Wilcoxon signed-rank test, and Holm's correction over all comparisons
+(`childtune.stats`).
+Note that with 5 seeds an exact two-sided Wilcoxon test cannot go below p = 0.0625.
+
+The transfer experiment trains on one domain and evaluates the same model, without further training,
+on other domains' test sets (`TransferEval`, a training callback).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from childtune.training.config import TrainConfig
+
+Grid = dict[str, dict[str, tuple[Any, ...]]]
+
+TASKS = ("mr", "subj", "vader-movie", "spam")
+METHODS = ("full", "child-f", "child-d", "random", "id3", "gradual", "lora")
+SEEDS = (1, 2, 3, 4, 5)
+BASELINE = "full"
+
+PAPER_GRID: Grid = {
+    # Child-Tuning (Xu et al., 2021): p in {0.1, 0.2, 0.3}, learning rates 2e-5 .. 1e-4.
+    "full": {"lr": (2e-5, 5e-5, 1e-4)},
+    "child-f": {"reserve_p": (0.1, 0.2, 0.3), "lr": (2e-5, 5e-5, 1e-4)},
+    "child-d": {"reserve_p": (0.1, 0.2, 0.3), "lr": (2e-5, 5e-5, 1e-4)},
+    # Random masking and ID3 update a small fraction of the weights and need much larger steps.
+    "random": {"reserve_p": (0.01,), "lr": (1e-3, 5e-3, 1e-2)},
+    "id3": {"id3_budget": (0.005,), "lr": (1e-3, 2e-3, 5e-3)},
+    "gradual": {"lr": (2e-5, 5e-5, 1e-4)},
+    "lora": {"lora_rank": (8,), "lr": (2e-4, 5e-4, 1e-3)},
+}
+"""The hyper-parameter grid of the full study: every combination of a method's values is one config."""
+
+DEFAULT_GRID: Grid = {m: {} for m in METHODS}
+"""One config per method, its defaults in `config.METHODS`: the cheap study."""
+
+TRANSFER_SOURCE = "vader-movie-bin"
+TRANSFER_TARGETS = ("vader-tweets-bin", "vader-nyt-bin", "vader-amazon-bin")
+TRANSFER_METHODS = ("full", "child-d", "child-f")
+
+_SHORT = {"reserve_p": "p", "lr": "lr", "id3_budget": "budget", "lora_rank": "r", "epochs": "ep"}
+
+
+class StudyError(ValueError):
+    """A study that cannot run as configured (unknown grid key, empty grid, mismatched transfer target)."""
+
+
+@dataclass
+class StudyConfig:
+    """What to run. `base` holds every other training setting (model, epochs, batch size, ...).
+
+    `tasks` are built-in task names, or names mapped to `TrainConfig` overrides (your own files:
+    `{"mine": {"task": None, "train_file": ..., "dev_file": ..., "test_file": ...}}`). `transfer_targets`
+    are built-in task names or CSV/JSONL files with the source task's labels.
+    """
+
+    tasks: tuple[str, ...] | Mapping[str, Mapping[str, Any]] = TASKS
+    methods: tuple[str, ...] = METHODS
+    seeds: tuple[int, ...] = SEEDS
+    train_size: int | None = 1000
+    grid: Grid = field(default_factory=lambda: dict(PAPER_GRID))
+    base: TrainConfig = field(default_factory=lambda: TrainConfig(progress=False))
+    output: str = "runs/study"
+    baseline: str = BASELINE
+    transfer: bool = True
+    transfer_source: str | Mapping[str, Any] = TRANSFER_SOURCE
+    transfer_targets: tuple[str, ...] = TRANSFER_TARGETS
+    transfer_methods: tuple[str, ...] = TRANSFER_METHODS
+    analysis: bool = True
+    """Write per-layer shares and overlaps of the saved child networks (child-d, id3) after training."""
+
+
+# ---------------------------------------------------------------------------------------------- cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the study."""
+
+    experiment: str  # "main" or "transfer"
+    task: str
+    method: str
+    overrides: tuple[tuple[str, Any], ...]  # the hyper-parameters this cell sets, sorted by key
+    seed: int
+
+    @property
+    def label(self) -> str:
+        """The config's name, safe as a folder name: `p0.1-lr2e-05`, or `default`."""
+        return "-".join(f"{_SHORT.get(k, k)}{v}" for k, v in self.overrides) or "default"
+
+    def folder(self, output: Path) -> Path:
+        return output / ("runs" if self.experiment == "main" else "transfer") / self.task / self.method / (
+            self.label) / f"seed{self.seed}"
+
+
+def configs(grid: Grid, method: str) -> list[tuple[tuple[str, Any], ...]]:
+    """Every combination of the method's grid values (one empty config when the grid has none)."""
+    values = grid.get(method, {})
+    keys = sorted(values)
+    known = {f.name for f in fields(TrainConfig)}
+    for key in keys:
+        if key not in known:
+            raise StudyError(f"grid for {method!r} sets {key!r}, which is not a training setting")
+        if not values[key]:
+            raise StudyError(f"grid for {method!r} gives no values for {key!r}")
+    return [tuple(zip(keys, combo, strict=True)) for combo in itertools.product(*(values[k] for k in keys))]
+
+
+def task_overrides(tasks: str | Sequence[str] | Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Task name -> the `TrainConfig` fields that select it."""
+    if isinstance(tasks, str):
+        tasks = (tasks,)
+    if isinstance(tasks, Mapping):
+        return {name: dict(over) for name, over in tasks.items()}
+    return {name: {"task": name} for name in tasks}
+
+
+def plan(study: StudyConfig) -> list[Cell]:
+    """Every cell of the study in the order they run: seed by seed, so that a study stopped early has
+    complete seeds, every method paired with the baseline on each, rather than some methods with none."""
+    source = next(iter(task_overrides(study.transfer_source)))
+    cells = []
+    for seed in study.seeds:
+        cells += [Cell("main", task, method, config, seed)
+                  for task in task_overrides(study.tasks)
+                  for method in study.methods
+                  for config in configs(study.grid, method)]
+        if study.transfer:
+            cells += [Cell("transfer", source, method, config, seed)
+                      for method in study.transfer_methods
+                      for config in configs(study.grid, method)]
+    return cells
+
+
+def cell_config(study: StudyConfig, cell: Cell) -> TrainConfig:
+    """The cell's full training config: base, then the task, then the method and its hyper-parameters."""
+    tasks = study.tasks if cell.experiment == "main" else study.transfer_source
+    return replace(study.base, **task_overrides(tasks)[cell.task], method=cell.method, seed=cell.seed,
+                   train_size=study.train_size, output=str(cell.folder(Path(study.output))), overwrite=False,
+                   **dict(cell.overrides))
+
+
+@dataclass
+class Record:
+    """A finished cell and its metrics (as `train` returned or wrote them)."""
+
+    cell: Cell
+    metrics: dict[str, Any]
+
+    def score(self, split: str) -> float:
+        """The task's primary metric on `split` (`dev`, `test`, or a transfer target's name)."""
+        metric = self.metrics["primary_metric"]
+        if split in ("dev", "test"):
+            value = (self.metrics.get(split) or {}).get(metric)
+        else:
+            value = (self.metrics.get("transfer") or {}).get(split, {}).get(metric)
+        return math.nan if value is None else float(value)
+
+
+def describe(study: StudyConfig) -> dict[str, Any]:
+    return {
+        "tasks": task_overrides(study.tasks), "methods": list(study.methods), "seeds": list(study.seeds),
+        "train_size": study.train_size, "grid": {m: {k: list(v) for k, v in g.items()} for m, g in study.grid.items()},
+        "base": study.base.to_dict(), "baseline": study.baseline, "transfer": study.transfer,
+        "transfer_source": study.transfer_source, "transfer_targets": list(study.transfer_targets),
+        "transfer_methods": list(study.transfer_methods),
+    }

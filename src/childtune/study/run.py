@@ -1,0 +1,53 @@
+"""Running a whole study: plan its cells, train or read them back through the grid runner, report.
+
+Protocol, as in the Child-Tuning paper: for each task and method the hyper-parameters with the best
+mean *dev* score over seeds are selected, and that configuration's *test* scores are reported, paired
+with the baseline by seed (`childtune.study.report`, `childtune.study.stats`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from childtune.fileio import write_json
+from childtune.study.grid import Job, run_jobs
+from childtune.study.plan import Record, StudyConfig, StudyError, cell_config, describe, plan
+from childtune.study.report import StudyResult, report
+from childtune.study.transfer import TransferEval
+
+
+def run_cells(study: StudyConfig, run: Callable[..., dict[str, Any]] | None = None,
+              progress: bool = True, train_missing: bool = True) -> list[Record]:
+    """Train every cell not yet done (in plan order), read back the done ones; return all records.
+
+    `train_missing=False` only reads back what is done, to report a study that is still under way.
+    """
+    cells = plan(study)
+    if not cells:
+        raise StudyError("the study has no cells: give at least one task, method and seed")
+    jobs = []
+    for cell in cells:
+        transfer = cell.experiment == "transfer"
+        jobs.append(Job(cell_config(study, cell), f"{cell.task} {cell.method} {cell.label} seed{cell.seed}",
+                        (TransferEval(study.transfer_targets),) if transfer else (),
+                        ("transfer.json",) if transfer else ()))
+    for job in jobs:
+        job.config.resolved()  # before study.json is written: a bad grid leaves nothing behind
+    if train_missing:
+        write_json(Path(study.output) / "study.json", describe(study))
+    results = run_jobs(jobs, run, desc="study", progress=progress, train_missing=train_missing)
+    return [Record(cell, metrics) for cell, metrics in zip(cells, results, strict=True) if metrics is not None]
+
+
+def run_study(study: StudyConfig, *, run: Callable[..., dict[str, Any]] | None = None, command: str | None = None,
+              results: str | Path | None = None, progress: bool = True, train_missing: bool = True) -> StudyResult:
+    """Run (or resume) every cell of `study`, then write its tables, plots, analysis and report.
+
+    `run` is the training function, `childtune.training.loop.train` by default (called as
+    `run(config, callbacks)`). With `train_missing=False` nothing is trained: the report covers the
+    cells already done and lists the rest as not yet run.
+    """
+    records = run_cells(study, run, progress, train_missing)
+    return report(study, records, command, results)

@@ -1,0 +1,44 @@
+"""Scoring a model during and after training, and counting what a run touched."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from childtune.data.metrics import compute_metrics
+from childtune.training.config import TrainConfig
+from childtune.training.inputs import loader
+
+
+@torch.no_grad()
+def evaluate(model, examples, spec, collate, config: TrainConfig, desc: str) -> dict[str, float]:
+    """Metrics of the model on `examples` (dropout off), batched with dynamic padding."""
+    model.eval()
+    outputs, labels = [], []
+    batches = loader(examples, batch_size=config.eval_batch_size, collate_fn=collate)
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not config.progress):
+        labels.append(batch.pop("labels"))
+        outputs.append(model(**batch).logits.float())
+    return compute_metrics(spec, torch.cat(outputs), torch.cat(labels), config.metric_extra)
+
+
+def count_elements(pretrained: dict[str, torch.Tensor], model: torch.nn.Module, params: dict[str, torch.Tensor],
+                   masks: dict[str, torch.Tensor] | None) -> dict[str, int | None]:
+    """Sizes that say what a run touched: elements it may change, did change, and changed outside its child."""
+    changed = outside = 0
+    for name, tensor in model.state_dict().items():
+        if name in pretrained and tensor.is_floating_point():
+            diff = tensor.detach().cpu() != pretrained[name]
+            changed += int(diff.sum())
+            if masks is not None and name in masks:
+                outside += int((diff & ~masks[name].cpu()).sum())
+    child = None
+    if masks is not None:
+        child = sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in params.items())
+    return {
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in params.values()),
+        "child_params": child,
+        "changed_params": changed,
+        "changed_outside_child": outside if masks is not None else None,
+    }

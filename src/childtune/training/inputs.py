@@ -1,0 +1,49 @@
+"""What the loop feeds on: the task's examples from a config, and DataLoaders over them whose order is
+a pure function of (seed, epoch) and whose generator is their own (see `loader`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from childtune.data.batching import TextDataset
+from childtune.data.tasks import load_task
+from childtune.data.types import DataError
+from childtune.data.userfiles import load_files
+from childtune.training import distributed
+from childtune.training.config import TrainConfig
+
+
+def load_data(config: TrainConfig):
+    """The task's splits: a built-in task (subsampled by seed), or the user's own files."""
+    if config.train_file is not None:
+        task = load_files(config.train_file, config.dev_file, config.test_file,
+                          text_col=config.text_col, label_col=config.label_col)
+        if config.train_size is not None:
+            if config.train_size > len(task.train):
+                raise DataError(f"train_size={config.train_size} but {config.train_file} has "
+                                f"{len(task.train)} examples")
+            order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(config.seed))
+            task.train = [task.train[i] for i in sorted(order[: config.train_size].tolist())]
+        return task
+    return load_task(config.task, seed=config.seed, train_size=config.train_size)
+
+
+def batches(examples, collate, config: TrainConfig, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's share of the epoch's batches from batch `start` on (earlier ones were done before a resume).
+
+    The order is a function of (seed, epoch), and per-rank batch k of all ranks together is batch k of a
+    single process: `batch_size` is the global batch whatever the number of processes.
+    """
+    per_rank = config.batch_size // distributed.info().world_size
+    sampler = distributed.ShardedSampler(len(examples), seed=config.seed)
+    sampler.set_epoch(epoch, start * per_rank)
+    yield from loader(examples, batch_size=per_rank, sampler=sampler, collate_fn=collate)
+
+
+def loader(examples, **kwargs) -> DataLoader:
+    """A DataLoader with its own generator: iterating one draws a seed, which must not come from the
+    global RNG (dropout's), or a resumed run that opens a fresh loader mid-epoch would drift by a draw."""
+    return DataLoader(TextDataset(examples), generator=torch.Generator(), **kwargs)

@@ -1,0 +1,231 @@
+"""The training loop: data -> model -> child network -> masked AdamW -> evaluation -> files.
+
+`train(config)` reads top to bottom as one run. Everything a resumed or distributed run has to carry
+lives in one `TrainState` (model, optimizer with its strategy, scheduler, step, epoch, position in the
+epoch), and the data order of every epoch is a pure function of (seed, epoch): a checkpoint callback
+can save that state every N steps, and a resumed run restores it in `on_start` and the loop skips the
+batches already done, without either of them touching the loop itself.
+
+A run is written into a hidden `.NAME.partial` folder beside `--output` and renamed into place only
+when complete, so a failed or interrupted run never leaves a half-written run folder behind.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from childtune.data.batching import make_collate
+from childtune.delta import SparseDelta
+from childtune.fileio import write_json
+from childtune.strategies import Strategy
+from childtune.training import distributed
+from childtune.training.config import ConfigError, TrainConfig, build_strategy
+from childtune.training.evaluate import count_elements, evaluate
+from childtune.training.inputs import batches, load_data, loader
+from childtune.training.methods import METHODS
+from childtune.training.models import add_lora, load_model, position_limit, quiet_transformers
+from childtune.training.params import freeze_unchosen, linear_schedule, make_optimizer, param_groups
+from childtune.training.runfolder import MetricsLog, RunFolder
+
+
+class TrainError(RuntimeError):
+    """Training could not go on (e.g. a non-finite loss): the message says where and what to change."""
+
+
+# ---------------------------------------------------------------------------------------- the state
+
+
+class Callback:
+    """Hooks around the loop (checkpointing, resuming, distributed logging). Every hook is optional.
+
+    `on_start` runs before any work: a resume callback restores `state` there and sets
+    `state.resumed`, which skips the child network's preparation (its masks come from the optimizer state).
+    """
+
+    def on_start(self, state: TrainState) -> None: ...
+
+    def on_step(self, state: TrainState) -> None: ...
+
+    def on_end(self, state: TrainState, metrics: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """Everything the loop mutates: what a checkpoint saves and a resume restores."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    strategy: Strategy
+    config: TrainConfig
+    workdir: Path | None
+    log: MetricsLog | None = None
+    step: int = 0  # optimizer updates done
+    epoch: int = 0  # current epoch
+    batch: int = 0  # batches of the current epoch already consumed
+    skipped: int = 0  # batches dropped for a non-finite loss or gradient
+    resumed: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # callbacks' own bookkeeping
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *, resume: bool = False) -> dict[str, Any]:
+    """Fine-tune with `config.method`; return (and, with `config.output`, write) the run's metrics.
+
+    Under torchrun every rank calls this: DDP, the data sharded by rank, files written by rank 0 only.
+    `resume` reopens the interrupted run's working folder (and its checkpoint) instead of a fresh one.
+    """
+    config = config.resolved()
+    me = distributed.init()
+    if config.batch_size % me.world_size:
+        raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {me.world_size} processes")
+    folder = RunFolder(config.output, config.overwrite, resume) if config.output and me.is_main else None
+    torch.manual_seed(config.seed)
+    task = load_data(config)
+    if not task.train or not task.dev:
+        raise ConfigError("training needs a non-empty train and dev split")
+    tokenizer, model = load_model(config, task.spec)
+    collate = make_collate(tokenizer, min(config.max_length, position_limit(model)), task.spec.kind)
+    pretrained = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+    if METHODS[config.method].adapter == "lora":
+        model = add_lora(model, config)
+
+    steps_per_epoch = math.ceil(len(task.train) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    groups = param_groups(model, config.weight_decay)
+    params = {n: p for g in groups for n, p in g["params"]}
+    strategy = build_strategy(config, total_steps, params)
+    optimizer = make_optimizer(groups, strategy, config)
+    scheduler = linear_schedule(optimizer, round(config.warmup * total_steps), total_steps)
+
+    with folder or _NoFolder() as workdir, MetricsLog(workdir / "metrics.jsonl" if workdir else None) as log:
+        state = TrainState(model, optimizer, scheduler, strategy, config, workdir, log)
+        if workdir:
+            config.save_json(workdir / "config.json")
+        for cb in callbacks:
+            cb.on_start(state)
+
+        started = time.perf_counter()
+        if not state.resumed:  # Child-Tuning_D: Fisher information on the training data (own progress bar)
+            shard = distributed.ShardedSampler(len(task.train), seed=config.seed, shuffle=False)  # rank's share
+            fisher_batches = loader(task.train, batch_size=config.batch_size // me.world_size, sampler=shard,
+                                     collate_fn=collate)
+            strategy.prepare(model, fisher_batches)
+        prepare_time = time.perf_counter() - started
+        if config.strict:
+            freeze_unchosen(strategy, params)  # before any DDP wrapping: DDP fixes its params
+        state.model = distributed.wrap(model)  # DDP under torchrun; the model itself for one process
+
+        started = time.perf_counter()
+        bar = tqdm(total=total_steps, initial=state.step + state.skipped, desc=f"train {config.method}",
+                   unit="step", disable=not config.progress or not me.is_main)
+        losses: list[float] = []
+        while state.epoch < config.epochs:
+            model.train()
+            for batch in batches(task.train, collate, config, state.epoch, state.batch):
+                loss = _step(state, batch)
+                state.batch += 1
+                bar.update(1)
+                if loss is None:
+                    log.write(event="skipped", step=state.step, epoch=state.epoch, batch=state.batch)
+                else:
+                    losses.append(loss)
+                if losses and state.step % config.log_every == 0 and loss is not None:
+                    lr = scheduler.get_last_lr()[0]
+                    log.write(step=state.step, epoch=state.epoch, loss=sum(losses) / len(losses), lr=lr)
+                    bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", lr=f"{lr:.2e}")
+                    losses = []
+                for cb in callbacks:
+                    cb.on_step(state)
+            state.epoch, state.batch = state.epoch + 1, 0
+            if config.eval_every_epoch and state.epoch < config.epochs:
+                dev = evaluate(model, task.dev, task.spec, collate, config, f"eval dev (epoch {state.epoch})")
+                log.write(eval="dev", epoch=state.epoch, step=state.step, **dev)
+        bar.close()
+        train_time = time.perf_counter() - started
+
+        started = time.perf_counter()
+        dev = evaluate(model, task.dev, task.spec, collate, config, "eval dev")
+        test = evaluate(model, task.test, task.spec, collate, config, "eval test") if task.test else None
+        eval_time = time.perf_counter() - started
+        log.write(eval="dev", epoch=state.epoch, step=state.step, **dev)
+        if test is not None:
+            log.write(eval="test", epoch=state.epoch, step=state.step, **test)
+
+        tuned = model.merge_and_unload() if METHODS[config.method].adapter == "lora" else model
+        masks = strategy.final_masks(state.step)
+        metrics = {
+            "task": task.spec.name, "method": config.method, "seed": config.seed,
+            "kind": task.spec.kind, "primary_metric": task.spec.metric,
+            "train_examples": len(task.train), "dev_examples": len(task.dev), "test_examples": len(task.test),
+            "dev": dev, "test": test,
+            "steps": state.step, "skipped_steps": state.skipped, "epochs": config.epochs,
+            "prepare_time_s": round(prepare_time, 3), "train_time_s": round(train_time, 3),
+            "eval_time_s": round(eval_time, 3),
+            **count_elements(pretrained, tuned, params, masks),
+        }
+        if workdir:
+            _save_weights(config, workdir, pretrained, tuned, tokenizer, task.spec)
+            write_json(workdir / "metrics.json", metrics)
+        for cb in callbacks:
+            cb.on_end(state, metrics)
+    return metrics
+
+
+def _step(state: TrainState, batch: dict[str, torch.Tensor]) -> float | None:
+    """One update; a non-finite loss or gradient stops the run or skips the batch, never reaching the weights."""
+    config, model, optimizer = state.config, state.model, state.optimizer
+    loss = model(**batch).loss
+    finite = not distributed.any_rank(not bool(torch.isfinite(loss)))  # every rank skips together, or DDP hangs
+    if finite:
+        loss.backward()
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+        finite = bool(torch.isfinite(norm))
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)
+        what = "loss" if not torch.isfinite(loss) else "gradient"
+        if config.nonfinite == "stop":
+            raise TrainError(f"non-finite {what} at epoch {state.epoch}, batch {state.batch} (after {state.step} "
+                             "updates); the weights were not updated. Lower --lr, or pass --nonfinite skip")
+        state.skipped += 1
+        return None
+    optimizer.step()
+    state.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return float(loss.detach())
+
+
+def _save_weights(config: TrainConfig, workdir: Path, pretrained, model, tokenizer, spec) -> None:
+    """A sparse delta against the base for strict runs (exactly the child network), else the whole model."""
+    save = config.save if config.save != "auto" else ("delta" if config.strict else "model")
+    if save == "delta":
+        head = {"num_labels": spec.num_labels, "label_names": list(spec.label_names), "kind": spec.kind}
+        delta = SparseDelta.from_training(pretrained, model, method=config.method,
+                                          hparams={**config.to_dict(), **head}, base_model=config.model)
+        delta.save(workdir / "delta")
+    elif save == "model":
+        with quiet_transformers():
+            model.save_pretrained(workdir / "model")
+            tokenizer.save_pretrained(workdir / "model")
+
+
+class _NoFolder:
+    """Stands in for a RunFolder when nothing is written (library use without `output`)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None

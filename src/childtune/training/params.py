@@ -1,0 +1,81 @@
+"""Which parameters train and how: AdamW groups with one no-decay rule, the LR schedule, the optimizer
+that costs what the child network costs, and the gradients a fixed child network never needs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from childtune.optim import SparseChildAdamW
+from childtune.optim.masked import ChildOptimizer
+from childtune.strategies import Strategy
+from childtune.training.config import TrainConfig
+
+
+def no_decay(name: str) -> bool:
+    """The one rule for parameters that get no weight decay: biases and normalisation weights.
+
+    Covers BERT's `LayerNorm.weight`, T5/Llama-style `layer_norm.weight` / `input_layernorm.weight` /
+    `norm.weight`, and GPT-2's `ln_1.weight` / `ln_f.weight`.
+    """
+    parts = name.split(".")
+    owner = parts[-2] if len(parts) > 1 else ""
+    return parts[-1] == "bias" or "norm" in name.lower() or owner.startswith("ln_")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 no_decay_rule: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
+    """Trainable (name, parameter) pairs grouped for AdamW: decay on weights, none on biases and norms.
+
+    Groups are contiguous runs in the model's own order, not "all decayed, then the rest": strategies
+    such as gradual unfreezing read a parameter's place in the network from the order they see names
+    in, and two big groups would put the embeddings' LayerNorm after the last block.
+    """
+    rule = no_decay_rule or no_decay
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": list(run), "weight_decay": 0.0 if skip else weight_decay}
+        for skip, run in itertools.groupby(named, key=lambda item: rule(item[0]))
+    ]
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warmup to the peak LR, then linear decay to zero at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def freeze_unchosen(strategy: Strategy, params: dict[str, torch.Tensor]) -> list[str]:
+    """Stop computing gradients for parameters a fixed child network leaves out entirely (strict runs).
+
+    Child-Tuning_D with frozen embeddings would otherwise backpropagate into a 30k x 384 embedding
+    matrix and run AdamW over it every step, only for the mask to throw the result away: a third of
+    each step on MiniLM. Strict masking would zero those gradients and restore those weights anyway;
+    the one difference is that gradient clipping no longer counts gradients that were never applied.
+    """
+    names = [n for n in strategy.untouched() if n in params]
+    for name in names:
+        params[name].requires_grad_(False)
+    return names
+
+
+def make_optimizer(groups: list[dict[str, Any]], strategy: Strategy, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW that costs what the child network costs.
+
+    A strict child network that is fixed or only grows (child-d, random, id3, gradual) gets
+    `SparseChildAdamW`: moments and work for child elements only, and nothing else moves. Masks that
+    change every step (child-f) or non-strict runs wrap torch's AdamW, fused (one pass per weight for
+    the whole update; benchmarks/RESULTS.md measures it at a quarter of the foreach step on CPU).
+    """
+    if config.strict and strategy.kind != "per_step":
+        return SparseChildAdamW(groups, strategy, lr=config.lr)
+    return ChildOptimizer(groups, strategy, torch.optim.AdamW, strict=config.strict, lr=config.lr, fused=True)
