@@ -92,6 +92,25 @@ def test_child_tuning_d_authors_default_trains_unscored_in_full(tiny_bert):
     assert all(layer_index(n) is not None for n in strategy.chosen)  # embeddings, pooler, head: no mask
 
 
+def test_random_control_keeps_child_d_sizes_per_tensor_and_draws_other_elements(tiny_bert):
+    """The paper's "task-driven or not" ablation: same count in every tensor, elements at random."""
+    data = batches()
+    fisher, control = ChildTuningD(0.2, rest="freeze"), ChildTuningD(0.2, rest="freeze", random_within=True, seed=3)
+    for strategy in (fisher, control):
+        ChildOptimizer(tiny_bert.named_parameters(), strategy)
+        strategy.prepare(tiny_bert, data)
+    assert fisher.chosen.keys() == control.chosen.keys()
+    for name, mask in fisher.chosen.items():
+        assert int(control.chosen[name].sum()) == int(mask.sum()), name
+    big = max(fisher.chosen, key=lambda n: fisher.chosen[n].numel())
+    overlap = int((fisher.chosen[big] & control.chosen[big]).sum()) / max(1, int(fisher.chosen[big].sum()))
+    assert overlap < 0.5  # chance is the tensor's density (~0.2); Fisher's own choice would be 1.0
+    again = ChildTuningD(0.2, rest="freeze", random_within=True, seed=3)
+    ChildOptimizer(tiny_bert.named_parameters(), again)
+    again.prepare(tiny_bert, data)
+    assert all(torch.equal(again.chosen[n], control.chosen[n]) for n in control.chosen)  # a function of the seed
+
+
 def test_child_tuning_d_needs_data(tiny_bert):
     strategy = ChildTuningD(0.3)
     ChildOptimizer(tiny_bert.named_parameters(), strategy)

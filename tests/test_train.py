@@ -108,8 +108,9 @@ def test_resolved_fills_each_methods_defaults_and_checks_values():
 
 def test_build_strategy_maps_every_method(tiny_bert):
     names = [n for n, _ in tiny_bert.named_parameters()]
-    expected = {"full": FullFineTuning, "child-f": ChildTuningF, "child-d": ChildTuningD, "random": RandomMasking,
-                "id3": ID3, "gradual": GradualUnfreezing, "lora": FullFineTuning}
+    expected = {"full": FullFineTuning, "child-f": ChildTuningF, "child-d": ChildTuningD,
+                "child-d-random": ChildTuningD, "random": RandomMasking, "id3": ID3, "gradual": GradualUnfreezing,
+                "lora": FullFineTuning}
     assert set(expected) == set(METHODS)
     for method, kind in expected.items():
         strategy = build_strategy(TrainConfig(method=method, seed=3).resolved(), 40, names)
@@ -119,6 +120,8 @@ def test_build_strategy_maps_every_method(tiny_bert):
     gradual = build_strategy(TrainConfig(method="gradual").resolved(), 60, names)
     assert gradual.schedule == 10
     assert build_strategy(TrainConfig(method="child-f", seed=5).resolved(), 1, names).seed == 5
+    control = build_strategy(TrainConfig(method="child-d-random", seed=4).resolved(), 1, names)
+    assert control.random_within and control.seed == 4 and control.rest == "freeze"
 
 
 # ------------------------------------------------------------------------------------------ training

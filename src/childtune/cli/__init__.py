@@ -114,6 +114,13 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help=f"comma-separated [{','.join(STUDY_METHODS)}]")
     parser.add_argument("--seeds", type=seed_list, default=SEEDS, help="e.g. 1,2,3 or 1-5 [1-5]")
     parser.add_argument("--train-size", type=int, default=1000, help="training examples per run [1000]")
+    parser.add_argument("--train-sizes", type=_ints, default=(), metavar="100,300,...",
+                        help="the low-resource curve: run every task at each of these training-set sizes")
+    parser.add_argument("--ledger", default=None, metavar="FILE",
+                        help="JSON-lines ledger of finished cells: planned from (recorded cells are not rerun) "
+                             "and appended to; commit it to keep results across machines")
+    parser.add_argument("--name", default="", help="names this study's block in a shared --results file and "
+                                                   "prefixes its figures")
     parser.add_argument("--grid", type=grid, default="paper", metavar="paper|defaults|JSON",
                         help="paper: the papers' p / lr sweep; defaults: one config per method; or a JSON object "
                              'like \'{"child-d": {"reserve_p": [0.1, 0.3]}}\' (methods absent from it use their '

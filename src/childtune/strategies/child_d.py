@@ -3,6 +3,11 @@
 Chosen once, before training, from the task's own data: the parameters whose small changes most move
 log p(y|x) are the ones worth updating. Scoring defaults to the transformer blocks only, as the authors
 did on BERT; `per_layer` ranks within each block instead of globally.
+
+`random_within=True` is the paper's "task-driven or not" control: Fisher still decides how many
+elements each tensor gets, but which ones is drawn uniformly at random from `seed`, so the control has
+exactly Child-Tuning_D's per-tensor sizes (and its learning rate and strictness) and differs only in
+the choice of elements.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ class ChildTuningD(ChosenStrategy):
     per_layer: bool = False
     per_example: bool = False
     num_samples: int | None = None
+    random_within: bool = field(default=False, kw_only=True)
+    seed: int = field(default=0, kw_only=True)
 
     needs_data: ClassVar[bool] = True
 
@@ -39,4 +46,19 @@ class ChildTuningD(ChosenStrategy):
             model, batches, scored=list(self.scored()), num_samples=self.num_samples,
             per_example=self.per_example,
         )
-        self.chosen = self.complete(top_fraction(scores, self.p, self.per_layer))
+        chosen = top_fraction(scores, self.p, self.per_layer)
+        if self.random_within:
+            chosen = _same_sizes_at_random(chosen, self.seed)
+        self.chosen = self.complete(chosen)
+
+
+def _same_sizes_at_random(chosen: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Each tensor's mask replaced by one with as many elements, drawn uniformly from `seed` (in name order)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(chosen):
+        mask = chosen[name]
+        flat = torch.zeros(mask.numel(), dtype=torch.bool)
+        flat[torch.randperm(mask.numel(), generator=generator)[: int(mask.sum())]] = True
+        out[name] = flat.view(mask.shape).to(mask.device)
+    return out

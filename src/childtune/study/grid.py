@@ -6,6 +6,10 @@ both lists of `Job`s run here, so they resume the same way. A cell is done when 
 `.partial` folder: it resumes from its checkpoint when it has one, else starts again. A done cell is
 reused only if the config it was run with is the job's config (up to where it was written and how it
 was displayed), so a second grid with other settings over the same folder is refused, never averaged in.
+
+With a `Ledger` (`childtune.study.ledger`), a cell the ledger holds is not trained or read from disk at
+all, and every cell finished here is appended to it, so a grid resumes on another machine from the
+committed ledger alone.
 """
 
 from __future__ import annotations
@@ -19,13 +23,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from childtune.study.ledger import NOT_SETTINGS, Ledger, make_record
 from childtune.training.checkpoint import checkpoint_dir
 from childtune.training.config import TrainConfig
 from childtune.training.loop import Callback, train
 from childtune.training.runfolder import partial_dir
-
-_NOT_SETTINGS = frozenset({"output", "overwrite", "progress", "log_every"})
-"""Config keys about where and how a run was written or shown, not about what it computed."""
 
 
 class GridError(ValueError):
@@ -41,6 +43,10 @@ class Job:
     label: str
     callbacks: tuple[Callback, ...] = ()
     extras: tuple[str, ...] = ()
+    key: tuple[tuple[str, Any], ...] = ()
+    """What the ledger records the cell as (experiment, task, method, overrides, seed)."""
+    context: tuple[tuple[str, Any], ...] = ()
+    """What the cell computes beyond the run (e.g. transfer targets): part of its identity in the ledger."""
 
     @property
     def folder(self) -> Path:
@@ -52,7 +58,7 @@ class Job:
     def read_back(self) -> dict[str, Any]:
         saved = TrainConfig.load_json(self.folder / "config.json").to_dict()
         wanted = self.config.resolved().to_dict()
-        differ = sorted(k for k in wanted.keys() - _NOT_SETTINGS if saved.get(k) != wanted[k])
+        differ = sorted(k for k in wanted.keys() - NOT_SETTINGS if saved.get(k) != wanted[k])
         if differ:
             shown = ", ".join(f"{k}={saved.get(k)!r} (wanted {wanted[k]!r})" for k in differ[:3])
             raise GridError(f"{self.folder} holds a finished run with other settings ({shown}); "
@@ -64,10 +70,12 @@ class Job:
 
 
 def run_jobs(jobs: Sequence[Job], run: Callable[..., dict[str, Any]] | None = None, *, desc: str = "grid",
-             progress: bool = True, train_missing: bool = True) -> list[dict[str, Any] | None]:
-    """Metrics of every job in order: read back when done, else trained (`None` for a job not done when
-    `train_missing` is False). Every config is checked before the first cell trains. `run` is the
-    training function (default `childtune.training.loop.train`, called as `run(config, callbacks)`)."""
+             progress: bool = True, train_missing: bool = True, ledger: Ledger | None = None,
+             ) -> list[dict[str, Any] | None]:
+    """Metrics of every job in order: from the ledger or the cell's folder when done, else trained
+    (`None` for a job not done when `train_missing` is False). Every config is checked before the first
+    cell trains. `run` is the training function (default `childtune.training.loop.train`, called as
+    `run(config, callbacks)`)."""
     run = run or train
     for job in jobs:
         job.config.resolved()
@@ -76,16 +84,24 @@ def run_jobs(jobs: Sequence[Job], run: Callable[..., dict[str, Any]] | None = No
     bar = tqdm(jobs, desc=desc, unit="run", disable=not progress)
     for job in bar:
         bar.set_postfix_str(job.label)
-        if job.finished():
-            results.append(job.read_back())
+        recorded = ledger.get(job.config, dict(job.context)) if ledger is not None else None
+        if recorded is not None:
+            results.append(recorded["metrics"])
             done += 1
             continue
-        if not train_missing:
+        if job.finished():
+            metrics = job.read_back()
+            done += 1
+        elif not train_missing:
             results.append(None)
             continue
-        config = replace(job.config, overwrite=True) if job.folder.exists() else job.config  # not finished: ours
-        resume = checkpoint_dir(partial_dir(job.folder)) is not None  # killed after a checkpoint: go on
-        results.append(run(config, list(job.callbacks), resume=True) if resume else run(config, list(job.callbacks)))
+        else:
+            config = replace(job.config, overwrite=True) if job.folder.exists() else job.config  # unfinished: ours
+            resume = checkpoint_dir(partial_dir(job.folder)) is not None  # killed after a checkpoint: go on
+            metrics = run(config, list(job.callbacks), resume=True) if resume else run(config, list(job.callbacks))
+        if ledger is not None and train_missing:
+            ledger.append(make_record(dict(job.key), job.config, metrics, dict(job.context)))
+        results.append(metrics)
     bar.close()
     if progress and done:
         print(f"{desc}: {done} of {len(jobs)} runs were already done and were read back", file=sys.stderr)

@@ -85,6 +85,13 @@ class StudyConfig:
     transfer_methods: tuple[str, ...] = TRANSFER_METHODS
     analysis: bool = True
     """Write per-layer shares and overlaps of the saved child networks (child-d, id3) after training."""
+    train_sizes: tuple[int, ...] = ()
+    """The low-resource curve: every task at each of these training-set sizes (a task `mr` becomes
+    `mr-n100`, `mr-n300`, ...), instead of `train_size` alone."""
+    name: str = ""
+    """Names the study's block in a shared report file and prefixes its figures (empty: the one study)."""
+    ledger: str | None = None
+    """A JSON-lines file of finished cells (`childtune.study.ledger`): planned from, appended to."""
 
 
 # ---------------------------------------------------------------------------------------------- cells
@@ -99,6 +106,17 @@ class Cell:
     method: str
     overrides: tuple[tuple[str, Any], ...]  # the hyper-parameters this cell sets, sorted by key
     seed: int
+
+    def key(self) -> tuple[tuple[str, Any], ...]:
+        """The cell as a ledger records it."""
+        return (("experiment", self.experiment), ("task", self.task), ("method", self.method),
+                ("overrides", [list(pair) for pair in self.overrides]), ("seed", self.seed))
+
+    @classmethod
+    def from_key(cls, record: Mapping[str, Any]) -> Cell:
+        """The cell a ledger record describes."""
+        return cls(record["experiment"], record["task"], record["method"],
+                   tuple((k, v) for k, v in record["overrides"]), record["seed"])
 
     @property
     def label(self) -> str:
@@ -139,7 +157,7 @@ def plan(study: StudyConfig) -> list[Cell]:
     cells = []
     for seed in study.seeds:
         cells += [Cell("main", task, method, config, seed)
-                  for task in task_overrides(study.tasks)
+                  for task in study_tasks(study)
                   for method in study.methods
                   for config in configs(study.grid, method)]
         if study.transfer:
@@ -149,12 +167,22 @@ def plan(study: StudyConfig) -> list[Cell]:
     return cells
 
 
+def study_tasks(study: StudyConfig) -> dict[str, dict[str, Any]]:
+    """The main experiment's tasks by name, each the `TrainConfig` fields that select it (and its train
+    size on a low-resource curve)."""
+    tasks = task_overrides(study.tasks)
+    if not study.train_sizes:
+        return tasks
+    return {f"{name}-n{size}": {**over, "train_size": size} for name, over in tasks.items()
+            for size in study.train_sizes}
+
+
 def cell_config(study: StudyConfig, cell: Cell) -> TrainConfig:
     """The cell's full training config: base, then the task, then the method and its hyper-parameters."""
-    tasks = study.tasks if cell.experiment == "main" else study.transfer_source
-    return replace(study.base, **task_overrides(tasks)[cell.task], method=cell.method, seed=cell.seed,
-                   train_size=study.train_size, output=str(cell.folder(Path(study.output))), overwrite=False,
-                   **dict(cell.overrides))
+    tasks = study_tasks(study) if cell.experiment == "main" else task_overrides(study.transfer_source)
+    settings = {"train_size": study.train_size, **tasks[cell.task], "method": cell.method, "seed": cell.seed,
+                "output": str(cell.folder(Path(study.output))), "overwrite": False, **dict(cell.overrides)}
+    return replace(study.base, **settings)
 
 
 @dataclass
@@ -180,5 +208,6 @@ def describe(study: StudyConfig) -> dict[str, Any]:
         "train_size": study.train_size, "grid": {m: {k: list(v) for k, v in g.items()} for m, g in study.grid.items()},
         "base": study.base.to_dict(), "baseline": study.baseline, "transfer": study.transfer,
         "transfer_source": study.transfer_source, "transfer_targets": list(study.transfer_targets),
-        "transfer_methods": list(study.transfer_methods),
+        "transfer_methods": list(study.transfer_methods), "train_sizes": list(study.train_sizes),
+        "ledger": study.ledger, "name": study.name,
     }

@@ -13,6 +13,7 @@ from typing import Any
 
 from childtune.fileio import write_json
 from childtune.study.grid import Job, run_jobs
+from childtune.study.ledger import Ledger
 from childtune.study.plan import Record, StudyConfig, StudyError, cell_config, describe, plan
 from childtune.study.report import StudyResult, report
 from childtune.study.transfer import TransferEval
@@ -22,6 +23,7 @@ def run_cells(study: StudyConfig, run: Callable[..., dict[str, Any]] | None = No
               progress: bool = True, train_missing: bool = True) -> list[Record]:
     """Train every cell not yet done (in plan order), read back the done ones; return all records.
 
+    A cell is done when `study.ledger` holds it or its folder holds a finished run of its settings.
     `train_missing=False` only reads back what is done, to report a study that is still under way.
     """
     cells = plan(study)
@@ -32,12 +34,14 @@ def run_cells(study: StudyConfig, run: Callable[..., dict[str, Any]] | None = No
         transfer = cell.experiment == "transfer"
         jobs.append(Job(cell_config(study, cell), f"{cell.task} {cell.method} {cell.label} seed{cell.seed}",
                         (TransferEval(study.transfer_targets),) if transfer else (),
-                        ("transfer.json",) if transfer else ()))
+                        ("transfer.json",) if transfer else (), cell.key(),
+                        (("transfer_targets", list(study.transfer_targets)),) if transfer else ()))
     for job in jobs:
         job.config.resolved()  # before study.json is written: a bad grid leaves nothing behind
     if train_missing:
         write_json(Path(study.output) / "study.json", describe(study))
-    results = run_jobs(jobs, run, desc="study", progress=progress, train_missing=train_missing)
+    ledger = Ledger(study.ledger) if study.ledger else None
+    results = run_jobs(jobs, run, desc="study", progress=progress, train_missing=train_missing, ledger=ledger)
     return [Record(cell, metrics) for cell, metrics in zip(cells, results, strict=True) if metrics is not None]
 
 

@@ -40,6 +40,11 @@ def percent(share: float) -> str:
     return f"{value:.0f}%" if value >= 10 else f"{value:.1f}%" if value >= 1 else f"{value:.2g}%"
 
 
+def megabytes(n: float) -> str:
+    """A byte count in MB (10^6), empty when missing."""
+    return "" if math.isnan(n) else f"{n / 1e6:.3g} MB"
+
+
 def write_csv(path: str | Path, header: Iterable[str], rows: Iterable[Iterable]) -> Path:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -228,6 +233,10 @@ class Row:
     paired: Paired | None = None
     p_holm: float = math.nan
     changed_share: float = math.nan
+    train_time_s: float = math.nan
+    peak_rss_mib: float = math.nan
+    state_bytes: float = math.nan
+    """Cost, each a mean over the seeds: training time, peak resident memory, optimizer state bytes."""
 
     @property
     def mean(self) -> float:
@@ -254,14 +263,16 @@ def write_runs_csv(records: Sequence[Record], path: Path) -> Path:
 
 def write_summary_csv(rows: Sequence[Row], path: Path) -> Path:
     header = ["task", "method", "split", "config", "configs_tried", "n", "seeds", "dev_mean", "mean", "std",
-              "changed_share", "diff_vs_baseline", "t", "p_ttest", "p_wilcoxon", "p_holm"]
+              "changed_share", "diff_vs_baseline", "t", "p_ttest", "p_wilcoxon", "p_holm", "train_time_s",
+              "peak_rss_mib", "optimizer_state_bytes"]
     out = []
     for row in rows:
         p = row.paired
         out.append([row.task, row.method, row.split, row.config, row.configs_tried, len(row.scores),
                     " ".join(map(str, row.seeds)), fmt(row.dev_mean, 6), fmt(row.mean, 6), fmt(row.std, 6),
                     fmt(row.changed_share, 4), fmt(p.mean_diff, 6) if p else "", fmt(p.t, 4) if p else "",
-                    fmt(p.p_t, 4) if p else "", fmt(p.p_wilcoxon, 4) if p else "", fmt(row.p_holm, 4)])
+                    fmt(p.p_t, 4) if p else "", fmt(p.p_wilcoxon, 4) if p else "", fmt(row.p_holm, 4),
+                    fmt(row.train_time_s, 4), fmt(row.peak_rss_mib, 5), fmt(row.state_bytes, 6)])
     return write_csv(path, header, out)
 
 
@@ -307,8 +318,9 @@ def plot_rows(rows: Sequence[Row], path: Path, title: str, baseline: str = BASEL
 
 def markdown_table(rows: Sequence[Row], baseline: str) -> str:
     lines = ["| task | method | selected config (of tried) | seeds | mean ± std | Δ vs " + baseline
-             + " | t-test p | Wilcoxon p | Holm p | weights changed |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             + " | t-test p | Wilcoxon p | Holm p | weights changed | train time (s) | peak RSS (MiB) "
+             "| optimizer state |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         p = row.paired
         spread = f"{row.mean:.4f} ± {row.std:.4f}" if len(row.scores) > 1 else fmt(row.mean)
@@ -316,8 +328,53 @@ def markdown_table(rows: Sequence[Row], baseline: str) -> str:
             f"| {row.task} | {row.method} | {row.config} ({row.configs_tried}) | {len(row.scores)} | {spread} | "
             + (f"{p.mean_diff:+.4f} | {fmt(p.p_t, 3)} | {fmt(p.p_wilcoxon, 3)} | {fmt(row.p_holm, 3)}"
                if p else " | | | ")
-            + f" | {percent(row.changed_share)} |"
+            + f" | {percent(row.changed_share)} | {fmt(row.train_time_s, 3)} | {fmt(row.peak_rss_mib, 4)} "
+            f"| {megabytes(row.state_bytes)} |"
         )
     return "\n".join(lines)
 
 
+
+
+def plot_curve(rows: Sequence[Row], sizes: dict[str, int], path: Path, baseline: str = BASELINE) -> Path:
+    """Score against training-set size (log scale), a line of means per method and every seed as a dot.
+
+    `sizes` maps each row's task name (e.g. `mr-n100`) to its training-set size; the right panel shows
+    each method's difference to `baseline` at each size, the quantity the Child-Tuning paper says grows
+    as data shrinks.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r.method for r in rows))
+    colors = plt.get_cmap("tab10").colors
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    base = {sizes[r.task]: r for r in rows if r.method == baseline}
+    for i, method in enumerate(methods):
+        mine = sorted((sizes[r.task], r) for r in rows if r.method == method and r.scores)
+        if not mine:
+            continue
+        xs = [n for n, _ in mine]
+        offset = 1 + 0.04 * (i - (len(methods) - 1) / 2)  # methods side by side on the log axis
+        for n, r in mine:
+            left.scatter([n * offset] * len(r.scores), r.scores, s=12, color=colors[i % 10], alpha=0.5)
+        left.plot([x * offset for x in xs], [r.mean for _, r in mine], "-o", color=colors[i % 10], label=method)
+        if method != baseline:
+            diffs = [(n, r.paired.mean_diff) for n, r in mine if r.paired is not None and n in base]
+            if diffs:
+                right.plot([n for n, _ in diffs], [d for _, d in diffs], "-o", color=colors[i % 10], label=method)
+    metric = f"{rows[0].split} {rows[0].metric}" if rows else "score"
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(set(sizes.values())), [str(n) for n in sorted(set(sizes.values()))])
+        ax.set_xlabel("training examples")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    right.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+    left.set_ylabel(metric)
+    left.set_title(f"{metric} by training-set size (dots: seeds; lines: means)", fontsize=10)
+    right.set_ylabel(f"mean difference to {baseline} (paired by seed)")
+    right.set_title(f"gain over {baseline}", fontsize=10)
+    return save_figure(fig, path)

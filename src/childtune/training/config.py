@@ -47,7 +47,8 @@ class TrainConfig:
                        metadata=_opt("a local Hugging Face model folder, or the name of a pinned offline model"))
     max_length: int = field(default=128, metadata=_opt("truncate texts to this many tokens"))
     # -- method
-    method: str = field(default="child-d", metadata=_opt("full, child-f, child-d, random, id3, gradual, lora"))
+    method: str = field(default="child-d", metadata=_opt(
+        "full, child-f, child-d, child-d-random, random, id3, gradual, lora"))
     reserve_p: float | None = field(default=None, metadata=_opt("child network share (child-f/child-d/random)"))
     lr: float | None = field(default=None, metadata=_opt("peak learning rate"))
     strict: bool | None = field(default=None, metadata=_opt(

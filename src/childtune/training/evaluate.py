@@ -1,6 +1,11 @@
-"""Scoring a model during and after training, and counting what a run touched."""
+"""Scoring a model during and after training, and counting what a run touched and what it cost."""
 
 from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -42,3 +47,25 @@ def count_elements(pretrained: dict[str, torch.Tensor], model: torch.nn.Module, 
         "changed_params": changed,
         "changed_outside_child": outside if masks is not None else None,
     }
+
+
+_STATUS = Path("/proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-memory window for this process (Linux: writing 5 to clear_refs resets VmHWM), so
+    a study that runs many cells in one process reports each cell's own peak. Elsewhere a no-op."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process since `reset_peak_rss` (or its start), in MiB."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)

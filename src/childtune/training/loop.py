@@ -25,10 +25,11 @@ from tqdm.auto import tqdm
 from childtune.data.batching import make_collate
 from childtune.delta import SparseDelta
 from childtune.fileio import write_json
+from childtune.optim import state_bytes
 from childtune.strategies import Strategy
 from childtune.training import distributed
 from childtune.training.config import ConfigError, TrainConfig, build_strategy
-from childtune.training.evaluate import count_elements, evaluate
+from childtune.training.evaluate import count_elements, evaluate, peak_rss_mib, reset_peak_rss
 from childtune.training.inputs import batches, load_data, loader
 from childtune.training.methods import METHODS
 from childtune.training.models import add_lora, load_model, position_limit, quiet_transformers
@@ -86,6 +87,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *, resume: bo
     `resume` reopens the interrupted run's working folder (and its checkpoint) instead of a fresh one.
     """
     config = config.resolved()
+    reset_peak_rss()
     me = distributed.init()
     if config.batch_size % me.world_size:
         raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {me.world_size} processes")
@@ -171,7 +173,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *, resume: bo
             "dev": dev, "test": test,
             "steps": state.step, "skipped_steps": state.skipped, "epochs": config.epochs,
             "prepare_time_s": round(prepare_time, 3), "train_time_s": round(train_time, 3),
-            "eval_time_s": round(eval_time, 3),
+            "eval_time_s": round(eval_time, 3), "peak_rss_mib": peak_rss_mib(),
+            "optimizer_state_bytes": state_bytes(optimizer), "device": str(next(model.parameters()).device),
             **count_elements(pretrained, tuned, params, masks),
         }
         if workdir:

@@ -60,6 +60,10 @@ METHODS: dict[str, Method] = {
     "child-f": Method(1e-4, False, lambda c, t, n: ChildTuningF(c.reserve_p, seed=c.seed), reserve_p=0.3),
     "child-d": Method(2e-4, True, lambda c, t, n: ChildTuningD(
         c.reserve_p, rest=c.rest, num_samples=c.fisher_samples, per_example=c.fisher_per_example), reserve_p=0.3),
+    # The Child-Tuning paper's ablation: child-d's per-tensor sizes, lr and strictness, elements at random.
+    "child-d-random": Method(2e-4, True, lambda c, t, n: ChildTuningD(
+        c.reserve_p, rest=c.rest, num_samples=c.fisher_samples, per_example=c.fisher_per_example,
+        random_within=True, seed=c.seed), reserve_p=0.3),
     # 1% of the weights need a 10x larger step (Xu & Zhang, 2024); measured on mr (1,000 examples, dev
     # accuracy, seeds 1 and 2): 0.797 / 0.776 at lr 1e-2 against 0.590 / 0.600 at 1e-3.
     "random": Method(1e-2, True, lambda c, t, n: RandomMasking(c.reserve_p, seed=c.seed), reserve_p=0.01),

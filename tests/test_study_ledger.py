@@ -1,0 +1,95 @@
+"""The study ledger: cells recorded once, planned from, and a report rebuilt from it alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from test_study import FakeTrain, fake_study
+
+from childtune.study.ledger import Ledger, LedgerError, make_record, settings_hash
+from childtune.study.plan import cell_config, plan, study_tasks
+from childtune.study.run import run_study
+from childtune.training.config import TrainConfig
+
+
+def refuse(config, callbacks=(), resume=False):
+    raise AssertionError(f"trained a cell the ledger holds: {config.output}")
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_report_from_the_ledger_alone_equals_the_report_from_run_folders(tmp_path):
+    ledger = tmp_path / "docs" / "ledger.jsonl"
+    study = fake_study(tmp_path, transfer=True, ledger=str(ledger))
+    fake = FakeTrain()
+    from_folders = run_study(replace(study, ledger=None), run=fake, results=tmp_path / "a.md", progress=False)
+    assert not ledger.exists()
+    # the same cells, finished in their folders: read back once and recorded, nothing trained
+    run_study(study, run=refuse, results=tmp_path / "b.md", progress=False)
+    records = lines(ledger)
+    assert len(records) == len(fake.calls) == len(plan(study))
+    first = records[0]
+    assert {"hash", "config", "metrics", "code_version", "device", "recorded_at", "seed", "task",
+            "method"} <= set(first)
+    assert first["hash"] == settings_hash(TrainConfig.from_dict(first["config"]))
+    transfer = next(r for r in records if r["experiment"] == "transfer")
+    assert transfer["context"] == {"transfer_targets": ["other"]} and "transfer" in transfer["metrics"]
+    assert "output" not in first["config"] and first["config"]["method"] == first["method"]
+
+    # another machine: no run folders at all, only the committed ledger
+    shutil.rmtree(tmp_path / "study")
+    from_ledger = run_study(study, run=refuse, results=tmp_path / "c.md", progress=False, train_missing=False)
+    assert [(r.task, r.method, r.config, r.scores) for r in from_ledger.main] == \
+        [(r.task, r.method, r.config, r.scores) for r in from_folders.main]
+    assert [(r.task, r.scores) for r in from_ledger.transfer] == [(r.task, r.scores) for r in from_folders.transfer]
+    block = [line for line in (tmp_path / "c.md").read_text().splitlines() if line.startswith("| t")]
+    assert block == [line for line in (tmp_path / "a.md").read_text().splitlines() if line.startswith("| t")]
+    # planning from it: resuming trains nothing and records nothing twice
+    run_study(study, run=refuse, results=tmp_path / "d.md", progress=False)
+    assert len(lines(ledger)) == len(records)
+
+
+def test_a_cell_with_other_settings_is_not_served_from_the_ledger(tmp_path):
+    ledger = tmp_path / "ledger.jsonl"
+    study = fake_study(tmp_path, transfer=False, seeds=(1,), ledger=str(ledger))
+    run_study(study, run=FakeTrain(), results=tmp_path / "r.md", progress=False)
+    changed = replace(study, base=replace(study.base, epochs=2), output=str(tmp_path / "other"))
+    again = FakeTrain()
+    run_study(changed, run=again, results=tmp_path / "r2.md", progress=False)
+    assert len(again.calls) == len(plan(changed))  # every cell trained anew
+    assert len(lines(ledger)) == 2 * len(plan(study))
+
+
+def test_a_torn_last_line_is_skipped_and_a_bad_middle_line_refused(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    config = TrainConfig(task="t1", method="full", seed=1)
+    key = {"experiment": "main", "task": "t1", "method": "full", "overrides": [], "seed": 1}
+    good = make_record(key, config, {"dev": {"accuracy": 0.5}, "primary_metric": "accuracy"})
+    Ledger(path).append(good)
+    with path.open("a") as f:
+        f.write('{"version": 1, "hash": "ab')  # a crash half way through an append
+    with pytest.warns(UserWarning, match="unfinished last record"):
+        ledger = Ledger(path)
+    assert ledger.get(config)["metrics"]["dev"] == {"accuracy": 0.5}
+    other = replace(config, seed=2)
+    ledger.append(make_record({**key, "seed": 2}, other, {"dev": {"accuracy": 0.7}}))  # cuts the torn tail
+    assert [r["seed"] for r in lines(path)] == [1, 2]
+    assert Ledger(path).get(other)["metrics"]["dev"] == {"accuracy": 0.7}
+    path.write_text(path.read_text().replace('"seed": 1', '"seed": "one"'))  # a damaged record, not torn
+    with pytest.raises(LedgerError, match=r"ledger.jsonl:1: .*seed"):
+        Ledger(path)
+
+
+def test_train_sizes_make_one_task_per_size(tmp_path):
+    study = fake_study(tmp_path, tasks=("t1",), methods=("full",), seeds=(1,), grid={}, transfer=False,
+                       train_sizes=(100, 300))
+    assert study_tasks(study) == {"t1-n100": {"task": "t1", "train_size": 100},
+                                  "t1-n300": {"task": "t1", "train_size": 300}}
+    sizes = [cell_config(study, cell).train_size for cell in plan(study)]
+    assert sizes == [100, 300]
