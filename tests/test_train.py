@@ -133,7 +133,8 @@ def test_full_run_learns_and_writes_its_files(tiny_task, tmp_path):
     assert metrics["dev"]["accuracy"] >= 0.85, metrics["dev"]  # chance is 0.5
     assert metrics["test"]["accuracy"] >= 0.85
     assert set(metrics["dev"]) == {"accuracy", "macro_f1", "f1", "mcc"}
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json", "metrics.jsonl", "model"]
+    assert sorted(p.name for p in out.iterdir()) == ["childtune-manifest.json", "config.json", "metrics.json",
+                                                  "metrics.jsonl", "model"]
     assert not list(tmp_path.glob(".*"))  # no partial folder left behind
     assert json.loads((out / "metrics.json").read_text()) == metrics
     saved = TrainConfig.load_json(out / "config.json")

@@ -50,3 +50,53 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class LockedError(OSError):
+    """Another process holds the lock: what it guards is being written right now."""
+
+
+class ExclusiveLock:
+    """An exclusive, non-blocking `flock` on a lock file beside what it guards, removed on release.
+
+    Taking it fails at once (`LockedError`) when another process holds it, so a second run on the same
+    output stops before touching anything. The file is unlinked on release; a process that opened it
+    just before that would lock a file no longer at the path, so taking the lock checks that the path
+    still names the locked file, and tries again if not. The kernel releases the lock if the process dies.
+    """
+
+    def __init__(self, path: str | Path, what: str) -> None:
+        import fcntl
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise LockedError(f"another childtune process is writing {what} (it holds {self.path}); "
+                                  "wait for it to finish or choose another --output") from None
+            held = os.fstat(fd)
+            try:
+                now = os.stat(self.path)
+            except FileNotFoundError:
+                os.close(fd)
+                continue
+            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                self._fd: int | None = fd
+                return
+            os.close(fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> ExclusiveLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -55,7 +55,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     primary = metrics["primary_metric"]
     print(f"{metrics['method']} on {metrics['task']}: {split} {primary} {metrics[split][primary]:.4f}, "
           f"dev {primary} {metrics['dev'][primary]:.4f}; changed {metrics['changed_params']:,} of "
-          f"{metrics['total_params']:,} weights; wrote {config.output}")
+          f"{metrics['total_params']:,} weights"
+          + (f"; skipped {metrics['skipped_steps']} of {metrics['steps'] + metrics['skipped_steps']} steps "
+             "(non-finite loss or gradient)" if metrics["skipped_steps"] else "")
+          + f"; wrote {config.output}")
     return 0
 
 

@@ -55,8 +55,13 @@ def add_config_options(parser: argparse.ArgumentParser, skip: frozenset[str] | s
 
 
 def config_from_args(args: argparse.Namespace, skip: frozenset[str] | set[str] = frozenset()) -> TrainConfig:
-    """The config file (if any) with every option given on the command line applied on top."""
+    """The config file (if any) with every option given on the command line applied on top.
+
+    A saved config says what a run computed; where it was written and whether that replaced something
+    (`output`, `overwrite`) are acts of that run and are never replayed from the file.
+    """
     base = TrainConfig.load_json(args.config) if getattr(args, "config", None) else TrainConfig()
+    base = replace(base, **{key: getattr(TrainConfig(), key) for key in ACT_OF_WRITING})
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in skip and hasattr(args, f.name)}
     if given.keys() & {"train_file", "dev_file", "test_file"}:
         given.setdefault("task", None)  # own files replace the default task

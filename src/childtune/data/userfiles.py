@@ -31,20 +31,19 @@ def load_files(
 ) -> TaskData:
     """A task from the user's CSV or JSONL files (chosen by suffix), validated with one-line errors.
 
-    `kind=None` infers regression when some label is a non-integer number, else classification;
-    pass `kind` for a regression task whose labels are all whole numbers. Class labels map to ids in
-    sorted order (numeric order when every label is an integer), recorded in `label_names`.
+    `kind=None` infers the kind from the train labels: classification when every label is a class name
+    or a whole number, regression when most numeric labels are fractions; anything between (a stray 0.5
+    among 0/1 labels, fractions beside names) is refused with the rows that disagree, since either guess
+    would silently train the wrong task. Pass `kind` to decide, e.g. for integer ratings as regression.
+    Labels that are not finite (NaN, inf) are refused in either kind. Class labels map to ids in sorted
+    order (numeric order when every label is an integer), recorded in `label_names`.
     """
     if kind not in (None, "classification", "regression"):
         raise DataError(f"kind must be 'classification', 'regression' or None, got {kind!r}")
     paths = {"train": Path(train), "dev": Path(dev)} | ({"test": Path(test)} if test is not None else {})
     rows = {role: _read_rows(role, path, text_col, label_col) for role, path in paths.items()}
     if kind is None:
-        kind = (
-            "regression"
-            if any(_is_fraction(raw) for _text, raw, _line in rows["train"])
-            else "classification"
-        )
+        kind = _infer_kind(paths["train"], rows["train"])
     if kind == "regression":
         splits = {
             role: [(text, _number(paths[role], line, raw)) for text, raw, line in r]
@@ -114,6 +113,9 @@ def _csv_records(path: Path, content: str) -> tuple[list[str], list[tuple[int, d
     records = []
     try:
         header = next(reader, [])
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise DataError(f"{path} header: column {repeated[0]!r} appears more than once; which one is meant?")
         for row in reader:
             if not row:
                 continue  # a blank line
@@ -135,7 +137,7 @@ def _jsonl_records(path: Path, content: str) -> list[tuple[int, dict[str, Any]]]
         if not text.strip():
             continue
         try:
-            record = json.loads(text)
+            record = json.loads(text, object_pairs_hook=lambda pairs, line=line: _unique_keys(path, line, pairs))
         except json.JSONDecodeError as err:
             raise DataError(f"{path} line {line}: malformed JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(record, dict):
@@ -144,6 +146,14 @@ def _jsonl_records(path: Path, content: str) -> list[tuple[int, dict[str, Any]]]
             )
         records.append((line, record))
     return records
+
+
+def _unique_keys(path: Path, line: int, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise DataError(f"{path} line {line}: key {repeated[0]!r} appears more than once; which one is meant?")
+    return dict(pairs)
 
 
 def _as_float(raw: Any) -> float | None:
@@ -159,9 +169,31 @@ def _as_float(raw: Any) -> float | None:
     return None
 
 
-def _is_fraction(raw: Any) -> bool:
-    value = _as_float(raw)
-    return value is not None and math.isfinite(value) and not value.is_integer()
+def _infer_kind(path: Path, rows: list[tuple[str, Any, int]]) -> Kind:
+    """Classification or regression from the evidence of every label, refusing evidence that disagrees."""
+    fractions, wholes, names = [], [], []
+    for _text, raw, line in rows:
+        value = _as_float(raw)
+        if value is not None and not math.isfinite(value):
+            raise DataError(f"{path} line {line}: label {raw!r} is not a finite number or a class name")
+        if value is None:
+            names.append(line)
+        elif value.is_integer():
+            wholes.append(line)
+        else:
+            fractions.append(line)
+    if not fractions:
+        return "classification"
+    if not names and len(fractions) >= len(wholes):
+        return "regression"
+    other, label = (names, "class names") if names else (wholes, "whole numbers")
+    raise DataError(f"{path}: cannot tell the task kind: {len(fractions)} fractional labels (lines "
+                    f"{_lines(fractions)}) but {len(other)} {label} (lines {_lines(other)}); fix the labels or "
+                    "pass --kind classification or --kind regression")
+
+
+def _lines(lines: list[int]) -> str:
+    return ", ".join(map(str, lines[:3])) + (", ..." if len(lines) > 3 else "")
 
 
 def _number(path: Path, line: int, raw: Any) -> float:
@@ -175,6 +207,8 @@ def _class_key(path: Path, line: int, raw: Any) -> str:
     """A class label as a string key: strings as written, whole numbers without a decimal point."""
     if isinstance(raw, str) and raw.strip():
         value = _as_float(raw)
+        if value is not None and not math.isfinite(value):
+            raise DataError(f"{path} line {line}: label {raw!r} is not a finite number or a class name")
         return str(int(value)) if value is not None and value.is_integer() else raw.strip()
     if isinstance(raw, int | float) and not isinstance(raw, bool) and float(raw).is_integer():
         return str(int(raw))

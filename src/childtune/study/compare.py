@@ -16,13 +16,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from childtune.fileio import atomic_write, write_json
+from childtune.fileio import ExclusiveLock, atomic_write, write_json
 from childtune.study.grid import Job, run_jobs
 from childtune.study.tables import format_table, plot, runs_csv, summary_csv
 from childtune.training.config import TrainConfig
-from childtune.training.runfolder import RunExistsError, is_ours
+from childtune.training.runfolder import RunExistsError, check_replaceable, lock_for, write_manifest
 
 _DESCRIPTION = "compare.json"
+_FILES = (_DESCRIPTION, "runs", "runs.csv", "summary.csv", "summary.png", "table.txt")
 
 
 @dataclass
@@ -51,14 +52,17 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: Sequence[int], out
         job.config.resolved()  # every cell's config is checked before the output is touched
     description = {"methods": list(methods), "seeds": list(seeds),
                    "base": replace(base, output=None, overwrite=False).to_dict()}
-    _claim(output, description, overwrite)
-    write_json(output / _DESCRIPTION, description)
-    runs = [r for r in run_jobs(jobs, run, desc="compare", progress=base.progress) if r is not None]
-    table = format_table(runs)
-    atomic_write(output / "runs.csv", runs_csv(runs))
-    atomic_write(output / "summary.csv", summary_csv(runs))
-    plot(runs, output / "summary.png")
-    atomic_write(output / "table.txt", table + "\n")
+    with ExclusiveLock(lock_for(output), str(output)):
+        _claim(output, description, overwrite)
+        output.mkdir(parents=True, exist_ok=True)
+        write_json(output / _DESCRIPTION, description)
+        write_manifest(output, "compare", _FILES)
+        runs = [r for r in run_jobs(jobs, run, desc="compare", progress=base.progress) if r is not None]
+        table = format_table(runs)
+        atomic_write(output / "runs.csv", runs_csv(runs))
+        atomic_write(output / "summary.csv", summary_csv(runs))
+        plot(runs, output / "summary.png")
+        atomic_write(output / "table.txt", table + "\n")
     return Comparison(runs, table, output)
 
 
@@ -72,13 +76,12 @@ def _claim(output: Path, description: dict[str, Any], overwrite: bool) -> None:
     saved = output / _DESCRIPTION
     same = saved.is_file() and _read(saved) == description
     if same and not overwrite:
+        check_replaceable(output, "comparison folder")  # resume only into a folder that is all ours
         return
     if not overwrite:
         raise RunExistsError(f"output folder {output} already holds results of another comparison; "
                              "pass --overwrite to replace them, or choose another --output")
-    if not is_ours(output):
-        raise RunExistsError(f"output folder {output} is not empty and holds no childtune results; "
-                             "refusing to replace it even with --overwrite")
+    check_replaceable(output)
     shutil.rmtree(output)
 
 

@@ -19,8 +19,10 @@ on other domains' test sets (`TransferEval`, a training callback).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -121,11 +123,24 @@ class Cell:
     @property
     def label(self) -> str:
         """The config's name, safe as a folder name: `p0.1-lr2e-05`, or `default`."""
-        return "-".join(f"{_SHORT.get(k, k)}{v}" for k, v in self.overrides) or "default"
+        return safe_name("-".join(f"{_SHORT.get(k, k)}{v}" for k, v in self.overrides) or "default")
 
     def folder(self, output: Path) -> Path:
-        return output / ("runs" if self.experiment == "main" else "transfer") / self.task / self.method / (
-            self.label) / f"seed{self.seed}"
+        """Where the cell's run lives: always inside `output`, whatever its task, method or values say."""
+        kind = "runs" if self.experiment == "main" else "transfer"
+        return output / kind / safe_name(self.task) / safe_name(self.method) / self.label / f"seed{self.seed}"
+
+
+_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,79}")
+
+
+def safe_name(text: str) -> str:
+    """`text` itself when it is a plain folder name (letters, digits, `._+=-`, not starting with a dot),
+    else a readable prefix and a hash of it, so no value (`/../x`, `..`, a path) can leave the study folder."""
+    if _SAFE.fullmatch(text) and ".." not in text:
+        return text
+    readable = re.sub(r"[^A-Za-z0-9._+=-]+", "_", text).strip("._")[:40] or "x"
+    return f"{readable}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
 def configs(grid: Grid, method: str) -> list[tuple[tuple[str, Any], ...]]:

@@ -134,12 +134,13 @@ class StudyResult:
 
 
 def report(study: StudyConfig, records: Sequence[Record], command: str | None = None,
-           results: str | Path | None = None) -> StudyResult:
+           results: str | Path | None = None, tables: bool = True) -> StudyResult:
     """Tables, plots and the child-network analysis into the study folder, and the Markdown report.
 
     The report goes to `results` (default `<output>/RESULTS.md`) with its images beside it. In an
     existing file only the generated block between the study markers is replaced, so findings written
-    by hand around it survive a rerun.
+    by hand around it survive a rerun. `tables=False` (`--report-only`) writes the report and its
+    figures only: no CSV files or analysis folder in the study folder.
     """
     output = Path(study.output)
     results = Path(results) if results else output / "RESULTS.md"
@@ -150,7 +151,7 @@ def report(study: StudyConfig, records: Sequence[Record], command: str | None = 
     files = {
         "runs_csv": write_runs_csv(records, output / "runs.csv"),
         "summary_csv": write_summary_csv(main, output / "summary.csv"),
-    }
+    } if tables else {}
     if main:
         files["study_png"] = plot_rows(main, images / f"{prefix}study.png", "Test score per method", study.baseline)
     if main and study.train_sizes:
@@ -159,12 +160,13 @@ def report(study: StudyConfig, records: Sequence[Record], command: str | None = 
             rows = [row for row in main if row.task.startswith(f"{task}-n")]
             files[f"curve_{task}_png"] = plot_curve(rows, sizes, images / f"{prefix}{task}-curve.png", study.baseline)
     transfer = transfer_table(study, [r for r in records if r.cell.experiment == "transfer"])
-    if transfer:
+    if transfer and tables:
         files["transfer_csv"] = write_summary_csv(transfer, output / "transfer.csv")
+    if transfer:
         files["transfer_png"] = plot_rows(transfer, images / f"{prefix}transfer.png",
                                           "Domain transfer (trained on the source only)", study.baseline)
     analysis_md = ""
-    if study.analysis:
+    if study.analysis and tables:
         networks, fisher_vs_id3 = child_networks(study, main_records)
         if networks:
             paths = analyze(networks, output / "analysis")

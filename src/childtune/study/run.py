@@ -11,12 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from childtune.fileio import write_json
+from childtune.fileio import ExclusiveLock, write_json
 from childtune.study.grid import Job, run_jobs
 from childtune.study.ledger import Ledger
 from childtune.study.plan import Record, StudyConfig, StudyError, cell_config, describe, plan
 from childtune.study.report import StudyResult, report
 from childtune.study.transfer import TransferEval
+from childtune.training.runfolder import lock_for
 
 
 def run_cells(study: StudyConfig, run: Callable[..., dict[str, Any]] | None = None,
@@ -53,5 +54,8 @@ def run_study(study: StudyConfig, *, run: Callable[..., dict[str, Any]] | None =
     `run(config, callbacks)`). With `train_missing=False` nothing is trained: the report covers the
     cells already done and lists the rest as not yet run.
     """
-    records = run_cells(study, run, progress, train_missing)
+    if not train_missing:
+        return report(study, run_cells(study, run, progress, train_missing), command, results, tables=False)
+    with ExclusiveLock(lock_for(study.output), study.output):  # one study at a time in a folder
+        records = run_cells(study, run, progress, train_missing)
     return report(study, records, command, results)

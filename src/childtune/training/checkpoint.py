@@ -37,7 +37,8 @@ import torch
 from childtune.fileio import atomic_write, sha256_file
 from childtune.training import distributed
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the scalars (step, epoch, batch, ...) are covered by a sha256 too (1 had only the files')."""
 CHECKPOINT = "checkpoint"
 PREVIOUS = "checkpoint.old"
 MODEL_FILE = "model.safetensors"
@@ -66,6 +67,7 @@ def save_checkpoint(run_dir: str | Path, state: Mapping[str, Any]) -> Path:
     meta = {
         "format": FORMAT_VERSION,
         "scalars": scalars,
+        "scalars_sha256": _digest(scalars),
         "files": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
     }
     files[META_FILE] = json.dumps(meta, indent=2, sort_keys=True).encode()
@@ -105,6 +107,10 @@ def _serialise(state: Mapping[str, Any]) -> tuple[dict[str, bytes], dict[str, An
         files[STATE_FILE] = buffer.getvalue()
     json.dumps(scalars, allow_nan=True)  # a non-string key fails here, not half-way through the write
     return files, scalars
+
+
+def _digest(scalars: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(scalars, sort_keys=True, allow_nan=True).encode()).hexdigest()
 
 
 def _model_bytes(model: Any) -> bytes:
@@ -188,6 +194,8 @@ def _meta(folder: Path) -> dict[str, Any]:
             or not set(files) <= {MODEL_FILE, STATE_FILE}
             or not all(isinstance(v, str) for v in files.values())):
         raise CheckpointError(f"{path} does not describe a childtune checkpoint")
+    if meta.get("scalars_sha256") != _digest(scalars):
+        raise CheckpointError(f"{path} is corrupt: its counters (step, epoch, ...) do not match their sha256")
     return meta
 
 
@@ -269,9 +277,22 @@ def restore(state: Any, saved: Mapping[str, Any]) -> None:
         key = changed[0]
         raise CheckpointError(f"the checkpoint was taken with {key}={then.get(key)!r}, this run has "
                               f"{key}={now.get(key)!r}: a resumed run must use the interrupted run's settings")
-    distributed.unwrap(state.model).load_state_dict(saved["model"])
-    state.optimizer.load_state_dict(saved["optimizer"])
-    state.scheduler.load_state_dict(saved["scheduler"])
+    for key in ("step", "epoch", "batch", "skipped"):
+        value = saved.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"the checkpoint's {key} must be a non-negative integer, got {value!r}")
+    mark = saved.get("log_mark")
+    if mark is not None and (isinstance(mark, bool) or not isinstance(mark, int) or mark < 0):
+        raise CheckpointError(f"the checkpoint's log_mark must be a non-negative integer or null, got {mark!r}")
+    if not isinstance(saved.get("model"), Mapping) or "optimizer" not in saved or "rng" not in saved:
+        raise CheckpointError("the checkpoint lacks the model, optimizer or RNG state a resume needs")
+    try:
+        distributed.unwrap(state.model).load_state_dict(saved["model"])
+        state.optimizer.load_state_dict(saved["optimizer"])
+        state.scheduler.load_state_dict(saved["scheduler"])
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as err:
+        raise CheckpointError(f"the checkpoint does not fit this run: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200]}") from None
     state.step, state.epoch, state.batch = saved["step"], saved["epoch"], saved["batch"]
     state.skipped = saved.get("skipped", 0)
     if state.log is not None:

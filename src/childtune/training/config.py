@@ -42,6 +42,9 @@ class TrainConfig:
     test_file: str | None = field(default=None, metadata=_opt("your test CSV/JSONL (optional)", flag="--test"))
     text_col: str = field(default="text", metadata=_opt("text column of --train/--dev/--test"))
     label_col: str = field(default="label", metadata=_opt("label column of --train/--dev/--test"))
+    kind: str | None = field(default=None, metadata=_opt(
+        "your files' task kind, 'classification' or 'regression' (default: inferred from the labels, "
+        "refusing mixed evidence)"))
     train_size: int | None = field(default=None, metadata=_opt("subsample this many training examples (by seed)"))
     model: str = field(default="all-MiniLM-L6-v2",
                        metadata=_opt("a local Hugging Face model folder, or the name of a pinned offline model"))
@@ -124,8 +127,9 @@ class TrainConfig:
         """A copy with the method's defaults filled in and everything checked: what a run really uses."""
         check_method(self.method)
         spec = METHODS[self.method]
+        done = TrainConfig.from_dict(self.to_dict())  # every value passes the field's type, wherever it came from
         done = replace(
-            self,
+            done,
             lr=spec.lr if self.lr is None else self.lr,
             strict=spec.strict if self.strict is None else self.strict,
             reserve_p=spec.reserve_p if self.reserve_p is None else self.reserve_p,
@@ -142,7 +146,17 @@ class TrainConfig:
             raise ConfigError("your own data needs both --train and --dev files")
         if not files and not self.task:
             raise ConfigError("give a --task, or --train and --dev files")
-        _check(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr", self.lr, "a positive number")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            _check(not isinstance(value, float) or math.isfinite(value), f.name, value, "a finite number")
+        _check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
+        _check(self.id3_eps > 0, "id3_eps", self.id3_eps, "> 0")
+        _check(self.id3_exp >= 0, "id3_exp", self.id3_exp, ">= 0")
+        _check(self.kind in (None, "classification", "regression"), "kind", self.kind,
+               "'classification' or 'regression'")
+        _check(self.output is None or bool(self.output.strip()), "output", self.output, "a folder name, not empty")
+        if files and self.text_col == self.label_col:
+            raise ConfigError(f"text_col and label_col are both {self.text_col!r}: the model would read the label")
         _check(self.reserve_p is None or 0 < self.reserve_p <= 1, "reserve_p", self.reserve_p, "in (0, 1]")
         _check(0 < self.id3_budget < 1, "id3_budget", self.id3_budget, "a fraction in (0, 1)")
         for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "lora_rank", "lora_alpha"):

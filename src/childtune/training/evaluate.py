@@ -15,6 +15,10 @@ from childtune.training.config import TrainConfig
 from childtune.training.inputs import loader
 
 
+class DivergedError(ValueError):
+    """The model's outputs are not finite numbers: its weights diverged, and any score would be made up."""
+
+
 @torch.no_grad()
 def evaluate(model, examples, spec, collate, config: TrainConfig, desc: str) -> dict[str, float]:
     """Metrics of the model on `examples` (dropout off), batched with dynamic padding."""
@@ -23,7 +27,11 @@ def evaluate(model, examples, spec, collate, config: TrainConfig, desc: str) -> 
     batches = loader(examples, batch_size=config.eval_batch_size, collate_fn=collate)
     for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not config.progress):
         labels.append(batch.pop("labels"))
-        outputs.append(model(**batch).logits.float())
+        logits = model(**batch).logits.float()
+        if not bool(torch.isfinite(logits).all()):
+            raise DivergedError(f"{desc}: the model's outputs are not finite (NaN or inf): the run diverged, so no "
+                                "score is reported. Lower --lr")
+        outputs.append(logits)
     return compute_metrics(spec, torch.cat(outputs), torch.cat(labels), config.metric_extra)
 
 

@@ -10,7 +10,14 @@ from childtune.delta import DeltaError, SparseDelta
 from childtune.fileio import write_json
 from childtune.training.config import TrainConfig
 from childtune.training.models import model_folder, quiet_transformers
-from childtune.training.runfolder import RunFolder
+from childtune.training.runfolder import RunExistsError, RunFolder
+
+
+def check_apart(source: str | os.PathLike, output: str | os.PathLike, what: str = "the input") -> None:
+    """Refuse an output that is, holds or lies inside what is being read: replacing it would destroy it."""
+    src, out = Path(source).resolve(), Path(output).resolve()
+    if src == out or out.is_relative_to(src) or src.is_relative_to(out):
+        raise RunExistsError(f"--output {output} would overwrite {what} ({source}); choose a folder apart from it")
 
 
 def export_delta(run: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False):
@@ -19,12 +26,19 @@ def export_delta(run: str | os.PathLike, output: str | os.PathLike, *, overwrite
     A strict run saved one already (`delta/`); for a run that kept its whole model, the delta is
     extracted here against the base named in its config.json (dense for full fine-tuning, but exact).
     """
-    import transformers
-
     run = Path(run)
     if not (run / "config.json").is_file():
         raise FileNotFoundError(f"{run} is not a run folder (no config.json)")
-    folder = RunFolder(output, overwrite)
+    check_apart(run, output)
+    with RunFolder(output, overwrite, kind="delta") as work:
+        delta = _run_delta(run)
+        delta.save(work)
+    return delta
+
+
+def _run_delta(run: Path) -> SparseDelta:
+    import transformers
+
     if (run / "delta").is_dir():
         delta = SparseDelta.load(run / "delta")
     elif (run / "model").is_dir():
@@ -42,8 +56,6 @@ def export_delta(run: str | os.PathLike, output: str | os.PathLike, *, overwrite
     else:
         raise FileNotFoundError(f"{run} holds no saved weights (neither delta/ nor model/); was it run with "
                                 "--save none?")
-    with folder as work:
-        delta.save(work)
     return delta
 
 
@@ -53,30 +65,34 @@ def apply_delta(delta_dir: str | os.PathLike, output: str | os.PathLike, *, mode
     import transformers
 
     delta_dir = Path(delta_dir)
+    check_apart(delta_dir, output)
     if (delta_dir / "delta").is_dir():
         delta_dir = delta_dir / "delta"
-    folder = RunFolder(output, overwrite)
-    delta = SparseDelta.load(delta_dir)
-    name = model or delta.config.base_model
-    if not name:
-        raise DeltaError("the delta names no base model; pass --model")
-    hparams = delta.config.hparams
-    num_labels = hparams.get("num_labels") or next(iter(delta.dense.values())).shape[0]
-    labels = {"num_labels": num_labels}
-    if hparams.get("label_names"):
-        labels["id2label"] = dict(enumerate(hparams["label_names"]))
-        labels["label2id"] = {n: i for i, n in enumerate(hparams["label_names"])}
-    if hparams.get("kind") == "regression":
-        labels["problem_type"] = "regression"
-    path = model_folder(name)
-    with quiet_transformers():
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        tuned = transformers.AutoModelForSequenceClassification.from_pretrained(path, **labels, local_files_only=True)
-    delta.apply(tuned)
-    with folder as work, quiet_transformers():
-        tuned.save_pretrained(work)
-        tokenizer.save_pretrained(work)
-        write_json(work / "childtune.json", {"delta": str(delta_dir), "base_model": name,
-                                             "method": delta.config.method,
-                                             "changed_params": delta.config.num_changed})
+    with RunFolder(output, overwrite, kind="model") as work:
+        delta = SparseDelta.load(delta_dir)
+        name = model or delta.config.base_model
+        if not name:
+            raise DeltaError("the delta names no base model; pass --model")
+        hparams = delta.config.hparams
+        num_labels = hparams.get("num_labels") or next(iter(delta.dense.values())).shape[0]
+        labels = {"num_labels": num_labels}
+        if hparams.get("label_names"):
+            labels["id2label"] = dict(enumerate(hparams["label_names"]))
+            labels["label2id"] = {n: i for i, n in enumerate(hparams["label_names"])}
+        if hparams.get("kind") == "regression":
+            labels["problem_type"] = "regression"
+        path = model_folder(name)
+        check_apart(path, output, "the base model")
+        with quiet_transformers():
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tuned = transformers.AutoModelForSequenceClassification.from_pretrained(path, **labels,
+                                                                                    local_files_only=True)
+        delta.apply(tuned)
+        with quiet_transformers():
+            tuned.save_pretrained(work)
+            tokenizer.save_pretrained(work)
+            delta_path = os.path.relpath(delta_dir.resolve(), Path(output).resolve())  # relative to this folder
+            write_json(work / "childtune.json", {"delta": delta_path, "base_model": name,
+                                                 "method": delta.config.method,
+                                                 "changed_params": delta.config.num_changed})
     return Path(output)

@@ -20,7 +20,7 @@ def load_data(config: TrainConfig):
     """The task's splits: a built-in task (subsampled by seed), or the user's own files."""
     if config.train_file is not None:
         task = load_files(config.train_file, config.dev_file, config.test_file,
-                          text_col=config.text_col, label_col=config.label_col)
+                          text_col=config.text_col, label_col=config.label_col, kind=config.kind)
         if config.train_size is not None:
             if config.train_size > len(task.train):
                 raise DataError(f"train_size={config.train_size} but {config.train_file} has "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,14 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *, resume: bo
     if config.batch_size % me.world_size:
         raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {me.world_size} processes")
     folder = RunFolder(config.output, config.overwrite, resume) if config.output and me.is_main else None
+    try:
+        return _train(config, callbacks, folder, me)
+    finally:
+        if folder is not None:
+            folder.release()  # also when the run failed before its folder was opened
+
+
+def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder | None, me) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     task = load_data(config)
     if not task.train or not task.dev:
@@ -112,8 +120,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *, resume: bo
 
     with folder or _NoFolder() as workdir, MetricsLog(workdir / "metrics.jsonl" if workdir else None) as log:
         state = TrainState(model, optimizer, scheduler, strategy, config, workdir, log)
-        if workdir:
-            config.save_json(workdir / "config.json")
+        if workdir:  # what the run computed; how it was written (overwrite) is not replayed by --config
+            replace(config, overwrite=False).save_json(workdir / "config.json")
         for cb in callbacks:
             cb.on_start(state)
 
@@ -207,6 +215,10 @@ def _step(state: TrainState, batch: dict[str, torch.Tensor]) -> float | None:
     state.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
+    broken = [n for n, p in state.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if broken:  # a finite gradient can still take a weight past float range (a huge learning rate)
+        raise TrainError(f"update {state.step} (epoch {state.epoch}, batch {state.batch}) made {len(broken)} weight "
+                         f"tensors non-finite, e.g. {broken[0]!r}: the run diverged. Lower --lr")
     return float(loss.detach())
 
 

@@ -1,8 +1,17 @@
-"""Run folders on disk: they appear whole or not at all, are replaced only when they are ours, and log as they go.
+"""Run folders on disk: they appear whole or not at all, are replaced only when provably ours, one writer at a time.
 
-Every file a run or a comparison leaves is written to a temporary name and renamed into place, and a
-run folder is built under a hidden name and renamed when complete: a crash, a Ctrl-C or a bad input
-half way leaves either the previous results or nothing, never a folder that looks like a run but is not.
+Every file a run leaves is written to a temporary name and renamed into place, and a run folder is
+built under a hidden name and renamed when complete: a crash, a Ctrl-C or a bad input half way leaves
+either the previous results or nothing, never a folder that looks like a run but is not.
+
+Ownership. The last file written into a finished folder is its manifest (`childtune-manifest.json`):
+our signature and the list of every entry we wrote. `--overwrite` replaces a folder only when its
+manifest is there and the folder holds nothing the manifest does not list; a project folder that merely
+holds a `metrics.json` of its own, or a run folder someone added notes to, is refused and left as it is.
+
+One writer. A writer takes an exclusive lock (`fileio.ExclusiveLock`, `.NAME.lock` beside the output)
+before it looks at the output, and holds it until the folder is in place: a second run on the same
+output fails at once with a message that says so.
 """
 
 from __future__ import annotations
@@ -10,13 +19,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from childtune.fileio import ExclusiveLock, write_json
 from childtune.training.checkpoint import checkpoint_dir
 
-MARKERS = ("metrics.json", "compare.json", "delta_config.json", "childtune.json")
-"""Files that mark a folder as childtune output, which `--overwrite` may replace (and nothing else)."""
+MANIFEST = "childtune-manifest.json"
+SIGNATURE = "childtune output folder"
+"""The manifest's `childtune` field: what marks a folder as written, whole, by childtune."""
 
 
 class RunExistsError(ValueError):
@@ -61,8 +73,41 @@ class MetricsLog:
         self.close()
 
 
-def is_ours(path: Path) -> bool:
-    return any((path / marker).exists() for marker in MARKERS)
+def write_manifest(folder: Path, kind: str, extra: Iterable[str] = ()) -> Path:
+    """Sign `folder` as ours: every entry now in it (and `extra`, entries still to come), written last."""
+    entries = sorted({p.name for p in folder.iterdir() if p.name != MANIFEST} | set(extra))
+    return write_json(folder / MANIFEST, {"childtune": SIGNATURE, "kind": kind, "entries": entries})
+
+
+def foreign_entries(path: Path) -> list[str] | None:
+    """What in `path` childtune did not write: None when it has no valid manifest at all (not ours),
+    else the entries the manifest does not list (empty: the whole folder is ours to replace)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("childtune") != SIGNATURE or not isinstance(
+            manifest.get("entries"), list):
+        return None
+    listed = set(manifest["entries"]) | {MANIFEST}
+    return sorted(p.name for p in path.iterdir() if p.name not in listed)
+
+
+def check_replaceable(path: Path, what: str = "output folder") -> None:
+    """Refuse to replace `path` unless it is provably a childtune folder with nothing of anyone else's."""
+    foreign = foreign_entries(path)
+    if foreign is None:
+        raise RunExistsError(f"{what} {path} is not empty and has no childtune manifest ({MANIFEST}); "
+                             "refusing to replace it even with --overwrite")
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise RunExistsError(f"{what} {path} holds files childtune did not write ({shown}); "
+                             "refusing to replace it even with --overwrite: move them first")
+
+
+def lock_for(output: str | os.PathLike) -> Path:
+    output = Path(output)
+    return output.parent / f".{output.name}.lock"
 
 
 def partial_dir(output: str | os.PathLike) -> Path:
@@ -74,13 +119,30 @@ def partial_dir(output: str | os.PathLike) -> Path:
 class RunFolder:
     """A context manager giving a fresh hidden folder that replaces `output` only if the block succeeds.
 
-    The check happens at construction, before any work: an `output` holding results is refused unless
-    `overwrite`, and even then a non-empty folder that childtune did not write is never deleted.
+    The lock and the checks happen at construction, before any work: an `output` holding results is
+    refused unless `overwrite`, and even then only a folder childtune provably wrote, whole, is replaced
+    (`check_replaceable`). Call `release` (or leave the `with` block) to let the next writer in.
+    `kind` names what the folder holds in its manifest (run, delta, model).
     """
 
-    def __init__(self, output: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> None:
-        self.output, self.resume = Path(output), resume
+    def __init__(self, output: str | os.PathLike, overwrite: bool = False, resume: bool = False,
+                 kind: str = "run") -> None:
+        if not str(output).strip():
+            raise RunExistsError("the output folder name is empty")
+        self.output, self.resume, self.kind = Path(output), resume, kind
         self.partial = partial_dir(self.output)
+        self.lock = ExclusiveLock(lock_for(self.output), str(self.output))
+        try:
+            self._check(overwrite)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def _check(self, overwrite: bool) -> None:
+        resume = self.resume
         if resume and not self.partial.is_dir():
             raise RunExistsError(f"no interrupted run to resume for {self.output} ({self.partial} does not exist)")
         if not resume and not overwrite and checkpoint_dir(self.partial) is not None:
@@ -93,9 +155,7 @@ class RunFolder:
                 if not overwrite:
                     raise RunExistsError(f"output folder {self.output} already holds a run; "
                                          "pass --overwrite to replace it")
-                if not is_ours(self.output):
-                    raise RunExistsError(f"output folder {self.output} is not empty and holds no childtune "
-                                         "results; refusing to replace it even with --overwrite")
+                check_replaceable(self.output)
 
     def __enter__(self) -> Path:
         if self.resume:  # the interrupted run's folder, checkpoint and all
@@ -106,10 +166,17 @@ class RunFolder:
         return self.partial
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        try:
+            self._finish(exc_type is not None)
+        finally:
+            self.release()
+
+    def _finish(self, failed: bool) -> None:
+        if failed:
             if checkpoint_dir(self.partial) is None:  # a checkpointed run stays, for --resume
                 shutil.rmtree(self.partial, ignore_errors=True)
             return
+        write_manifest(self.partial, self.kind)
         old = None
         if self.output.exists():
             old = self.output.parent / f".{self.output.name}.old-{os.getpid()}"
