@@ -261,3 +261,21 @@ def test_fuzzed_checkpoint_meta_raises_only_checkpoint_error(tmp_path_factory, m
         except CheckpointError:
             continue
         assert candidate == real or candidate["scalars"] == real["scalars"]  # only an intact file loads
+
+
+def test_paths_in_a_saved_config_resolve_from_the_file_not_the_working_directory(tiny, tmp_path, capsys,
+                                                                                  monkeypatch):
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    for name in ("train", "dev"):
+        (project / "data" / f"{name}.csv").write_bytes(Path(tiny[name]).read_bytes())
+    monkeypatch.chdir(project)
+    assert cli(capsys, "train", "--model", tiny["model"], "--train", "data/train.csv", "--dev", "data/dev.csv",
+               "--epochs", 1, "--batch-size", 4, "--no-progress", "--output", "runs/a")[0] == 0
+    saved = json.loads((project / "runs" / "a" / "config.json").read_text())
+    assert saved["train_file"] == "../../data/train.csv"  # relative to the config file's folder
+    monkeypatch.chdir(tmp_path)  # elsewhere: the saved config still finds its data
+    assert cli(capsys, "train", "--config", project / "runs" / "a" / "config.json", "--output", "b")[0] == 0
+    a, b = (json.loads(p.read_text()) for p in (project / "runs" / "a" / "metrics.json", tmp_path / "b" /
+                                                 "metrics.json"))
+    assert a["dev"] == b["dev"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Iterable
@@ -20,6 +21,9 @@ from typing import Any
 from childtune.fileio import write_json
 from childtune.strategies import Strategy
 from childtune.training.methods import METHODS
+
+_PATHS = ("train_file", "dev_file", "test_file", "model")
+"""Fields that may hold a path (`model` may instead name a pinned model, which is no path on disk)."""
 
 
 class ConfigError(ValueError):
@@ -108,10 +112,19 @@ class TrainConfig:
         return cls(**{key: _coerce(key, value, hints[key]) for key, value in raw.items()})
 
     def save_json(self, path: str | Path) -> None:
-        write_json(path, self.to_dict())
+        """Write the config; file paths in it are stored relative to the file's folder where they can be,
+        so a run folder moved with its data, or used from another directory, still finds them."""
+        path = Path(path)
+        out = self.to_dict()
+        for key in _PATHS:
+            if out[key] and Path(out[key]).exists():
+                out[key] = os.path.relpath(Path(out[key]).resolve(), path.parent.resolve())
+        write_json(path, out)
 
     @classmethod
     def load_json(cls, path: str | Path) -> TrainConfig:
+        """Read a config; a relative file path in it means relative to the config file's folder (as
+        `save_json` writes them), else, for configs written by hand, relative to the working directory."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
@@ -119,6 +132,12 @@ class TrainConfig:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ConfigError(f"{path} is not a JSON config: {err}") from None
+        if isinstance(raw, dict):
+            for key in _PATHS:
+                value = raw.get(key)
+                if isinstance(value, str) and value and not Path(value).is_absolute() and (
+                        path.parent / value).exists():
+                    raw[key] = str((path.parent / value).resolve())
         return cls.from_dict(raw)
 
     # ------------------------------------------------------------------ defaults and checks
@@ -127,7 +146,11 @@ class TrainConfig:
         """A copy with the method's defaults filled in and everything checked: what a run really uses."""
         check_method(self.method)
         spec = METHODS[self.method]
-        done = TrainConfig.from_dict(self.to_dict())  # every value passes the field's type, wherever it came from
+        raw = self.to_dict()
+        for key in _PATHS:  # absolute, so a resumed run or a rerun from elsewhere reads the same files
+            if isinstance(raw[key], str) and raw[key] and Path(raw[key]).exists():
+                raw[key] = str(Path(raw[key]).resolve())
+        done = TrainConfig.from_dict(raw)  # every value passes the field's type, wherever it came from
         done = replace(
             done,
             lr=spec.lr if self.lr is None else self.lr,
