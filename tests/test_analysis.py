@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.spatial.distance import jaccard as scipy_jaccard_distance
 
+from childtune.masks import save_masks
 from childtune.study.analysis import (
     analyze,
     chance_jaccard,
@@ -17,7 +18,6 @@ from childtune.study.analysis import (
     layer_share,
     load_masks,
     overlap_matrix,
-    save_masks,
     type_share,
 )
 

@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import random
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -138,8 +137,8 @@ def test_full_run_learns_and_writes_its_files(tiny_task, tmp_path):
     assert not list(tmp_path.glob(".*"))  # no partial folder left behind
     assert json.loads((out / "metrics.json").read_text()) == metrics
     saved = TrainConfig.load_json(out / "config.json")
-    assert saved == replace(tiny_config(tiny_task, method="full", output=str(out), metric_extra=("mcc",)),
-                            strict=False, reserve_p=None, rest="freeze")
+    assert saved == tiny_config(tiny_task, method="full", output=str(out), metric_extra=("mcc",)).resolved()
+    assert (saved.strict, saved.reserve_p, saved.rest, saved.preset) == (False, None, "freeze", "childtune")
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
     assert [r["step"] for r in steps] == list(range(10, metrics["steps"] + 1, 10))

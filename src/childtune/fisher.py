@@ -12,6 +12,12 @@ Two estimates are offered because they rank weights differently:
   torch.func (vmap over grad) gives all of a batch's per-example gradients in one call when the model
   can be vectorised; models with data-dependent control flow (HF's attention-mask creation checks
   `mask.all()`) fall back to one backward pass per example.
+
+The authors' pass (alibaba/AliceMind `ChildTuning/ChildTuningD.py`, `calculate_fisher`, read at commit
+a6d5afe) differs from the textbook estimate in two more ways, both available here: the model is in
+train mode, so dropout is on (`train_mode=True`), and each scored tensor's gradient is clipped to norm
+`max_grad_norm` (1.0) with `clip_grad_norm_` *before* it is squared (`clip=1.0`). Both move the global
+top-p ranking: clipping caps the contribution of batches with large gradients tensor by tensor.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ def fisher_information(
     scored: Callable[[str], bool] | Iterable[str] | None = None,
     num_samples: int | None = None,
     per_example: bool = False,
+    train_mode: bool = False,
+    clip: float | None = None,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Fisher information of every scored parameter, as float32 tensors shaped like the parameters.
@@ -51,9 +59,13 @@ def fisher_information(
     regression, scored as a unit-variance Gaussian). `scored` is a name predicate or a list of names
     (default: parameters inside the transformer blocks, as the authors scored). `num_samples` caps the
     examples read on this rank. Under torch.distributed, sums and counts are all-reduced, so every rank
-    returns the same scores from its own shard. The model runs in eval mode (no dropout); its modes and
-    its parameters' `.grad` are left as they were.
+    returns the same scores from its own shard. The model runs in eval mode (no dropout) unless
+    `train_mode`; `clip` scales each tensor's gradient (each example's, with `per_example`) to at most that
+    L2 norm before squaring, as `torch.nn.utils.clip_grad_norm_` on that tensor alone would. The model's
+    modes and its parameters' `.grad` are left as they were.
     """
+    if clip is not None and not (isinstance(clip, int | float) and clip > 0 and clip < float("inf")):
+        raise ValueError(f"clip must be a positive finite norm or None, got {clip!r}")
     params = _scored_parameters(model, scored)
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                     or num_samples < 1):
@@ -66,7 +78,7 @@ def fisher_information(
     bar = tqdm(total=_expected(batches, num_samples), unit="ex", desc="Fisher information",
                disable=not progress or (distributed and dist.get_rank() != 0))
     modes = {m: m.training for m in model.modules()}
-    model.eval()
+    model.train(train_mode)
     try:
         with torch.enable_grad():
             for batch in batches:
@@ -77,10 +89,11 @@ def fisher_information(
                     keep = num_samples - examples
                     inputs, labels = _rows(inputs, len(labels), 0, keep), labels[:keep]
                 if per_example:
-                    use_vmap = _add_per_example(model, params, inputs, labels, sums, use_vmap)
+                    use_vmap = _add_per_example(model, params, inputs, labels, sums, use_vmap, clip)
                 else:
                     # the batch-mean loss, as the authors backpropagated it
-                    _add_squares(sums, _grads(-_log_likelihood(model(**inputs), labels).mean(), params))
+                    grads = _grads(-_log_likelihood(model(**inputs), labels).mean(), params)
+                    _add_squares(sums, _clipped(grads, clip))
                 examples, steps = examples + len(labels), steps + 1
                 bar.update(len(labels))
                 if num_samples is not None and examples >= num_samples:
@@ -177,12 +190,29 @@ def _add_squares(sums: dict[str, torch.Tensor], grads, stacked: bool = False) ->
             s += g.float().pow(2).sum(0) if stacked else g.float().pow(2)
 
 
+def _clipped(grads, clip: float | None, stacked: bool = False):
+    """Each gradient scaled to L2 norm at most `clip` (per example row when `stacked`), with
+    `clip_grad_norm_`'s own factor min(1, clip / (norm + 1e-6)), so the authors' scores are reproduced."""
+    if clip is None:
+        return grads
+    out = []
+    for g in grads:
+        if g is None:
+            out.append(g)
+            continue
+        g = g.float()
+        norms = g.flatten(1).norm(dim=1) if stacked else g.norm()
+        factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+        out.append(g * factor.view(-1, *([1] * (g.dim() - 1))) if stacked else g * factor)
+    return out
+
+
 def _grads(loss: torch.Tensor, params: dict[str, nn.Parameter]):
     """Gradients without touching `.grad`: the caller's accumulated gradients must survive scoring."""
     return torch.autograd.grad(loss, list(params.values()), allow_unused=True)
 
 
-def _add_per_example(model, params, inputs, labels, sums, use_vmap: bool) -> bool:
+def _add_per_example(model, params, inputs, labels, sums, use_vmap: bool, clip: float | None = None) -> bool:
     """Add every example's squared gradient, vectorised in chunks while the model allows it.
 
     Returns whether vmap is still worth trying: a model that failed once fails on every batch.
@@ -193,7 +223,7 @@ def _add_per_example(model, params, inputs, labels, sums, use_vmap: bool) -> boo
         rows, ys = _rows(inputs, n, start, start + chunk), labels[start : start + chunk]
         if use_vmap:
             try:
-                _add_squares(sums, _vmap_grads(model, params, rows, ys), stacked=True)
+                _add_squares(sums, _clipped(_vmap_grads(model, params, rows, ys), clip, stacked=True), stacked=True)
                 continue
             except Exception as err:
                 use_vmap = False
@@ -202,7 +232,7 @@ def _add_per_example(model, params, inputs, labels, sums, use_vmap: bool) -> boo
                               VmapFallbackWarning, stacklevel=3)
         for i in range(len(ys)):
             ll = _log_likelihood(model(**_rows(rows, len(ys), i, i + 1)), ys[i : i + 1])
-            _add_squares(sums, _grads(-ll[0], params))
+            _add_squares(sums, _clipped(_grads(-ll[0], params), clip))
     return use_vmap
 
 

@@ -8,12 +8,25 @@ the top-k elements of a score spread over many tensors (Fisher, ID3's importance
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
+from childtune.fileio import atomic_write
 from childtune.layers import layer_index
 
 Masks = dict[str, torch.Tensor]
+
+MASKS_FILE = "masks.safetensors"
+"""A run's child network, saved in its folder by every method with a fixed or growing one."""
+
+
+def save_masks(masks: Mapping[str, torch.Tensor], path: str | Path) -> Path:
+    """Masks as a safetensors file of bool tensors (`childtune.study.analysis.load_masks` reads it back)."""
+    from safetensors.torch import save
+
+    tensors = {n: m.detach().to("cpu", torch.bool).contiguous() for n, m in masks.items()}
+    return atomic_write(path, save(tensors, metadata={"childtune": "masks"}))
 
 
 def check_probability(label: str, p: float) -> float:

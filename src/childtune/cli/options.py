@@ -15,7 +15,7 @@ from dataclasses import MISSING, fields, replace
 from typing import Any
 
 from childtune.training.config import TrainConfig
-from childtune.training.methods import METHODS
+from childtune.training.methods import METHODS, PRESET_FIELDS, PRESETS
 
 ACT_OF_WRITING = frozenset({"output", "overwrite"})
 """Options about where and whether a run is written, which `compare` and `study` set per cell."""
@@ -25,12 +25,21 @@ def _flag(f) -> str:
     return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
 
 
-_METHOD_DEFAULTS = {
-    "lr": lambda: ", ".join(f"{name} {m.lr:g}" for name, m in METHODS.items()),
-    "reserve_p": lambda: ", ".join(f"{name} {m.reserve_p:g}" for name, m in METHODS.items() if m.reserve_p),
-    "strict": lambda: "on for " + ", ".join(name for name, m in METHODS.items() if m.strict),
-    "rest": lambda: METHODS["child-d"].rest,
-}
+def _preset_default(key: str) -> str:
+    """`key`'s default per preset: one value where every method agrees, else method by method."""
+    parts = []
+    for preset in PRESETS:
+        values = {name: m.defaults(preset)[key] for name, m in METHODS.items()}
+        if key == "reserve_p":
+            values = {n: v for n, v in values.items() if v is not None}
+        shown = {f"{v:g}" if isinstance(v, float) else str(v) for v in values.values()}
+        text = next(iter(shown)) if len(shown) == 1 else ", ".join(
+            f"{n} {v:g}" if isinstance(v, float) else f"{n} {v}" for n, v in values.items())
+        parts.append(f"{preset}: {text}")
+    return "; ".join(parts)
+
+
+_METHOD_DEFAULTS = {key: (lambda key=key: _preset_default(key)) for key in PRESET_FIELDS}
 
 
 def add_config_options(parser: argparse.ArgumentParser, skip: frozenset[str] | set[str] = frozenset()) -> None:

@@ -32,6 +32,8 @@ class ChildTuningD(ChosenStrategy):
     num_samples: int | None = None
     random_within: bool = field(default=False, kw_only=True)
     seed: int = field(default=0, kw_only=True)
+    train_mode: bool = field(default=False, kw_only=True)
+    clip: float | None = field(default=None, kw_only=True)
 
     needs_data: ClassVar[bool] = True
 
@@ -39,12 +41,20 @@ class ChildTuningD(ChosenStrategy):
         super().__post_init__()
         self.p = check_probability("reserve_p", self.p)
 
+    @classmethod
+    def authors(cls, p: float, **kw) -> ChildTuningD:
+        """Child-Tuning_D as the authors' code chooses it (AliceMind `ChildTuning/ChildTuningD.py`):
+        Fisher in train mode with each tensor's gradient clipped to 1.0 before squaring, per-batch
+        squares, blocks scored, embeddings/pooler/head trained in full (`rest="train"`). The run-level
+        parts (non-strict, lr 4e-5, their AdamW) are the `authors` preset of the CLI's method table."""
+        return cls(p, **{"rest": "train", "train_mode": True, "clip": 1.0, **kw})
+
     def prepare(self, model: torch.nn.Module | None = None, batches: Iterable | None = None) -> None:
         if model is None or batches is None:
             raise ValueError("Child-Tuning_D needs the model and training batches to estimate Fisher scores")
         scores = fisher_information(
             model, batches, scored=list(self.scored()), num_samples=self.num_samples,
-            per_example=self.per_example,
+            per_example=self.per_example, train_mode=self.train_mode, clip=self.clip,
         )
         chosen = top_fraction(scores, self.p, self.per_layer)
         if self.random_within:

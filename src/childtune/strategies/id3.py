@@ -3,8 +3,17 @@
 The child network grows during training: at every step the not-yet-chosen elements are ranked by
 H = |g| / (|w| + eps)^exp, computed from the gradient just produced, and the best few join. Chosen
 elements stay chosen (exploitation) while each step's fresh gradient decides which join (exploration).
-After `total_steps` steps exactly `budget` elements have been chosen; the authors' rounding let the
-count overshoot the budget, this schedule cannot.
+After `total_steps` steps exactly `budget` elements have been chosen.
+
+The authors' code (Aradhye2002/selective-peft-toolkit, `selective_optimizers/optimizers/id3.py`, read at
+commit f87e338) unmasks budget // T elements per step, one more during the first budget % T steps
+(`schedule="authors"`): also exactly `budget` at step T, but with no cap, so a run longer than T steps
+keeps adding budget // T per step and overshoots; its cut `metric >= topk(...).values[-1]` also keeps
+ties. Our default `schedule="ramp"` reaches the budget on a linear ramp and never exceeds it, and ties
+never add elements. The authors score every parameter the optimizer holds, the task head included
+(`head="inside"`: it competes for the budget like any weight); ours trains the head in full outside the
+budget (`head="outside"`). Parameters that do not require gradients are never scored, nor counted in
+a fractional budget. Their README example uses exp=0 (the score is plain |g|), eps=1e-3, lr 1e-4.
 
 Applied to a peft model's LoRA/adapter parameters instead of the base weights, the same rule gives the
 paper's dynamic sparsification of adapters: bind the optimizer to those parameters only.
@@ -32,11 +41,26 @@ class ID3(ChosenStrategy):
     eps: float = 1e-3
     exp: float = 1.0
     rest: str = field(default="freeze", kw_only=True)
+    head: str = field(default="outside", kw_only=True)
+    schedule: str = field(default="ramp", kw_only=True)
 
     kind: ClassVar[NetworkKind] = "growing"
 
+    @classmethod
+    def authors(cls, budget: int | float, total_steps: int, **kw) -> ID3:
+        """ID3 as the authors' toolkit chooses (their README example): |g| alone (exp=0, eps=1e-3), the
+        head inside the budget, budget // T per step. The run-level parts (torch AdamW over every weight
+        with its default weight decay 0.01, non-strict, lr 1e-4) are the CLI's `authors` preset."""
+        return cls(budget, total_steps, **{"eps": 1e-3, "exp": 0.0, "head": "inside", "schedule": "authors", **kw})
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.head not in ("outside", "inside"):
+            raise ValueError(f"head must be 'outside' or 'inside', got {self.head!r}")
+        if self.schedule not in ("ramp", "authors"):
+            raise ValueError(f"schedule must be 'ramp' or 'authors', got {self.schedule!r}")
+        if self.head == "inside":
+            self.always = ()  # the head competes for the budget like any other weight
         if not isinstance(self.total_steps, int) or self.total_steps < 1:
             raise ValueError(f"total_steps must be a positive integer, got {self.total_steps!r}")
         if isinstance(self.budget, bool) or not isinstance(self.budget, int | float) or self.budget <= 0:
@@ -46,16 +70,24 @@ class ID3(ChosenStrategy):
 
     def bind(self, named_params) -> None:
         super().bind(named_params)
-        available = sum(p.numel() for p in self.scored().values())
+        available = self._available = sum(p.numel() for p in self.scored().values())
         self.size = round(self.budget * available) if isinstance(self.budget, float) else self.budget
         if self.size > available:
             raise ValueError(f"budget {self.size} exceeds the {available} parameters it can choose from")
         empty = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in self.scored().items()}
         self.chosen = self.complete(empty)
 
+    def scored(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in super().scored().items() if p.requires_grad}
+
     def target(self, step: int) -> int:
-        """Elements chosen once `step` (0-based) has run: a linear ramp reaching the budget exactly."""
-        return min(self.size, math.ceil(self.size * (step + 1) / self.total_steps))
+        """Elements chosen once `step` (0-based) has run: a linear ramp reaching the budget exactly
+        (`ramp`), or the authors' budget // T per step plus one in the first budget % T steps, uncapped
+        after T (`authors`), at most every scored element."""
+        if self.schedule == "ramp":
+            return min(self.size, math.ceil(self.size * (step + 1) / self.total_steps))
+        base, extra = divmod(self.size, self.total_steps)
+        return min(self._available, (step + 1) * base + min(step + 1, extra))
 
     def masks(self, step: int) -> Masks:
         assert self.chosen is not None

@@ -28,7 +28,7 @@ from childtune.data.assets import AssetError
 from childtune.delta import CONFIG_FILE, TENSORS_FILE, SparseDelta
 from childtune.fileio import atomic_write
 from childtune.layers import HEAD, blocks, layer_index, parameter_type
-from childtune.masks import Masks, count
+from childtune.masks import MASKS_FILE, Masks, count
 from childtune.study.tables import save_figure, write_csv
 from childtune.training.models import model_folder
 
@@ -39,19 +39,9 @@ EXCLUDE = HEAD
 
 TYPES = ("embedding", "attention", "ffn", "layernorm", "head", "other")
 EMBEDDINGS, TOP = "embeddings", "top"
-MASKS_FILE = "masks.safetensors"
-"""The file `load_masks` looks for in a folder that holds no sparse delta."""
 
 
 # --------------------------------------------------------------------------- loading child networks
-
-
-def save_masks(masks: MaskMap, path: str | Path) -> Path:
-    """Masks as a safetensors file of bool tensors, the form `load_masks` reads back."""
-    from safetensors.torch import save
-
-    tensors = {n: m.detach().to("cpu", torch.bool).contiguous() for n, m in masks.items()}
-    return atomic_write(path, save(tensors, metadata={"childtune": "masks"}))
 
 
 def load_masks(path: str | Path) -> Masks:
@@ -79,8 +69,12 @@ def load_masks(path: str | Path) -> Masks:
                                 "folder, or a run folder holding one")
     from safetensors.torch import load_file
 
+    try:
+        stored = load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError for a damaged file
+        raise ValueError(f"{path} is not a readable masks file: {str(err).splitlines()[0][:160]}") from None
     out: Masks = {}
-    for name, tensor in load_file(str(path)).items():
+    for name, tensor in stored.items():
         if tensor.dtype != torch.bool:
             if tensor.is_floating_point() or not bool(((tensor == 0) | (tensor == 1)).all()):
                 raise ValueError(f"{path}: {name!r} is not a mask (dtype {tensor.dtype}, values not all 0/1)")

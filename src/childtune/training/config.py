@@ -20,10 +20,16 @@ from typing import Any
 
 from childtune.fileio import write_json
 from childtune.strategies import Strategy
-from childtune.training.methods import METHODS
+from childtune.training.methods import METHODS, PRESET_FIELDS, PRESETS
 
 _PATHS = ("train_file", "dev_file", "test_file", "model")
 """Fields that may hold a path (`model` may instead name a pinned model, which is no path on disk)."""
+
+
+_CHOICES = {"id3_head": ("outside", "inside"), "id3_schedule": ("ramp", "authors"),
+            "bias_correction": ("element", "tensor"), "random_targets": ("all", "qv"),
+            "random_sampling": ("exact", "bernoulli"), "random_budget": ("scored", "model"),
+            "optimizer": ("torch", "authors"), "preset": PRESETS}
 
 
 class ConfigError(ValueError):
@@ -56,6 +62,8 @@ class TrainConfig:
     # -- method
     method: str = field(default="child-d", metadata=_opt(
         "full, child-f, child-d, child-d-random, random, id3, gradual, lora"))
+    preset: str = field(default="childtune", metadata=_opt(
+        "every unset method setting from 'childtune' (ours, chosen on evidence) or 'authors' (their code)"))
     reserve_p: float | None = field(default=None, metadata=_opt("child network share (child-f/child-d/random)"))
     lr: float | None = field(default=None, metadata=_opt("peak learning rate"))
     strict: bool | None = field(default=None, metadata=_opt(
@@ -64,9 +72,29 @@ class TrainConfig:
         "child-d: parameters outside the scored blocks (embeddings, pooler) 'freeze' or 'train' (the authors')"))
     fisher_samples: int | None = field(default=None, metadata=_opt("child-d: examples for Fisher (none: all)"))
     fisher_per_example: bool = field(default=False, metadata=_opt("child-d: exact per-example Fisher (slower)"))
+    fisher_train_mode: bool | None = field(default=None, metadata=_opt(
+        "child-d: Fisher pass with dropout on (train mode), as the authors ran it"))
+    fisher_clip: float | None = field(default=None, metadata=_opt(
+        "child-d: clip each tensor's gradient to this norm before squaring (0: no clipping)"))
     id3_budget: float = field(default=0.005, metadata=_opt("id3: final child network, fraction of scored weights"))
-    id3_eps: float = field(default=1e-3, metadata=_opt("id3: eps in |g| / (|w| + eps)^exp"))
-    id3_exp: float = field(default=1.0, metadata=_opt("id3: exponent in |g| / (|w| + eps)^exp"))
+    id3_eps: float | None = field(default=None, metadata=_opt("id3: eps in |g| / (|w| + eps)^exp"))
+    id3_exp: float | None = field(default=None, metadata=_opt("id3: exponent in |g| / (|w| + eps)^exp"))
+    id3_head: str | None = field(default=None, metadata=_opt(
+        "id3: the task head 'outside' the budget (trained in full) or 'inside' it (competing for it)"))
+    id3_schedule: str | None = field(default=None, metadata=_opt(
+        "id3: 'ramp' (linear, capped at the budget) or 'authors' (budget // steps per step, uncapped)"))
+    bias_correction: str | None = field(default=None, metadata=_opt(
+        "sparse AdamW on growing child networks: Adam's bias correction per 'element' (from when it joined) "
+        "or per 'tensor' (its steps, as dense AdamW counts)"))
+    random_targets: str | None = field(default=None, metadata=_opt(
+        "random: mask 'all' weights or only the attention 'qv' projection weights (the rest frozen)"))
+    random_sampling: str | None = field(default=None, metadata=_opt(
+        "random: exactly p of the weights ('exact') or each kept with probability p ('bernoulli')"))
+    random_budget: str | None = field(default=None, metadata=_opt(
+        "random: p is a share of the 'scored' weights or of the whole 'model'"))
+    optimizer: str | None = field(default=None, metadata=_opt(
+        "AdamW arithmetic of dense runs: 'torch' (fused) or 'authors' (Child-Tuning's: eps before bias "
+        "correction, decay after the step)"))
     gradual_every: int | None = field(default=None, metadata=_opt(
         "gradual: steps between unfreezing blocks (default: all unfrozen by mid-training)"))
     lora_rank: int = field(default=8, metadata=_opt("lora: rank"))
@@ -76,7 +104,8 @@ class TrainConfig:
     epochs: int = field(default=3, metadata=_opt("passes over the training data"))
     batch_size: int = field(default=16, metadata=_opt("training batch size"))
     eval_batch_size: int = field(default=64, metadata=_opt("evaluation batch size"))
-    weight_decay: float = field(default=0.01, metadata=_opt("AdamW decoupled weight decay (not on bias/LayerNorm)"))
+    weight_decay: float | None = field(default=None, metadata=_opt(
+        "AdamW decoupled weight decay (not on bias/LayerNorm)"))
     warmup: float = field(default=0.1, metadata=_opt("share of steps with linear LR warmup, then linear decay"))
     max_grad_norm: float | None = field(default=1.0, metadata=_opt("clip gradients to this norm (none: no clip)"))
     seed: int = field(default=1, metadata=_opt("seed for subsampling, head init, data order, masks"))
@@ -151,14 +180,11 @@ class TrainConfig:
             if isinstance(raw[key], str) and raw[key] and Path(raw[key]).exists():
                 raw[key] = str(Path(raw[key]).resolve())
         done = TrainConfig.from_dict(raw)  # every value passes the field's type, wherever it came from
-        done = replace(
-            done,
-            lr=spec.lr if self.lr is None else self.lr,
-            strict=spec.strict if self.strict is None else self.strict,
-            reserve_p=spec.reserve_p if self.reserve_p is None else self.reserve_p,
-            rest=spec.rest if self.rest is None else self.rest,
-            metric_extra=tuple(self.metric_extra),
-        )
+        if done.preset not in PRESETS:
+            raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {done.preset!r}")
+        defaults = spec.defaults(done.preset)
+        done = replace(done, metric_extra=tuple(self.metric_extra),
+                       **{key: defaults[key] for key in PRESET_FIELDS if getattr(done, key) is None})
         done.validate()
         return done
 
@@ -173,8 +199,11 @@ class TrainConfig:
             value = getattr(self, f.name)
             _check(not isinstance(value, float) or math.isfinite(value), f.name, value, "a finite number")
         _check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
-        _check(self.id3_eps > 0, "id3_eps", self.id3_eps, "> 0")
-        _check(self.id3_exp >= 0, "id3_exp", self.id3_exp, ">= 0")
+        _check(self.id3_eps is None or self.id3_eps > 0, "id3_eps", self.id3_eps, "> 0")
+        _check(self.id3_exp is None or self.id3_exp >= 0, "id3_exp", self.id3_exp, ">= 0")
+        _check(self.fisher_clip is None or self.fisher_clip >= 0, "fisher_clip", self.fisher_clip, ">= 0")
+        for key, allowed in _CHOICES.items():
+            _check(getattr(self, key) in (None, *allowed), key, getattr(self, key), " or ".join(map(repr, allowed)))
         _check(self.kind in (None, "classification", "regression"), "kind", self.kind,
                "'classification' or 'regression'")
         _check(self.output is None or bool(self.output.strip()), "output", self.output, "a folder name, not empty")
@@ -189,7 +218,7 @@ class TrainConfig:
             value = getattr(self, key)
             _check(value is None or value >= 1, key, value, "at least 1")
         _check(0 <= self.warmup < 1, "warmup", self.warmup, "in [0, 1)")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _check(self.weight_decay is None or self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "> 0")
         _check(self.nonfinite in ("stop", "skip"), "nonfinite", self.nonfinite, "'stop' or 'skip'")
@@ -240,6 +269,6 @@ def build_strategy(config: TrainConfig, total_steps: int, param_names: Iterable[
     spreads its schedule over it) and `param_names` the names the optimizer will see.
     """
     check_method(config.method)
-    if config.reserve_p is None and METHODS[config.method].reserve_p is not None:
+    if any(getattr(config, key) is None for key in PRESET_FIELDS if key != "reserve_p"):
         config = config.resolved()
     return METHODS[config.method].build(config, total_steps, list(param_names))

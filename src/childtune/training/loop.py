@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from childtune.data.batching import make_collate
 from childtune.delta import SparseDelta
 from childtune.fileio import write_json
+from childtune.masks import MASKS_FILE, save_masks
 from childtune.optim import state_bytes
 from childtune.strategies import Strategy
 from childtune.training import distributed
@@ -187,6 +188,8 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
         }
         if workdir:
             _save_weights(config, workdir, pretrained, tuned, tokenizer, task.spec)
+            if masks:  # the child network itself, strict or not, for `childtune analyze`
+                save_masks(masks, workdir / MASKS_FILE)
             write_json(workdir / "metrics.json", metrics)
         for cb in callbacks:
             cb.on_end(state, metrics)

@@ -1,16 +1,23 @@
-"""The method table: every method's name, defaults and how its strategy is built, one line each.
+"""The method table: every method's name, its defaults under each preset, and how its strategy is built.
 
 This is the one place a method is registered. Adding one is a strategy module under
 `childtune.strategies` and one `Method(...)` line here; the CLI, `compare`, the study, the training
 loop's optimizer choice and the saved config all read it (docs/architecture.md walks through it).
+
+Two presets. `childtune` is ours, chosen on evidence (comments below say which). `authors` reproduces
+each method's reference code as read (commits cited in the strategy modules): Child-Tuning's run script
+(alibaba/AliceMind `ChildTuning/run.sh`: lr 4e-5, p 0.3, weight decay 0.01, their AdamW, non-strict),
+the ID3 toolkit's example (torch AdamW over every weight, default weight decay 0.01, lr 1e-4, exp 0,
+eps 1e-3) and the random-masking repository (q/v projection weights, Bernoulli, share of the whole model,
+weight decay 0, lr 1e-2). A method without reference code (full, gradual, lora) is the same under both.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from childtune.layers import blocks
 from childtune.strategies import (
@@ -22,32 +29,57 @@ from childtune.strategies import (
     RandomMasking,
     Strategy,
 )
+from childtune.strategies.random_mask import QV
 
 if TYPE_CHECKING:
     from childtune.training.config import TrainConfig
 
 
+PRESETS = ("childtune", "authors")
+
+BASE: dict[str, Any] = {
+    "strict": False, "rest": "freeze", "weight_decay": 0.01, "optimizer": "torch", "fisher_train_mode": False,
+    "fisher_clip": 0.0, "id3_eps": 1e-3, "id3_exp": 1.0, "id3_head": "outside", "id3_schedule": "ramp",
+    "bias_correction": "element", "random_targets": "all", "random_sampling": "exact", "random_budget": "scored",
+}
+"""What every method resolves to unless its preset says otherwise (`TrainConfig` fields left at None)."""
+
+PRESET_FIELDS = ("lr", "reserve_p", *BASE)
+"""The `TrainConfig` fields a preset decides when they are not given."""
+
+
 @dataclass(frozen=True)
 class Method:
-    """A method's defaults and how to build its strategy.
+    """How to build a method's strategy, and its defaults under each preset.
 
-    Learning rates are for the ~22M-parameter MiniLM on 3 epochs of 1,000 examples (mr, seed 1, test
-    accuracy): full fine-tuning 0.793 at 1e-4 and 0.765 at 2e-4; Child-Tuning_F keeps full fine-tuning's
-    rate (its gradients are rescaled by 1/p); Child-Tuning_D, with embeddings frozen and 30% of the blocks
-    trained, 0.766 at 1e-4 and 0.784 at 2e-4. Random masking and ID3 update far fewer weights, so, as
-    their papers do, they take a much larger step.
-    `strict` is on where the child network is fixed, so the run changes exactly that network and can be
-    saved as a sparse delta.
+    `childtune` holds our values (learning rate, p, strictness, ...) over `BASE`; `authors` those of the
+    method's reference code over `BASE`, or None when there is none (then both presets agree).
+    Learning rates of the `childtune` preset are for the ~22M-parameter MiniLM on 3 epochs of 1,000
+    examples (mr): full fine-tuning 0.793 test accuracy at 1e-4 and 0.765 at 2e-4; Child-Tuning_F keeps
+    full fine-tuning's rate (its gradients are rescaled by 1/p); Child-Tuning_D, with embeddings frozen and
+    30% of the blocks trained, 0.766 at 1e-4 and 0.784 at 2e-4. Random masking and ID3 update far fewer
+    weights, so, as their papers do, they take a much larger step. `strict` is on where the child network
+    is fixed, so the run changes exactly that network and can be saved as a sparse delta.
     """
 
-    lr: float
-    strict: bool
     build: Callable[[TrainConfig, int, list[str]], Strategy]
-    reserve_p: float | None = None
+    childtune: Mapping[str, Any]
+    authors: Mapping[str, Any] | None = None
     adapter: str | None = None
-    rest: str = "freeze"
-    """What a masking method does outside its scored parameters (child-d only). The strategy classes
-    default to the authors' `"train"`; the CLI's default is ours, set here."""
+    defaults_by_preset: dict[str, dict[str, Any]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ours = {**BASE, "reserve_p": None, **self.childtune}
+        theirs = ours if self.authors is None else {**BASE, "reserve_p": None, **self.authors}
+        object.__setattr__(self, "defaults_by_preset", {"childtune": ours, "authors": theirs})
+
+    def defaults(self, preset: str) -> dict[str, Any]:
+        """Every preset-decided field's value for this method under `preset`."""
+        return self.defaults_by_preset[preset]
+
+    @property
+    def lr(self) -> float:
+        return self.childtune["lr"]
 
 
 def _gradual(config: TrainConfig, total_steps: int, names: list[str]) -> Strategy:
@@ -55,20 +87,44 @@ def _gradual(config: TrainConfig, total_steps: int, names: list[str]) -> Strateg
     return GradualUnfreezing(every)
 
 
+def _child_d(random_within: bool) -> Callable[[TrainConfig, int, list[str]], Strategy]:
+    def build(c: TrainConfig, total_steps: int, names: list[str]) -> Strategy:
+        return ChildTuningD(c.reserve_p, rest=c.rest, num_samples=c.fisher_samples, per_example=c.fisher_per_example,
+                            train_mode=c.fisher_train_mode, clip=c.fisher_clip or None,
+                            random_within=random_within, seed=c.seed)
+    return build
+
+
+def _random(c: TrainConfig, total_steps: int, names: list[str]) -> Strategy:
+    return RandomMasking(c.reserve_p, seed=c.seed, targets=QV if c.random_targets == "qv" else (),
+                         sampling=c.random_sampling, budget=c.random_budget)
+
+
+def _id3(c: TrainConfig, total_steps: int, names: list[str]) -> Strategy:
+    return ID3(c.id3_budget, total_steps, eps=c.id3_eps, exp=c.id3_exp, head=c.id3_head, schedule=c.id3_schedule)
+
+
+# Child-Tuning's run script, shared by D and F: lr 4e-5, p 0.3, wd 0.01, their AdamW (eps 1e-8), non-strict;
+# D's Fisher in train mode, each tensor's gradient clipped to 1.0, embeddings/pooler/head trained in full.
+_CHILD_TUNING = {"lr": 4e-5, "reserve_p": 0.3, "strict": False, "optimizer": "authors"}
+_CHILD_D = {**_CHILD_TUNING, "rest": "train", "fisher_train_mode": True, "fisher_clip": 1.0}
+
 METHODS: dict[str, Method] = {
-    "full": Method(1e-4, False, lambda c, t, n: FullFineTuning()),
-    "child-f": Method(1e-4, False, lambda c, t, n: ChildTuningF(c.reserve_p, seed=c.seed), reserve_p=0.3),
-    "child-d": Method(2e-4, True, lambda c, t, n: ChildTuningD(
-        c.reserve_p, rest=c.rest, num_samples=c.fisher_samples, per_example=c.fisher_per_example), reserve_p=0.3),
+    "full": Method(lambda c, t, n: FullFineTuning(), {"lr": 1e-4}),
+    "child-f": Method(lambda c, t, n: ChildTuningF(c.reserve_p, seed=c.seed), {"lr": 1e-4, "reserve_p": 0.3},
+                      _CHILD_TUNING),
+    "child-d": Method(_child_d(False), {"lr": 2e-4, "reserve_p": 0.3, "strict": True}, _CHILD_D),
     # The Child-Tuning paper's ablation: child-d's per-tensor sizes, lr and strictness, elements at random.
-    "child-d-random": Method(2e-4, True, lambda c, t, n: ChildTuningD(
-        c.reserve_p, rest=c.rest, num_samples=c.fisher_samples, per_example=c.fisher_per_example,
-        random_within=True, seed=c.seed), reserve_p=0.3),
+    "child-d-random": Method(_child_d(True), {"lr": 2e-4, "reserve_p": 0.3, "strict": True}, _CHILD_D),
     # 1% of the weights need a 10x larger step (Xu & Zhang, 2024); measured on mr (1,000 examples, dev
     # accuracy, seeds 1 and 2): 0.797 / 0.776 at lr 1e-2 against 0.590 / 0.600 at 1e-3.
-    "random": Method(1e-2, True, lambda c, t, n: RandomMasking(c.reserve_p, seed=c.seed), reserve_p=0.01),
+    "random": Method(_random, {"lr": 1e-2, "reserve_p": 0.01, "strict": True},
+                     {"lr": 1e-2, "reserve_p": 0.01, "strict": True, "weight_decay": 0.0, "random_targets": "qv",
+                      "random_sampling": "bernoulli", "random_budget": "model"}),
     # mr dev accuracy, seeds 1 and 2, budget 0.5%: 0.758 / 0.754 at lr 5e-3 against 0.750 / 0.746 at 1e-3.
-    "id3": Method(5e-3, True, lambda c, t, n: ID3(c.id3_budget, t, eps=c.id3_eps, exp=c.id3_exp)),
-    "gradual": Method(1e-4, True, _gradual),
-    "lora": Method(1e-3, False, lambda c, t, n: FullFineTuning(), adapter="lora"),
+    "id3": Method(_id3, {"lr": 5e-3, "strict": True},
+                  {"lr": 1e-4, "strict": False, "bias_correction": "tensor", "id3_exp": 0.0, "id3_eps": 1e-3,
+                   "id3_head": "inside", "id3_schedule": "authors"}),
+    "gradual": Method(_gradual, {"lr": 1e-4, "strict": True}),
+    "lora": Method(lambda c, t, n: FullFineTuning(), {"lr": 1e-3}, adapter="lora"),
 }

@@ -10,8 +10,7 @@ from typing import Any
 
 import torch
 
-from childtune.optim import SparseChildAdamW
-from childtune.optim.masked import ChildOptimizer
+from childtune.optim import ChildOptimizer, ChildTuningAdamW, SparseChildAdamW
 from childtune.strategies import Strategy
 from childtune.training.config import TrainConfig
 
@@ -77,5 +76,7 @@ def make_optimizer(groups: list[dict[str, Any]], strategy: Strategy, config: Tra
     the whole update; benchmarks/RESULTS.md measures it at a quarter of the foreach step on CPU).
     """
     if config.strict and strategy.kind != "per_step":
-        return SparseChildAdamW(groups, strategy, lr=config.lr)
+        return SparseChildAdamW(groups, strategy, lr=config.lr, bias_correction=config.bias_correction)
+    if config.optimizer == "authors":  # Child-Tuning's AdamW arithmetic, eps as their run passed it (HF's 1e-8)
+        return ChildOptimizer(groups, strategy, ChildTuningAdamW, strict=config.strict, lr=config.lr, eps=1e-8)
     return ChildOptimizer(groups, strategy, torch.optim.AdamW, strict=config.strict, lr=config.lr, fused=True)
