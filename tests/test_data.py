@@ -36,8 +36,12 @@ def labels(split):
 
 def test_registry_holds_the_documented_tasks():
     domains = ["movie", "tweets", "nyt", "amazon"]
-    expected = {"mr", "subj", "spam"} | {f"vader-{d}" for d in domains} | {f"vader-{d}-bin" for d in domains}
+    expected = {"mr", "subj", "spam", "bbc-news", "snli"} | {f"vader-{d}" for d in domains} | {
+        f"vader-{d}-bin" for d in domains}
     assert set(TASKS) == expected
+    assert TASKS["bbc-news"].label_names == ("business", "entertainment", "politics", "sport", "tech")
+    assert TASKS["bbc-news"].metric == "macro_f1"
+    assert TASKS["snli"].label_names == ("entailment", "neutral", "contradiction")
     assert TASKS["vader-movie"].kind == "regression" and TASKS["vader-movie"].num_labels == 1
     assert TASKS["mr"].label_names == ("rotten", "fresh")
     assert TASKS["spam"].label_names == ("ham", "spam")
@@ -77,6 +81,16 @@ def test_subj_balances_plots_against_a_sample_of_reviews():
     reviews = set(texts(tasks._read_mr()))
     subjective = {text for text, label in everything if label == 1}
     assert subjective <= reviews and not set(objective) & reviews
+
+
+def test_bbc_news_has_its_five_topics_and_snli_is_pairs():
+    bbc = load_task("bbc-news")
+    counts = [sum(1 for split in (bbc.train, bbc.dev, bbc.test) for _t, y in split if y == k) for k in range(5)]
+    assert sum(counts) == 2125  # the 2,225 articles less exact duplicates
+    assert counts == [503, 369, 403, 503, 347]  # business, entertainment, politics, sport, tech, deduplicated
+    snli = load_task("snli", seed=1, train_size=50)
+    assert all(isinstance(t, tuple) and len(t) == 2 and all(t) for t, _y in snli.train)
+    assert {y for _t, y in snli.test} == {0, 1, 2}
 
 
 def test_spam_maps_groups_to_ham_and_spam():
@@ -162,7 +176,7 @@ def test_bad_task_requests_are_refused():
         load_task("subj", train_size=99_999)
     with pytest.raises(DataError, match="train_size=0"):
         load_task("subj", train_size=0)
-    with pytest.raises(DataError, match="known tasks: mr"):
+    with pytest.raises(DataError, match=r"known tasks: .*\bmr\b"):
         load_task("sst2")
 
 

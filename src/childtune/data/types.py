@@ -13,7 +13,9 @@ from typing import Literal
 
 Kind = Literal["classification", "regression"]
 Label = int | float
-Example = tuple[str, Label]
+Text = str | tuple[str, str]
+"""A single text, or a sentence pair (premise, hypothesis) that the tokenizer joins with its separator."""
+Example = tuple[Text, Label]
 
 SPLIT_SEED = 20240501
 
@@ -58,7 +60,7 @@ class TaskSpec:
 
 @dataclass
 class TaskData:
-    """A task's spec and its three splits of (text, label); `test` is empty when none was given."""
+    """A task's spec and its three splits of (text or text pair, label); `test` is empty when none was given."""
 
     spec: TaskSpec
     train: list[Example]

@@ -28,6 +28,7 @@ def load_files(
     text_col: str = "text",
     label_col: str = "label",
     kind: Kind | None = None,
+    text_pair_col: str | None = None,
 ) -> TaskData:
     """A task from the user's CSV or JSONL files (chosen by suffix), validated with one-line errors.
 
@@ -36,12 +37,15 @@ def load_files(
     among 0/1 labels, fractions beside names) is refused with the rows that disagree, since either guess
     would silently train the wrong task. Pass `kind` to decide, e.g. for integer ratings as regression.
     Labels that are not finite (NaN, inf) are refused in either kind. Class labels map to ids in sorted
-    order (numeric order when every label is an integer), recorded in `label_names`.
+    order (numeric order when every label is an integer), recorded in `label_names`. `text_pair_col`
+    makes every example a sentence pair (text, text pair), as NLI and paraphrase tasks are.
     """
+    if text_pair_col is not None and text_pair_col in (text_col, label_col):
+        raise DataError(f"text_pair_col {text_pair_col!r} must differ from the text and label columns")
     if kind not in (None, "classification", "regression"):
         raise DataError(f"kind must be 'classification', 'regression' or None, got {kind!r}")
     paths = {"train": Path(train), "dev": Path(dev)} | ({"test": Path(test)} if test is not None else {})
-    rows = {role: _read_rows(role, path, text_col, label_col) for role, path in paths.items()}
+    rows = {role: _read_rows(role, path, text_col, label_col, text_pair_col) for role, path in paths.items()}
     if kind is None:
         kind = _infer_kind(paths["train"], rows["train"])
     if kind == "regression":
@@ -68,8 +72,9 @@ def load_files(
     return TaskData(spec, splits["train"], splits["dev"], splits.get("test", []))
 
 
-def _read_rows(role: str, path: Path, text_col: str, label_col: str) -> list[tuple[str, Any, int]]:
-    """(text, raw label, line number) for every record of a CSV or JSONL file."""
+def _read_rows(role: str, path: Path, text_col: str, label_col: str,
+               text_pair_col: str | None = None) -> list[tuple[Any, Any, int]]:
+    """(text or text pair, raw label, line number) for every record of a CSV or JSONL file."""
     if not path.is_file():
         raise DataError(f"{role} file not found: {path}")
     suffix = path.suffix.lower()
@@ -82,18 +87,20 @@ def _read_rows(role: str, path: Path, text_col: str, label_col: str) -> list[tup
         raise DataError(
             f"{path} is not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} cannot be decoded"
         ) from None
+    columns = (text_col, label_col) + ((text_pair_col,) if text_pair_col else ())
     if suffix == ".csv":
         header, records = _csv_records(path, content)
-        _require_columns(path, "header", header, (text_col, label_col))
+        _require_columns(path, "header", header, columns)
     else:
         records = _jsonl_records(path, content)
     rows = []
     for line, record in records:
-        _require_columns(path, f"line {line}", list(record), (text_col, label_col))
-        text = record[text_col]
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{path} line {line}: text must be a non-empty string, got {text!r}")
-        rows.append((text, record[label_col], line))
+        _require_columns(path, f"line {line}", list(record), columns)
+        texts = [record[text_col]] + ([record[text_pair_col]] if text_pair_col else [])
+        for text in texts:
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{path} line {line}: text must be a non-empty string, got {text!r}")
+        rows.append((tuple(texts) if text_pair_col else texts[0], record[label_col], line))
     if not rows:
         raise DataError(f"{path} has no examples")
     return rows

@@ -45,13 +45,16 @@ class TrainConfig:
     """One fine-tuning run. `None` means "the method's default" (see `METHODS`) where noted."""
 
     # -- data
-    task: str | None = field(default="mr", metadata=_opt("built-in task (mr, subj, spam, vader-*)"))
+    task: str | None = field(default="mr", metadata=_opt(
+        "built-in task (mr, subj, spam, bbc-news, snli, vader-*)"))
     train_file: str | None = field(default=None, metadata=_opt("your train CSV/JSONL (instead of --task)",
                                                                 flag="--train"))
     dev_file: str | None = field(default=None, metadata=_opt("your dev CSV/JSONL", flag="--dev"))
     test_file: str | None = field(default=None, metadata=_opt("your test CSV/JSONL (optional)", flag="--test"))
     text_col: str = field(default="text", metadata=_opt("text column of --train/--dev/--test"))
     label_col: str = field(default="label", metadata=_opt("label column of --train/--dev/--test"))
+    text_pair_col: str | None = field(default=None, metadata=_opt(
+        "second text column: every example is a sentence pair (NLI, paraphrase)"))
     kind: str | None = field(default=None, metadata=_opt(
         "your files' task kind, 'classification' or 'regression' (default: inferred from the labels, "
         "refusing mixed evidence)"))
@@ -59,6 +62,8 @@ class TrainConfig:
     model: str = field(default="all-MiniLM-L6-v2",
                        metadata=_opt("a local Hugging Face model folder, or the name of a pinned offline model"))
     max_length: int = field(default=128, metadata=_opt("truncate texts to this many tokens"))
+    eval_size: int | None = field(default=None, metadata=_opt(
+        "evaluate on at most this many dev and test examples (a fixed sample, the same for every run)"))
     # -- method
     method: str = field(default="child-d", metadata=_opt(
         "full, child-f, child-d, child-d-random, random, id3, gradual, lora"))
@@ -214,7 +219,7 @@ class TrainConfig:
         for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "lora_rank", "lora_alpha"):
             _check(getattr(self, key) >= 1, key, getattr(self, key), "at least 1")
         _check(self.max_length >= 2, "max_length", self.max_length, "at least 2")
-        for key in ("train_size", "fisher_samples", "gradual_every"):
+        for key in ("train_size", "fisher_samples", "gradual_every", "eval_size"):
             value = getattr(self, key)
             _check(value is None or value >= 1, key, value, "at least 1")
         _check(0 <= self.warmup < 1, "warmup", self.warmup, "in [0, 1)")

@@ -10,17 +10,34 @@ from torch.utils.data import DataLoader
 
 from childtune.data.batching import TextDataset
 from childtune.data.tasks import load_task
-from childtune.data.types import DataError
+from childtune.data.types import SPLIT_SEED, DataError
 from childtune.data.userfiles import load_files
 from childtune.training import distributed
 from childtune.training.config import TrainConfig
 
 
 def load_data(config: TrainConfig):
-    """The task's splits: a built-in task (subsampled by seed), or the user's own files."""
+    """The task's splits: a built-in task (subsampled by seed), or the user's own files; dev and test
+    capped at `eval_size` examples by a sample that is the same for every run (it ignores the seed)."""
+    task = _load(config)
+    if config.eval_size is not None:
+        task.dev, task.test = (_sample(split, config.eval_size) for split in (task.dev, task.test))
+    return task
+
+
+def _sample(examples: list, n: int) -> list:
+    """At most `n` of `examples`, drawn with the split seed (not the run's), kept in their order."""
+    if len(examples) <= n:
+        return examples
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    return [examples[i] for i in sorted(order[:n].tolist())]
+
+
+def _load(config: TrainConfig):
     if config.train_file is not None:
         task = load_files(config.train_file, config.dev_file, config.test_file,
-                          text_col=config.text_col, label_col=config.label_col, kind=config.kind)
+                          text_col=config.text_col, label_col=config.label_col, kind=config.kind,
+                          text_pair_col=config.text_pair_col)
         if config.train_size is not None:
             if config.train_size > len(task.train):
                 raise DataError(f"train_size={config.train_size} but {config.train_file} has "

@@ -34,7 +34,12 @@ def model_folder(name: str) -> Path:
 
 
 def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
-    """Tokenizer and a sequence-classification model with a fresh head for the task's labels."""
+    """Tokenizer and a sequence-classification model with a fresh head for the task's labels.
+
+    Decoder-only models work too (HF's `...ForSequenceClassification` over Llama, GPT-2, OPT scores the
+    last non-pad token with a new `score` head): a tokenizer without a pad token pads with EOS, and the
+    model is told which id that is, so it finds each sequence's last real token.
+    """
     import transformers
 
     path = model_folder(config.model)
@@ -47,10 +52,17 @@ def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
     try:
         with quiet_transformers():  # "newly initialised classifier" is the point of fine-tuning, not news
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, **labels,
-                                                                                    local_files_only=True)
+            if tokenizer.pad_token is None:  # decoder-only LMs (Llama, GPT-2) ship without one: pad with EOS
+                if tokenizer.eos_token is None:
+                    raise ModelError(f"the tokenizer of {path} has neither a pad nor an EOS token to pad with")
+                tokenizer.pad_token = tokenizer.eos_token
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                path, **labels, pad_token_id=tokenizer.pad_token_id, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"cannot load model from {path}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # a damaged weights file raises the reader's own error type
+        raise ModelError(f"cannot load model from {path}: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]}") from None
     return tokenizer, model
 
 
