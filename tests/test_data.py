@@ -36,7 +36,7 @@ def labels(split):
 
 def test_registry_holds_the_documented_tasks():
     domains = ["movie", "tweets", "nyt", "amazon"]
-    expected = {"mr", "subj", "spam", "bbc-news", "snli"} | {f"vader-{d}" for d in domains} | {
+    expected = {"mr", "subj", "spam", "bbc-news", "snli", "math"} | {f"vader-{d}" for d in domains} | {
         f"vader-{d}-bin" for d in domains}
     assert set(TASKS) == expected
     assert TASKS["bbc-news"].label_names == ("business", "entertainment", "politics", "sport", "tech")
@@ -55,6 +55,10 @@ def test_splits_are_disjoint_deduplicated_and_sized(name):
     assert len(train) == len(task.train) and len(dev) == len(task.dev) and len(test) == len(task.test)
     assert not (train & dev) and not (train & test) and not (dev & test)
     total = len(train) + len(dev) + len(test)
+    if name == "math":  # generated with fixed sizes: 250 / 50 / 50 per module, four modules
+        assert (len(task.train), len(task.dev), len(task.test)) == (1000, 200, 200)
+        assert all(isinstance(a, str) and a for _q, a in task.train + task.dev + task.test)
+        return
     if not name.endswith("-bin"):  # -bin tasks drop rating 0 after splitting their regression twin
         assert len(task.test) == min(round(0.2 * total), 2000)
         assert len(task.dev) == min(round(0.1 * total), 1000)

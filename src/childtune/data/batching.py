@@ -3,7 +3,7 @@ whatever the examples came from (a built-in task or the user's files)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -58,3 +58,66 @@ def make_collate(
         return out
 
     return collate
+
+
+IGNORE = -100
+"""The label id a causal LM's loss skips (Hugging Face's `ignore_index`)."""
+
+
+class LMCollate:
+    """Batches of (prompt, target) for a causal LM: the loss covers the target tokens and EOS only.
+
+    Each example is `prompt + target + EOS`; its labels are the target's ids and EOS, and `IGNORE` at
+    every prompt and padding position, so no gradient flows from predicting the prompt. The prompt can be
+    wrapped in the tokenizer's chat template (`chat=True`, for instruct models). A prompt too long for
+    `max_length` loses its beginning, never the target: `truncated` counts the examples that lost some.
+    A target that alone does not fit is an error (training it would teach a cut answer).
+
+    `for_generation(prompts)` builds the left-padded prompts greedy decoding continues from.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int = 128, chat: bool = False) -> None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("a causal LM task needs a tokenizer with an EOS token to end the target")
+        if max_length < 2:
+            raise ValueError(f"max_length must leave room for a prompt and a target, got {max_length}")
+        self.tokenizer, self.max_length, self.chat = tokenizer, max_length, chat
+        self.truncated = 0
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        if self.chat:
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                     add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def __call__(self, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
+        rows = []
+        for prompt, target in batch:
+            answer = self.tokenizer(str(target), add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            if len(answer) >= self.max_length:
+                raise ValueError(f"a target of {len(answer)} tokens does not fit max_length={self.max_length} "
+                                 f"with any prompt: {str(target)[:60]!r}")
+            ids = self.prompt_ids(str(prompt))
+            room = self.max_length - len(answer)
+            if len(ids) > room:
+                ids, self.truncated = ids[len(ids) - room:], self.truncated + 1  # keep the prompt's end
+            rows.append((ids + answer, [IGNORE] * len(ids) + answer))
+        width = max(len(ids) for ids, _ in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return {
+            "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows]),
+            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows]),
+            "labels": torch.tensor([labels + [IGNORE] * (width - len(labels)) for _, labels in rows]),
+        }
+
+    def for_generation(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Prompts padded on the left, so every row's next token is generated at the same position."""
+        limit = self.max_length - 1
+        ids = [self.prompt_ids(str(p))[-limit:] for p in prompts]
+        width = max(len(i) for i in ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return {
+            "input_ids": torch.tensor([[pad] * (width - len(i)) + i for i in ids]),
+            "attention_mask": torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids]),
+        }

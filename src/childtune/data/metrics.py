@@ -64,3 +64,20 @@ def compute_metrics(
     if "mcc" in extra:
         out["mcc"] = float(matthews_corrcoef(gold, preds))
     return out
+
+
+def normalise_answer(text: str) -> str:
+    """An answer as exact match compares it: stripped, lower-cased, inner whitespace collapsed, and a
+    trailing full stop dropped ("Paris." and " paris" are the same answer)."""
+    text = " ".join(text.strip().lower().split())
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
+def exact_match(predictions: Sequence[str], targets: Sequence[str]) -> dict[str, float]:
+    """Share of generated answers equal to their target after `normalise_answer`."""
+    if len(predictions) != len(targets):
+        raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets")
+    if not targets:
+        raise ValueError("cannot score zero examples")
+    hits = sum(normalise_answer(p) == normalise_answer(t) for p, t in zip(predictions, targets, strict=True))
+    return {"exact_match": hits / len(targets)}

@@ -11,6 +11,10 @@ They stand in for the GLUE tasks the Child-Tuning paper used, read from the pinn
 - `spam`: SpamAssassin emails, ham=0, spam=1 (subject and body; headers dropped).
 - `bbc-news`: BBC news articles in 5 topics (business, entertainment, politics, sport, tech), scored
   by macro-F1; the articles are long, so a run reads their first `max_length` tokens.
+- `math`: generation (prompt -> exact answer) from DeepMind's `mathematics_dataset` generator, four
+  short-answer modules (place value, comparing a pair, adding/subtracting, rounding) at its easy
+  training difficulty: 1,000 train, 200 dev and 200 test questions generated from fixed seeds, checked
+  against a pinned sha256 (a different sympy or numpy that changes a single question is an error).
 - `snli`: sentence pairs (premise, hypothesis) labelled entailment / neutral / contradiction (SNLI's
   gold labels; pairs without one dropped), the train subset and test file pooled and split like every
   other task. all-MiniLM-L6-v2 was trained on SNLI: its scores here are no evidence of anything.
@@ -35,6 +39,7 @@ import json
 import random
 import re
 import tarfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -186,6 +191,75 @@ def _read_snli() -> list[Example]:
     return _dedupe(pairs)
 
 
+MATH_MODULES = ("numbers__place_value", "comparison__pair", "arithmetic__add_or_sub", "numbers__round_number")
+MATH_SIZES = {"train": 250, "dev": 50, "test": 50}  # per module
+MATH_SHA256 = "21addccebcb0e13ab57d85267e0d2434c325dbc2c9c3728d90a756763376e1a7"
+
+
+@functools.cache
+def _math_generator() -> dict:
+    """mathematics_dataset's easy training modules, imported from the pinned wheel without installing it.
+
+    Two fixes make it run here (ASSETS.md): sympy 1.14 moved `base_solution_linear` into
+    `sympy.solvers.diophantine.diophantine` (aliased back before import), and absl's flags must be
+    parsed before `init_modules`.
+    """
+    import importlib
+    import sys
+
+    wheel = str(assets.fetch("mathematics-dataset"))
+    try:
+        diophantine = importlib.import_module("sympy.solvers.diophantine")
+        package = sys.modules["sympy.solvers.diophantine"]
+        if not hasattr(package, "base_solution_linear"):
+            package.base_solution_linear = importlib.import_module(
+                "sympy.solvers.diophantine.diophantine").base_solution_linear
+        del diophantine
+        if wheel not in sys.path:
+            sys.path.append(wheel)  # pure Python: importable straight from the zip
+        from absl import flags
+        from mathematics_dataset import generate
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS(["childtune"])
+        generate.init_modules(train_split=True)
+    except ImportError as err:
+        raise DataError(f"the math task needs absl-py, six and sympy installed: {err}") from None
+    return generate.filtered_modules["train-easy"]
+
+
+@functools.cache
+def _math_splits() -> tuple[tuple[Example, ...], tuple[Example, ...], tuple[Example, ...]]:
+    """The math task's fixed splits: each module's questions drawn from seeds of their own per split,
+    questions already in an earlier split dropped, checked against `MATH_SHA256`."""
+    import hashlib
+
+    import numpy as np
+
+    modules, seen, out = _math_generator(), set(), []
+    for s, per_module in enumerate(MATH_SIZES.values()):
+        examples = []
+        for m, name in enumerate(MATH_MODULES):
+            random.seed(SPLIT_SEED + 1000 * s + m)
+            np.random.seed(SPLIT_SEED + 1000 * s + m)
+            made = 0
+            while made < per_module:
+                with warnings.catch_warnings():  # the generator passes floats to randrange (Python 3.10+)
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    problem = modules[name]()
+                question, answer = str(problem.question).strip(), str(problem.answer).strip()
+                if question not in seen:
+                    seen.add(question)
+                    examples.append((question, answer))
+                    made += 1
+        out.append(tuple(examples))
+    digest = hashlib.sha256(json.dumps(out).encode()).hexdigest()
+    if digest != MATH_SHA256:
+        raise DataError(f"the math task generated other questions than the pinned set (sha256 {digest[:12]}, "
+                        f"expected {MATH_SHA256[:12]}): a different sympy or numpy version changes them")
+    return out[0], out[1], out[2]
+
+
 @dataclass(frozen=True)
 class _Recipe:
     """How a task's examples are made: a reader, and an optional relabelling applied after splitting.
@@ -197,6 +271,8 @@ class _Recipe:
     spec: TaskSpec
     read: Callable[[], list[Example]]
     relabel: Callable[[Label], Label | None] | None = None
+    splits: Callable[[], tuple[tuple[Example, ...], ...]] | None = None
+    """Fixed splits of the task's own, instead of shuffling `read()` into dev, test and train."""
 
 
 def _sign(rating: Label) -> int | None:
@@ -213,6 +289,7 @@ def _recipes() -> dict[str, _Recipe]:
         "spam": _Recipe(TaskSpec("spam", "classification", 2, ("ham", "spam"), "f1"), _read_spam),
         "bbc-news": _Recipe(TaskSpec("bbc-news", "classification", 5, BBC_TOPICS, "macro_f1"), _read_bbc),
         "snli": _Recipe(TaskSpec("snli", "classification", 3, NLI_LABELS, "accuracy"), _read_snli),
+        "math": _Recipe(TaskSpec("math", "generation", 0, (), "exact_match"), list, splits=_math_splits),
     }
     for domain in _VADER_FILES:
         read = functools.partial(_read_vader, domain)
@@ -230,6 +307,8 @@ TASKS: dict[str, TaskSpec] = {name: recipe.spec for name, recipe in _RECIPES.ite
 
 @functools.cache
 def _splits(name: str) -> tuple[tuple[Example, ...], tuple[Example, ...], tuple[Example, ...]]:
+    if _RECIPES[name].splits is not None:
+        return _RECIPES[name].splits()
     examples = _RECIPES[name].read()
     random.Random(SPLIT_SEED).shuffle(examples)
     n_test = min(round(TEST_FRACTION * len(examples)), TEST_CAP)

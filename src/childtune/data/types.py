@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Kind = Literal["classification", "regression"]
-Label = int | float
+Kind = Literal["classification", "regression", "generation"]
+Label = int | float | str
+"""A class id, a regression target, or (generation) the target text the prompt should be answered with."""
 Text = str | tuple[str, str]
 """A single text, or a sentence pair (premise, hypothesis) that the tokenizer joins with its separator."""
 Example = tuple[Text, Label]
@@ -22,6 +23,7 @@ SPLIT_SEED = 20240501
 _METRICS: dict[str, frozenset[str]] = {
     "classification": frozenset({"accuracy", "macro_f1", "f1", "mcc"}),
     "regression": frozenset({"pearson", "spearman"}),
+    "generation": frozenset({"exact_match"}),
 }
 
 
@@ -41,13 +43,15 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in _METRICS:
-            raise ValueError(f"kind must be 'classification' or 'regression', got {self.kind!r}")
+            raise ValueError(f"kind must be 'classification', 'regression' or 'generation', got {self.kind!r}")
         if self.metric not in _METRICS[self.kind]:
             raise ValueError(
                 f"metric {self.metric!r} is not one of {sorted(_METRICS[self.kind])} for {self.kind}"
             )
         if self.kind == "regression" and (self.num_labels != 1 or self.label_names):
             raise ValueError("a regression task has num_labels=1 and no label_names")
+        if self.kind == "generation" and (self.num_labels != 0 or self.label_names):
+            raise ValueError("a generation task has num_labels=0 and no label_names: its labels are texts")
         if self.kind == "classification" and (
             self.num_labels < 2 or len(self.label_names) != self.num_labels
         ):

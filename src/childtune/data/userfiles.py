@@ -29,6 +29,8 @@ def load_files(
     label_col: str = "label",
     kind: Kind | None = None,
     text_pair_col: str | None = None,
+    prompt_col: str = "prompt",
+    target_col: str = "target",
 ) -> TaskData:
     """A task from the user's CSV or JSONL files (chosen by suffix), validated with one-line errors.
 
@@ -42,8 +44,10 @@ def load_files(
     """
     if text_pair_col is not None and text_pair_col in (text_col, label_col):
         raise DataError(f"text_pair_col {text_pair_col!r} must differ from the text and label columns")
-    if kind not in (None, "classification", "regression"):
-        raise DataError(f"kind must be 'classification', 'regression' or None, got {kind!r}")
+    if kind not in (None, "classification", "regression", "generation"):
+        raise DataError(f"kind must be 'classification', 'regression', 'generation' or None, got {kind!r}")
+    if kind == "generation":
+        return _generation_files(train, dev, test, prompt_col, target_col)
     paths = {"train": Path(train), "dev": Path(dev)} | ({"test": Path(test)} if test is not None else {})
     rows = {role: _read_rows(role, path, text_col, label_col, text_pair_col) for role, path in paths.items()}
     if kind is None:
@@ -69,6 +73,22 @@ def load_files(
         ids = {name: i for i, name in enumerate(names)}
         splits = {role: [(text, ids[key]) for text, key in k] for role, k in keyed.items()}
         spec = TaskSpec(paths["train"].stem, "classification", len(names), tuple(names), "accuracy")
+    return TaskData(spec, splits["train"], splits["dev"], splits.get("test", []))
+
+
+def _generation_files(train, dev, test, prompt_col: str, target_col: str) -> TaskData:
+    """Prompt -> target pairs for a causal LM; every target a non-empty text (numbers are read as text)."""
+    paths = {"train": Path(train), "dev": Path(dev)} | ({"test": Path(test)} if test is not None else {})
+    splits = {}
+    for role, path in paths.items():
+        examples = []
+        for prompt, raw, line in _read_rows(role, path, prompt_col, target_col):
+            target = raw if isinstance(raw, str) else json.dumps(raw) if not isinstance(raw, bool | type(None)) else ""
+            if isinstance(raw, bool) or raw is None or not target.strip():
+                raise DataError(f"{path} line {line}: target must be a non-empty text, got {raw!r}")
+            examples.append((prompt, target.strip()))
+        splits[role] = examples
+    spec = TaskSpec(paths["train"].stem, "generation", 0, (), "exact_match")
     return TaskData(spec, splits["train"], splits["dev"], splits.get("test", []))
 
 

@@ -55,6 +55,11 @@ class TrainConfig:
     label_col: str = field(default="label", metadata=_opt("label column of --train/--dev/--test"))
     text_pair_col: str | None = field(default=None, metadata=_opt(
         "second text column: every example is a sentence pair (NLI, paraphrase)"))
+    prompt_col: str = field(default="prompt", metadata=_opt("generation: prompt column of your files"))
+    target_col: str = field(default="target", metadata=_opt("generation: target (answer) column of your files"))
+    chat_template: bool = field(default=False, metadata=_opt(
+        "generation: wrap each prompt in the tokenizer's chat template (instruct models)"))
+    max_new_tokens: int = field(default=16, metadata=_opt("generation: longest answer decoded at evaluation"))
     kind: str | None = field(default=None, metadata=_opt(
         "your files' task kind, 'classification' or 'regression' (default: inferred from the labels, "
         "refusing mixed evidence)"))
@@ -209,14 +214,15 @@ class TrainConfig:
         _check(self.fisher_clip is None or self.fisher_clip >= 0, "fisher_clip", self.fisher_clip, ">= 0")
         for key, allowed in _CHOICES.items():
             _check(getattr(self, key) in (None, *allowed), key, getattr(self, key), " or ".join(map(repr, allowed)))
-        _check(self.kind in (None, "classification", "regression"), "kind", self.kind,
-               "'classification' or 'regression'")
+        _check(self.kind in (None, "classification", "regression", "generation"), "kind", self.kind,
+               "'classification', 'regression' or 'generation'")
         _check(self.output is None or bool(self.output.strip()), "output", self.output, "a folder name, not empty")
         if files and self.text_col == self.label_col:
             raise ConfigError(f"text_col and label_col are both {self.text_col!r}: the model would read the label")
         _check(self.reserve_p is None or 0 < self.reserve_p <= 1, "reserve_p", self.reserve_p, "in (0, 1]")
         _check(0 < self.id3_budget < 1, "id3_budget", self.id3_budget, "a fraction in (0, 1)")
-        for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "lora_rank", "lora_alpha"):
+        for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "lora_rank", "lora_alpha",
+                    "max_new_tokens"):
             _check(getattr(self, key) >= 1, key, getattr(self, key), "at least 1")
         _check(self.max_length >= 2, "max_length", self.max_length, "at least 2")
         for key in ("train_size", "fisher_samples", "gradual_every", "eval_size"):

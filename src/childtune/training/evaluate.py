@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from childtune.data.metrics import compute_metrics
+from childtune.data.metrics import compute_metrics, exact_match
 from childtune.training.config import TrainConfig
 from childtune.training.inputs import loader
 
@@ -21,7 +21,12 @@ class DivergedError(ValueError):
 
 @torch.no_grad()
 def evaluate(model, examples, spec, collate, config: TrainConfig, desc: str) -> dict[str, float]:
-    """Metrics of the model on `examples` (dropout off), batched with dynamic padding."""
+    """Metrics of the model on `examples` (dropout off), batched with dynamic padding.
+
+    A generation task is scored by greedy decoding (`generate_answers`) and exact match, with the mean
+    loss of the target tokens (`loss`) beside it."""
+    if spec.kind == "generation":
+        return evaluate_generation(model, examples, collate, config, desc)
     model.eval()
     outputs, labels = [], []
     batches = loader(examples, batch_size=config.eval_batch_size, collate_fn=collate)
@@ -77,3 +82,33 @@ def peak_rss_mib() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+@torch.no_grad()
+def evaluate_generation(model, examples, collate, config: TrainConfig, desc: str) -> dict[str, float]:
+    """Exact match of greedy answers, and the mean per-token loss of the targets (teacher forced)."""
+    model.eval()
+    total = tokens = 0.0
+    for batch in tqdm(loader(examples, batch_size=config.eval_batch_size, collate_fn=collate), desc=f"{desc} loss",
+                      unit="batch", leave=False, disable=not config.progress):
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        loss = model(**batch).loss
+        if not bool(torch.isfinite(loss)):
+            raise DivergedError(f"{desc}: the model's loss is not finite: the run diverged. Lower --lr")
+        total, tokens = total + float(loss) * n, tokens + n
+    answers = generate_answers(model, [p for p, _ in examples], collate, config, desc)
+    return {**exact_match(answers, [str(t) for _, t in examples]), "loss": total / max(tokens, 1)}
+
+
+@torch.no_grad()
+def generate_answers(model, prompts, collate, config: TrainConfig, desc: str = "generate") -> list[str]:
+    """Greedy continuations of `prompts`, batched with left padding, cut at EOS or `max_new_tokens`."""
+    model.eval()
+    tokenizer, out = collate.tokenizer, []
+    for start in tqdm(range(0, len(prompts), config.eval_batch_size), desc=desc, unit="batch", leave=False,
+                      disable=not config.progress):
+        batch = collate.for_generation(prompts[start:start + config.eval_batch_size])
+        generated = model.generate(**batch, max_new_tokens=config.max_new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out += tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out

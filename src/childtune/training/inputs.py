@@ -37,7 +37,8 @@ def _load(config: TrainConfig):
     if config.train_file is not None:
         task = load_files(config.train_file, config.dev_file, config.test_file,
                           text_col=config.text_col, label_col=config.label_col, kind=config.kind,
-                          text_pair_col=config.text_pair_col)
+                          text_pair_col=config.text_pair_col, prompt_col=config.prompt_col,
+                          target_col=config.target_col)
         if config.train_size is not None:
             if config.train_size > len(task.train):
                 raise DataError(f"train_size={config.train_size} but {config.train_file} has "

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from childtune.data.batching import make_collate
+from childtune.data.batching import LMCollate, make_collate
 from childtune.delta import SparseDelta
 from childtune.fileio import write_json
 from childtune.masks import MASKS_FILE, save_masks
@@ -106,7 +106,9 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
     if not task.train or not task.dev:
         raise ConfigError("training needs a non-empty train and dev split")
     tokenizer, model = load_model(config, task.spec)
-    collate = make_collate(tokenizer, min(config.max_length, position_limit(model)), task.spec.kind)
+    length = min(config.max_length, position_limit(model))
+    collate = LMCollate(tokenizer, length, config.chat_template) if task.spec.kind == "generation" else make_collate(
+        tokenizer, length, task.spec.kind)
     pretrained = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
     if METHODS[config.method].adapter == "lora":
         model = add_lora(model, config)
@@ -183,6 +185,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
             "steps": state.step, "skipped_steps": state.skipped, "epochs": config.epochs,
             "prepare_time_s": round(prepare_time, 3), "train_time_s": round(train_time, 3),
             "eval_time_s": round(eval_time, 3), "peak_rss_mib": peak_rss_mib(),
+            "truncated_prompts": getattr(collate, "truncated", 0),
             "optimizer_state_bytes": state_bytes(optimizer), "device": str(next(model.parameters()).device),
             **count_elements(pretrained, tuned, params, masks),
         }

@@ -34,21 +34,26 @@ def model_folder(name: str) -> Path:
 
 
 def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
-    """Tokenizer and a sequence-classification model with a fresh head for the task's labels.
+    """Tokenizer and model for the task: a sequence classifier with a fresh head for the task's labels,
+    or, for a generation task, the causal LM itself (its own LM head, nothing new).
 
-    Decoder-only models work too (HF's `...ForSequenceClassification` over Llama, GPT-2, OPT scores the
-    last non-pad token with a new `score` head): a tokenizer without a pad token pads with EOS, and the
-    model is told which id that is, so it finds each sequence's last real token.
+    Decoder-only models work as classifiers too (HF's `...ForSequenceClassification` over Llama, GPT-2,
+    OPT scores the last non-pad token with a new `score` head): a tokenizer without a pad token pads
+    with EOS, and the model is told which id that is, so it finds each sequence's last real token.
+    A folder that holds neither kind of model, or a task kind its model cannot serve, is a `ModelError`.
     """
     import transformers
 
     path = model_folder(config.model)
-    labels = {"num_labels": spec.num_labels}
-    if spec.kind == "regression":
-        labels["problem_type"] = "regression"
+    if spec.kind == "generation":
+        auto, labels = transformers.AutoModelForCausalLM, {}
     else:
-        labels["id2label"] = dict(enumerate(spec.label_names))
-        labels["label2id"] = {name: i for i, name in enumerate(spec.label_names)}
+        auto, labels = transformers.AutoModelForSequenceClassification, {"num_labels": spec.num_labels}
+        if spec.kind == "regression":
+            labels["problem_type"] = "regression"
+        else:
+            labels["id2label"] = dict(enumerate(spec.label_names))
+            labels["label2id"] = {name: i for i, name in enumerate(spec.label_names)}
     try:
         with quiet_transformers():  # "newly initialised classifier" is the point of fine-tuning, not news
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -56,10 +61,12 @@ def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
                 if tokenizer.eos_token is None:
                     raise ModelError(f"the tokenizer of {path} has neither a pad nor an EOS token to pad with")
                 tokenizer.pad_token = tokenizer.eos_token
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(
-                path, **labels, pad_token_id=tokenizer.pad_token_id, local_files_only=True)
+            model = auto.from_pretrained(path, **labels, pad_token_id=tokenizer.pad_token_id, local_files_only=True)
+    except ModelError:
+        raise
     except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"cannot load model from {path}: {str(err).splitlines()[0]}") from None
+        what = "a causal LM" if spec.kind == "generation" else "a sequence classifier"
+        raise ModelError(f"cannot load {path} as {what} for a {spec.kind} task: {str(err).splitlines()[0]}") from None
     except Exception as err:  # a damaged weights file raises the reader's own error type
         raise ModelError(f"cannot load model from {path}: {type(err).__name__}: "
                          f"{str(err).splitlines()[0][:200]}") from None
@@ -100,7 +107,8 @@ def add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     """Wrap `model` with LoRA adapters (peft picks the attention projections for known architectures)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=config.lora_rank, lora_alpha=config.lora_alpha,
-                      lora_dropout=config.lora_dropout)
+    causal = not hasattr(model, "score") and not hasattr(model, "classifier") and hasattr(model, "lm_head")
+    lora = LoraConfig(task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS, r=config.lora_rank,
+                      lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
     with quiet_transformers():
         return get_peft_model(model, lora)

@@ -1,0 +1,169 @@
+"""Causal LMs and generative tasks: the loss covers target tokens only, prompts are cut from the left,
+Fisher scores the target's log-likelihood, and a tiny random Llama learns a prompt -> answer task."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from childtune.cli import main
+from childtune.data.batching import IGNORE, LMCollate
+from childtune.data.metrics import exact_match, normalise_answer
+from childtune.data.userfiles import load_files
+from childtune.fisher import fisher_information
+from childtune.training.config import TrainConfig
+from childtune.training.evaluate import generate_answers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_families import write_tiny_llama
+from test_resume import FILLER, NEGATIVE, POSITIVE
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("llama") / "model")
+
+
+def collate_for(llama: Path, max_length: int = 32) -> LMCollate:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llama)
+    tokenizer.pad_token = tokenizer.eos_token
+    return LMCollate(tokenizer, max_length)
+
+
+def test_labels_cover_the_target_and_eos_only(llama):
+    collate = collate_for(llama)
+    tok = collate.tokenizer
+    batch = collate([("the film was", "good"), ("a movie", "very bad")])
+    for row, (prompt, target) in enumerate([("the film was", "good"), ("a movie", "very bad")]):
+        p = tok(prompt)["input_ids"]
+        t = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        n = len(p) + len(t)
+        assert batch["input_ids"][row, :n].tolist() == p + t
+        assert batch["labels"][row, :n].tolist() == [IGNORE] * len(p) + t
+        assert (batch["labels"][row, n:] == IGNORE).all() and (batch["attention_mask"][row, n:] == 0).all()
+
+
+def test_prompt_positions_carry_no_gradient_and_the_loss_is_the_targets(llama):
+    collate = collate_for(llama)
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama)
+    batch = collate([("the film was very", "good"), ("plot", "bad")])
+    captured = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        captured["logits"] = output
+
+    model.lm_head.register_forward_hook(keep)
+    loss = model(**batch).loss
+    loss.backward()
+    grad = captured["logits"].grad
+    predicts_target = batch["labels"][:, 1:] != IGNORE  # logits at t predict the token at t + 1
+    assert (grad[:, :-1][~predicts_target] == 0).all() and (grad[:, -1] == 0).all()
+    assert grad[:, :-1][predicts_target].abs().sum() > 0
+    logp = torch.log_softmax(captured["logits"][:, :-1].detach().float(), -1)
+    targets = batch["labels"][:, 1:]
+    manual = -logp.gather(2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)[predicts_target].mean()
+    torch.testing.assert_close(loss.detach(), manual, rtol=1e-5, atol=1e-6)
+
+
+def test_a_long_prompt_loses_its_beginning_never_the_target(llama):
+    collate = collate_for(llama, max_length=8)
+    prompt = " ".join(FILLER + FILLER)
+    batch = collate([(prompt, "good")])
+    tok = collate.tokenizer
+    assert batch["input_ids"].shape[1] == 8 and collate.truncated == 1
+    assert batch["input_ids"][0, -2:].tolist() == [tok.convert_tokens_to_ids("good"), tok.eos_token_id]
+    kept = tok(prompt)["input_ids"][-6:]
+    assert batch["input_ids"][0, :6].tolist() == kept  # the prompt's end survives
+    with pytest.raises(ValueError, match="does not fit"):
+        collate([("the", " ".join(["good"] * 10))])
+    gen = collate.for_generation(["good", "the film was"])
+    assert gen["attention_mask"][0].tolist()[0] == 0  # padded on the left
+    assert gen["input_ids"].shape[1] == len(tok("the film was")["input_ids"])
+
+
+def test_exact_match_normalises_answers():
+    assert normalise_answer("  Paris. ") == "paris"
+    assert exact_match(["The capital is Paris.", " 42", "-7"], ["the capital is paris", "42", "7"]) == {
+        "exact_match": 2 / 3}
+
+
+def test_causal_fisher_is_the_target_log_likelihood_per_example(llama):
+    collate = collate_for(llama)
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama)
+    data = [("the film was", "good"), ("a very dull plot", "bad"), ("movie", "fun")]
+    batch = collate(data)
+    scored = [n for n, _ in model.named_parameters() if ".layers.1." in n]
+    got = fisher_information(model, [batch], scored=scored, per_example=True, progress=False)
+    params = dict(model.named_parameters())
+    expected = {n: torch.zeros_like(params[n]) for n in scored}
+    for example in data:
+        one = collate([example])
+        out = model(**one)
+        # log p(target | prompt): the model's mean token loss times the number of target tokens
+        n_target = int((one["labels"][:, 1:] != IGNORE).sum())
+        grads = torch.autograd.grad(out.loss * n_target, [params[n] for n in scored])
+        for n, g in zip(scored, grads, strict=True):
+            expected[n] += g ** 2 / len(data)
+    for n in scored:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-10)
+
+
+def write_generation_task(folder: Path, n_train: int = 120, n_dev: int = 20) -> tuple[Path, Path]:
+    """Prompt: a few filler words and one sentiment word; target: 'good' or 'bad' by its polarity."""
+    rng = random.Random(0)
+
+    def rows(n: int) -> str:
+        lines = []
+        for i in range(n):
+            word = rng.choice(POSITIVE if i % 2 else NEGATIVE)
+            prompt = " ".join([*rng.sample(FILLER, 2), word, *rng.sample(FILLER, 2)])
+            lines.append(json.dumps({"prompt": prompt, "target": "good" if i % 2 else "bad"}))
+        return "\n".join(lines) + "\n"
+
+    train, dev = folder / "train.jsonl", folder / "dev.jsonl"
+    train.write_text(rows(n_train))
+    dev.write_text(rows(n_dev))
+    return train, dev
+
+
+def test_user_generation_files_are_checked(tmp_path):
+    good = tmp_path / "g.jsonl"
+    good.write_text('{"q": "2+2", "a": 4}\n{"q": "3+3", "a": "6"}\n')
+    task = load_files(good, good, kind="generation", prompt_col="q", target_col="a")
+    assert task.spec.kind == "generation" and task.train == [("2+2", "4"), ("3+3", "6")]
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"prompt": "2+2", "target": ""}\n')
+    with pytest.raises(ValueError, match="line 1: target must be a non-empty text"):
+        load_files(bad, bad, kind="generation")
+
+
+@pytest.mark.parametrize("method", ["full", "child-d", "id3"])
+def test_a_tiny_llama_learns_a_generation_task(llama, tmp_path, method):
+    train, dev = write_generation_task(tmp_path)
+    out = tmp_path / method
+    common = ["--model", str(llama), "--train", str(train), "--dev", str(dev), "--kind", "generation",
+              "--batch-size", "8", "--eval-batch-size", "20", "--max-new-tokens", "3", "--no-progress",
+              "--checkpoint-every", "0"]
+    extra = {"full": ["--lr", "3e-3"], "child-d": ["--lr", "1e-2", "--reserve-p", "0.5"],
+             "id3": ["--lr", "2e-2", "--id3-budget", "0.3"]}[method]
+    assert main(["train", *common, "--method", method, "--epochs", "6", *extra, "--output", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["kind"] == "generation" and metrics["primary_metric"] == "exact_match"
+    assert metrics["dev"]["exact_match"] >= 0.8, metrics["dev"]  # an untrained model answers neither
+    collate = collate_for(llama)
+    untuned = transformers.AutoModelForCausalLM.from_pretrained(llama).eval()
+    examples = [(r["prompt"], r["target"]) for r in map(json.loads, dev.read_text().splitlines())]
+    with torch.no_grad():
+        before = float(untuned(**collate(examples)).loss)
+    answers = generate_answers(untuned, [p for p, _ in examples], collate, TrainConfig(max_new_tokens=3,
+                                                                                      progress=False))
+    assert exact_match(answers, [t for _, t in examples])["exact_match"] <= 0.2  # untuned: no answer right
+    assert metrics["dev"]["loss"] < before - 0.1, (metrics["dev"]["loss"], before)
+    assert metrics["truncated_prompts"] == 0
