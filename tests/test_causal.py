@@ -167,3 +167,40 @@ def test_a_tiny_llama_learns_a_generation_task(llama, tmp_path, method):
     assert exact_match(answers, [t for _, t in examples])["exact_match"] <= 0.2  # untuned: no answer right
     assert metrics["dev"]["loss"] < before - 0.1, (metrics["dev"]["loss"], before)
     assert metrics["truncated_prompts"] == 0
+
+
+def test_generation_runs_export_apply_and_generate(tmp_path, capsys):
+    llama = write_tiny_llama(tmp_path / "tied", tied=True)  # embeddings and LM head one tensor, as SmolLM2's
+    train, dev = write_generation_task(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(llama), "--train", str(train), "--dev", str(dev), "--kind", "generation",
+                 "--method", "child-d", "--reserve-p", "0.5", "--lr", "1e-2", "--epochs", "6", "--batch-size", "8",
+                 "--max-new-tokens", "3", "--no-progress", "--checkpoint-every", "0", "--output", str(run)]) == 0
+    assert (run / "delta").is_dir() and (run / "masks.safetensors").is_file()
+    # the delta round trip: base + delta is the tuned causal LM, tied embedding/LM head and all, bit for bit
+    assert main(["apply", str(run), "--output", str(tmp_path / "applied")]) == 0
+    applied = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "applied")
+    assert applied.lm_head.weight.data_ptr() == applied.model.embed_tokens.weight.data_ptr()  # still tied
+    base = transformers.AutoModelForCausalLM.from_pretrained(llama)
+    from childtune.delta import SparseDelta
+
+    delta = SparseDelta.load(run / "delta")
+    delta.apply(base)
+    for (name, a), (_, b) in zip(applied.state_dict().items(), base.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    capsys.readouterr()
+    prompts = [r["prompt"] for r in map(json.loads, dev.read_text().splitlines())][:6]
+    targets = [r["target"] for r in map(json.loads, dev.read_text().splitlines())][:6]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in prompts) + "\n")
+    assert main(["generate", str(run), "--input", str(tmp_path / "prompts.jsonl"), "--max-new-tokens", "3",
+                 "--output", str(tmp_path / "out.jsonl")]) == 0
+    completions = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [c["prompt"] for c in completions] == prompts
+    metrics = json.loads((run / "metrics.json").read_text())
+    score = exact_match([c["completion"] for c in completions], targets)["exact_match"]
+    assert score > 0 and metrics["dev"]["exact_match"] > 0  # it learned something, and generate shows it
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "applied"), "--prompt", prompts[0], "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip() == completions[0]["completion"].strip()  # the applied model agrees
+    code = main(["generate", str(llama / "missing")])
+    assert code == 2

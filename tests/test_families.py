@@ -64,7 +64,7 @@ def test_each_family_has_its_blocks_and_head_found(family):
     assert not (set(top_block) & frozen_at_1) and set(found[0]) <= frozen_at_1
 
 
-def write_tiny_llama(folder: Path) -> Path:
+def write_tiny_llama(folder: Path, tied: bool = False) -> Path:
     """A random 2-block Llama classifier folder whose tokenizer has no pad token (as Llama's has none)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -78,7 +78,7 @@ def write_tiny_llama(folder: Path) -> Path:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=2, intermediate_size=32,
-                                      max_position_embeddings=64)
+                                      max_position_embeddings=64, tie_word_embeddings=tied)  # SmolLM2 ties
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 

@@ -18,6 +18,7 @@ from childtune.cli.commands import (
     cmd_apply,
     cmd_compare,
     cmd_export,
+    cmd_generate,
     cmd_study,
     cmd_train,
 )
@@ -76,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--model", default=None, help="base model folder or name [the delta's base model]")
     apply.add_argument("--overwrite", action="store_true", help="replace a model childtune wrote in --output")
     apply.set_defaults(func=cmd_apply)
+
+    generate = sub.add_parser("generate", help="complete prompts with a tuned causal LM (a run) or any causal LM",
+                              description="Greedy completions of prompts, by a generation run's model (its own "
+                                          "chat template and max_length) or a causal-LM folder or pinned name.")
+    generate.add_argument("source", help="a generation run folder, a causal-LM folder, or smollm2-135m")
+    generate.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    generate.add_argument("--input", default=None, help="prompts: a text file (one a line) or JSONL with 'prompt'")
+    generate.add_argument("--output", default=None, help="write JSONL {prompt, completion} here [print]")
+    generate.add_argument("--max-new-tokens", type=int, default=32, help="longest completion [32]")
+    generate.add_argument("--batch-size", type=int, default=16, help="prompts decoded together [16]")
+    generate.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=False,
+                          help="wrap prompts in the tokenizer's chat template (a run's own setting wins if on)")
+    generate.set_defaults(func=cmd_generate)
 
     analyze = sub.add_parser("analyze", help="where child networks sit (layers, parameter types) and how they overlap",
                              description="Which pretrained weights each child network uses (per layer, per "

@@ -136,3 +136,42 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for path in paths.values():
         print(f"wrote {path}")
     return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Print (or write as JSONL) the model's greedy completion of each prompt."""
+    import json
+
+    from childtune.fileio import atomic_write
+    from childtune.training.generate import complete
+
+    prompts = list(args.prompt or [])
+    if args.input:
+        path = Path(args.input)
+        if not path.is_file():
+            raise FileNotFoundError(f"input file not found: {path}")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path} line {number}: malformed JSON ({err.msg})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                    raise ValueError(f"{path} line {number}: expected an object with a text 'prompt'")
+                prompts.append(record["prompt"])
+            else:
+                prompts.append(line)
+    settings = TrainConfig(max_new_tokens=args.max_new_tokens, eval_batch_size=args.batch_size,
+                           chat_template=args.chat_template, progress=False)
+    settings.resolved()
+    answers = complete(args.source, prompts, settings)
+    lines = [json.dumps({"prompt": p, "completion": a}) for p, a in zip(prompts, answers, strict=True)]
+    if args.output:
+        atomic_write(args.output, "\n".join(lines) + "\n")
+        print(f"wrote {args.output}: {len(lines)} completions")
+    else:
+        for answer in answers:
+            print(answer)
+    return 0

@@ -3,6 +3,7 @@ Hugging Face model folder (`apply_delta`)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -43,14 +44,21 @@ def _run_delta(run: Path) -> SparseDelta:
         delta = SparseDelta.load(run / "delta")
     elif (run / "model").is_dir():
         config = TrainConfig.load_json(run / "config.json")
-        with quiet_transformers():
-            tuned = transformers.AutoModelForSequenceClassification.from_pretrained(run / "model",
-                                                                                    local_files_only=True)
-            base = transformers.AutoModelForSequenceClassification.from_pretrained(
-                model_folder(config.model), num_labels=tuned.config.num_labels, local_files_only=True)
-        head = {"num_labels": tuned.config.num_labels, "kind": "regression" if tuned.config.num_labels == 1
-                else "classification", "label_names": [tuned.config.id2label[i] for i in
-                                                        range(tuned.config.num_labels)]}
+        if run_kind(run) == "generation":  # a causal LM: its own head, tied to the embeddings, no labels
+            with quiet_transformers():
+                tuned = transformers.AutoModelForCausalLM.from_pretrained(run / "model", local_files_only=True)
+                base = transformers.AutoModelForCausalLM.from_pretrained(model_folder(config.model),
+                                                                         local_files_only=True)
+            head = {"num_labels": 0, "kind": "generation", "label_names": []}
+        else:
+            with quiet_transformers():
+                tuned = transformers.AutoModelForSequenceClassification.from_pretrained(run / "model",
+                                                                                        local_files_only=True)
+                base = transformers.AutoModelForSequenceClassification.from_pretrained(
+                    model_folder(config.model), num_labels=tuned.config.num_labels, local_files_only=True)
+            head = {"num_labels": tuned.config.num_labels, "kind": "regression" if tuned.config.num_labels == 1
+                    else "classification", "label_names": [tuned.config.id2label[i] for i in
+                                                            range(tuned.config.num_labels)]}
         delta = SparseDelta.from_training(base.state_dict(), tuned, method=config.method,
                                           hparams={**config.to_dict(), **head}, base_model=config.model)
     else:
@@ -62,7 +70,6 @@ def _run_delta(run: Path) -> SparseDelta:
 def apply_delta(delta_dir: str | os.PathLike, output: str | os.PathLike, *, model: str | None = None,
                 overwrite: bool = False) -> Path:
     """Base model + delta, saved as a Hugging Face model folder (with the base's tokenizer) in `output`."""
-    import transformers
 
     delta_dir = Path(delta_dir)
     check_apart(delta_dir, output)
@@ -73,20 +80,9 @@ def apply_delta(delta_dir: str | os.PathLike, output: str | os.PathLike, *, mode
         name = model or delta.config.base_model
         if not name:
             raise DeltaError("the delta names no base model; pass --model")
-        hparams = delta.config.hparams
-        num_labels = hparams.get("num_labels") or next(iter(delta.dense.values())).shape[0]
-        labels = {"num_labels": num_labels}
-        if hparams.get("label_names"):
-            labels["id2label"] = dict(enumerate(hparams["label_names"]))
-            labels["label2id"] = {n: i for i, n in enumerate(hparams["label_names"])}
-        if hparams.get("kind") == "regression":
-            labels["problem_type"] = "regression"
         path = model_folder(name)
         check_apart(path, output, "the base model")
-        with quiet_transformers():
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-            tuned = transformers.AutoModelForSequenceClassification.from_pretrained(path, **labels,
-                                                                                    local_files_only=True)
+        tokenizer, tuned = base_for(delta, path)
         delta.apply(tuned)
         with quiet_transformers():
             tuned.save_pretrained(work)
@@ -96,3 +92,37 @@ def apply_delta(delta_dir: str | os.PathLike, output: str | os.PathLike, *, mode
                                                  "method": delta.config.method,
                                                  "changed_params": delta.config.num_changed})
     return Path(output)
+
+
+def run_kind(run: Path) -> str:
+    """What a run folder's model is for: its metrics' `kind`, else its config's, else classification."""
+    for name in ("metrics.json", "config.json"):
+        try:
+            kind = json.loads((run / name).read_text(encoding="utf-8")).get("kind")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if kind in ("classification", "regression", "generation"):
+            return kind
+    return "classification"
+
+
+def base_for(delta: SparseDelta, path: Path):
+    """Tokenizer and the base model a delta applies to, built as its task needs: the causal LM for a
+    generation delta, else a classifier with the delta's head (labels, names, regression or not)."""
+    import transformers
+
+    hparams = delta.config.hparams
+    with quiet_transformers():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if hparams.get("kind") == "generation":
+            return tokenizer, transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        if not hparams.get("num_labels") and not delta.dense:
+            raise DeltaError("the delta records no task head (num_labels) to build a classifier with")
+        labels = {"num_labels": hparams.get("num_labels") or next(iter(delta.dense.values())).shape[0]}
+        if hparams.get("label_names"):
+            labels["id2label"] = dict(enumerate(hparams["label_names"]))
+            labels["label2id"] = {n: i for i, n in enumerate(hparams["label_names"])}
+        if hparams.get("kind") == "regression":
+            labels["problem_type"] = "regression"
+        return tokenizer, transformers.AutoModelForSequenceClassification.from_pretrained(
+            path, **labels, local_files_only=True)

@@ -1,0 +1,64 @@
+"""Using a tuned causal LM: completions of prompts from a run folder (its model, or base + delta) or a model.
+
+`childtune generate RUN_OR_MODEL --prompt TEXT` is the one-line way to see what a run learned: a run
+folder brings its own settings (chat template, max_length), a plain model folder or pinned name is used
+as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import transformers
+
+from childtune.data.batching import LMCollate
+from childtune.delta import SparseDelta
+from childtune.training.config import TrainConfig
+from childtune.training.evaluate import generate_answers
+from childtune.training.export import base_for, run_kind
+from childtune.training.models import ModelError, model_folder, quiet_transformers
+
+
+def load_generator(source: str, config: TrainConfig) -> tuple[LMCollate, transformers.PreTrainedModel,
+                                                              TrainConfig]:
+    """The collate and causal LM `source` names, and the settings to generate with.
+
+    A run folder (config.json + model/ or delta/) supplies its own chat template and max_length; any
+    other `source` is a model folder or pinned model name, used with `config`'s settings.
+    """
+    run = Path(source)
+    if (run / "config.json").is_file() and ((run / "model").is_dir() or (run / "delta").is_dir()):
+        if run_kind(run) != "generation":
+            raise ModelError(f"{run} is a {run_kind(run)} run: only a causal LM (a generation run) generates text")
+        saved = TrainConfig.load_json(run / "config.json")
+        config = replace(config, chat_template=saved.chat_template or config.chat_template,
+                         max_length=saved.max_length)
+        if (run / "model").is_dir():
+            with quiet_transformers():
+                tokenizer = transformers.AutoTokenizer.from_pretrained(run / "model", local_files_only=True)
+                model = transformers.AutoModelForCausalLM.from_pretrained(run / "model", local_files_only=True)
+        else:
+            delta = SparseDelta.load(run / "delta")
+            tokenizer, model = base_for(delta, model_folder(saved.model))
+            delta.apply(model)
+    else:
+        path = model_folder(source)
+        with quiet_transformers():
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            try:
+                model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            except (OSError, ValueError, KeyError) as err:
+                raise ModelError(f"{path} is not a causal LM: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LMCollate(tokenizer, config.max_length, config.chat_template), model, config
+
+
+def complete(source: str, prompts: Sequence[str], config: TrainConfig) -> list[str]:
+    """Greedy completions of `prompts` by the model `source` names (see `load_generator`)."""
+    if not prompts:
+        raise ValueError("give at least one prompt")
+    collate, model, config = load_generator(source, config)
+    return generate_answers(model, list(prompts), collate, config, "generate")
