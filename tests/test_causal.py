@@ -204,3 +204,41 @@ def test_generation_runs_export_apply_and_generate(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == completions[0]["completion"].strip()  # the applied model agrees
     code = main(["generate", str(llama / "missing")])
     assert code == 2
+
+
+def test_id3_lora_ends_with_exactly_its_budget_of_changed_adapter_elements(llama, tmp_path):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from childtune import ID3
+    from childtune.optim import SparseChildAdamW
+
+    model = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(llama),
+                           LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8, lora_dropout=0.0))
+    adapter = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert adapter and all("lora_" in n for n in adapter)  # peft froze the base: only adapters train
+    before = {n: p.detach().clone() for n, p in adapter.items()}
+    steps, budget = 6, 0.1
+    strategy = ID3(budget, steps)
+    opt = SparseChildAdamW(adapter, strategy, lr=1e-2, weight_decay=0.0)
+    collate = collate_for(llama)
+    train, _ = write_generation_task(tmp_path, n_train=steps * 4)
+    rows = [(r["prompt"], r["target"]) for r in map(json.loads, train.read_text().splitlines())]
+    for step in range(steps):
+        model(**collate(rows[4 * step: 4 * step + 4])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    total = sum(p.numel() for p in adapter.values())
+    changed = sum(int((p.detach() != before[n]).sum()) for n, p in adapter.items())
+    assert changed == round(budget * total) == sum(int(m.sum()) for m in strategy.chosen.values())
+
+
+def test_tied_weights_are_counted_once(tmp_path):
+    from childtune.training.evaluate import count_elements
+
+    llama = write_tiny_llama(tmp_path / "tied", tied=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama)
+    pretrained = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(1.0)  # the LM head is the same tensor
+    counts = count_elements(pretrained, model, dict(model.named_parameters()), None)
+    assert counts["changed_params"] == model.model.embed_tokens.weight.numel() <= counts["total_params"]

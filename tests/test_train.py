@@ -109,7 +109,7 @@ def test_build_strategy_maps_every_method(tiny_bert):
     names = [n for n, _ in tiny_bert.named_parameters()]
     expected = {"full": FullFineTuning, "child-f": ChildTuningF, "child-d": ChildTuningD,
                 "child-d-random": ChildTuningD, "random": RandomMasking, "id3": ID3, "gradual": GradualUnfreezing,
-                "lora": FullFineTuning}
+                "lora": FullFineTuning, "id3-lora": ID3}
     assert set(expected) == set(METHODS)
     for method, kind in expected.items():
         strategy = build_strategy(TrainConfig(method=method, seed=3).resolved(), 40, names)

@@ -71,7 +71,7 @@ class TrainConfig:
         "evaluate on at most this many dev and test examples (a fixed sample, the same for every run)"))
     # -- method
     method: str = field(default="child-d", metadata=_opt(
-        "full, child-f, child-d, child-d-random, random, id3, gradual, lora"))
+        "full, child-f, child-d, child-d-random, random, id3, gradual, lora, id3-lora"))
     preset: str = field(default="childtune", metadata=_opt(
         "every unset method setting from 'childtune' (ours, chosen on evidence) or 'authors' (their code)"))
     reserve_p: float | None = field(default=None, metadata=_opt("child network share (child-f/child-d/random)"))

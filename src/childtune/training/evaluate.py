@@ -42,9 +42,16 @@ def evaluate(model, examples, spec, collate, config: TrainConfig, desc: str) -> 
 
 def count_elements(pretrained: dict[str, torch.Tensor], model: torch.nn.Module, params: dict[str, torch.Tensor],
                    masks: dict[str, torch.Tensor] | None) -> dict[str, int | None]:
-    """Sizes that say what a run touched: elements it may change, did change, and changed outside its child."""
+    """Sizes that say what a run touched: elements it may change, did change, and changed outside its child.
+
+    Tied weights (a causal LM's embeddings and LM head) are one tensor under two names: counted once."""
     changed = outside = 0
+    seen = set()
     for name, tensor in model.state_dict().items():
+        alias = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if alias in seen and tensor.numel():
+            continue
+        seen.add(alias)
         if name in pretrained and tensor.is_floating_point():
             diff = tensor.detach().cpu() != pretrained[name]
             changed += int(diff.sum())

@@ -127,4 +127,7 @@ METHODS: dict[str, Method] = {
                    "id3_head": "inside", "id3_schedule": "authors"}),
     "gradual": Method(_gradual, {"lr": 1e-4, "strict": True}),
     "lora": Method(lambda c, t, n: FullFineTuning(), {"lr": 1e-3}, adapter="lora"),
+    # ID3's dynamic sparsification of LoRA (Agarwal et al., 2024): the budget is a share of the adapter
+    # parameters, which are all the optimizer sees once peft has frozen the base; lr as LoRA's.
+    "id3-lora": Method(_id3, {"lr": 1e-3, "strict": True}, adapter="lora"),
 }
