@@ -187,3 +187,19 @@ def test_real_model_on_mr_runs_end_to_end(tmp_path, capsys):
     assert metrics["changed_outside_child"] == 0
     assert 0 < metrics["changed_params"] <= metrics["child_params"] < metrics["total_params"] / 3
     assert (out / "delta" / "delta_config.json").is_file()
+
+
+def test_report_to_tensorboard_writes_event_files(tiny, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    assert main(["train", *data_args(tiny), "--method", "child-f", "--epochs", "2", "--log-every", "2",
+                 "--report-to", "tensorboard", "--output", str(out)]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "dev/accuracy"} <= tags, tags
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in logged if "loss" in r]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses)

@@ -97,3 +97,71 @@ def test_plain_trainer_takes_create_optimizer_in_one_line(tiny_bert, tmp_path):
 def test_create_optimizer_needs_batches_for_child_tuning_d(tiny_bert):
     with pytest.raises(ValueError, match="pass batches="):
         create_optimizer(tiny_bert, ChildTuningD(0.3), lr=1e-3)
+
+
+class CausalTokens(Dataset):
+    """Random token sequences for a causal LM: the labels are the inputs (the model shifts them)."""
+
+    def __init__(self, n: int = 24, length: int = 9, vocab: int = 24) -> None:
+        self.ids = torch.randint(2, vocab, (n, length), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
+
+
+def test_trainer_child_tunes_a_causal_lm_with_fisher_on_its_tokens(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_families import write_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(write_tiny_llama(tmp_path / "llama", tied=True))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    strategy = ChildTuningD(0.2, rest="freeze")
+    trainer = ChildTuningTrainer(model=model, args=args(tmp_path), train_dataset=CausalTokens(), strategy=strategy,
+                                 strict=True)
+    trainer.train()
+    for name, diff in changed(model, before).items():
+        assert not (diff & ~strategy.chosen[name]).any(), f"{name} changed outside its child network"
+    assert any(changed(model, before)[n].any() for n in strategy.chosen)
+
+
+def test_sft_trainer_with_strict_child_tuning_changes_only_child_elements(tmp_path):
+    pytest.importorskip("trl")
+    import sys
+    from pathlib import Path
+
+    from datasets import Dataset as HFDataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    from childtune import RandomMasking
+    from childtune.hf import ChildTuningSFTTrainer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_families import write_tiny_llama
+
+    folder = write_tiny_llama(tmp_path / "llama")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = tokenizer.eos_token
+    data = HFDataset.from_list([{"text": f"the film was {w} and {v}"} for w, v in
+                                zip(["good", "bad", "fun", "dull"] * 4, ["great", "awful", "smart", "flat"] * 4,
+                                    strict=True)])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    strategy = RandomMasking(0.05, seed=1)
+    config = SFTConfig(output_dir=str(tmp_path / "sft"), use_cpu=True, report_to=[], save_strategy="no", max_steps=4,
+                       per_device_train_batch_size=4, learning_rate=1e-2, logging_strategy="no", disable_tqdm=True,
+                       max_length=16, dataloader_num_workers=0, seed=0)
+    trainer = ChildTuningSFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                                    strategy=strategy, strict=True)  # the one changed line
+    trainer.train()
+    moved = changed(model, before)
+    for name, diff in moved.items():
+        if name in strategy.chosen:
+            assert not (diff & ~strategy.chosen[name]).any(), f"{name} changed outside its child network"
+    assert sum(int((moved[n] & m).sum()) for n, m in strategy.chosen.items()) > 0

@@ -1,6 +1,7 @@
-"""Child-Tuning inside an existing Hugging Face `Trainer` script, in one changed line.
+"""Child-Tuning inside an existing Hugging Face `Trainer` (or TRL `SFTTrainer`) script, in one changed line.
 
     trainer = ChildTuningTrainer(strategy=ChildTuningD(0.3), strict=True, model=model, args=args, ...)
+    trainer = ChildTuningSFTTrainer(strategy=ChildTuningF(0.3), model=model, train_dataset=..., ...)
 
 `ChildTuningTrainer` only replaces `create_optimizer`: the optimizer becomes a `ChildOptimizer` over
 the same parameter groups the Trainer would build (weight decay off for biases and norms, the
@@ -52,12 +53,13 @@ def create_optimizer(
     return opt
 
 
-class ChildTuningTrainer(Trainer):
-    """A `Trainer` whose optimizer updates only the child network `strategy` chooses.
+class ChildTuningMixin:
+    """What makes a Trainer child-tune: its optimizer updates only the child network `strategy` chooses.
 
     `strict=True` keeps every element outside the child network exactly at its pretrained value
     (weight decay included), so the run can be saved as a sparse delta. `fisher_batches` overrides
-    the data Child-Tuning_D scores (default: the Trainer's training dataloader).
+    the data Child-Tuning_D scores (default: the Trainer's training dataloader; for a causal LM its
+    labels are the token ids with -100 where ignored, and Fisher scores their log-likelihood).
     """
 
     def __init__(self, *args: Any, strategy: Strategy, strict: bool = False,
@@ -83,3 +85,27 @@ class ChildTuningTrainer(Trainer):
                 betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
             )
         return self.optimizer
+
+
+def child_tuning(trainer_class: type) -> type:
+    """`trainer_class` (the HF `Trainer`, TRL's `SFTTrainer`, or any subclass of either) made to child-tune:
+    the same constructor plus `strategy=`, `strict=`, `fisher_batches=`."""
+    return type(f"ChildTuning{trainer_class.__name__}", (ChildTuningMixin, trainer_class),
+                {"__doc__": f"`{trainer_class.__name__}` whose optimizer updates only the child network "
+                            "(see `ChildTuningMixin`)."})
+
+
+ChildTuningTrainer = child_tuning(Trainer)
+
+
+def __getattr__(name: str) -> Any:
+    """`ChildTuningSFTTrainer`, built on first use so that TRL (the optional `childtune[trl]`) is only
+    imported by those who ask for it."""
+    if name == "ChildTuningSFTTrainer":
+        try:
+            from trl import SFTTrainer
+        except ImportError as err:
+            raise ImportError("ChildTuningSFTTrainer needs TRL: pip install 'childtune[trl]'") from err
+        globals()[name] = trainer = child_tuning(SFTTrainer)
+        return trainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

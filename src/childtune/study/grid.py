@@ -23,9 +23,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from childtune.study.ledger import NOT_SETTINGS, Ledger, make_record
+from childtune.study.ledger import Ledger, make_record
 from childtune.training.checkpoint import checkpoint_dir
-from childtune.training.config import TrainConfig
+from childtune.training.config import NOT_SETTINGS, TrainConfig
 from childtune.training.loop import Callback, train
 from childtune.training.runfolder import partial_dir
 

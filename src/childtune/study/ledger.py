@@ -32,11 +32,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from childtune.training.config import ConfigError, TrainConfig
+from childtune.training.config import NOT_SETTINGS, ConfigError, TrainConfig
 
 VERSION = 1
-NOT_SETTINGS = frozenset({"output", "overwrite", "progress", "log_every"})
-"""Config keys about where and how a run was written or shown, not about what it computed."""
 
 
 class LedgerError(ValueError):

@@ -36,6 +36,7 @@ import torch
 
 from childtune.fileio import atomic_write, sha256_file
 from childtune.training import distributed
+from childtune.training.config import NOT_SETTINGS
 
 FORMAT_VERSION = 2
 """2: the scalars (step, epoch, batch, ...) are covered by a sha256 too (1 had only the files')."""
@@ -248,9 +249,7 @@ def _tuples(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------ the training loop's hook
-
-# Settings that change what is computed: a resume under different values would not be the same run.
-_DISPLAY_ONLY = frozenset({"output", "overwrite", "progress", "log_every"})
+# A resume under other settings (anything but `config.NOT_SETTINGS`) would not be the same run.
 
 
 def snapshot(state: Any) -> dict[str, Any]:
@@ -272,7 +271,7 @@ def snapshot(state: Any) -> dict[str, Any]:
 def restore(state: Any, saved: Mapping[str, Any]) -> None:
     """Put a snapshot back into `state`, refusing one taken under different settings."""
     now, then = state.config.to_dict(), saved.get("config", {})
-    changed = sorted(k for k in now.keys() | then.keys() if k not in _DISPLAY_ONLY and now.get(k) != then.get(k))
+    changed = sorted(k for k in now.keys() | then.keys() if k not in NOT_SETTINGS and now.get(k) != then.get(k))
     if changed:
         key = changed[0]
         raise CheckpointError(f"the checkpoint was taken with {key}={then.get(key)!r}, this run has "

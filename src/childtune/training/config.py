@@ -26,10 +26,14 @@ _PATHS = ("train_file", "dev_file", "test_file", "model")
 """Fields that may hold a path (`model` may instead name a pinned model, which is no path on disk)."""
 
 
+NOT_SETTINGS = frozenset({"output", "overwrite", "progress", "log_every", "report_to"})
+"""Fields about where and how a run is written or shown, not what it computes: a resumed run, a reused
+study cell and a ledger record may differ in these and still be the same run."""
+
 _CHOICES = {"id3_head": ("outside", "inside"), "id3_schedule": ("ramp", "authors"),
             "bias_correction": ("element", "tensor"), "random_targets": ("all", "qv"),
             "random_sampling": ("exact", "bernoulli"), "random_budget": ("scored", "model"),
-            "optimizer": ("torch", "authors"), "preset": PRESETS}
+            "optimizer": ("torch", "authors"), "preset": PRESETS, "report_to": ("none", "tensorboard")}
 
 
 class ConfigError(ValueError):
@@ -128,6 +132,8 @@ class TrainConfig:
     save: str = field(default="auto", metadata=_opt(
         "weights to keep: 'delta' (sparse, vs the base), 'model' (whole), 'none'; auto: delta for strict runs"))
     log_every: int = field(default=10, metadata=_opt("log the training loss every N steps"))
+    report_to: str = field(default="none", metadata=_opt(
+        "also write the logged numbers as TensorBoard event files in RUN/tensorboard ('tensorboard')"))
     eval_every_epoch: bool = field(default=False, metadata=_opt("also evaluate dev after every epoch"))
     progress: bool = field(default=True, metadata=_opt("show progress bars"))
 

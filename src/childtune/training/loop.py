@@ -121,7 +121,9 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
     optimizer = make_optimizer(groups, strategy, config)
     scheduler = linear_schedule(optimizer, round(config.warmup * total_steps), total_steps)
 
-    with folder or _NoFolder() as workdir, MetricsLog(workdir / "metrics.jsonl" if workdir else None) as log:
+    with folder or _NoFolder() as workdir, MetricsLog(
+            workdir / "metrics.jsonl" if workdir else None,
+            workdir / "tensorboard" if workdir and config.report_to == "tensorboard" else None) as log:
         state = TrainState(model, optimizer, scheduler, strategy, config, workdir, log)
         if workdir:  # what the run computed; how it was written (overwrite) is not replayed by --config
             replace(config, overwrite=False).save_json(workdir / "config.json")

@@ -39,17 +39,34 @@ class RunExistsError(ValueError):
 
 
 class MetricsLog:
-    """Append-only JSON lines (per-step loss and LR, per-eval metrics); kept in memory without a path."""
+    """Append-only JSON lines (per-step loss and LR, per-eval metrics); kept in memory without a path.
 
-    def __init__(self, path: Path | None) -> None:
+    With `tensorboard` (a folder) the same numbers also go to TensorBoard event files, since that is
+    where many users watch a run: `train/loss`, `train/lr` by step, `dev/<metric>` and `test/<metric>`.
+    """
+
+    def __init__(self, path: Path | None, tensorboard: Path | None = None) -> None:
         self.records: list[dict[str, Any]] = []
         self._file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115 (closed in close())
+        self._board = None
+        if tensorboard is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ImportError("--report-to tensorboard needs TensorBoard: pip install 'childtune[tensorboard]'") \
+                    from err
+            self._board = SummaryWriter(str(tensorboard))
 
     def write(self, **record: Any) -> None:
         self.records.append(record)
         if self._file:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        if self._board is not None and "step" in record:
+            prefix = record.get("eval", "train")
+            for key, value in record.items():
+                if key not in ("step", "epoch", "eval", "batch", "event") and isinstance(value, int | float):
+                    self._board.add_scalar(f"{prefix}/{key}", value, record["step"])
 
     def mark(self) -> int | None:
         """Where the file ends now: a checkpoint keeps it so that a resume can `rewind` to it."""
@@ -65,6 +82,9 @@ class MetricsLog:
         if self._file:
             self._file.close()
             self._file = None
+        if self._board is not None:
+            self._board.close()
+            self._board = None
 
     def __enter__(self) -> MetricsLog:
         return self
