@@ -196,3 +196,27 @@ def test_parameter_types_from_names(tiny_bert):
     assert kinds["bert.encoder.layer.0.output.dense.weight"] == "ffn"
     assert kinds["bert.embeddings.word_embeddings.weight"] == "embedding"
     assert kinds["classifier.weight"] == "head"
+
+
+def test_id3_per_tensor_candidates_choose_exactly_the_global_top_k(tiny_bert):
+    """The selection that ranks only each tensor's top candidates equals one global top-k (the old way)."""
+    import math
+
+    from childtune.masks import top_k
+
+    strategy = ID3(300, total_steps=4, exp=1.0)
+    ChildOptimizer(tiny_bert.named_parameters(), strategy)
+    g = torch.Generator().manual_seed(3)
+    reference = {n: torch.zeros_like(m) for n, m in strategy.chosen.items()}
+    for step in range(4):
+        for p in strategy.params.values():
+            p.grad = torch.randn(p.shape, generator=g)
+        scored = strategy.scored()
+        grow = strategy.target(step) - sum(int(reference[n].sum()) for n in scored)
+        importance = {n: (p.grad.abs() / (p.detach().abs() + strategy.eps) ** strategy.exp).masked_fill(
+            reference[n], -math.inf) for n, p in scored.items()}
+        for n, new in top_k(importance, grow).items():
+            reference[n] |= new
+        got = strategy.masks(step)
+        assert all(torch.equal(got[n], reference[n]) for n in reference), step
+    assert sum(int(m.sum()) for m in got.values()) == 300

@@ -27,7 +27,7 @@ from typing import ClassVar
 
 import torch
 
-from childtune.masks import Masks, count, top_k
+from childtune.masks import Masks
 from childtune.strategies.base import NetworkKind
 from childtune.strategies.chosen import ChosenStrategy
 
@@ -76,6 +76,7 @@ class ID3(ChosenStrategy):
             raise ValueError(f"budget {self.size} exceeds the {available} parameters it can choose from")
         empty = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in self.scored().items()}
         self.chosen = self.complete(empty)
+        self._counts: dict[str, int] | None = None
 
     def scored(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in super().scored().items() if p.requires_grad}
@@ -89,18 +90,43 @@ class ID3(ChosenStrategy):
         base, extra = divmod(self.size, self.total_steps)
         return min(self._available, (step + 1) * base + min(step + 1, extra))
 
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        self._counts = None
+
     def masks(self, step: int) -> Masks:
+        """Grow the child network to `target(step)` elements by the importance of the not-yet-chosen.
+
+        Only `grow` elements join, so the global top-`grow` is found without ranking every weight: each
+        tensor offers its own top min(grow, its unchosen) candidates, and the best `grow` of those are
+        exactly the global top-`grow` (an element of the global top-k is in its tensor's top-k). This
+        replaces one top-k over all scored weights (a copy of them all) by per-tensor ones.
+        """
         assert self.chosen is not None
         scored = self.scored()
-        grow = self.target(step) - count({n: self.chosen[n] for n in scored})
-        if grow > 0:
-            importance = {}
-            for name, param in scored.items():
-                grad = param.grad
-                score = torch.zeros_like(param, dtype=torch.float32) if grad is None else (
-                    grad.detach().abs().float() / (param.detach().abs().float() + self.eps) ** self.exp
-                )
-                importance[name] = score.masked_fill_(self.chosen[name], -math.inf)
-            for name, new in top_k(importance, grow).items():
-                self.chosen[name] |= new
+        if getattr(self, "_counts", None) is None:
+            self._counts = {n: int(self.chosen[n].sum()) for n in scored}
+        grow = self.target(step) - sum(self._counts.values())
+        if grow <= 0:
+            return self.chosen
+        values, where = [], []
+        for name, param in scored.items():
+            k = min(grow, param.numel() - self._counts[name])
+            if k <= 0:
+                continue
+            grad = param.grad
+            score = torch.zeros(param.numel(), dtype=torch.float32, device=param.device) if grad is None else (
+                grad.detach().abs().float() / (param.detach().abs().float() + self.eps) ** self.exp).reshape(-1)
+            score.masked_fill_(self.chosen[name].reshape(-1), -math.inf)
+            top = torch.topk(score, k, sorted=False)
+            values.append(top.values.cpu())
+            where += [(name, top.indices)]
+        sizes = [len(v) for v in values]
+        best = torch.topk(torch.cat(values), grow, sorted=False).indices
+        offsets = torch.tensor([0, *sizes]).cumsum(0)
+        for i, (name, indices) in enumerate(where):
+            mine = best[(best >= offsets[i]) & (best < offsets[i + 1])] - offsets[i]
+            if len(mine):
+                self.chosen[name].view(-1)[indices[mine.to(indices.device)]] = True
+                self._counts[name] += len(mine)
         return self.chosen
