@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -327,3 +328,35 @@ def test_position_limit_reserves_roberta_padding_slots(tiny_bert):
         max_position_embeddings=514))
     assert position_limit(roberta) == 512
     assert position_limit(tiny_bert) == tiny_bert.config.max_position_embeddings
+
+
+def _final_params(config: TrainConfig) -> dict[str, torch.Tensor]:
+    captured = {}
+
+    class Keep(Callback):
+        def on_end(self, state, metrics):
+            captured.update({n: p.detach().clone() for n, p in state.model.named_parameters()})
+
+    train(config, [Keep()])
+    return captured
+
+
+@pytest.mark.parametrize("method", ["full", "child-d"])
+def test_gradient_accumulation_is_the_same_update(tiny_task, method):
+    """N micro-batches, each loss weighted by its share, give the whole batch's gradient: the same run."""
+    base = tiny_config(tiny_task, method=method, epochs=1, train_size=40, batch_size=16)  # last batch: 8
+    whole = _final_params(base)
+    for n in (2, 3):
+        accumulated = _final_params(replace(base, grad_accum=n))
+        for name, tensor in whole.items():
+            torch.testing.assert_close(accumulated[name], tensor, rtol=1e-4, atol=1e-6, msg=f"grad_accum={n}: {name}")
+
+
+def test_gradient_checkpointing_and_bf16_autocast_train(tiny_task):
+    base = tiny_config(tiny_task, method="full", epochs=1, train_size=32)
+    plain = _final_params(base)
+    checkpointed = _final_params(replace(base, gradient_checkpointing=True))
+    for name, tensor in plain.items():  # recomputing activations changes nothing but memory and time
+        torch.testing.assert_close(checkpointed[name], tensor, rtol=1e-5, atol=1e-7, msg=name)
+    metrics = train(replace(tiny_config(tiny_task, method="full"), bf16=True))
+    assert metrics["dev"]["accuracy"] >= 0.85  # bf16 autocast still learns the task (chance is 0.5)

@@ -116,7 +116,12 @@ class TrainConfig:
     lora_dropout: float = field(default=0.1, metadata=_opt("lora: dropout"))
     # -- optimisation
     epochs: int = field(default=3, metadata=_opt("passes over the training data"))
-    batch_size: int = field(default=16, metadata=_opt("training batch size"))
+    batch_size: int = field(default=16, metadata=_opt("training batch size (per update, all processes together)"))
+    grad_accum: int = field(default=1, metadata=_opt(
+        "accumulate each update's gradient over N micro-batches (the same update, less activation memory)"))
+    gradient_checkpointing: bool = field(default=False, metadata=_opt(
+        "recompute activations in backward instead of keeping them (less memory, more time)"))
+    bf16: bool = field(default=False, metadata=_opt("forward and backward under bfloat16 autocast, fp32 weights"))
     eval_batch_size: int = field(default=64, metadata=_opt("evaluation batch size"))
     weight_decay: float | None = field(default=None, metadata=_opt(
         "AdamW decoupled weight decay (not on bias/LayerNorm)"))
@@ -228,7 +233,7 @@ class TrainConfig:
         _check(self.reserve_p is None or 0 < self.reserve_p <= 1, "reserve_p", self.reserve_p, "in (0, 1]")
         _check(0 < self.id3_budget < 1, "id3_budget", self.id3_budget, "a fraction in (0, 1)")
         for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "lora_rank", "lora_alpha",
-                    "max_new_tokens"):
+                    "max_new_tokens", "grad_accum"):
             _check(getattr(self, key) >= 1, key, getattr(self, key), "at least 1")
         _check(self.max_length >= 2, "max_length", self.max_length, "at least 2")
         for key in ("train_size", "fisher_samples", "gradual_every", "eval_size"):

@@ -12,6 +12,7 @@ when complete, so a failed or interrupted run never leaves a half-written run fo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -106,6 +107,8 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
     if not task.train or not task.dev:
         raise ConfigError("training needs a non-empty train and dev split")
     tokenizer, model = load_model(config, task.spec)
+    if config.gradient_checkpointing:  # recompute activations in backward: memory for compute
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     length = min(config.max_length, position_limit(model))
     collate = LMCollate(tokenizer, length, config.chat_template) if task.spec.kind == "generation" else make_collate(
         tokenizer, length, task.spec.kind)
@@ -201,13 +204,40 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
     return metrics
 
 
+def _micro_batches(batch: dict[str, torch.Tensor], n: int) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """`batch` cut into `n` micro-batches, each with the share of the batch's loss it carries: its share
+    of the examples, or of the target tokens for a causal LM (whose loss is a mean over tokens)."""
+    parts = [dict(zip(batch, values, strict=True)) for values in zip(
+        *(torch.tensor_split(v, n) for v in batch.values()), strict=True)]
+    parts = [p for p in parts if len(p["labels"])]
+
+    def weight(part: dict[str, torch.Tensor]) -> float:
+        labels = part["labels"]
+        return float((labels[:, 1:] != -100).sum()) if labels.dim() == 2 else float(len(labels))
+
+    total = sum(weight(p) for p in parts) or 1.0
+    return [(p, weight(p) / total) for p in parts]
+
+
 def _step(state: TrainState, batch: dict[str, torch.Tensor]) -> float | None:
-    """One update; a non-finite loss or gradient stops the run or skips the batch, never reaching the weights."""
+    """One update from `grad_accum` micro-batches; a non-finite loss or gradient stops the run or skips
+    the batch, never reaching the weights. Accumulated gradients equal the whole batch's (losses weighted
+    by each micro-batch's share of it); under DDP only the last micro-batch synchronises."""
     config, model, optimizer = state.config, state.model, state.optimizer
-    loss = model(**batch).loss
-    finite = not distributed.any_rank(not bool(torch.isfinite(loss)))  # every rank skips together, or DDP hangs
-    if finite:
-        loss.backward()
+    parts = _micro_batches(batch, config.grad_accum)
+    autocast = (torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16) if config.bf16
+                else contextlib.nullcontext())
+    loss, finite_loss = torch.zeros(()), True
+    for i, (part, share) in enumerate(parts):
+        sync = contextlib.nullcontext() if i == len(parts) - 1 or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast:
+                micro = model(**part).loss * share
+            finite_loss = finite_loss and bool(torch.isfinite(micro))
+            micro.backward()  # even when not finite: every rank runs the same backward passes (DDP's sync)
+            loss = loss + micro.detach().float()
+    finite = not distributed.any_rank(not finite_loss)  # every rank skips together, or DDP hangs
+    if finite:  # the gradient is whole: clip it, and check it too
         params = [p for g in optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
         finite = bool(torch.isfinite(norm))
