@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 from dataclasses import dataclass, field
@@ -285,3 +286,30 @@ def test_bias_correction_of_a_late_joiner_starts_at_one():
         opt.step()
     assert named["layer.0.w"][1].item() == pytest.approx(-LR, rel=1e-6)
     assert math.isclose(named["layer.0.w"][0].item(), -21 * LR, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda named: RandomMasking(0.3, seed=2), lambda named: GradualUnfreezing(2)])
+def test_the_step_in_backward_equals_the_ordinary_step_and_frees_gradients(make):
+    """Each parameter updated by a hook as soon as its gradient exists gives the same weights."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    twin = copy.deepcopy(model)
+    names = {"layer.0.w": model[0].weight, "layer.0.b": model[0].bias, "layer.1.w": model[2].weight,
+             "classifier.b": model[2].bias}
+    twins = {"layer.0.w": twin[0].weight, "layer.0.b": twin[0].bias, "layer.1.w": twin[2].weight,
+             "classifier.b": twin[2].bias}
+    ordinary = SparseChildAdamW(names, make(names), lr=LR, weight_decay=WD)
+    hooked = SparseChildAdamW(twins, make(twins), lr=LR, weight_decay=WD, in_backward=True)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        ordinary.step()
+        ordinary.zero_grad()
+        torch.nn.functional.mse_loss(twin(x), y).backward()
+        assert all(p.grad is None for p in twin.parameters())  # freed inside backward
+        hooked.step()
+        for name in names:
+            torch.testing.assert_close(twins[name], names[name], rtol=0, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="cannot run inside backward"):
+        SparseChildAdamW(copy.deepcopy(twins), ID3(3, total_steps=2), in_backward=True)

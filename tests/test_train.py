@@ -360,3 +360,16 @@ def test_gradient_checkpointing_and_bf16_autocast_train(tiny_task):
         torch.testing.assert_close(checkpointed[name], tensor, rtol=1e-5, atol=1e-7, msg=name)
     metrics = train(replace(tiny_config(tiny_task, method="full"), bf16=True))
     assert metrics["dev"]["accuracy"] >= 0.85  # bf16 autocast still learns the task (chance is 0.5)
+
+
+def test_a_run_with_the_optimizer_step_in_backward_equals_the_ordinary_run(tiny_task):
+    base = tiny_config(tiny_task, method="child-d", epochs=1, train_size=48, max_grad_norm=None)
+    ordinary = _final_params(base)
+    hooked = _final_params(replace(base, optimizer_in_backward=True))
+    for name, tensor in ordinary.items():
+        torch.testing.assert_close(hooked[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert replace(base, optimizer_in_backward=True).resolved().max_grad_norm is None
+    with pytest.raises(ValueError, match="needs a strict child network"):
+        train(replace(base, method="id3", optimizer_in_backward=True))
+    with pytest.raises(ValueError, match="grad_accum must be 1"):
+        replace(base, optimizer_in_backward=True, grad_accum=2).resolved()

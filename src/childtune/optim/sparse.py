@@ -16,6 +16,13 @@ when it joins at step 10, 0.98x at step 100 and 2.5x at step 1000 (Adam's first 
 too little early on, its second far too little late), so neither choice is harmless.
 Semantics are strict: nothing outside the child network moves, weight decay included. Parameters the
 strategy does not mask (the task head) keep dense state; fully frozen ones keep none.
+
+`in_backward=True` runs each parameter's update inside backward (a post-accumulate-grad hook) and frees
+its gradient at once, so a model's full set of gradients never coexists. It is exact for child networks
+chosen without the step's gradients (fixed ones, gradual unfreezing): the same arithmetic as `step()`
+on each parameter. Global-norm clipping needs every gradient before any update, so it is not possible
+there (the training loop turns it off and says so); ID3, which ranks the whole step's gradients, is
+refused.
 """
 
 from __future__ import annotations
@@ -61,7 +68,11 @@ class SparseChildAdamW(Optimizer):
         weight_decay: float = 1e-2,
         *,
         bias_correction: str = "element",
+        in_backward: bool = False,
     ) -> None:
+        if in_backward and strategy.needs_gradients:
+            raise ValueError(f"{type(strategy).__name__} chooses its child network from the whole step's gradients, "
+                             "so its update cannot run inside backward one parameter at a time")
         if strategy.kind == "per_step":
             raise ValueError(
                 f"SparseChildAdamW needs a child network that is fixed or only grows, but {type(strategy).__name__} "
@@ -78,6 +89,12 @@ class SparseChildAdamW(Optimizer):
         self.names = {p: n for n, p in self.named.items()}
         self.strategy = strategy
         self.bias_correction = bias_correction
+        self.in_backward = in_backward
+        if in_backward:
+            self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+            for p in self.names:
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(self._update_in_backward)
         self.steps = 0
         self._seen: dict[torch.Tensor, torch.Tensor | None] = {}  # mask each parameter was last synced to
         strategy.bind(self.named)
@@ -97,8 +114,27 @@ class SparseChildAdamW(Optimizer):
             self.state[params[i]].update({k: v.to(params[i].device) for k, v in keys.items()})
 
     @torch.no_grad()
+    def _update_in_backward(self, param: torch.Tensor) -> None:
+        """The step for one parameter, as soon as backward has its gradient; the gradient is then freed,
+        so the whole model's gradients never exist at once (peak memory: one parameter's gradient)."""
+        if not torch.isfinite(param.grad).all():
+            raise RuntimeError(f"non-finite gradient for {self.names[param]!r}: with the optimizer step in "
+                               "backward, updates already made to other parameters cannot be undone")
+        mask = self.strategy.masks(self.steps).get(self.names[param])
+        state = self._sync(param, mask)
+        state["step"] += 1
+        if "exp_avg" in state:
+            _adamw(self._group_of[param], [(param, state)])
+        param.grad = None
+
+    @torch.no_grad()
     def step(self, closure=None):
+        """One update; with `in_backward` the parameters were already updated during backward, and this
+        only advances the step count (so the next masks and LR schedule see the next step)."""
         loss = evaluate_closure(closure)
+        if self.in_backward:
+            self.steps += 1
+            return loss
         masks = self.strategy.masks(self.steps)
         unknown = set(masks) - set(self.named)
         if unknown:

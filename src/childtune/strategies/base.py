@@ -8,7 +8,8 @@ module outside `childtune.strategies` ever tests a strategy's type:
   masking, and full fine-tuning's empty masks), `"growing"` (elements join, never leave: ID3, gradual
   unfreezing) or `"per_step"` (a fresh draw every step: Child-Tuning_F). Fixed and growing child
   networks are what a sparse optimizer can keep moments for, and what a sparse delta stores exactly.
-* `needs_data`: whether `prepare(model, batches)` must run on training data first (Fisher scores).
+* `needs_data`: whether `prepare(model, batches)` must run on training data first (Fisher scores);
+  `needs_gradients`: whether `masks(step)` reads the step's gradients (ID3's importance).
 * `final_masks(steps)`: the run's child network once training is done (None for a per-step draw),
   which the training loop counts, saves and analyses.
 * `budget_scope()`: the parameters a size such as p or ID3's budget is a share of.
@@ -60,6 +61,9 @@ class Strategy:
     every step (`per_step`). Optimizers cache, sparsify or refuse on this alone."""
     needs_data: ClassVar[bool] = False
     """True when `prepare(model, batches)` must see training data before the first step."""
+    needs_gradients: ClassVar[bool] = False
+    """True when `masks(step)` reads the step's gradients (ID3): an optimizer cannot then update one
+    parameter before backward has produced them all."""
 
     def bind(self, named_params: Mapping[str, torch.Tensor]) -> None:
         """Remember the parameters this strategy chooses among (called by the optimizer)."""

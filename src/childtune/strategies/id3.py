@@ -45,6 +45,7 @@ class ID3(ChosenStrategy):
     schedule: str = field(default="ramp", kw_only=True)
 
     kind: ClassVar[NetworkKind] = "growing"
+    needs_gradients: ClassVar[bool] = True
 
     @classmethod
     def authors(cls, budget: int | float, total_steps: int, **kw) -> ID3:

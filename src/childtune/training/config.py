@@ -122,6 +122,9 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata=_opt(
         "recompute activations in backward instead of keeping them (less memory, more time)"))
     bf16: bool = field(default=False, metadata=_opt("forward and backward under bfloat16 autocast, fp32 weights"))
+    optimizer_in_backward: bool = field(default=False, metadata=_opt(
+        "update each parameter inside backward and free its gradient at once (strict fixed child networks; "
+        "turns off global-norm clipping, which needs every gradient first)"))
     eval_batch_size: int = field(default=64, metadata=_opt("evaluation batch size"))
     weight_decay: float | None = field(default=None, metadata=_opt(
         "AdamW decoupled weight decay (not on bias/LayerNorm)"))
@@ -206,6 +209,8 @@ class TrainConfig:
         defaults = spec.defaults(done.preset)
         done = replace(done, metric_extra=tuple(self.metric_extra),
                        **{key: defaults[key] for key in PRESET_FIELDS if getattr(done, key) is None})
+        if done.optimizer_in_backward:  # no global norm before the first parameter is updated
+            done = replace(done, max_grad_norm=None)
         done.validate()
         return done
 
@@ -228,6 +233,9 @@ class TrainConfig:
         _check(self.kind in (None, "classification", "regression", "generation"), "kind", self.kind,
                "'classification', 'regression' or 'generation'")
         _check(self.output is None or bool(self.output.strip()), "output", self.output, "a folder name, not empty")
+        if self.optimizer_in_backward and (self.grad_accum != 1 or self.nonfinite != "stop"):
+            raise ConfigError("optimizer_in_backward updates during backward: it cannot accumulate gradients "
+                              "(grad_accum must be 1) nor skip a non-finite step (nonfinite must be 'stop')")
         if files and self.text_col == self.label_col:
             raise ConfigError(f"text_col and label_col are both {self.text_col!r}: the model would read the label")
         _check(self.reserve_p is None or 0 < self.reserve_p <= 1, "reserve_p", self.reserve_p, "in (0, 1]")

@@ -91,6 +91,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *, resume: bo
     config = config.resolved()
     reset_peak_rss()
     me = distributed.init()
+    if config.optimizer_in_backward and me.world_size > 1:
+        raise ConfigError("--optimizer-in-backward runs on one process (DDP averages gradients in its own hooks)")
     if config.batch_size % me.world_size:
         raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {me.world_size} processes")
     folder = RunFolder(config.output, config.overwrite, resume) if config.output and me.is_main else None
@@ -234,10 +236,13 @@ def _step(state: TrainState, batch: dict[str, torch.Tensor]) -> float | None:
             with autocast:
                 micro = model(**part).loss * share
             finite_loss = finite_loss and bool(torch.isfinite(micro))
+            if not finite_loss and config.optimizer_in_backward:  # backward would already update weights
+                raise TrainError(f"non-finite loss at epoch {state.epoch}, batch {state.batch} (after {state.step} "
+                                 "updates); the weights were not updated. Lower --lr")
             micro.backward()  # even when not finite: every rank runs the same backward passes (DDP's sync)
             loss = loss + micro.detach().float()
     finite = not distributed.any_rank(not finite_loss)  # every rank skips together, or DDP hangs
-    if finite:  # the gradient is whole: clip it, and check it too
+    if finite and not config.optimizer_in_backward:  # the gradient is whole: clip it, and check it too
         params = [p for g in optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
         finite = bool(torch.isfinite(norm))

@@ -12,7 +12,7 @@ import torch
 
 from childtune.optim import ChildOptimizer, ChildTuningAdamW, SparseChildAdamW
 from childtune.strategies import Strategy
-from childtune.training.config import TrainConfig
+from childtune.training.config import ConfigError, TrainConfig
 
 
 def no_decay(name: str) -> bool:
@@ -75,6 +75,12 @@ def make_optimizer(groups: list[dict[str, Any]], strategy: Strategy, config: Tra
     change every step (child-f) or non-strict runs wrap torch's AdamW, fused (one pass per weight for
     the whole update; benchmarks/RESULTS.md measures it at a quarter of the foreach step on CPU).
     """
+    if config.optimizer_in_backward:
+        if not config.strict or strategy.kind == "per_step" or strategy.needs_gradients:
+            raise ConfigError(f"--optimizer-in-backward needs a strict child network chosen without the step's "
+                              f"gradients (child-d, random, gradual); {config.method} is not one")
+        return SparseChildAdamW(groups, strategy, lr=config.lr, bias_correction=config.bias_correction,
+                                in_backward=True)
     if config.strict and strategy.kind != "per_step":
         return SparseChildAdamW(groups, strategy, lr=config.lr, bias_correction=config.bias_correction)
     if config.optimizer == "authors":  # Child-Tuning's AdamW arithmetic, eps as their run passed it (HF's 1e-8)
