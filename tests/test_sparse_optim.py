@@ -313,3 +313,34 @@ def test_the_step_in_backward_equals_the_ordinary_step_and_frees_gradients(make)
             torch.testing.assert_close(twins[name], names[name], rtol=0, atol=1e-7, msg=name)
     with pytest.raises(ValueError, match="cannot run inside backward"):
         SparseChildAdamW(copy.deepcopy(twins), ID3(3, total_steps=2), in_backward=True)
+
+
+def test_bf16_weights_with_fp32_masters_change_only_child_elements_and_track_fp32():
+    """50 steps on bf16 weights: child elements follow an fp32 run within bf16 rounding; nothing else moves."""
+    torch.manual_seed(0)
+    fp32 = make_named()
+    bf16 = {n: torch.nn.Parameter(p.detach().to(torch.bfloat16)) for n, p in fp32.items()}
+    start = {n: p.detach().clone() for n, p in bf16.items()}
+    mask = given_masks(fp32)
+    reference = SparseChildAdamW(fp32, Given(given=mask), lr=1e-3, betas=BETAS, eps=EPS, weight_decay=WD)
+    masters = SparseChildAdamW(bf16, Given(given=mask), lr=1e-3, betas=BETAS, eps=EPS, weight_decay=WD)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(50):
+        for n in fp32:
+            grad = torch.randn(fp32[n].shape, generator=g)
+            fp32[n].grad, bf16[n].grad = grad, grad.to(torch.bfloat16)
+        reference.step()
+        masters.step()
+    for n, p in bf16.items():
+        m = mask.get(n, torch.ones_like(p, dtype=torch.bool))
+        assert torch.equal(p.detach()[~m], start[n][~m]), n  # outside the child network: bit-identical
+        # inside: the bf16 weight is its fp32 master rounded, and the master tracks the fp32 run
+        torch.testing.assert_close(p.detach()[m].float(), fp32[n].detach()[m], rtol=1e-2, atol=1e-3, msg=n)
+        if not m.any():
+            continue  # a fully frozen parameter: nothing to track, and no state kept for it
+        moved = (p.detach()[m] != start[n][m]).float().mean()
+        assert moved > 0.5, n  # steps of 1e-3 are below bf16 resolution at |w| ~ 1 (2^-7), yet accumulate
+        state = masters.state[p]
+        assert state["exp_avg"].dtype == torch.float32 and state["master"].dtype == torch.float32
+    child = sum(int(m.sum()) for m in mask.values())
+    assert sum(masters.state[p]["master"].numel() for p in bf16.values() if "master" in masters.state[p]) >= child

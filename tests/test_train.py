@@ -373,3 +373,11 @@ def test_a_run_with_the_optimizer_step_in_backward_equals_the_ordinary_run(tiny_
         train(replace(base, method="id3", optimizer_in_backward=True))
     with pytest.raises(ValueError, match="grad_accum must be 1"):
         replace(base, optimizer_in_backward=True, grad_accum=2).resolved()
+
+
+def test_a_bf16_run_keeps_fp32_masters_and_learns(tiny_task):
+    metrics = train(tiny_config(tiny_task, method="child-d", dtype="bf16", reserve_p=0.5))
+    assert metrics["dev"]["accuracy"] >= 0.85, metrics["dev"]
+    assert metrics["changed_outside_child"] == 0
+    with pytest.raises(ValueError, match="--dtype bf16 keeps fp32 masters"):
+        train(tiny_config(tiny_task, method="child-f", dtype="bf16"))

@@ -17,6 +17,10 @@ too little early on, its second far too little late), so neither choice is harml
 Semantics are strict: nothing outside the child network moves, weight decay included. Parameters the
 strategy does not mask (the task head) keep dense state; fully frozen ones keep none.
 
+Low-precision weights (bfloat16, float16) get fp32 master copies of their child elements only, and
+fp32 moments: each update is computed in fp32 on the masters and written back rounded, so small steps
+accumulate instead of vanishing below the weight's precision, at 4 bytes per child element.
+
 `in_backward=True` runs each parameter's update inside backward (a post-accumulate-grad hook) and frees
 its gradient at once, so a model's full set of gradients never coexists. It is exact for child networks
 chosen without the step's gradients (fixed ones, gradual unfreezing): the same arithmetic as `step()`
@@ -44,7 +48,9 @@ from childtune.optim.common import (
 )
 from childtune.strategies.base import Strategy
 
-_LAYOUT = ("index",)  # integer state that torch's loader would cast to the parameter's float dtype
+_LAYOUT = ("index", "master", "exp_avg", "exp_avg_sq")
+"""State that torch's loader would cast to the parameter's dtype (integers, and fp32 kept for bf16 weights)."""
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class SparseChildAdamW(Optimizer):
@@ -170,16 +176,24 @@ class SparseChildAdamW(Optimizer):
         if now < had or (flat is not None and "index" in state and not bool(flat[state["index"]].all())):
             raise RuntimeError(f"the child network of {self.names[param]!r} lost elements; SparseChildAdamW "
                                "supports only fixed or growing child networks")
+        low = param.dtype in _LOW_PRECISION  # keep fp32 masters of the child elements, and fp32 moments
+        moments = torch.float32 if low else param.dtype
         if had == 0 and now == param.numel():  # whole from the start (or the head): dense state, no index
-            state.update(exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
+            state.update(exp_avg=torch.zeros_like(param, dtype=moments),
+                         exp_avg_sq=torch.zeros_like(param, dtype=moments))
+            if low:
+                state["master"] = param.detach().float().clone()
         else:  # `had` is 0 or a partial index here: dense state is already whole, so it cannot have grown
             fresh = torch.ones(param.numel(), dtype=torch.bool, device=param.device) if flat is None else flat.clone()
             if "index" in state:
                 fresh[state["index"]] = False
             dtype = torch.int32 if param.numel() < 2**31 else torch.int64
             added = fresh.nonzero().squeeze(1).to(dtype)
-            new = torch.zeros(len(added), dtype=param.dtype, device=param.device)
-            for key, tail in (("index", added), ("exp_avg", new), ("exp_avg_sq", new)):
+            new = torch.zeros(len(added), dtype=moments, device=param.device)
+            tails = [("index", added), ("exp_avg", new), ("exp_avg_sq", new)]
+            if low:
+                tails.append(("master", param.detach().view(-1).index_select(0, added.long()).float()))
+            for key, tail in tails:
                 state[key] = torch.cat([state[key], tail]) if key in state else tail.clone()
         joined = state["step"] if self.bias_correction == "element" else 0  # "tensor": counted from its first step
         sizes, starts = state.setdefault("cohort_sizes", []), state.setdefault("cohort_joined", [])
@@ -206,8 +220,12 @@ def _adamw(group: Mapping[str, Any], live: list[tuple[torch.Tensor, dict[str, An
     values, grads = [], []
     for p, s in live:  # dense parameters are updated in place; sparse ones through gathered copies
         index = s.get("index")
-        values.append(p if index is None else p.view(-1).index_select(0, index))
-        grads.append(p.grad if index is None else p.grad.reshape(-1).index_select(0, index))
+        if "master" in s:  # low-precision weights: the update runs on the fp32 master of the child elements
+            values.append(s["master"])
+        else:
+            values.append(p if index is None else p.view(-1).index_select(0, index))
+        grad = p.grad if index is None else p.grad.reshape(-1).index_select(0, index)
+        grads.append(grad.float() if "master" in s else grad)
     avgs, sqs = [s["exp_avg"] for _, s in live], [s["exp_avg_sq"] for _, s in live]
     if wd:
         torch._foreach_mul_(values, 1.0 - lr * wd)
@@ -231,7 +249,9 @@ def _adamw(group: Mapping[str, Any], live: list[tuple[torch.Tensor, dict[str, An
             values[i].add_(avgs[i].div(denom[i].div_(bc2).add_(eps)).mul_(size))
     for (p, s), v in zip(live, values, strict=True):
         if "index" in s:
-            p.view(-1).index_put_((s["index"],), v)
+            p.view(-1).index_put_((s["index"],), v.to(p.dtype))  # a master is written back rounded
+        elif "master" in s:
+            p.copy_(v)
 
 
 def state_bytes(optimizer: Optimizer) -> int:

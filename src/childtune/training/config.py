@@ -33,7 +33,8 @@ study cell and a ledger record may differ in these and still be the same run."""
 _CHOICES = {"id3_head": ("outside", "inside"), "id3_schedule": ("ramp", "authors"),
             "bias_correction": ("element", "tensor"), "random_targets": ("all", "qv"),
             "random_sampling": ("exact", "bernoulli"), "random_budget": ("scored", "model"),
-            "optimizer": ("torch", "authors"), "preset": PRESETS, "report_to": ("none", "tensorboard")}
+            "optimizer": ("torch", "authors"), "preset": PRESETS, "report_to": ("none", "tensorboard"),
+            "dtype": ("fp32", "bf16")}
 
 
 class ConfigError(ValueError):
@@ -122,6 +123,8 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata=_opt(
         "recompute activations in backward instead of keeping them (less memory, more time)"))
     bf16: bool = field(default=False, metadata=_opt("forward and backward under bfloat16 autocast, fp32 weights"))
+    dtype: str = field(default="fp32", metadata=_opt(
+        "weights in 'fp32', or 'bf16' with fp32 masters for the child elements only (strict sparse runs)"))
     optimizer_in_backward: bool = field(default=False, metadata=_opt(
         "update each parameter inside backward and free its gradient at once (strict fixed child networks; "
         "turns off global-norm clipping, which needs every gradient first)"))

@@ -109,6 +109,8 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
     if not task.train or not task.dev:
         raise ConfigError("training needs a non-empty train and dev split")
     tokenizer, model = load_model(config, task.spec)
+    if config.dtype == "bf16":  # half the weight memory; the sparse optimizer keeps fp32 masters of the child
+        model = model.to(torch.bfloat16)
     if config.gradient_checkpointing:  # recompute activations in backward: memory for compute
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     length = min(config.max_length, position_limit(model))

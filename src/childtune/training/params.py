@@ -75,6 +75,11 @@ def make_optimizer(groups: list[dict[str, Any]], strategy: Strategy, config: Tra
     change every step (child-f) or non-strict runs wrap torch's AdamW, fused (one pass per weight for
     the whole update; benchmarks/RESULTS.md measures it at a quarter of the foreach step on CPU).
     """
+    sparse = config.strict and strategy.kind != "per_step"
+    if config.dtype == "bf16" and not sparse:
+        raise ConfigError(f"--dtype bf16 keeps fp32 masters for child elements in the sparse optimizer, which "
+                          f"needs a strict fixed or growing child network; {config.method} here is not one "
+                          "(use --bf16 autocast with fp32 weights instead)")
     if config.optimizer_in_backward:
         if not config.strict or strategy.kind == "per_step" or strategy.needs_gradients:
             raise ConfigError(f"--optimizer-in-backward needs a strict child network chosen without the step's "
