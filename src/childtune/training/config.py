@@ -26,7 +26,7 @@ _PATHS = ("train_file", "dev_file", "test_file", "model")
 """Fields that may hold a path (`model` may instead name a pinned model, which is no path on disk)."""
 
 
-NOT_SETTINGS = frozenset({"output", "overwrite", "progress", "log_every", "report_to"})
+NOT_SETTINGS = frozenset({"output", "overwrite", "progress", "log_every", "report_to", "device"})
 """Fields about where and how a run is written or shown, not what it computes: a resumed run, a reused
 study cell and a ledger record may differ in these and still be the same run."""
 
@@ -34,7 +34,7 @@ _CHOICES = {"id3_head": ("outside", "inside"), "id3_schedule": ("ramp", "authors
             "bias_correction": ("element", "tensor"), "random_targets": ("all", "qv"),
             "random_sampling": ("exact", "bernoulli"), "random_budget": ("scored", "model"),
             "optimizer": ("torch", "authors"), "preset": PRESETS, "report_to": ("none", "tensorboard"),
-            "dtype": ("fp32", "bf16")}
+            "dtype": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
 
 
 class ConfigError(ValueError):
@@ -123,6 +123,7 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata=_opt(
         "recompute activations in backward instead of keeping them (less memory, more time)"))
     bf16: bool = field(default=False, metadata=_opt("forward and backward under bfloat16 autocast, fp32 weights"))
+    device: str = field(default="auto", metadata=_opt("'cuda', 'cpu', or 'auto' (a GPU when torch sees one)"))
     dtype: str = field(default="fp32", metadata=_opt(
         "weights in 'fp32', or 'bf16' with fp32 masters for the child elements only (strict sparse runs)"))
     optimizer_in_backward: bool = field(default=False, metadata=_opt(

@@ -15,6 +15,12 @@ from childtune.training.config import TrainConfig
 from childtune.training.inputs import loader
 
 
+def to_device(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The batch on the model's device (a no-op on the CPU)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 class DivergedError(ValueError):
     """The model's outputs are not finite numbers: its weights diverged, and any score would be made up."""
 
@@ -32,7 +38,7 @@ def evaluate(model, examples, spec, collate, config: TrainConfig, desc: str) -> 
     batches = loader(examples, batch_size=config.eval_batch_size, collate_fn=collate)
     for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not config.progress):
         labels.append(batch.pop("labels"))
-        logits = model(**batch).logits.float()
+        logits = model(**to_device(batch, model)).logits.float().cpu()
         if not bool(torch.isfinite(logits).all()):
             raise DivergedError(f"{desc}: the model's outputs are not finite (NaN or inf): the run diverged, so no "
                                 "score is reported. Lower --lr")
@@ -99,7 +105,7 @@ def evaluate_generation(model, examples, collate, config: TrainConfig, desc: str
     for batch in tqdm(loader(examples, batch_size=config.eval_batch_size, collate_fn=collate), desc=f"{desc} loss",
                       unit="batch", leave=False, disable=not config.progress):
         n = int((batch["labels"][:, 1:] != -100).sum())
-        loss = model(**batch).loss
+        loss = model(**to_device(batch, model)).loss
         if not bool(torch.isfinite(loss)):
             raise DivergedError(f"{desc}: the model's loss is not finite: the run diverged. Lower --lr")
         total, tokens = total + float(loss) * n, tokens + n
@@ -114,8 +120,8 @@ def generate_answers(model, prompts, collate, config: TrainConfig, desc: str = "
     tokenizer, out = collate.tokenizer, []
     for start in tqdm(range(0, len(prompts), config.eval_batch_size), desc=desc, unit="batch", leave=False,
                       disable=not config.progress):
-        batch = collate.for_generation(prompts[start:start + config.eval_batch_size])
+        batch = to_device(collate.for_generation(prompts[start:start + config.eval_batch_size]), model)
         generated = model.generate(**batch, max_new_tokens=config.max_new_tokens, do_sample=False,
                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        out += tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        out += tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
     return out

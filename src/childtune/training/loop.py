@@ -31,7 +31,7 @@ from childtune.optim import state_bytes
 from childtune.strategies import Strategy
 from childtune.training import distributed
 from childtune.training.config import ConfigError, TrainConfig, build_strategy
-from childtune.training.evaluate import count_elements, evaluate, peak_rss_mib, reset_peak_rss
+from childtune.training.evaluate import count_elements, evaluate, peak_rss_mib, reset_peak_rss, to_device
 from childtune.training.inputs import batches, load_data, loader
 from childtune.training.methods import METHODS
 from childtune.training.models import add_lora, load_model, position_limit, quiet_transformers
@@ -109,6 +109,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
     if not task.train or not task.dev:
         raise ConfigError("training needs a non-empty train and dev split")
     tokenizer, model = load_model(config, task.spec)
+    model = model.to(_device(config, me))
     if config.dtype == "bf16":  # half the weight memory; the sparse optimizer keeps fp32 masters of the child
         model = model.to(torch.bfloat16)
     if config.gradient_checkpointing:  # recompute activations in backward: memory for compute
@@ -231,12 +232,12 @@ def _step(state: TrainState, batch: dict[str, torch.Tensor]) -> float | None:
     parts = _micro_batches(batch, config.grad_accum)
     autocast = (torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16) if config.bf16
                 else contextlib.nullcontext())
-    loss, finite_loss = torch.zeros(()), True
+    loss, finite_loss = torch.zeros((), device=next(model.parameters()).device), True
     for i, (part, share) in enumerate(parts):
         sync = contextlib.nullcontext() if i == len(parts) - 1 or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast:
-                micro = model(**part).loss * share
+                micro = model(**to_device(part, model)).loss * share
             finite_loss = finite_loss and bool(torch.isfinite(micro))
             if not finite_loss and config.optimizer_in_backward:  # backward would already update weights
                 raise TrainError(f"non-finite loss at epoch {state.epoch}, batch {state.batch} (after {state.step} "
@@ -265,6 +266,15 @@ def _step(state: TrainState, batch: dict[str, torch.Tensor]) -> float | None:
         raise TrainError(f"update {state.step} (epoch {state.epoch}, batch {state.batch}) made {len(broken)} weight "
                          f"tensors non-finite, e.g. {broken[0]!r}: the run diverged. Lower --lr")
     return float(loss.detach())
+
+
+def _device(config: TrainConfig, me) -> torch.device:
+    """Where the run computes: `cuda` (this rank's GPU), `cpu`, or `auto` (a GPU when there is one)."""
+    if config.device == "auto":
+        return distributed.device(me)
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but torch sees no CUDA device here")
+    return torch.device("cuda", me.local_rank) if config.device == "cuda" else torch.device("cpu")
 
 
 def _save_weights(config: TrainConfig, workdir: Path, pretrained, model, tokenizer, spec) -> None:
