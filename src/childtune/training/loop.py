@@ -110,6 +110,8 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
         raise ConfigError("training needs a non-empty train and dev split")
     tokenizer, model = load_model(config, task.spec)
     model = model.to(_device(config, me))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     if config.dtype == "bf16":  # half the weight memory; the sparse optimizer keeps fp32 masters of the child
         model = model.to(torch.bfloat16)
     if config.gradient_checkpointing:  # recompute activations in backward: memory for compute
@@ -197,6 +199,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
             "eval_time_s": round(eval_time, 3), "peak_rss_mib": peak_rss_mib(),
             "truncated_prompts": getattr(collate, "truncated", 0),
             "optimizer_state_bytes": state_bytes(optimizer), "device": str(next(model.parameters()).device),
+            "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
             **count_elements(pretrained, tuned, params, masks),
         }
         if workdir:

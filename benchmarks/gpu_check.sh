@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# GPU check (under 10 minutes on one GPU): every method on SmolLM2-135M + math in bf16 on CUDA, the fused
+# AdamW path, and --optimizer-in-backward, printing each run's result and peak CUDA memory.
+# Run from the repository root on a machine with a CUDA GPU, after `make install` (a CUDA torch there).
+set -euo pipefail
+CT=${CT:-.venv/bin/childtune}
+OUT=${OUT:-runs/gpu-check}
+COMMON=(--task math --model smollm2-135m --train-size 256 --eval-size 100 --epochs 1 --batch-size 8
+        --max-length 64 --max-new-tokens 8 --chat-template --device cuda --no-progress --checkpoint-every 0)
+python - <<'PY'
+import torch
+assert torch.cuda.is_available(), "no CUDA device"
+print("device:", torch.cuda.get_device_name(0), "torch", torch.__version__)
+PY
+run() {  # name, then extra options
+  local name=$1; shift
+  "$CT" train "${COMMON[@]}" "$@" --output "$OUT/$name" --overwrite
+  python - "$OUT/$name/metrics.json" "$name" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+print(f"{sys.argv[2]:28s} dev exact_match {m['dev']['exact_match']:.3f} loss {m['dev']['loss']:.3f} "
+      f"train {m['train_time_s']:.0f}s peak CUDA {m['peak_cuda_mib']} MiB state {m['optimizer_state_bytes']/1e6:.1f} MB")
+PY
+}
+for method in full child-f child-d random id3 gradual lora id3-lora; do run "$method-bf16autocast" --method "$method" --bf16; done
+run child-d-bf16-masters --method child-d --dtype bf16
+run random-bf16-masters --method random --dtype bf16
+run child-d-in-backward --method child-d --dtype bf16 --optimizer-in-backward
+run random-in-backward --method random --optimizer-in-backward
