@@ -1,6 +1,6 @@
 """DDP on CPU (gloo): every rank trains the same child network, and matches a single process.
 
-One `torchrun` job of two ranks (started through `childtune.training.distributed.launch`, running this file as
+One `torchrun` job of two ranks (started through `childtune.training.launch.launch`, running this file as
 its script) trains a tiny BERT with Child-Tuning_F, Child-Tuning_D and ID3 under DDP, once more through
 Accelerate, and tries to train under FSDP; each rank saves what it ended with. The tests compare the
 ranks with each other and with the same loop run here in one process on the same global batches.
@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from childtune import ID3, ChildOptimizer, ChildTuningD, ChildTuningF
 from childtune.fisher import fisher_information
 from childtune.training import distributed as D
+from childtune.training.launch import launch, strip_nproc
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the torchrun ranks run this file as a script
@@ -148,7 +149,7 @@ def worker(out: Path) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
-    code = D.launch([str(out)], WORLD, script=Path(__file__), threads=1)
+    code = launch([str(out)], WORLD, script=Path(__file__), threads=1)
     assert code == 0, "the torchrun job failed; its output is above"
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)] + [out]
 
@@ -289,15 +290,15 @@ def test_check_accelerator_refuses_sharding_and_lone_ranks(monkeypatch):
 
 
 def test_launch_arguments():
-    assert D.strip_nproc(["train", "--nproc", "2", "--task", "mr", "--nproc=3"]) == ["train", "--task", "mr"]
+    assert strip_nproc(["train", "--nproc", "2", "--task", "mr", "--nproc=3"]) == ["train", "--task", "mr"]
     with pytest.raises(ValueError, match="nproc"):
-        D.launch(["train"], 0)
+        launch(["train"], 0)
 
 
 def test_launch_refuses_to_nest(monkeypatch):
     monkeypatch.setitem(os.environ, "WORLD_SIZE", "2")
     with pytest.raises(D.DistributedError, match="already running"):
-        D.launch(["train"], 2)
+        launch(["train"], 2)
 
 
 # -------------------------------------------------------------------------------- through the CLI
@@ -334,15 +335,45 @@ def test_cli_nproc_2_trains_like_one_process(tmp_path, capfd):
 
 
 @needs_cli
-def test_cli_nproc_needs_a_batch_that_splits_evenly(tmp_path):
-    """Checked on every rank before any work: both exit with the error, and torchrun reports failure."""
+def test_cli_nproc_needs_a_batch_that_splits_evenly(tmp_path, capfd):
+    """Found by both ranks before any work, said once: one `childtune: error:` line, exit 2, none of
+    torchrun's SIGTERM notices, tracebacks or ChildFailedError report."""
     from childtune.cli import main
 
     train_file, dev_file = write_task(tmp_path)
     argv = ["train", "--nproc", "2", "--model", str(write_tiny_model(tmp_path / "model")), "--train",
             str(train_file), "--dev", str(dev_file), "--batch-size", "5", "--output", str(tmp_path / "run")]
-    assert main(argv) != 0
+    capfd.readouterr()
+    assert main(argv) == 2
+    err = capfd.readouterr().err
+    assert err.strip() == "childtune: error: batch_size 5 must be a multiple of the 2 processes", err
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_nproc_bad_value_fails_before_any_rank_starts(tmp_path, capfd):
+    from childtune.cli import main
+
+    argv = ["train", "--nproc", "2", "--task", "mr", "--id3-exp", "nan", "--output", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert capfd.readouterr().err.strip() == "childtune: error: id3_exp must be a finite number, got nan"
+
+
+def test_a_crashing_rank_is_named_in_one_line(tmp_path, capfd):
+    """A rank that dies of something that is not a user error keeps its own output; the launcher adds
+    one line naming it, and returns its exit code, instead of torchrun's report."""
+    script = tmp_path / "crash.py"
+    script.write_text("import os, sys\nsys.exit(3 if os.environ['RANK'] == '1' else 0)\n")
+    assert launch([], 2, script=script, threads=1) == 3
+    assert capfd.readouterr().err.strip() == "childtune: rank 1 failed with exit code 3 (its output is above)"
+
+
+def test_user_errors_of_ranks_are_printed_once_each(tmp_path, capfd):
+    """Ranks that report different messages are all heard, each distinct message once, in rank order."""
+    script = tmp_path / "fail.py"
+    script.write_text("import os, sys\nfrom childtune.training.launch import report_error\n"
+                      "report_error('bad shard' if os.environ['RANK'] == '1' else 'bad batch')\nsys.exit(2)\n")
+    assert launch([], 3, script=script, threads=1) == 2
+    assert capfd.readouterr().err.splitlines() == ["childtune: error: bad batch", "childtune: error: bad shard"]
 
 
 if __name__ == "__main__":

@@ -163,11 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"childtune: error: {message}", file=sys.stderr)
+        from childtune.training.launch import report_error
+
+        report_error(" ".join(str(err).split()) or type(err).__name__)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("childtune: interrupted; finished runs are kept, an unfinished one left no run folder "
-              "(run the same command again to resume)", file=sys.stderr)
+        from childtune.training.distributed import info
+
+        if info().is_main:  # every rank of a --nproc job is interrupted; one says so
+            print("childtune: interrupted; finished runs are kept, an unfinished one left no run folder "
+                  "(run the same command again to resume)", file=sys.stderr)
         return 130
 

@@ -35,9 +35,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from childtune.training.loop import train
     from childtune.training.runfolder import partial_dir
 
-    if args.nproc > 1 and not distributed.info().distributed:  # re-run this command as N ranks under torchrun
-        return distributed.launch(args.argv, args.nproc)
     config = _resumed(args.resume) if args.resume else config_from_args(args)
+    if args.nproc > 1 and not distributed.info().distributed:  # re-run this command as N ranks under torchrun
+        config.resolved()  # a bad value fails here, once, before any rank starts
+        from childtune.training.launch import launch
+
+        return launch(args.argv, args.nproc)
     if config.output is None:
         name = config.task or Path(config.train_file or "data").stem
         config = replace(config, output=str(Path("runs") / f"{name}-{config.method}-seed{config.seed}"))

@@ -7,8 +7,8 @@ the replicas diverge silently. The strategies are built for that: Child-Tuning_F
 ID3 ranks gradients DDP has already averaged. What this module adds is the plumbing around them: who
 am I (`DistInfo`), a process group (`init`), the DDP wrapper (`wrap`), a data order that is a
 function of (seed, epoch) shared by all ranks and resumable mid-epoch (`ShardedSampler`), agreement
-checks (`any_rank`, `in_sync`), rank-0-only writes (`main_only`), and `launch`, which re-runs the CLI
-under `torch.distributed.run` so `childtune train --nproc 2` works.
+checks (`any_rank`, `in_sync`) and rank-0-only writes (`main_only`). `launch.py` re-runs the CLI under
+`torch.distributed.run` so `childtune train --nproc 2` works.
 
 Sharded training (FSDP, DeepSpeed ZeRO) is refused, not half-supported: see `refuse_fsdp`.
 """
@@ -18,14 +18,9 @@ from __future__ import annotations
 import functools
 import math
 import os
-import signal
-import subprocess
-import sys
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -313,55 +308,3 @@ def in_sync(model: nn.Module) -> bool:
 
     prints = gather(fingerprint(dict(unwrap(model).named_parameters()), exclude=()))
     return len(set(prints)) == 1
-
-
-def strip_nproc(argv: Sequence[str]) -> list[str]:
-    """`argv` without `--nproc N` / `--nproc=N`, so the re-executed CLI does not launch again."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out
-
-
-def launch(
-    argv: Sequence[str],
-    nproc: int,
-    *,
-    module: str = "childtune.cli",
-    script: str | Path | None = None,
-    threads: int | None = None,
-) -> int:
-    """Run `python -m <module> <argv>` (or `<script>`) as `nproc` ranks under torch.distributed.run.
-
-    This is what `childtune train ... --nproc N` does: the same as typing
-    `torchrun --standalone --nproc-per-node N -m childtune.cli train ...`. `threads` sets each
-    rank's OMP_NUM_THREADS (default: the CPUs shared out between ranks) unless the caller set it.
-    SIGINT and SIGTERM are passed on to torchrun, which stops the ranks. Returns the exit status.
-    """
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"nproc must be a positive integer, got {nproc!r}")
-    if DistInfo.from_env().distributed:
-        raise DistributedError("already running under a distributed launcher; do not pass --nproc inside torchrun")
-    target = [str(script)] if script is not None else ["-m", module]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           *target, *strip_nproc(argv)]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(threads or max(1, (os.cpu_count() or 1) // nproc)))
-    child = subprocess.Popen(cmd, env=env)
-    forwarded = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            forwarded[sig] = signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
-    try:
-        return child.wait()
-    finally:
-        for sig, previous in forwarded.items():
-            signal.signal(sig, previous)
-        if child.poll() is None:
-            child.kill()
-            child.wait()
