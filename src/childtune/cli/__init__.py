@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", help="a run folder written by `childtune train`")
     export.add_argument("--output", required=True, help="folder for delta_config.json + delta.safetensors")
     export.add_argument("--overwrite", action="store_true", help="replace a delta already in --output")
+    export.add_argument("--format", choices=("delta", "shira"), default="delta",
+                        help="childtune's sparse delta, or a peft SHiRA adapter for PeftModel.from_pretrained "
+                             "(Linear weights sparse, other changed modules saved whole) [delta]")
     export.set_defaults(func=cmd_export)
 
     apply = sub.add_parser("apply", help="apply a sparse delta to its base model, writing a model folder")

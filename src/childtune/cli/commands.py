@@ -77,12 +77,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from childtune.training.export import export_delta
+    from childtune.training.export import export_delta, export_shira
 
-    delta = export_delta(args.run, args.output, overwrite=args.overwrite)
-    c = delta.config
-    print(f"wrote {args.output}: {c.num_changed:,} of {c.num_elements:,} base weights changed "
-          f"({100 * c.num_changed / max(1, c.num_elements):.3g}%), plus a {c.num_dense:,}-weight head")
+    if args.format == "delta":
+        c = export_delta(args.run, args.output, overwrite=args.overwrite).config
+        print(f"wrote {args.output}: {c.num_changed:,} of {c.num_elements:,} base weights changed "
+              f"({100 * c.num_changed / max(1, c.num_elements):.3g}%), plus a {c.num_dense:,}-weight head")
+    else:
+        shira = export_shira(args.run, args.output, overwrite=args.overwrite)
+        whole = ", ".join(shira.whole[:3]) + (f" and {len(shira.whole) - 3} more" if len(shira.whole) > 3 else "")
+        print(f"wrote {args.output}: a peft SHiRA adapter (r={shira.r}) over {len(shira.targets)} Linear layers, "
+              f"{shira.changed:,} changed weights in {shira.stored:,} stored values (zero padding: peft gives "
+              f"every layer r*(in+out)); saved whole: {whole or 'nothing'}")
     return 0
 
 

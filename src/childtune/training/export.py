@@ -3,6 +3,7 @@ Hugging Face model folder (`apply_delta`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -21,20 +22,34 @@ def check_apart(source: str | os.PathLike, output: str | os.PathLike, what: str 
         raise RunExistsError(f"--output {output} would overwrite {what} ({source}); choose a folder apart from it")
 
 
-def export_delta(run: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False):
+def export_delta(run: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False) -> SparseDelta:
     """The sparse delta of a finished run against its base model, written to `output`.
 
     A strict run saved one already (`delta/`); for a run that kept its whole model, the delta is
     extracted here against the base named in its config.json (dense for full fine-tuning, but exact).
     """
+    with _exporting(run, output, overwrite, "delta") as (delta, work):
+        delta.save(work)
+    return delta
+
+
+def export_shira(run: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False):
+    """The run's delta as a peft SHiRA adapter in `output` (`childtune.training.shira` says how); its plan."""
+    from childtune.training.shira import write_shira
+
+    with _exporting(run, output, overwrite, "shira") as (delta, work):
+        path = model_folder(delta.config.base_model)
+        return write_shira(delta, base_for(delta, path)[1], work, str(path))
+
+
+@contextlib.contextmanager
+def _exporting(run: str | os.PathLike, output: str | os.PathLike, overwrite: bool, kind: str):
     run = Path(run)
     if not (run / "config.json").is_file():
         raise FileNotFoundError(f"{run} is not a run folder (no config.json)")
     check_apart(run, output)
-    with RunFolder(output, overwrite, kind="delta") as work:
-        delta = _run_delta(run)
-        delta.save(work)
-    return delta
+    with RunFolder(output, overwrite, kind=kind) as work:
+        yield _run_delta(run), work
 
 
 def _run_delta(run: Path) -> SparseDelta:
