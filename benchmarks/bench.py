@@ -24,8 +24,6 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -35,6 +33,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import safetensors.torch
 import torch
 import transformers
+from llm import llm_section
+from timing import Row, Section, interleaved, ratio, timing_rows, verdict
 from tqdm.auto import tqdm
 
 from childtune import ChildOptimizer, ChildTuningAdamW
@@ -63,22 +63,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # ----------------------------------------------------------------------------------------- plumbing
 
 
-@dataclass
-class Row:
-    label: str
-    cells: list[str]
-    verdict: str = ""  # PASS, MISS or "" (information only)
-
-
-@dataclass
-class Section:
-    title: str
-    intro: str
-    header: list[str]
-    rows: list[Row] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
 def load_model():
     from transformers import AutoModelForSequenceClassification
 
@@ -87,56 +71,6 @@ def load_model():
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     return AutoModelForSequenceClassification.from_pretrained(str(model_path()), num_labels=2)
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, desc: str,
-                before: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
-    """Seconds per call of each fn, all timed within every repeat in a rotating order."""
-    names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            before()
-            fns[name]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in tqdm(range(repeats), desc=desc, leave=False):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            before()
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def ratio(times: dict[str, list[float]], name: str, base: str) -> float:
-    return statistics.median(a / b for a, b in zip(times[name], times[base], strict=True))
-
-
-def spread(samples: list[float]) -> float:
-    """Interquartile range over median, in percent: how noisy a mode's timings were."""
-    if len(samples) < 4:
-        return float("nan")
-    q = statistics.quantiles(samples, n=4)
-    return 100 * (q[2] - q[0]) / statistics.median(samples)
-
-
-def ms(seconds: float) -> str:
-    return f"{1e3 * seconds:.1f}"
-
-
-def verdict(value: float, limit: float | None, inclusive: bool = True) -> str:
-    if limit is None:
-        return ""
-    return "PASS" if (value <= limit if inclusive else value < limit) else "MISS"
-
-
-def timing_rows(times, base: str, targets: dict[str, tuple[float | None, str]]) -> list[Row]:
-    rows = []
-    for name in times:
-        r = ratio(times, name, base)
-        limit, text = targets.get(name, (None, ""))
-        rows.append(Row(name, [ms(statistics.median(times[name])), f"{r:.2f}", f"{spread(times[name]):.0f}%",
-                               text], verdict(r, limit, inclusive=text.startswith("<="))))
-    return rows
 
 
 def training_method(method: str, named: dict, d_masks, total_steps: int) -> torch.optim.Optimizer:
@@ -589,6 +523,19 @@ def explain_misses(sections: list[Section]) -> list[str]:
     return out
 
 
+def minilm_sections(args) -> list[Section]:
+    model = load_model()
+    fisher, scores = fisher_section(model, args)
+    d = ChildTuningD(P_D, rest="freeze")  # embeddings and pooler stay as they were
+    d.bind(dict(model.named_parameters()))
+    d_masks = d.complete(top_fraction(scores, P_D, d.per_layer))
+    opt_section, opts = optimizer_section(model, d_masks, args)
+    sections = [opt_section, draw_section(model, args), state_section(model, opts)]
+    opts.clear()
+    return [*sections, training_section(model, d_masks, args), delta_section(load_model()), fisher,
+            rss_section(d_masks, args)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="benchmarks/RESULTS.md", help="Markdown file to write (atomically)")
@@ -599,6 +546,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="examples for per-example Fisher (scaled to 1,000)")
     parser.add_argument("--rss-steps", type=int, default=3, help="training steps per peak-RSS process")
     parser.add_argument("--threads", default="auto", help="torch threads: a number, or 'auto' (see THREAD_NOTE)")
+    parser.add_argument("--llm-repeats", type=int, default=4, help="timed repeats of each SmolLM2 training step")
+    parser.add_argument("--no-llm", action="store_true", help="skip the SmolLM2 table (minutes on a CPU)")
+    parser.add_argument("--only-llm", action="store_true", help="only the SmolLM2 table")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run with few repeats and examples")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     parser.add_argument("--d-masks", help=argparse.SUPPRESS)
@@ -612,22 +562,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.rss_child:
         return rss_child(args)
     if args.quick:
-        args.repeats, args.train_repeats, args.rss_steps = 3, 2, 1
+        args.repeats, args.train_repeats, args.rss_steps, args.llm_repeats = 3, 2, 1, 1
         args.fisher_batch_examples, args.fisher_example_examples = 64, 16
     torch.set_num_threads(THREADS)
     started = time.time()
     command = shlex.join(["python", os.path.relpath(__file__, Path.cwd()), *(argv or sys.argv[1:])])
-    model = load_model()
-    sections = []
-    fisher, scores = fisher_section(model, args)
-    d = ChildTuningD(P_D, rest="freeze")  # the CLI's default: embeddings and pooler stay as they were
-    d.bind(dict(model.named_parameters()))
-    d_masks = d.complete(top_fraction(scores, P_D, d.per_layer))
-    opt_section, opts = optimizer_section(model, d_masks, args)
-    sections += [opt_section, draw_section(model, args), state_section(model, opts)]
-    opts.clear()
-    sections += [training_section(model, d_masks, args), delta_section(load_model()), fisher,
-                 rss_section(d_masks, args)]
+    sections = [] if args.only_llm else minilm_sections(args)
+    if not args.no_llm:
+        sections.append(llm_section(args.llm_repeats))
     text = render(sections, command, started, load, explain_misses(sections))
     atomic_write(args.output, text)
     print(text)

@@ -27,7 +27,7 @@ from childtune.strategies import ID3, ChildTuningD, ChildTuningF, FullFineTuning
 from childtune.training.config import ConfigError, TrainConfig, build_strategy
 from childtune.training.evaluate import evaluate
 from childtune.training.export import apply_delta, export_delta
-from childtune.training.loop import Callback, TrainError, TrainState, _step, train
+from childtune.training.loop import Callback, TrainError, TrainState, train, train_step
 from childtune.training.methods import METHODS
 from childtune.training.runfolder import RunExistsError, RunFolder
 
@@ -234,9 +234,9 @@ def test_non_finite_loss_or_gradient_never_reaches_the_weights(tiny_bert, where,
     batch = {"input_ids": torch.randint(5, 60, (4, 7)), "labels": torch.tensor([0, 1, 0, 1])}
     if nonfinite == "stop":
         with pytest.raises(TrainError, match=f"non-finite {where}"):
-            _step(state, batch)
+            train_step(state, batch)
     else:
-        assert _step(state, batch) is None
+        assert train_step(state, batch) is None
         assert state.skipped == 1
     assert state.step == 0 and state.optimizer.steps == 0
     for name, p in tiny_bert.named_parameters():

@@ -120,16 +120,8 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
     collate = LMCollate(tokenizer, length, config.chat_template) if task.spec.kind == "generation" else make_collate(
         tokenizer, length, task.spec.kind)
     pretrained = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
-    if METHODS[config.method].adapter == "lora":
-        model = add_lora(model, config)
-
-    steps_per_epoch = math.ceil(len(task.train) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    groups = param_groups(model, config.weight_decay)
-    params = {n: p for g in groups for n, p in g["params"]}
-    strategy = build_strategy(config, total_steps, params)
-    optimizer = make_optimizer(groups, strategy, config)
-    scheduler = linear_schedule(optimizer, round(config.warmup * total_steps), total_steps)
+    total_steps = math.ceil(len(task.train) / config.batch_size) * config.epochs
+    model, params, strategy, optimizer, scheduler = setup(config, model, total_steps)
 
     with folder or _NoFolder() as workdir, MetricsLog(
             workdir / "metrics.jsonl" if workdir else None,
@@ -158,7 +150,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
         while state.epoch < config.epochs:
             model.train()
             for batch in batches(task.train, collate, config, state.epoch, state.batch):
-                loss = _step(state, batch)
+                loss = train_step(state, batch)
                 state.batch += 1
                 bar.update(1)
                 if loss is None:
@@ -212,6 +204,20 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
     return metrics
 
 
+def setup(config: TrainConfig, model: torch.nn.Module, total_steps: int):
+    """What a run of `config.method` trains with: the model (a LoRA model for adapter methods), the
+    parameters it trains by name, the strategy choosing their child network, the optimizer applying it
+    and the learning-rate schedule. The strategy is not prepared yet (Child-Tuning_D's Fisher pass)."""
+    if METHODS[config.method].adapter == "lora":
+        model = add_lora(model, config)
+    groups = param_groups(model, config.weight_decay)
+    params = {n: p for g in groups for n, p in g["params"]}
+    strategy = build_strategy(config, total_steps, params)
+    optimizer = make_optimizer(groups, strategy, config)
+    scheduler = linear_schedule(optimizer, round(config.warmup * total_steps), total_steps)
+    return model, params, strategy, optimizer, scheduler
+
+
 def _micro_batches(batch: dict[str, torch.Tensor], n: int) -> list[tuple[dict[str, torch.Tensor], float]]:
     """`batch` cut into `n` micro-batches, each with the share of the batch's loss it carries: its share
     of the examples, or of the target tokens for a causal LM (whose loss is a mean over tokens)."""
@@ -227,7 +233,7 @@ def _micro_batches(batch: dict[str, torch.Tensor], n: int) -> list[tuple[dict[st
     return [(p, weight(p) / total) for p in parts]
 
 
-def _step(state: TrainState, batch: dict[str, torch.Tensor]) -> float | None:
+def train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> float | None:
     """One update from `grad_accum` micro-batches; a non-finite loss or gradient stops the run or skips
     the batch, never reaching the weights. Accumulated gradients equal the whole batch's (losses weighted
     by each micro-batch's share of it); under DDP only the last micro-batch synchronises."""
