@@ -222,9 +222,9 @@ def optimizer_section(model, d_masks, args) -> tuple[Section, dict]:
         "zero, so the AdamW it wraps runs slower on masked gradients than on full ones. SparseChildAdamW keeps no "
         "moments there.")
     section.notes.append(
-        f"torch's fused CPU AdamW takes {fused:.2f} of the foreach step's time, and torch's CPU default (neither "
-        "foreach nor fused) is what `ChildOptimizer` gets unless told otherwise: passing `fused=True` through "
-        "`ChildOptimizer(..., torch.optim.AdamW, fused=True)` is the cheapest fix for every dense masked mode. "
+        f"torch's fused CPU AdamW takes {fused:.2f} of the foreach step's time, so `ChildOptimizer` now wraps "
+        "the fused kernel unless the caller picks `foreach` (the rows above pin foreach to compare like with "
+        "like). Its strict mode under a fixed child network copies nothing (optim/masked.py says why). "
         "SparseChildAdamW computes the same update as `ChildOptimizer(..., strict=True)` (tests/test_sparse_optim.py) "
         "but only on the child elements.")
     return section, opts

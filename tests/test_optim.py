@@ -169,12 +169,56 @@ def test_bad_masks_are_refused():
 
 
 def test_child_optimizer_full_is_plain_adamw_bit_for_bit():
-    ours, theirs = make_params(), make_params()
-    opt = ChildOptimizer({str(i): p for i, p in enumerate(ours)}, FullFineTuning(), lr=LR, weight_decay=WD)
-    run(opt, ours, steps=3)
-    run(torch.optim.AdamW(theirs, lr=LR, weight_decay=WD), theirs, steps=3)
-    for a, b in zip(ours, theirs, strict=True):
-        assert torch.equal(a, b)
+    """The inner AdamW defaults to torch's fused kernel (the fastest on CPU and CUDA); asked for, foreach."""
+    for implementation, kwargs in (({"fused": True}, {}), ({"foreach": True}, {"foreach": True})):
+        ours, theirs = make_params(), make_params()
+        opt = ChildOptimizer({str(i): p for i, p in enumerate(ours)}, FullFineTuning(), lr=LR, weight_decay=WD,
+                             **kwargs)
+        assert all(opt.optimizer.defaults[k] for k in implementation)
+        run(opt, ours, steps=3)
+        run(torch.optim.AdamW(theirs, lr=LR, weight_decay=WD, **implementation), theirs, steps=3)
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("implementation", [{"fused": True}, {"foreach": True}, {"foreach": False}])
+def test_strict_adamw_without_copies_leaves_non_child_weights_bit_for_bit(implementation):
+    """Under a fixed child network, strict AdamW copies nothing: non-child weights (signed zeros included)
+    keep their bits through steps with decay, and child weights follow the copy-and-restore path."""
+    def params_with_zeros():
+        params = make_params()
+        with torch.no_grad():
+            params[0][0, :3] = torch.tensor([0.0, -0.0, 0.0])
+            params[2].view(-1)[:4] = -0.0
+        return params
+
+    fast, slow = params_with_zeros(), params_with_zeros()
+    before = [p.detach().clone() for p in fast]
+    opts = []
+    for params in (fast, slow):
+        strategy = RandomMasking(0.3, seed=4, always=())
+        opts.append(ChildOptimizer({f"w{i}": p for i, p in enumerate(params)}, strategy, torch.optim.AdamW,
+                                   strict=True, lr=LR, weight_decay=WD, **implementation))
+    assert opts[0]._no_copy
+    opts[1]._no_copy = False  # the general path: copy, step, restore
+    run(opts[0], fast, steps=4)
+    run(opts[1], slow, steps=4)
+    chosen = opts[0].strategy.masks(0)
+    for i, (a, b, start) in enumerate(zip(fast, slow, before, strict=True)):
+        outside = ~chosen[f"w{i}"]
+        assert torch.equal(a.detach()[outside].view(torch.int32), start[outside].view(torch.int32))
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+    assert (~chosen["w2"].view(-1)[:4]).any() and (~chosen["w0"][0, :3]).any()  # signed zeros outside, checked
+    assert opts[0].param_groups[0]["weight_decay"] == WD  # restored after every step
+
+
+def test_strict_with_per_step_masks_or_maximize_keeps_the_copy():
+    params = make_params()
+    named = {f"w{i}": p for i, p in enumerate(params)}
+    assert not ChildOptimizer(named, ChildTuningF(0.5), strict=True, lr=LR)._no_copy
+    assert not ChildOptimizer(named, RandomMasking(0.5, always=()), strict=True, lr=LR, maximize=True)._no_copy
+    assert not ChildOptimizer(named, RandomMasking(0.5, always=()), torch.optim.Adam, strict=True, lr=LR,
+                              weight_decay=0.1)._no_copy  # L2 decay puts gradient outside the child network
 
 
 def test_child_optimizer_strict_random_mask_with_any_optimizer():
