@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from childtune.cli import main
 from childtune.data.batching import IGNORE, LMCollate
 from childtune.data.metrics import exact_match, normalise_answer
 from childtune.data.userfiles import load_files
-from childtune.fisher import fisher_information
+from childtune.fisher import VmapFallbackWarning, fisher_information
 from childtune.training.config import TrainConfig
 from childtune.training.evaluate import generate_answers
 
@@ -100,7 +101,9 @@ def test_causal_fisher_is_the_target_log_likelihood_per_example(llama):
     data = [("the film was", "good"), ("a very dull plot", "bad"), ("movie", "fun")]
     batch = collate(data)
     scored = [n for n, _ in model.named_parameters() if ".layers.1." in n]
-    got = fisher_information(model, [batch], scored=scored, per_example=True, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VmapFallbackWarning)  # vectorised: a causal 4D mask built inside vmap
+        got = fisher_information(model, [batch], scored=scored, per_example=True, progress=False)
     params = dict(model.named_parameters())
     expected = {n: torch.zeros_like(params[n]) for n in scored}
     for example in data:

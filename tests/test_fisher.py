@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from conftest import tiny_bert_config
 from torch import nn
 from torch.utils.data import DataLoader
@@ -155,6 +156,28 @@ def test_vmap_path_respects_padding():
         for n, g in zip(params, torch.autograd.grad(loss, list(params.values())), strict=True):
             expected[n] += g**2 / len(examples)
     assert_scores_close(scores, expected)
+
+
+def test_padded_hf_bert_is_vectorised_and_exact(tiny_bert):
+    """Padded batches through HF BERT take the vmap path (a 4D mask built inside it) and equal the loop."""
+    examples = make_examples()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VmapFallbackWarning)
+        scores = fisher_information(tiny_bert, loader(examples), per_example=True, progress=False)
+    assert_scores_close(scores, brute_force_per_example(tiny_bert, examples, scored_params(tiny_bert)))
+
+
+def test_the_probe_finds_each_models_own_mask(tiny_bert):
+    from childtune.fisher import _probe_mask
+
+    rows = pad_collate(make_examples(lengths=[5, 2, 7]))
+    labels = rows.pop("labels")
+    assert _probe_mask(tiny_bert.eval(), rows, labels) is False  # bidirectional
+    llama = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=32, pad_token_id=0)).eval()
+    assert _probe_mask(llama, {k: v for k, v in rows.items() if k != "token_type_ids"}, labels) is True  # causal
+    assert _probe_mask(MaskedMeanPool(), rows, labels) is None  # reads the 2D mask itself
 
 
 def test_vmap_and_loop_fallback_agree_on_bert(tiny_bert):

@@ -10,8 +10,13 @@ Two estimates are offered because they rank weights differently:
   part shrinks as 1/batch size while the squared mean gradient does not, so batch size moves the ranking.
 - `per_example=True` (the definition): the squared gradient of every example's own log-likelihood.
   torch.func (vmap over grad) gives all of a batch's per-example gradients in one call when the model
-  can be vectorised; models with data-dependent control flow (HF's attention-mask creation checks
-  `mask.all()`) fall back to one backward pass per example.
+  can be vectorised. Hugging Face models cannot be, as called: turning the 2D padding mask into the
+  attention mask checks `mask.all()`, data-dependent control flow that vmap refuses. They accept an
+  already prepared 4D additive mask as it is, though, so the vmapped function builds that itself from the
+  example's padding (bidirectional for encoders, causal for decoders): which of the two a model needs is
+  found once per pass by comparing the model's own log-likelihood of the most padded example with each
+  (`_probe_mask`). Models that match neither, or have control flow of their own, fall back to one
+  backward pass per example.
 
 The authors' pass (alibaba/AliceMind `ChildTuning/ChildTuningD.py`, `calculate_fisher`, read at commit
 a6d5afe) differs from the textbook estimate in two more ways, both available here: the model is in
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sized
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -40,6 +46,16 @@ _VMAP_BYTES = 1 << 30
 
 class VmapFallbackWarning(UserWarning):
     """torch.func could not vectorise the model; per-example gradients are computed one at a time."""
+
+
+@dataclass
+class _Vectorising:
+    """What a Fisher pass learned about vectorising its model: whether vmap works, and the 4D mask form
+    (None: pass the 2D mask through; False: bidirectional; True: causal), probed on the first padded chunk."""
+
+    ok: bool = True
+    causal: bool | None = None
+    probed: bool = False
 
 
 def fisher_information(
@@ -73,7 +89,7 @@ def fisher_information(
     device = next(model.parameters()).device
     sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
     examples = steps = 0
-    use_vmap = True  # until the model proves it cannot be vectorised
+    vectorising = _Vectorising()  # until the model proves it cannot be vectorised
     distributed = dist.is_available() and dist.is_initialized()
     bar = tqdm(total=_expected(batches, num_samples), unit="ex", desc="Fisher information",
                disable=not progress or (distributed and dist.get_rank() != 0))
@@ -89,7 +105,7 @@ def fisher_information(
                     keep = num_samples - examples
                     inputs, labels = _rows(inputs, len(labels), 0, keep), labels[:keep]
                 if per_example:
-                    use_vmap = _add_per_example(model, params, inputs, labels, sums, use_vmap, clip)
+                    _add_per_example(model, params, inputs, labels, sums, vectorising, clip)
                 else:
                     # the batch-mean loss, as the authors backpropagated it
                     grads = _grads(-_log_likelihood(model(**inputs), labels).mean(), params)
@@ -219,38 +235,71 @@ def _grads(loss: torch.Tensor, params: dict[str, nn.Parameter]):
     return torch.autograd.grad(loss, list(params.values()), allow_unused=True)
 
 
-def _add_per_example(model, params, inputs, labels, sums, use_vmap: bool, clip: float | None = None) -> bool:
-    """Add every example's squared gradient, vectorised in chunks while the model allows it.
-
-    Returns whether vmap is still worth trying: a model that failed once fails on every batch.
-    """
+def _add_per_example(model, params, inputs, labels, sums, vec: _Vectorising, clip: float | None = None) -> None:
+    """Add every example's squared gradient, vectorised in chunks while the model allows it (`vec`, updated:
+    a model that failed once fails on every batch)."""
     n = len(labels)
     chunk = max(1, _VMAP_BYTES // (4 * sum(p.numel() for p in params.values())))
     for start in range(0, n, chunk):
         rows, ys = _rows(inputs, n, start, start + chunk), labels[start : start + chunk]
-        if use_vmap:
+        if vec.ok:
+            if not vec.probed and "attention_mask" in rows:
+                vec.causal, vec.probed = _probe_mask(model, rows, ys), True
             try:
-                _add_squares(sums, _clipped(_vmap_grads(model, params, rows, ys), clip, stacked=True), stacked=True)
+                grads = _vmap_grads(model, params, rows, ys, vec.causal)
+                _add_squares(sums, _clipped(grads, clip, stacked=True), stacked=True)
                 continue
             except Exception as err:
-                use_vmap = False
+                vec.ok = False
                 warnings.warn(f"torch.func.vmap cannot run {type(model).__name__} ({str(err)[:120]}...); "
                               "computing per-example gradients one example at a time",
                               VmapFallbackWarning, stacklevel=3)
         for i in range(len(ys)):
             ll = _log_likelihood(model(**_rows(rows, len(ys), i, i + 1)), ys[i : i + 1])
             _add_squares(sums, _clipped(_grads(-ll[0], params), clip))
-    return use_vmap
 
 
-def _vmap_grads(model, params, inputs, labels) -> list[torch.Tensor]:
-    """Per-example gradients, stacked on dim 0: each example is run alone as a batch of one."""
+def _additive_mask(mask: torch.Tensor, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(1, L) padding mask -> (1, 1, L, L) additive attention mask: 0 where a query may attend, dtype min not."""
+    length = mask.shape[-1]
+    allowed = mask[:, None, None, :].bool().expand(-1, 1, length, length)
+    if causal:
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=mask.device),
+                       torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device))
+
+
+def _probe_mask(model, rows: dict, labels: torch.Tensor) -> bool | None:
+    """Which 4D mask gives the model's own log-likelihood of the chunk's most padded example: False
+    (bidirectional), True (causal), or None (neither, or the model refuses a 4D mask: pass 2D through)."""
+    i = int(rows["attention_mask"].sum(-1).argmin())
+    one, y = _rows(rows, len(labels), i, i + 1), labels[i : i + 1]
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        own = _log_likelihood(model(**one), y)
+        for causal in (False, True):
+            try:
+                ll = _log_likelihood(model(**{**one, "attention_mask": _additive_mask(
+                    one["attention_mask"], causal, dtype)}), y)
+            except Exception:  # a model that reads the 2D mask itself
+                return None
+            if ll.shape == own.shape and torch.allclose(ll, own, rtol=1e-4, atol=1e-5):
+                return causal
+    return None
+
+
+def _vmap_grads(model, params, inputs, labels, causal: bool | None = None) -> list[torch.Tensor]:
+    """Per-example gradients, stacked on dim 0: each example is run alone as a batch of one, its padding
+    mask made a 4D attention mask (`causal`) when the probe found one that the model reads as its own."""
     keys = _batched(inputs, len(labels))
     shared = {k: v for k, v in inputs.items() if k not in keys}
     others = {n: p.detach() for n, p in model.named_parameters() if n not in params}
+    dtype = next(model.parameters()).dtype
 
     def loss(trainable, rows, label):
         one = {k: v.unsqueeze(0) for k, v in rows.items()}
+        if causal is not None and "attention_mask" in one:
+            one["attention_mask"] = _additive_mask(one["attention_mask"], causal, dtype)
         output = functional_call(model, {**others, **trainable}, (), {**shared, **one})
         return -_log_likelihood(output, label.unsqueeze(0))[0]
 
