@@ -288,9 +288,13 @@ def test_bias_correction_of_a_late_joiner_starts_at_one():
     assert math.isclose(named["layer.0.w"][0].item(), -21 * LR, rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("make", [lambda named: RandomMasking(0.3, seed=2), lambda named: GradualUnfreezing(2)])
-def test_the_step_in_backward_equals_the_ordinary_step_and_frees_gradients(make):
-    """Each parameter updated by a hook as soon as its gradient exists gives the same weights."""
+@pytest.mark.parametrize(("make", "correction"), [
+    (lambda named: RandomMasking(0.3, seed=2), "element"), (lambda named: GradualUnfreezing(2), "element"),
+    (lambda named: ID3(9, total_steps=4), "element"), (lambda named: ID3(9, total_steps=4), "tensor"),
+    (lambda named: ID3.authors(0.3, total_steps=5), "tensor")])
+def test_the_step_in_backward_equals_the_ordinary_step_and_frees_gradients(make, correction):
+    """Each parameter updated by a hook as soon as its gradient exists gives the same weights; for ID3
+    (candidates kept per tensor, joiners admitted and updated after backward) the same child network too."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     twin = copy.deepcopy(model)
@@ -298,8 +302,9 @@ def test_the_step_in_backward_equals_the_ordinary_step_and_frees_gradients(make)
              "classifier.b": model[2].bias}
     twins = {"layer.0.w": twin[0].weight, "layer.0.b": twin[0].bias, "layer.1.w": twin[2].weight,
              "classifier.b": twin[2].bias}
-    ordinary = SparseChildAdamW(names, make(names), lr=LR, weight_decay=WD)
-    hooked = SparseChildAdamW(twins, make(twins), lr=LR, weight_decay=WD, in_backward=True)
+    ordinary = SparseChildAdamW(names, make(names), lr=LR, weight_decay=WD, bias_correction=correction)
+    hooked = SparseChildAdamW(twins, make(twins), lr=LR, weight_decay=WD, bias_correction=correction,
+                              in_backward=True)
     g = torch.Generator().manual_seed(1)
     for _ in range(5):
         x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
@@ -311,8 +316,24 @@ def test_the_step_in_backward_equals_the_ordinary_step_and_frees_gradients(make)
         hooked.step()
         for name in names:
             torch.testing.assert_close(twins[name], names[name], rtol=0, atol=1e-7, msg=name)
+        if isinstance(ordinary.strategy, ID3):
+            assert all(torch.equal(hooked.strategy.chosen[n], m) for n, m in ordinary.strategy.chosen.items())
+    if isinstance(ordinary.strategy, ID3):
+        chosen = sum(int(m.sum()) for n, m in ordinary.strategy.chosen.items() if n in ordinary.strategy.scored())
+        assert chosen == ordinary.strategy.size  # grown to its budget, in backward as ordinarily
+
+
+def test_a_strategy_ranking_the_whole_steps_gradients_cannot_step_in_backward():
+    @dataclass
+    class Global(ChosenStrategy):
+        kind = "growing"
+        needs_gradients = True
+
+        def masks(self, step):
+            return {}
+
     with pytest.raises(ValueError, match="cannot run inside backward"):
-        SparseChildAdamW(copy.deepcopy(twins), ID3(3, total_steps=2), in_backward=True)
+        SparseChildAdamW({"layer.0.w": torch.nn.Parameter(torch.zeros(2))}, Global(), in_backward=True)
 
 
 def test_bf16_weights_with_fp32_masters_change_only_child_elements_and_track_fp32():

@@ -369,8 +369,12 @@ def test_a_run_with_the_optimizer_step_in_backward_equals_the_ordinary_run(tiny_
     for name, tensor in ordinary.items():
         torch.testing.assert_close(hooked[name], tensor, rtol=0, atol=1e-6, msg=name)
     assert replace(base, optimizer_in_backward=True).resolved().max_grad_norm is None
-    with pytest.raises(ValueError, match="needs a strict child network"):
-        train(replace(base, method="id3", optimizer_in_backward=True))
+    id3 = replace(base, method="id3", id3_budget=0.01)
+    ordinary, hooked = _final_params(id3), _final_params(replace(id3, optimizer_in_backward=True))
+    for name, tensor in ordinary.items():  # ID3's child network grows the same in backward
+        torch.testing.assert_close(hooked[name], tensor, rtol=0, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="needs a strict fixed or growing child network"):
+        train(replace(base, method="child-f", optimizer_in_backward=True))
     with pytest.raises(ValueError, match="grad_accum must be 1"):
         replace(base, optimizer_in_backward=True, grad_accum=2).resolved()
 

@@ -24,9 +24,13 @@ accumulate instead of vanishing below the weight's precision, at 4 bytes per chi
 `in_backward=True` runs each parameter's update inside backward (a post-accumulate-grad hook) and frees
 its gradient at once, so a model's full set of gradients never coexists. It is exact for child networks
 chosen without the step's gradients (fixed ones, gradual unfreezing): the same arithmetic as `step()`
-on each parameter. Global-norm clipping needs every gradient before any update, so it is not possible
-there (the training loop turns it off and says so); ID3, which ranks the whole step's gradients, is
-refused.
+on each parameter. ID3 ranks the whole step's gradients, so its hook splits the step in two: it updates
+the elements already chosen and keeps only the tensor's best `grow` candidates (scores, flat indices and
+their gradient values: at most `grow` of each); after backward `step()` admits the global best `grow` of
+all candidates (the same set as the global top-k, see `ID3.masks`) and gives those joiners their first
+update from the kept gradient values, which is the update `step()` would have given them. Global-norm
+clipping needs every gradient before any update, so it is not possible there (the training loop turns
+it off and says so).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from childtune.optim.common import (
     unnamed,
 )
 from childtune.strategies.base import Strategy
+from childtune.strategies.id3 import ID3
 
 _LAYOUT = ("index", "master", "exp_avg", "exp_avg_sq")
 """State that torch's loader would cast to the parameter's dtype (integers, and fp32 kept for bf16 weights)."""
@@ -76,7 +81,7 @@ class SparseChildAdamW(Optimizer):
         bias_correction: str = "element",
         in_backward: bool = False,
     ) -> None:
-        if in_backward and strategy.needs_gradients:
+        if in_backward and strategy.needs_gradients and not isinstance(strategy, ID3):
             raise ValueError(f"{type(strategy).__name__} chooses its child network from the whole step's gradients, "
                              "so its update cannot run inside backward one parameter at a time")
         if strategy.kind == "per_step":
@@ -96,6 +101,8 @@ class SparseChildAdamW(Optimizer):
         self.strategy = strategy
         self.bias_correction = bias_correction
         self.in_backward = in_backward
+        self._offers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # ID3 in backward
+        self._grow: int | None = None
         if in_backward:
             self._group_of = {p: g for g in self.param_groups for p in g["params"]}
             for p in self.names:
@@ -126,7 +133,16 @@ class SparseChildAdamW(Optimizer):
         if not torch.isfinite(param.grad).all():
             raise RuntimeError(f"non-finite gradient for {self.names[param]!r}: with the optimizer step in "
                                "backward, updates already made to other parameters cannot be undone")
-        mask = self.strategy.masks(self.steps).get(self.names[param])
+        name = self.names[param]
+        if isinstance(self.strategy, ID3):  # update the chosen; keep this tensor's candidates (module docstring)
+            if self._grow is None:
+                self._grow = self.strategy.growth(self.steps)
+            offer = self.strategy.candidates(name, param.grad, self._grow)
+            if offer is not None:
+                self._offers[name] = (*offer, param.grad.reshape(-1)[offer[1]].clone())
+            mask = self.strategy.chosen.get(name)
+        else:
+            mask = self.strategy.masks(self.steps).get(name)
         state = self._sync(param, mask)
         state["step"] += 1
         if "exp_avg" in state:
@@ -139,6 +155,11 @@ class SparseChildAdamW(Optimizer):
         only advances the step count (so the next masks and LR schedule see the next step)."""
         loss = evaluate_closure(closure)
         if self.in_backward:
+            if self._offers:
+                joined = self.strategy.admit({n: o[:2] for n, o in self._offers.items()}, self._grow)
+                for name, indices in joined.items():
+                    self._join(name, indices)
+            self._offers, self._grow = {}, None
             self.steps += 1
             return loss
         masks = self.strategy.masks(self.steps)
@@ -159,6 +180,34 @@ class SparseChildAdamW(Optimizer):
             _adamw(group, live)
         self.steps += 1
         return loss
+
+    def _join(self, name: str, indices: torch.Tensor) -> None:
+        """ID3 in backward: elements admitted after backward get the first update `step()` would have given
+        them, from the gradient values their tensor's hook kept, and join the tensor's state."""
+        param = self.named[name]
+        _, offered, grads = self._offers[name]
+        admitted = torch.isin(offered, indices)
+        grad, indices = grads[admitted], offered[admitted]
+        state = self.state[param]
+        low = param.dtype in _LOW_PRECISION
+        dtype = torch.int32 if param.numel() < 2**31 else torch.int64
+        moments = torch.float32 if low else param.dtype
+        new = {"index": indices.to(dtype), "exp_avg": torch.zeros(len(indices), dtype=moments, device=param.device),
+               "exp_avg_sq": torch.zeros(len(indices), dtype=moments, device=param.device),
+               "step": state["step"], "cohort_sizes": [len(indices)],
+               "cohort_joined": [state["step"] - 1 if self.bias_correction == "element" else 0]}
+        if low:
+            new["master"] = param.detach().view(-1).index_select(0, new["index"].long()).float()
+        _adamw(self._group_of[param], [(param, new)], [grad.float() if low else grad])
+        for key in ("index", "exp_avg", "exp_avg_sq", *(("master",) if low else ())):
+            state[key] = torch.cat([state[key], new[key]]) if key in state else new[key]
+        joined = new["cohort_joined"][0]
+        sizes, starts = state.setdefault("cohort_sizes", []), state.setdefault("cohort_joined", [])
+        if starts and starts[-1] == joined:
+            sizes[-1] += len(indices)
+        else:
+            sizes.append(len(indices))
+            starts.append(joined)
 
     def _sync(self, param: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
         """Bring `param`'s state in line with its mask (None: all of it), appending elements that joined."""
@@ -211,21 +260,25 @@ def _size(param: torch.Tensor, state: Mapping[str, Any]) -> int:
     return param.numel() if "exp_avg" in state else 0
 
 
-def _adamw(group: Mapping[str, Any], live: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
-    """torch.optim.AdamW's update on the child elements of every live parameter of one group."""
+def _adamw(group: Mapping[str, Any], live: list[tuple[torch.Tensor, dict[str, Any]]],
+           grads: list[torch.Tensor] | None = None) -> None:
+    """torch.optim.AdamW's update on the child elements of every live parameter of one group (their
+    gradients gathered from `.grad`, or given in `grads`, one vector per live parameter)."""
     if not live:
         return
     beta1, beta2 = group["betas"]
     lr, wd, eps = float(group["lr"]), group["weight_decay"], group["eps"]
-    values, grads = [], []
+    values, gathered = [], []
     for p, s in live:  # dense parameters are updated in place; sparse ones through gathered copies
         index = s.get("index")
         if "master" in s:  # low-precision weights: the update runs on the fp32 master of the child elements
             values.append(s["master"])
         else:
             values.append(p if index is None else p.view(-1).index_select(0, index))
-        grad = p.grad if index is None else p.grad.reshape(-1).index_select(0, index)
-        grads.append(grad.float() if "master" in s else grad)
+        if grads is None:
+            grad = p.grad if index is None else p.grad.reshape(-1).index_select(0, index)
+            gathered.append(grad.float() if "master" in s else grad)
+    grads = gathered if grads is None else grads
     avgs, sqs = [s["exp_avg"] for _, s in live], [s["exp_avg_sq"] for _, s in live]
     if wd:
         torch._foreach_mul_(values, 1.0 - lr * wd)

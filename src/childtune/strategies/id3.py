@@ -99,35 +99,56 @@ class ID3(ChosenStrategy):
         """Grow the child network to `target(step)` elements by the importance of the not-yet-chosen.
 
         Only `grow` elements join, so the global top-`grow` is found without ranking every weight: each
-        tensor offers its own top min(grow, its unchosen) candidates, and the best `grow` of those are
-        exactly the global top-`grow` (an element of the global top-k is in its tensor's top-k). This
-        replaces one top-k over all scored weights (a copy of them all) by per-tensor ones.
+        tensor offers its own top min(grow, its unchosen) candidates (`candidates`), and the best `grow`
+        of those are exactly the global top-`grow` (an element of the global top-k is in its tensor's
+        top-k; `admit`). This replaces one top-k over all scored weights (a copy of them all) by per-tensor
+        ones, and lets the optimizer step in backward rank each tensor as its gradient arrives.
         """
+        grow = self.growth(step)
+        if grow > 0:
+            offers = {}
+            for name, param in self.scored().items():
+                offer = self.candidates(name, param.grad, grow)
+                if offer is not None:
+                    offers[name] = offer
+            self.admit(offers, grow)
+        return self.chosen
+
+    def growth(self, step: int) -> int:
+        """How many elements join at `step`: the target minus what is chosen already."""
         assert self.chosen is not None
-        scored = self.scored()
         if getattr(self, "_counts", None) is None:
-            self._counts = {n: int(self.chosen[n].sum()) for n in scored}
-        grow = self.target(step) - sum(self._counts.values())
-        if grow <= 0:
-            return self.chosen
-        values, where = [], []
-        for name, param in scored.items():
-            k = min(grow, param.numel() - self._counts[name])
-            if k <= 0:
-                continue
-            grad = param.grad
-            score = torch.zeros(param.numel(), dtype=torch.float32, device=param.device) if grad is None else (
-                grad.detach().abs().float() / (param.detach().abs().float() + self.eps) ** self.exp).reshape(-1)
-            score.masked_fill_(self.chosen[name].reshape(-1), -math.inf)
-            top = torch.topk(score, k, sorted=False)
-            values.append(top.values.cpu())
-            where += [(name, top.indices)]
-        sizes = [len(v) for v in values]
+            self._counts = {n: int(self.chosen[n].sum()) for n in self.scored()}
+        return self.target(step) - sum(self._counts.values())
+
+    def candidates(self, name: str, grad: torch.Tensor | None, grow: int):
+        """This tensor's best min(grow, unchosen) not-yet-chosen elements by H: (scores on the CPU, flat
+        indices), or None when it has nothing to offer or is not scored."""
+        param = self.scored().get(name)
+        if param is None or grow <= 0:
+            return None
+        k = min(grow, param.numel() - self._counts[name])
+        if k <= 0:
+            return None
+        score = torch.zeros(param.numel(), dtype=torch.float32, device=param.device) if grad is None else (
+            grad.detach().abs().float() / (param.detach().abs().float() + self.eps) ** self.exp).reshape(-1)
+        score.masked_fill_(self.chosen[name].reshape(-1), -math.inf)
+        top = torch.topk(score, k, sorted=False)
+        return top.values.cpu(), top.indices
+
+    def admit(self, offers: dict, grow: int) -> dict[str, torch.Tensor]:
+        """The best `grow` of all tensors' `candidates` join the child network; returns each tensor's
+        joining flat indices."""
+        names = list(offers)
+        values = [offers[n][0] for n in names]
         best = torch.topk(torch.cat(values), grow, sorted=False).indices
-        offsets = torch.tensor([0, *sizes]).cumsum(0)
-        for i, (name, indices) in enumerate(where):
+        offsets = torch.tensor([0, *map(len, values)]).cumsum(0)
+        joined = {}
+        for i, name in enumerate(names):
             mine = best[(best >= offsets[i]) & (best < offsets[i + 1])] - offsets[i]
             if len(mine):
-                self.chosen[name].view(-1)[indices[mine.to(indices.device)]] = True
+                indices = offers[name][1][mine.to(offers[name][1].device)]
+                self.chosen[name].view(-1)[indices] = True
                 self._counts[name] += len(mine)
-        return self.chosen
+                joined[name] = indices
+        return joined

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from childtune.optim import ChildOptimizer, ChildTuningAdamW, SparseChildAdamW
-from childtune.strategies import Strategy
+from childtune.strategies import ID3, Strategy
 from childtune.training.config import ConfigError, TrainConfig
 
 
@@ -81,9 +81,10 @@ def make_optimizer(groups: list[dict[str, Any]], strategy: Strategy, config: Tra
                           f"needs a strict fixed or growing child network; {config.method} here is not one "
                           "(use --bf16 autocast with fp32 weights instead)")
     if config.optimizer_in_backward:
-        if not config.strict or strategy.kind == "per_step" or strategy.needs_gradients:
-            raise ConfigError(f"--optimizer-in-backward needs a strict child network chosen without the step's "
-                              f"gradients (child-d, random, gradual); {config.method} is not one")
+        if not config.strict or strategy.kind == "per_step" or (strategy.needs_gradients
+                                                                and not isinstance(strategy, ID3)):
+            raise ConfigError(f"--optimizer-in-backward needs a strict fixed or growing child network (child-d, "
+                              f"random, gradual, id3, id3-lora); {config.method} is not one")
         return SparseChildAdamW(groups, strategy, lr=config.lr, bias_correction=config.bias_correction,
                                 in_backward=True)
     if config.strict and strategy.kind != "per_step":
