@@ -268,3 +268,42 @@ def test_f_with_a_callers_generator_resumes_its_stream():
         again.step()
     for a, b in zip(straight, resumed, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("block", [1 << 17, 5])
+def test_f_applies_its_mask_in_one_pass_exactly_as_the_bool_mask(monkeypatch, block):
+    """`mask_gradients_` reads the random lanes directly, block by block: the same draw as `masks(step)`,
+    kept gradients scaled by exactly 1/p, dropped ones zero."""
+    from childtune import kernels
+
+    monkeypatch.setattr(kernels, "BLOCK", block)
+    params = make_params()
+    named = {f"w{i}": p for i, p in enumerate(params)}
+    strategy = ChildTuningF(0.3, seed=5)
+    strategy.bind(named)
+    for step in (0, 7):
+        grads = {n: g for n, g in zip(named, grads_for(step, params), strict=True)}
+        expected = {n: g * m * strategy.scale for (n, g), m in zip(grads.items(), strategy.masks(step).values(),
+                                                                   strict=True)}
+        strategy.mask_gradients_(step, grads)
+        for n, g in grads.items():
+            assert torch.equal(g.view(torch.int32), expected[n].view(torch.int32)), n
+
+
+@pytest.mark.parametrize("block", [1 << 17, 4])
+def test_scale_where_equals_scaling_the_masked_elements(monkeypatch, block):
+    from childtune import kernels
+
+    monkeypatch.setattr(kernels, "BLOCK", block)
+    g = torch.Generator().manual_seed(3)
+    for shape, dtype in (((5, 7), torch.float32), ((11,), torch.bfloat16)):
+        values = torch.randn(shape, generator=g).to(dtype)
+        values.view(-1)[:3] = torch.tensor([0.0, -0.0, 0.0])
+        mask = torch.rand(shape, generator=g) < 0.4
+        expected = values.clone()
+        expected[mask] = expected[mask] * (1 - 1e-3 * 0.01)
+        kernels.scale_where_(values, mask, 1 - 1e-3 * 0.01)
+        bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+        assert torch.equal(values.view(bits), expected.view(bits))
+        kernels.scale_where_(values.t() if values.dim() == 2 else values, mask.t() if mask.dim() == 2 else mask, 1.0)
+        assert torch.equal(values.view(bits), expected.view(bits))  # non-contiguous: whole tensors, same rule

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from childtune.kernels import scale_where_
 from childtune.optim.common import (
     by_name,
     child_block,
@@ -37,6 +38,7 @@ from childtune.optim.common import (
     unnamed,
 )
 from childtune.strategies.base import Strategy
+from childtune.strategies.child_f import ChildTuningF
 
 
 class ChildOptimizer(Optimizer):
@@ -87,6 +89,12 @@ class ChildOptimizer(Optimizer):
     def step(self, closure=None):
         loss = evaluate_closure(closure)
         with torch.no_grad():
+            if isinstance(self.strategy, ChildTuningF) and not self.strict:  # drawn and applied in one pass
+                self.strategy.mask_gradients_(self.steps, {n: p.grad for n, p in self.strategy.maskable().items()
+                                                           if p.grad is not None})
+                self.optimizer.step()
+                self.steps += 1
+                return loss
             masks = self.strategy.masks(self.steps)
             kept = self._mask(masks)
             if self._no_copy:
@@ -115,7 +123,7 @@ class ChildOptimizer(Optimizer):
                     if mask is None:
                         p.mul_(factor)
                     else:
-                        p[mask] = p[mask] * factor
+                        scale_where_(p, mask, factor)  # one compiled pass (childtune.kernels)
                 group["weight_decay"] = 0.0
             self.optimizer.step()
         finally:

@@ -8,15 +8,22 @@ overhead. One `random_` call fills a flat int64 buffer, read as 16-bit lanes, on
 single comparison turns it into the mask: a quarter of the random bits and time of `torch.rand`. The
 keep probability is therefore p rounded to a multiple of 2^-16 (|error| <= 7.6e-6), far below the
 sampling noise of any real mask; `keep_probability` reports the exact value.
+
+Applying the mask costs more than drawing it when done as `grad *= bool_mask`: torch's CPU kernel
+converts the bools to floats one by one (benchmarks/RESULTS.md, the F draw table). `mask_gradients_`
+instead reads the random lanes directly, `g <- (lane < threshold) ? g / p : 0`, block by block in
+cache (`childtune.kernels`): no bool mask is built, and the values are those of `g * mask / p`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
+from childtune.kernels import keep_lanes_
 from childtune.masks import Masks, check_probability
 from childtune.strategies.base import NetworkKind, Strategy
 
@@ -59,8 +66,10 @@ class ChildTuningF(Strategy):
         self._random = torch.empty((total + _LANES - 1) // _LANES, dtype=torch.int64, device=device)
         self._lanes = self._random.view(torch.int16)[:total]
         self._buffer = torch.empty(total, dtype=torch.bool, device=device)
-        flat = self._buffer.split([p.numel() for p in maskable.values()])
+        sizes = [p.numel() for p in maskable.values()]
+        flat = self._buffer.split(sizes)
         self._views = {n: v.view(p.shape) for (n, p), v in zip(maskable.items(), flat, strict=True)}
+        self._lane_views = dict(zip(maskable, self._lanes.split(sizes), strict=True))
         if self.generator is None:
             self._own = torch.Generator(device=device)
 
@@ -86,9 +95,21 @@ class ChildTuningF(Strategy):
     def masks(self, step: int) -> Masks:
         if self.p == 1.0:
             return {}
+        self._draw(step)
+        torch.lt(self._lanes, self._threshold, out=self._buffer)
+        return self._views
+
+    def mask_gradients_(self, step: int, grads: Mapping[str, torch.Tensor]) -> None:
+        """In place, `grads[name] <- grads[name] * masks(step)[name] / p`, without building the bool masks
+        (module docstring). `grads` holds maskable parameters' gradients by name."""
+        if self.p == 1.0:
+            return
+        self._draw(step)
+        for name, grad in grads.items():
+            keep_lanes_(grad, self._lane_views[name].view(grad.shape), self._threshold, self.scale)
+
+    def _draw(self, step: int) -> None:
         generator = self.generator
         if generator is None:
             generator = self._own.manual_seed((self.seed * _MIX + step) % 2**63)
         self._random.random_(-(2**63), 2**63 - 1, generator=generator)
-        torch.lt(self._lanes, self._threshold, out=self._buffer)
-        return self._views
