@@ -505,14 +505,15 @@ def explain_misses(sections: list[Section]) -> list[str]:
     """One honest sentence per missed target, keyed by what the table row measures."""
     reasons = [  # (section title starts with, row label starts with, why)
         ("Optimizer step", "F: ", "Child-Tuning_F's overhead is work on every weight on every step: 16 random "
-         "bits from torch's single-threaded generator, a comparison, and multiplying each gradient by the bool mask "
-         "(the largest part) and by 1/p; see the draw table. Against AdamW foreach that is more than half a step "
-         "again. Over the fused AdamW (one pass per weight for the whole update) F fits the 1.5x budget."),
+         "bits from torch's single-threaded generator (the largest part now), a comparison, and the multiply by mask "
+         "and 1/p (block by block in cache for ChildOptimizer; the authors' drop-in multiplies whole tensors by a bool "
+         "mask); see the draw table. Over the fused AdamW F fits the 1.5x budget."),
         ("Optimizer step", "D: ChildTuningAdamW", "Unmasked, the authors' drop-in is as fast as AdamW foreach (its "
          "mode=None row); with D's mask it pays the bool multiply and the sqrt over zero second moments, as "
          "ChildOptimizer does."),
-        ("Optimizer step", "D: ChildOptimizer strict", "Strict mode clones every masked tensor and puts non-child "
-         "elements back with `torch.where`: extra passes over the model. SparseChildAdamW is strict without them."),
+        ("Optimizer step", "D: ChildOptimizer strict", "Strict AdamW copies nothing any more (optim/masked.py), but "
+         "its weight decay restricted to the child network is one more masked pass over every weight, on top of the "
+         "bool gradient mask and the sqrt over zero moments. SparseChildAdamW is strict without any of them."),
         ("Optimizer step", "D: ChildOptimizer", "Two costs: multiplying every gradient by a bool mask (torch's CPU "
          "kernel converts bool to float element by element; draw table), and the wrapped AdamW itself running slower "
          "on masked gradients, because it takes the square root of the exactly-zero second moment of every non-child "
@@ -527,14 +528,15 @@ def explain_misses(sections: list[Section]) -> list[str]:
          "bit per weight, +0.016) would meet p + 0.02, but turning it into positions is a pass over every weight "
          "on every step: the dense cost this optimizer exists to avoid."),
         ("Whole", "child-f", "The F mask draw and gradient multiply (tables above) are paid on every step."),
-        ("Whole", "child-d", "D's gradient mask, AdamW's sqrt over zero moments and the strict restore (optimizer "
+        ("Whole", "child-d", "D's gradient mask, AdamW's sqrt over zero moments and the child-only decay (optimizer "
          "table); `child-d sparse` is the same method without them."),
-        ("Whole", "random", "The bool mask multiply, AdamW's sqrt over zero moments and the strict restore, on every "
+        ("Whole", "random", "The bool mask multiply, AdamW's sqrt over zero moments and the child-only decay, on every "
          "weight, to update 1% of them; `random p=0.01 sparse` is the same method without them."),
-        ("Whole", "id3", "ID3 scores every weight (|g| / (|w| + eps)) and runs a top-k over all of them on every "
-         "step while its child network grows, which by design is the whole run."),
-        ("Whole", "gradual", "Frozen blocks still get gradients, bool masks, zero second moments and the strict "
-         "restore; `gradual sparse` is the same method without them."),
+        ("Whole", "id3", "ID3 scores every not-yet-chosen weight (|g| / (|w| + eps)) on every step while its child "
+         "network grows, which by design is the whole run; the per-tensor top-`grow` that replaced one global top-k "
+         "is cheap next to that scoring pass over every weight."),
+        ("Whole", "gradual", "Frozen blocks still get gradients, bool masks, zero second moments and the child-only "
+         "decay; `gradual sparse` is the same method without them."),
         ("Delta", "0.01", "Not reachable for a random child network with float32 values: naming which 1% of "
          "elements changed takes at least log2(1/p) + 1.44 = 8.1 bits per element (the entropy of the mask), while "
          "1.2p leaves 0.2 x 32 = 6.4 bits. Structured child networks (whole rows, D's clustered choice) compress "
