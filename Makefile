@@ -32,7 +32,7 @@ demo: install
 		--train-size 1000 --output runs/demo --overwrite
 
 bench: install
-	$(PY) benchmarks/bench.py --output benchmarks/RESULTS.md
+	$(PY) benchmarks/bench.py --memory-scale --output benchmarks/RESULTS.md
 
 # The evidence of docs/RESULTS.md, in the order the study issue asks for it. Every finished cell is a line
 # of docs/ledger.jsonl (commit it); rerunning skips what the ledger holds, so this resumes anywhere.

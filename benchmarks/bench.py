@@ -34,6 +34,7 @@ import safetensors.torch
 import torch
 import transformers
 from llm import llm_section
+from memory import memory_section
 from timing import Row, Section, interleaved, ratio, timing_rows, verdict
 from tqdm.auto import tqdm
 
@@ -481,7 +482,7 @@ def render(sections: list[Section], command: str, started: float, load: tuple, m
         "# Benchmarks",
         "",
         f"Produced by `{command}` on {datetime.date.today().isoformat()}, in {time.time() - started:.0f} s "
-        "(`make bench` runs `python benchmarks/bench.py --output benchmarks/RESULTS.md`).",
+        "(`make bench` runs `python benchmarks/bench.py --memory-scale --output benchmarks/RESULTS.md`).",
         "",
         f"Machine: {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__} with {THREADS} threads, transformers "
         f"{transformers.__version__}, Python {platform.python_version()}. Load average (1 min) at start "
@@ -579,6 +580,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", default="auto", help="torch threads: a number, or 'auto' (see THREAD_NOTE)")
     parser.add_argument("--llm-repeats", type=int, default=4, help="timed repeats of each SmolLM2 training step")
     parser.add_argument("--no-llm", action="store_true", help="skip the SmolLM2 table (minutes on a CPU)")
+    parser.add_argument("--memory-scale", action="store_true",
+                        help="add the memory table: Llama shapes up to 0.67B, each setting in its own process "
+                             "(about 15 minutes on this CPU)")
     parser.add_argument("--only-llm", action="store_true", help="only the SmolLM2 table")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run with few repeats and examples")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
@@ -601,6 +605,8 @@ def main(argv: list[str] | None = None) -> None:
     sections = [] if args.only_llm else minilm_sections(args)
     if not args.no_llm:
         sections.append(llm_section(args.llm_repeats))
+    if args.memory_scale:
+        sections.append(memory_section(THREADS))
     text = render(sections, command, started, load, explain_misses(sections))
     atomic_write(args.output, text)
     print(text)
