@@ -365,3 +365,37 @@ def test_bf16_weights_with_fp32_masters_change_only_child_elements_and_track_fp3
         assert state["exp_avg"].dtype == torch.float32 and state["master"].dtype == torch.float32
     child = sum(int(m.sum()) for m in mask.values())
     assert sum(masters.state[p]["master"].numel() for p in bf16.values() if "master" in masters.state[p]) >= child
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_accumulation_in_backward_buffers_child_gradients_and_equals_the_ordinary_step(dtype):
+    """Three micro-batches per update: hooks keep only child-sized buffers, free every gradient, and
+    the update equals the ordinary step on the gradients autograd accumulates."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype)
+    twin = copy.deepcopy(model)
+
+    def named(m):
+        return {"layer.0.w": m[0].weight, "layer.0.b": m[0].bias, "layer.1.w": m[2].weight, "classifier.b": m[2].bias}
+
+    ordinary = SparseChildAdamW(named(model), RandomMasking(0.3, seed=2), lr=LR, weight_decay=WD)
+    hooked = SparseChildAdamW(named(twin), RandomMasking(0.3, seed=2), lr=LR, weight_decay=WD, in_backward=True)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        parts = [(torch.randn(4, 6, generator=g).to(dtype), torch.randn(4, 3, generator=g).to(dtype)) for _ in range(3)]
+        for x, y in parts:
+            (torch.nn.functional.mse_loss(model(x), y) / 3).backward()
+        ordinary.step()
+        ordinary.zero_grad()
+        for i, (x, y) in enumerate(parts):
+            hooked.accumulating = i < 2
+            (torch.nn.functional.mse_loss(twin(x), y) / 3).backward()
+            assert all(p.grad is None for p in twin.parameters())
+            if i < 2:  # a buffer per parameter, of its child's size (the dense head: its own size)
+                sizes = {hooked.names[p]: b.numel() for p, b in hooked._buffers.items()}
+                assert sizes["layer.0.w"] == int(hooked.strategy.masks(0)["layer.0.w"].sum())
+        hooked.step()
+        assert not hooked._buffers
+        for name, p in named(model).items():
+            torch.testing.assert_close(named(twin)[name], p, rtol=0, atol=1e-7 if dtype == torch.float32 else 0,
+                                       msg=name)

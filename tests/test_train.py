@@ -375,8 +375,12 @@ def test_a_run_with_the_optimizer_step_in_backward_equals_the_ordinary_run(tiny_
         torch.testing.assert_close(hooked[name], tensor, rtol=0, atol=1e-6, msg=name)
     with pytest.raises(ValueError, match="needs a strict fixed or growing child network"):
         train(replace(base, method="child-f", optimizer_in_backward=True))
-    with pytest.raises(ValueError, match="grad_accum must be 1"):
-        replace(base, optimizer_in_backward=True, grad_accum=2).resolved()
+    accumulated = replace(base, grad_accum=3)  # child gradients buffered by the hooks until the last micro-batch
+    ordinary, hooked = _final_params(accumulated), _final_params(replace(accumulated, optimizer_in_backward=True))
+    for name, tensor in ordinary.items():
+        torch.testing.assert_close(hooked[name], tensor, rtol=0, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="cannot accumulate gradients"):
+        train(replace(id3, grad_accum=2, optimizer_in_backward=True))
 
 
 def test_a_bf16_run_keeps_fp32_masters_and_learns(tiny_task):

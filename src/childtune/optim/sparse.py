@@ -30,7 +30,10 @@ their gradient values: at most `grow` of each); after backward `step()` admits t
 all candidates (the same set as the global top-k, see `ID3.masks`) and gives those joiners their first
 update from the kept gradient values, which is the update `step()` would have given them. Global-norm
 clipping needs every gradient before any update, so it is not possible there (the training loop turns
-it off and says so).
+it off and says so). Gradient accumulation: while `accumulating` is set (every micro-batch but the
+update's last), a hook adds its parameter's child-element gradient to a buffer of the child's size
+and frees the full gradient; the last micro-batch's hook adds its own and updates, the same sums
+autograd would have formed. ID3 cannot accumulate in backward (it ranks the whole update's gradient).
 """
 
 from __future__ import annotations
@@ -103,6 +106,8 @@ class SparseChildAdamW(Optimizer):
         self.in_backward = in_backward
         self._offers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # ID3 in backward
         self._grow: int | None = None
+        self.accumulating = False  # in backward: True while a micro-batch that is not the update's last runs
+        self._buffers: dict[torch.Tensor, torch.Tensor] = {}  # child gradients accumulated so far, per parameter
         if in_backward:
             self._group_of = {p: g for g in self.param_groups for p in g["params"]}
             for p in self.names:
@@ -135,6 +140,9 @@ class SparseChildAdamW(Optimizer):
                                "backward, updates already made to other parameters cannot be undone")
         name = self.names[param]
         if isinstance(self.strategy, ID3):  # update the chosen; keep this tensor's candidates (module docstring)
+            if self.accumulating or self._buffers:
+                raise RuntimeError("ID3 ranks the whole update's gradient, which is not known until the last "
+                                   "micro-batch: it cannot accumulate gradients with the step in backward")
             if self._grow is None:
                 self._grow = self.strategy.growth(self.steps)
             offer = self.strategy.candidates(name, param.grad, self._grow)
@@ -144,9 +152,20 @@ class SparseChildAdamW(Optimizer):
         else:
             mask = self.strategy.masks(self.steps).get(name)
         state = self._sync(param, mask)
-        state["step"] += 1
         if "exp_avg" in state:
-            _adamw(self._group_of[param], [(param, state)])
+            index = state.get("index")
+            grad = param.grad if index is None else param.grad.reshape(-1).index_select(0, index)
+            grad = grad.float() if "master" in state else grad
+            if param in self._buffers:  # earlier micro-batches' child gradients, then this one's: as autograd adds
+                grad = self._buffers.pop(param).add_(grad)
+            if self.accumulating:
+                self._buffers[param] = grad  # a gather, or the gradient itself, which autograd will not reuse
+                param.grad = None
+                return
+            state["step"] += 1
+            _adamw(self._group_of[param], [(param, state)], [grad])
+        elif not self.accumulating:
+            state["step"] += 1
         param.grad = None
 
     @torch.no_grad()

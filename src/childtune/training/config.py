@@ -238,9 +238,9 @@ class TrainConfig:
         _check(self.kind in (None, "classification", "regression", "generation"), "kind", self.kind,
                "'classification', 'regression' or 'generation'")
         _check(self.output is None or bool(self.output.strip()), "output", self.output, "a folder name, not empty")
-        if self.optimizer_in_backward and (self.grad_accum != 1 or self.nonfinite != "stop"):
-            raise ConfigError("optimizer_in_backward updates during backward: it cannot accumulate gradients "
-                              "(grad_accum must be 1) nor skip a non-finite step (nonfinite must be 'stop')")
+        if self.optimizer_in_backward and self.nonfinite != "stop":
+            raise ConfigError("optimizer_in_backward updates during backward: it cannot skip a non-finite step "
+                              "(nonfinite must be 'stop')")
         if files and self.text_col == self.label_col:
             raise ConfigError(f"text_col and label_col are both {self.text_col!r}: the model would read the label")
         _check(self.reserve_p is None or 0 < self.reserve_p <= 1, "reserve_p", self.reserve_p, "in (0, 1]")

@@ -248,6 +248,8 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> float | Non
             with autocast:
                 micro = model(**to_device(part, model)).loss * share
             finite_loss = finite_loss and bool(torch.isfinite(micro))
+            if config.optimizer_in_backward:  # hooks buffer child gradients until the update's last micro-batch
+                optimizer.accumulating = i < len(parts) - 1
             if not finite_loss and config.optimizer_in_backward:  # backward would already update weights
                 raise TrainError(f"non-finite loss at epoch {state.epoch}, batch {state.batch} (after {state.step} "
                                  "updates); the weights were not updated. Lower --lr")

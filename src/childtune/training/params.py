@@ -85,6 +85,9 @@ def make_optimizer(groups: list[dict[str, Any]], strategy: Strategy, config: Tra
                                                                 and not isinstance(strategy, ID3)):
             raise ConfigError(f"--optimizer-in-backward needs a strict fixed or growing child network (child-d, "
                               f"random, gradual, id3, id3-lora); {config.method} is not one")
+        if config.grad_accum > 1 and strategy.needs_gradients:
+            raise ConfigError(f"{config.method} ranks the whole update's gradient, unknown before the last "
+                              "micro-batch: --optimizer-in-backward cannot accumulate gradients for it (grad_accum 1)")
         return SparseChildAdamW(groups, strategy, lr=config.lr, bias_correction=config.bias_correction,
                                 in_backward=True)
     if config.strict and strategy.kind != "per_step":
