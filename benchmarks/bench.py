@@ -275,7 +275,7 @@ def draw_section(model, args) -> Section:
                                                                torch.zeros_like(g))), dynamic=True)
 
     def compiled_apply(step):
-        strategy._draw(step)
+        strategy.draw(step)
         for name, g in by_name.items():
             kernel(g.view(-1), lanes[name])
 

@@ -14,6 +14,13 @@ move it. So the decay is taken out of the inner step and applied to the child el
 (`p[mask] *= 1 - lr * wd`, AdamW's own formula), and nothing is copied. Per-step masks (Child-Tuning_F),
 whose weights had gradients on earlier steps, and other optimizers keep the copy-and-restore.
 
+`in_backward=True` steps each parameter inside backward (a post-accumulate-grad hook: the inner
+optimizer then sees this parameter's gradient alone, every other being None) and frees its gradient at
+once, so the model's gradients never coexist. Child-Tuning_F draws once per step, at the first hook,
+and each hook reads its parameter's share of that draw: the same masks and updates as `step()`. While
+`accumulating` is set, hooks leave gradients for autograd to add the next micro-batch to. Gradients
+a whole-step choice needs (ID3) belong to `SparseChildAdamW(in_backward=True)`.
+
 The inner optimizer defaults to torch's fastest AdamW for the parameters: `fused=True` when neither
 `fused` nor `foreach` is given and every parameter is a floating-point tensor on a CPU or CUDA device
 (benchmarks/RESULTS.md measures fused at a quarter of the foreach step on this CPU).
@@ -57,6 +64,7 @@ class ChildOptimizer(Optimizer):
         optimizer: type[Optimizer] = torch.optim.AdamW,
         *,
         strict: bool = False,
+        in_backward: bool = False,
         **optimizer_kwargs: Any,
     ) -> None:
         groups = named_groups(named_params)
@@ -76,6 +84,20 @@ class ChildOptimizer(Optimizer):
         self._no_copy = (strict and strategy.kind != "per_step" and not l2
                          and optimizer in (torch.optim.AdamW, torch.optim.Adam)
                          and not any(g.get("maximize") for g in self.param_groups))
+        self.in_backward = in_backward
+        self._names = {id(p): n for n, p in self.named.items()}
+        self.accumulating = False  # in backward: True while a micro-batch that is not the update's last runs
+        self._drawn: int | None = None  # the step whose F draw the hooks have made
+        if in_backward:
+            if strict and not self._no_copy:
+                raise ValueError("a strict ChildOptimizer that copies and restores weights around the step "
+                                 "(per-step masks, or an optimizer other than Adam/AdamW) cannot step in backward")
+            if strategy.needs_gradients:
+                raise ValueError(f"{type(strategy).__name__} chooses its child network from the whole step's "
+                                 "gradients: use SparseChildAdamW(in_backward=True) for it")
+            for p in self.named.values():
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(self._update_in_backward)
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.optimizer.state_dict(), "child_tuning": child_block(self.steps, self.strategy)}
@@ -86,8 +108,39 @@ class ChildOptimizer(Optimizer):
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
 
+    @torch.no_grad()
+    def _update_in_backward(self, param: torch.Tensor) -> None:
+        """One parameter's masked update as soon as backward has its gradient, which is then freed. The inner
+        optimizer steps only this parameter (every other gradient is None), with the mask the whole-model
+        step would use: for F, one draw per step shared by all hooks, read through this parameter's lanes."""
+        if self.accumulating:  # autograd adds the next micro-batch's gradient to this one
+            return
+        if not torch.isfinite(param.grad).all():
+            raise RuntimeError(f"non-finite gradient for {self._names[id(param)]!r}: with the optimizer step in "
+                               "backward, updates already made to other parameters cannot be undone")
+        name = self._names[id(param)]
+        if isinstance(self.strategy, ChildTuningF):
+            if self._drawn != self.steps:
+                self.strategy.draw(self.steps)
+                self._drawn = self.steps
+            if name in self.strategy.maskable():
+                self.strategy.apply_drawn_(name, param.grad)
+            self.optimizer.step()
+        else:
+            mask = self.strategy.masks(self.steps).get(name)
+            if mask is not None:
+                mask_gradients_([param.grad], [mask], self.strategy.scale)
+            if self._no_copy:
+                self._step_decaying_the_child_only({name: mask} if mask is not None else {})
+            else:
+                self.optimizer.step()
+        param.grad = None
+
     def step(self, closure=None):
         loss = evaluate_closure(closure)
+        if self.in_backward:  # the parameters were updated during backward; the next masks see the next step
+            self.steps += 1
+            return loss
         with torch.no_grad():
             if isinstance(self.strategy, ChildTuningF) and not self.strict:  # drawn and applied in one pass
                 self.strategy.mask_gradients_(self.steps, {n: p.grad for n, p in self.strategy.maskable().items()

@@ -95,7 +95,7 @@ class ChildTuningF(Strategy):
     def masks(self, step: int) -> Masks:
         if self.p == 1.0:
             return {}
-        self._draw(step)
+        self.draw(step)
         torch.lt(self._lanes, self._threshold, out=self._buffer)
         return self._views
 
@@ -104,11 +104,18 @@ class ChildTuningF(Strategy):
         (module docstring). `grads` holds maskable parameters' gradients by name."""
         if self.p == 1.0:
             return
-        self._draw(step)
+        self.draw(step)
         for name, grad in grads.items():
+            self.apply_drawn_(name, grad)
+
+    def apply_drawn_(self, name: str, grad: torch.Tensor) -> None:
+        """`grad <- grad * mask / p` for one parameter, with the mask of the last `draw` (an optimizer stepping
+        in backward draws once per step and applies it parameter by parameter as gradients arrive)."""
+        if self.p != 1.0:
             keep_lanes_(grad, self._lane_views[name].view(grad.shape), self._threshold, self.scale)
 
-    def _draw(self, step: int) -> None:
+    def draw(self, step: int) -> None:
+        """Fill the random lanes for `step`: every parameter's mask at once, a function of (seed, step)."""
         generator = self.generator
         if generator is None:
             generator = self._own.manual_seed((self.seed * _MIX + step) % 2**63)

@@ -127,9 +127,8 @@ class TrainConfig:
     dtype: str = field(default="fp32", metadata=_opt(
         "weights in 'fp32', or 'bf16' with fp32 masters for the child elements only (strict sparse runs)"))
     optimizer_in_backward: bool = field(default=False, metadata=_opt(
-        "update each parameter inside backward and free its gradient at once (strict fixed or growing child "
-        "networks; "
-        "turns off global-norm clipping, which needs every gradient first)"))
+        "update each parameter inside backward and free its gradient at once (every method but the authors' "
+        "AdamW runs; turns off global-norm clipping, which needs every gradient first)"))
     eval_batch_size: int = field(default=64, metadata=_opt("evaluation batch size"))
     weight_decay: float | None = field(default=None, metadata=_opt(
         "AdamW decoupled weight decay (not on bias/LayerNorm)"))

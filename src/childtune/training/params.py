@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from childtune.optim import ChildOptimizer, ChildTuningAdamW, SparseChildAdamW
-from childtune.strategies import ID3, Strategy
+from childtune.strategies import Strategy
 from childtune.training.config import ConfigError, TrainConfig
 
 
@@ -81,10 +81,11 @@ def make_optimizer(groups: list[dict[str, Any]], strategy: Strategy, config: Tra
                           f"needs a strict fixed or growing child network; {config.method} here is not one "
                           "(use --bf16 autocast with fp32 weights instead)")
     if config.optimizer_in_backward:
-        if not config.strict or strategy.kind == "per_step" or (strategy.needs_gradients
-                                                                and not isinstance(strategy, ID3)):
-            raise ConfigError(f"--optimizer-in-backward needs a strict fixed or growing child network (child-d, "
-                              f"random, gradual, id3, id3-lora); {config.method} is not one")
+        if not sparse:  # Child-Tuning_F, non-strict runs: torch's AdamW stepped parameter by parameter
+            if config.optimizer == "authors" or config.strict:
+                raise ConfigError(f"--optimizer-in-backward steps torch's AdamW per parameter; {config.method} "
+                                  "here needs the authors' AdamW or a strict restore around the whole step")
+            return ChildOptimizer(groups, strategy, torch.optim.AdamW, lr=config.lr, fused=True, in_backward=True)
         if config.grad_accum > 1 and strategy.needs_gradients:
             raise ConfigError(f"{config.method} ranks the whole update's gradient, unknown before the last "
                               "micro-batch: --optimizer-in-backward cannot accumulate gradients for it (grad_accum 1)")
