@@ -220,13 +220,7 @@ class SparseChildAdamW(Optimizer):
         _adamw(self._group_of[param], [(param, new)], [grad.float() if low else grad])
         for key in ("index", "exp_avg", "exp_avg_sq", *(("master",) if low else ())):
             state[key] = torch.cat([state[key], new[key]]) if key in state else new[key]
-        joined = new["cohort_joined"][0]
-        sizes, starts = state.setdefault("cohort_sizes", []), state.setdefault("cohort_joined", [])
-        if starts and starts[-1] == joined:
-            sizes[-1] += len(indices)
-        else:
-            sizes.append(len(indices))
-            starts.append(joined)
+        _add_cohort(state, new["cohort_joined"][0], len(indices))
 
     def _sync(self, param: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
         """Bring `param`'s state in line with its mask (None: all of it), appending elements that joined."""
@@ -264,13 +258,18 @@ class SparseChildAdamW(Optimizer):
             for key, tail in tails:
                 state[key] = torch.cat([state[key], tail]) if key in state else tail.clone()
         joined = state["step"] if self.bias_correction == "element" else 0  # "tensor": counted from its first step
-        sizes, starts = state.setdefault("cohort_sizes", []), state.setdefault("cohort_joined", [])
-        if starts and starts[-1] == joined:
-            sizes[-1] += now - had
-        else:
-            sizes.append(now - had)
-            starts.append(joined)
+        _add_cohort(state, joined, now - had)
         return state
+
+
+def _add_cohort(state: dict[str, Any], joined: int, count: int) -> None:
+    """Record `count` elements appended to the state that joined at tensor step `joined` (runs merged)."""
+    sizes, starts = state.setdefault("cohort_sizes", []), state.setdefault("cohort_joined", [])
+    if starts and starts[-1] == joined:
+        sizes[-1] += count
+    else:
+        sizes.append(count)
+        starts.append(joined)
 
 
 def _size(param: torch.Tensor, state: Mapping[str, Any]) -> int:
