@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
+from conftest import mlp_names, step_side_by_side, twin_mlps
 
 from childtune import ID3, ChildOptimizer, ChildTuningAdamW, ChildTuningF, FullFineTuning, RandomMasking
 
@@ -314,23 +314,15 @@ def test_scale_where_equals_scaling_the_masked_elements(monkeypatch, block):
 def test_child_optimizer_in_backward_equals_the_ordinary_step(strategy):
     """Per-parameter updates inside backward: F's one draw per step read parameter by parameter, a fixed
     mask with the child-only decay; same weights as the whole-model step, every gradient freed at once."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-    twin = copy.deepcopy(model)
+    model, twin = twin_mlps()
     strict = not isinstance(strategy(), ChildTuningF)
-    ordinary = ChildOptimizer(dict(model.named_parameters()), strategy(), strict=strict, lr=LR, weight_decay=WD)
-    hooked = ChildOptimizer(dict(twin.named_parameters()), strategy(), strict=strict, lr=LR, weight_decay=WD,
-                            in_backward=True)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(4):
-        x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        ordinary.step()
-        ordinary.zero_grad()
-        torch.nn.functional.mse_loss(twin(x), y).backward()
-        assert all(p.grad is None for p in twin.parameters())
-        hooked.step()
+    ordinary = ChildOptimizer(mlp_names(model), strategy(), strict=strict, lr=LR, weight_decay=WD)
+    hooked = ChildOptimizer(mlp_names(twin), strategy(), strict=strict, lr=LR, weight_decay=WD, in_backward=True)
+
+    def same():
         for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
             assert torch.equal(a, b), name
+
+    step_side_by_side(model, twin, ordinary, hooked, 4, same)
     with pytest.raises(ValueError, match="SparseChildAdamW"):
         ChildOptimizer(dict(twin.named_parameters()), ID3(3, total_steps=2), in_backward=True)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import io
 import math
 from dataclasses import dataclass, field
 
 import pytest
 import torch
+from conftest import mlp_names, step_side_by_side, twin_mlps
 
 from childtune import ChildOptimizer
 from childtune.optim.sparse import SparseChildAdamW, state_bytes
@@ -295,29 +295,19 @@ def test_bias_correction_of_a_late_joiner_starts_at_one():
 def test_the_step_in_backward_equals_the_ordinary_step_and_frees_gradients(make, correction):
     """Each parameter updated by a hook as soon as its gradient exists gives the same weights; for ID3
     (candidates kept per tensor, joiners admitted and updated after backward) the same child network too."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-    twin = copy.deepcopy(model)
-    names = {"layer.0.w": model[0].weight, "layer.0.b": model[0].bias, "layer.1.w": model[2].weight,
-             "classifier.b": model[2].bias}
-    twins = {"layer.0.w": twin[0].weight, "layer.0.b": twin[0].bias, "layer.1.w": twin[2].weight,
-             "classifier.b": twin[2].bias}
+    model, twin = twin_mlps()
+    names, twins = mlp_names(model), mlp_names(twin)
     ordinary = SparseChildAdamW(names, make(names), lr=LR, weight_decay=WD, bias_correction=correction)
     hooked = SparseChildAdamW(twins, make(twins), lr=LR, weight_decay=WD, bias_correction=correction,
                               in_backward=True)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(5):
-        x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        ordinary.step()
-        ordinary.zero_grad()
-        torch.nn.functional.mse_loss(twin(x), y).backward()
-        assert all(p.grad is None for p in twin.parameters())  # freed inside backward
-        hooked.step()
+
+    def same():
         for name in names:
             torch.testing.assert_close(twins[name], names[name], rtol=0, atol=1e-7, msg=name)
         if isinstance(ordinary.strategy, ID3):
             assert all(torch.equal(hooked.strategy.chosen[n], m) for n, m in ordinary.strategy.chosen.items())
+
+    step_side_by_side(model, twin, ordinary, hooked, 5, same)
     if isinstance(ordinary.strategy, ID3):
         chosen = sum(int(m.sum()) for n, m in ordinary.strategy.chosen.items() if n in ordinary.strategy.scored())
         assert chosen == ordinary.strategy.size  # grown to its budget, in backward as ordinarily
@@ -371,13 +361,8 @@ def test_bf16_weights_with_fp32_masters_change_only_child_elements_and_track_fp3
 def test_accumulation_in_backward_buffers_child_gradients_and_equals_the_ordinary_step(dtype):
     """Three micro-batches per update: hooks keep only child-sized buffers, free every gradient, and
     the update equals the ordinary step on the gradients autograd accumulates."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype)
-    twin = copy.deepcopy(model)
-
-    def named(m):
-        return {"layer.0.w": m[0].weight, "layer.0.b": m[0].bias, "layer.1.w": m[2].weight, "classifier.b": m[2].bias}
-
+    model, twin = twin_mlps(dtype)
+    named = mlp_names
     ordinary = SparseChildAdamW(named(model), RandomMasking(0.3, seed=2), lr=LR, weight_decay=WD)
     hooked = SparseChildAdamW(named(twin), RandomMasking(0.3, seed=2), lr=LR, weight_decay=WD, in_backward=True)
     g = torch.Generator().manual_seed(1)
