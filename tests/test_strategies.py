@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from childtune import ID3, ChildOptimizer, ChildTuningD, ChildTuningF, GradualUnfreezing, RandomMasking
@@ -196,6 +199,22 @@ def test_parameter_types_from_names(tiny_bert):
     assert kinds["bert.encoder.layer.0.output.dense.weight"] == "ffn"
     assert kinds["bert.embeddings.word_embeddings.weight"] == "embedding"
     assert kinds["classifier.weight"] == "head"
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([-2.0, -0.0, 0.0, 0.5, 1.0, 3.0, float("inf")]), min_size=1, max_size=7),
+                min_size=1, max_size=4), st.data())
+def test_top_k_takes_the_largest_then_ties_by_position(values, data):
+    """Exact count; every chosen score >= every unchosen one; at the threshold the first by position."""
+    scores = {f"t{i}": torch.tensor(v) for i, v in enumerate(values)}
+    flat = torch.cat(list(scores.values()))
+    k = data.draw(st.integers(0, flat.numel()))
+    chosen = torch.cat([m.reshape(-1) for m in top_k(scores, k).values()])
+    assert int(chosen.sum()) == k
+    if 0 < k < flat.numel():
+        assert flat[chosen].min() >= flat[~chosen].max()
+        rank = [(-x, math.copysign(1.0, x) < 0, i) for i, x in enumerate(flat.tolist())]  # +0.0 above -0.0
+        assert chosen.nonzero().squeeze(1).tolist() == sorted(i for *_, i in sorted(rank)[:k])
 
 
 def test_id3_per_tensor_candidates_choose_exactly_the_global_top_k(tiny_bert):

@@ -58,22 +58,61 @@ def top_k(scores: Mapping[str, torch.Tensor], k: int) -> Masks:
     """Exactly the `k` highest-scoring elements across all tensors, as masks.
 
     A percentile threshold (the authors' `score >= np.percentile(...)`) keeps every tie and so can
-    overshoot the requested size; selecting indices keeps the count exact.
+    overshoot the requested size; this cut keeps the count exact, breaking ties at the threshold by
+    position (tensor order, then flat index), so the choice is deterministic.
+
+    Memory: one bool per element, the masks themselves. A global `torch.topk` would need a copy of
+    every score plus its sort buffers (about 20 bytes per weight on the CPU: more than the weights,
+    gradients and AdamW state of dense training together, and what made a 0.67B model's Fisher pass run
+    out of memory in `make bench`). Instead the k-th largest value is found by bisection on the scores'
+    order-preserving integer keys, 32 counting passes over the tensors as they are, then every element
+    above it and the first ones at it are marked.
     """
     names = list(scores)
-    flat = torch.cat([scores[n].detach().reshape(-1).float() for n in names]) if names else torch.empty(0)
-    if not 0 <= k <= flat.numel():
-        raise ValueError(f"cannot choose {k} elements out of {flat.numel()}")
-    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-    if k:
-        chosen[torch.topk(flat, k, sorted=False).indices] = True
+    total = sum(scores[n].numel() for n in names)
+    if not 0 <= k <= total:
+        raise ValueError(f"cannot choose {k} elements out of {total}")
+    if any(bool(torch.isnan(scores[n]).any()) for n in names):
+        raise ValueError("scores hold NaN, which has no rank")
+
+    signed = any(bool((scores[n] < 0).any()) for n in names)  # Fisher scores never are: keys are their bits
+
+    def key(n: str) -> torch.Tensor:
+        return _key(scores[n], signed)
+
+    def at_least(t: int) -> int:
+        return sum(int((key(n) >= t).sum()) for n in names)
+
+    if k == 0:
+        return {n: torch.zeros_like(scores[n], dtype=torch.bool) for n in names}
+    low, high = -(2**31), 2**31 - 1  # invariant: at_least(low) >= k > at_least(high + 1)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if at_least(mid) >= k:
+            low = mid
+        else:
+            high = mid - 1
     out: Masks = {}
-    offset = 0
+    ties = k - sum(int((key(n) > low).sum()) for n in names)  # at the threshold still to take, by position
     for n in names:
-        numel = scores[n].numel()
-        out[n] = chosen[offset : offset + numel].view(scores[n].shape).to(scores[n].device)
-        offset += numel
+        keys = key(n)
+        mask = keys > low
+        if ties > 0:
+            at = (keys == low).reshape(-1).nonzero().squeeze(1)[:ties]
+            mask.view(-1)[at] = True
+            ties -= len(at)
+        out[n] = mask
     return out
+
+
+def _key(t: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Integer keys ordered as the float32 values are: the IEEE bits as int32 for values >= 0 (a view, no
+    copy); with negative values, int64 keys with the negative half reflected (-0.0 just below +0.0)."""
+    bits = t.detach().float().contiguous().view(torch.int32)
+    if not signed:
+        return bits
+    bits = bits.long()
+    return torch.where(bits < 0, -(2**31) - 1 - bits, bits)
 
 
 def top_fraction(scores: Mapping[str, torch.Tensor], p: float, per_layer: bool = False) -> Masks:
