@@ -115,7 +115,10 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
     if config.dtype == "bf16":  # half the weight memory; the sparse optimizer keeps fp32 masters of the child
         model = model.to(torch.bfloat16)
     if config.gradient_checkpointing:  # recompute activations in backward: memory for compute
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name for it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     length = min(config.max_length, position_limit(model))
     collate = LMCollate(tokenizer, length, config.chat_template) if task.spec.kind == "generation" else make_collate(
         tokenizer, length, task.spec.kind)
