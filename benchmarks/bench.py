@@ -538,6 +538,14 @@ def explain_misses(sections: list[Section]) -> list[str]:
          "is cheap next to that scoring pass over every weight."),
         ("Whole", "gradual", "Frozen blocks still get gradients, bool masks, zero second moments and the child-only "
          "decay; `gradual sparse` is the same method without them."),
+        ("Memory", "child-d", "Above the floor: the child network's bool masks, one byte per weight held by the "
+         "strategy (a third of the bf16 weights' size; an index list or bitmap would shrink it), and the sparse "
+         "optimizer's index. Step time: backward still computes the weight gradient of every tensor that holds a "
+         "child element, which at p=0.01 spread by Fisher is nearly all of them, where LoRA's frozen base computes "
+         "none; the sparse update itself is small."),
+        ("Memory", "id3", "As for child-d (bool masks of the growing child network), plus a float32 importance score "
+         "and a top-`grow` per tensor on every step while the network grows: memory above the floor and a step "
+         "several times LoRA's."),
         ("Delta", "0.01", "Not reachable for a random child network with float32 values: naming which 1% of "
          "elements changed takes at least log2(1/p) + 1.44 = 8.1 bits per element (the entropy of the mask), while "
          "1.2p leaves 0.2 x 32 = 6.4 bits. Structured child networks (whole rows, D's clustered choice) compress "
