@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from childtune.fileio import atomic_write
+from childtune.fileio import atomic_write, waiting_lock
 from childtune.study.analysis import analyze, chance_jaccard, jaccard, load_masks
 from childtune.study.plan import Cell, Record, StudyConfig, plan, study_tasks, task_overrides
 from childtune.study.stats import holm, paired_test
@@ -276,7 +276,13 @@ def _rel(files, key, images: Path) -> str:
 
 
 def _write_block(path: Path, block: str, name: str = "") -> Path:
-    """Replace the generated block in `path`, or create the file with a title and the block."""
+    """Replace the generated block in `path`, or create the file with a title and the block. Studies that
+    share one report take turns (a lock beside it), so neither loses the other's block."""
+    with waiting_lock(path.parent / f".{path.name}.lock"):
+        return _replace_block(path, block, name)
+
+
+def _replace_block(path: Path, block: str, name: str) -> Path:
     begin, end = _markers(name)
     generated = f"{begin}\n\n{block}\n\n{end}"
     if path.is_file():
