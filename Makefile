@@ -47,3 +47,9 @@ evidence: install
 		--output runs/evidence/presets-authors
 	$(STUDY) --name tasks --tasks subj,bbc-news,spam --methods full,child-f,child-d,random,id3,gradual,lora \
 		--output runs/evidence/tasks
+	# 2d, the LLM (SmolLM2-135M, 3 seeds), each cell sized to about 5 minutes on one thread of this CPU
+	$(STUDY) --name llm-math --model smollm2-135m --tasks math --seeds 1-3 --train-size 96 --epochs 2 \
+		--eval-size 40 --max-length 64 --max-new-tokens 8 --chat-template \
+		--methods full,child-f,child-d,id3,random,lora,id3-lora --output runs/evidence/llm-math
+	$(STUDY) --name llm-snli --model smollm2-135m --tasks snli --seeds 1-3 --train-size 200 --epochs 2 \
+		--eval-size 200 --max-length 96 --methods full,child-f,child-d,lora --output runs/evidence/llm-snli
