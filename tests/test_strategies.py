@@ -239,3 +239,20 @@ def test_id3_per_tensor_candidates_choose_exactly_the_global_top_k(tiny_bert):
         got = strategy.masks(step)
         assert all(torch.equal(got[n], reference[n]) for n in reference), step
     assert sum(int(m.sum()) for m in got.values()) == 300
+
+
+def test_id3_candidates_in_blocks_are_the_tensors_top_k(monkeypatch, tiny_bert):
+    """Scored block by block (a small block here), a tensor's candidates are its exact top-k by H."""
+    from childtune.strategies import id3 as id3_module
+
+    strategy = ID3(0.2, total_steps=3)
+    strategy.bind(dict(tiny_bert.named_parameters()))
+    name, param = next((n, p) for n, p in strategy.scored().items() if p.numel() > 50)
+    grad = torch.randn(param.shape, generator=torch.Generator().manual_seed(0))
+    strategy.growth(0)
+    whole = strategy.candidates(name, grad, 9)
+    monkeypatch.setattr(id3_module, "_BLOCK", 7)
+    blocked = strategy.candidates(name, grad, 9)
+    assert sorted(blocked[1].tolist()) == sorted(whole[1].tolist())
+    score = grad.abs() / (param.detach().abs() + strategy.eps) ** strategy.exp
+    assert sorted(blocked[1].tolist()) == sorted(torch.topk(score.reshape(-1), 9).indices.tolist())

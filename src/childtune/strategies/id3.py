@@ -31,6 +31,8 @@ from childtune.masks import Masks
 from childtune.strategies.base import NetworkKind
 from childtune.strategies.chosen import ChosenStrategy
 
+_BLOCK = 1 << 22  # elements scored at once: a 75M-weight embedding would otherwise need ~1 GiB of temporaries
+
 
 @dataclass
 class ID3(ChosenStrategy):
@@ -130,11 +132,22 @@ class ID3(ChosenStrategy):
         k = min(grow, param.numel() - self._counts[name])
         if k <= 0:
             return None
-        score = torch.zeros(param.numel(), dtype=torch.float32, device=param.device) if grad is None else (
-            grad.detach().abs().float() / (param.detach().abs().float() + self.eps) ** self.exp).reshape(-1)
-        score.masked_fill_(self.chosen[name].reshape(-1), -math.inf)
-        top = torch.topk(score, k, sorted=False)
-        return top.values.cpu(), top.indices
+        weights, chosen = param.detach().reshape(-1), self.chosen[name].reshape(-1)
+        grads = None if grad is None else grad.detach().reshape(-1)
+        values, indices = [], []
+        for start in range(0, len(weights), _BLOCK):  # in blocks: scores and top-k buffers of one block at a time
+            stop = min(len(weights), start + _BLOCK)
+            score = torch.zeros(stop - start, dtype=torch.float32, device=param.device) if grads is None else (
+                grads[start:stop].abs().float() / (weights[start:stop].abs().float() + self.eps) ** self.exp)
+            score.masked_fill_(chosen[start:stop], -math.inf)
+            top = torch.topk(score, min(k, stop - start), sorted=False)
+            values.append(top.values)
+            indices.append(top.indices + start)
+        if len(values) > 1:  # the tensor's top k lies among its blocks' top k's
+            flat, where = torch.cat(values), torch.cat(indices)
+            best = torch.topk(flat, k, sorted=False).indices
+            values, indices = [flat[best]], [where[best]]
+        return values[0].cpu(), indices[0]
 
     def admit(self, offers: dict, grow: int) -> dict[str, torch.Tensor]:
         """The best `grow` of all tensors' `candidates` join the child network; returns each tensor's
