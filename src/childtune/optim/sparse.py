@@ -153,9 +153,7 @@ class SparseChildAdamW(Optimizer):
             mask = self.strategy.masks(self.steps).get(name)
         state = self._sync(param, mask)
         if "exp_avg" in state:
-            index = state.get("index")
-            grad = param.grad if index is None else param.grad.reshape(-1).index_select(0, index)
-            grad = grad.float() if "master" in state else grad
+            grad = _child_grad(param, state)
             if param in self._buffers:  # earlier micro-batches' child gradients, then this one's: as autograd adds
                 grad = self._buffers.pop(param).add_(grad)
             if self.accumulating:
@@ -208,19 +206,12 @@ class SparseChildAdamW(Optimizer):
         admitted = torch.isin(offered, indices)
         grad, indices = grads[admitted], offered[admitted]
         state = self.state[param]
-        low = param.dtype in _LOW_PRECISION
-        dtype = torch.int32 if param.numel() < 2**31 else torch.int64
-        moments = torch.float32 if low else param.dtype
-        new = {"index": indices.to(dtype), "exp_avg": torch.zeros(len(indices), dtype=moments, device=param.device),
-               "exp_avg_sq": torch.zeros(len(indices), dtype=moments, device=param.device),
-               "step": state["step"], "cohort_sizes": [len(indices)],
-               "cohort_joined": [state["step"] - 1 if self.bias_correction == "element" else 0]}
-        if low:
-            new["master"] = param.detach().view(-1).index_select(0, new["index"].long()).float()
-        _adamw(self._group_of[param], [(param, new)], [grad.float() if low else grad])
-        for key in ("index", "exp_avg", "exp_avg_sq", *(("master",) if low else ())):
-            state[key] = torch.cat([state[key], new[key]]) if key in state else new[key]
-        _add_cohort(state, new["cohort_joined"][0], len(indices))
+        joined = state["step"] - 1 if self.bias_correction == "element" else 0  # the hook counted this step
+        _append(state, param, indices, joined)
+        n = len(indices)  # the joiners' slices of the state: views, so the update below writes into it
+        tail = {k: state[k][-n:] for k in ("index", "exp_avg", "exp_avg_sq", "master") if k in state}
+        tail.update(step=state["step"], cohort_sizes=[n], cohort_joined=[joined])
+        _adamw(self._group_of[param], [(param, tail)], [grad.float() if "master" in tail else grad])
 
     def _sync(self, param: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
         """Bring `param`'s state in line with its mask (None: all of it), appending elements that joined."""
@@ -238,28 +229,42 @@ class SparseChildAdamW(Optimizer):
         if now < had or (flat is not None and "index" in state and not bool(flat[state["index"]].all())):
             raise RuntimeError(f"the child network of {self.names[param]!r} lost elements; SparseChildAdamW "
                                "supports only fixed or growing child networks")
-        low = param.dtype in _LOW_PRECISION  # keep fp32 masters of the child elements, and fp32 moments
-        moments = torch.float32 if low else param.dtype
+        joined = state["step"] if self.bias_correction == "element" else 0  # "tensor": counted from its first step
         if had == 0 and now == param.numel():  # whole from the start (or the head): dense state, no index
+            low = param.dtype in _LOW_PRECISION  # keep an fp32 master, and fp32 moments
+            moments = torch.float32 if low else param.dtype
             state.update(exp_avg=torch.zeros_like(param, dtype=moments),
                          exp_avg_sq=torch.zeros_like(param, dtype=moments))
             if low:
                 state["master"] = param.detach().float().clone()
+            _add_cohort(state, joined, now)
         else:  # `had` is 0 or a partial index here: dense state is already whole, so it cannot have grown
             fresh = torch.ones(param.numel(), dtype=torch.bool, device=param.device) if flat is None else flat.clone()
             if "index" in state:
                 fresh[state["index"]] = False
-            dtype = torch.int32 if param.numel() < 2**31 else torch.int64
-            added = fresh.nonzero().squeeze(1).to(dtype)
-            new = torch.zeros(len(added), dtype=moments, device=param.device)
-            tails = [("index", added), ("exp_avg", new), ("exp_avg_sq", new)]
-            if low:
-                tails.append(("master", param.detach().view(-1).index_select(0, added.long()).float()))
-            for key, tail in tails:
-                state[key] = torch.cat([state[key], tail]) if key in state else tail.clone()
-        joined = state["step"] if self.bias_correction == "element" else 0  # "tensor": counted from its first step
-        _add_cohort(state, joined, now - had)
+            _append(state, param, fresh.nonzero().squeeze(1), joined)
         return state
+
+
+def _append(state: dict[str, Any], param: torch.Tensor, added: torch.Tensor, joined: int) -> None:
+    """Append elements `added` (flat indices) to a sparse state: zero moments, fp32 masters for
+    low-precision weights, and their cohort (tensor step `joined`)."""
+    low = param.dtype in _LOW_PRECISION  # keep fp32 masters of the child elements, and fp32 moments
+    added = added.to(torch.int32 if param.numel() < 2**31 else torch.int64)
+    new = torch.zeros(len(added), dtype=torch.float32 if low else param.dtype, device=param.device)
+    tails = [("index", added), ("exp_avg", new), ("exp_avg_sq", new)]
+    if low:
+        tails.append(("master", param.detach().view(-1).index_select(0, added.long()).float()))
+    for key, tail in tails:
+        state[key] = torch.cat([state[key], tail]) if key in state else tail.clone()
+    _add_cohort(state, joined, len(added))
+
+
+def _child_grad(param: torch.Tensor, state: Mapping[str, Any]) -> torch.Tensor:
+    """`param`'s gradient at its child elements (all of it for dense state), fp32 for a master copy."""
+    index = state.get("index")
+    grad = param.grad if index is None else param.grad.reshape(-1).index_select(0, index)
+    return grad.float() if "master" in state else grad
 
 
 def _add_cohort(state: dict[str, Any], joined: int, count: int) -> None:
@@ -294,8 +299,7 @@ def _adamw(group: Mapping[str, Any], live: list[tuple[torch.Tensor, dict[str, An
         else:
             values.append(p if index is None else p.view(-1).index_select(0, index))
         if grads is None:
-            grad = p.grad if index is None else p.grad.reshape(-1).index_select(0, index)
-            gathered.append(grad.float() if "master" in s else grad)
+            gathered.append(_child_grad(p, s))
     grads = gathered if grads is None else grads
     avgs, sqs = [s["exp_avg"] for _, s in live], [s["exp_avg_sq"] for _, s in live]
     if wd:

@@ -43,11 +43,10 @@ def strip_nproc(argv: Sequence[str]) -> list[str]:
 
 def report_error(message: str) -> None:
     """Tell the user about a user error: on stderr, or, inside a `launch`ed job, to the launcher."""
-    folder = os.environ.get(ERROR_DIR_ENV)
-    if folder and DistInfo.from_env().distributed:
-        rank = DistInfo.from_env().rank
+    folder, me = os.environ.get(ERROR_DIR_ENV), DistInfo.from_env()
+    if folder and me.distributed:
         with contextlib.suppress(OSError):  # the launcher is gone: fall back to stderr below
-            (Path(folder) / f"rank{rank:05d}.txt").write_text(message, encoding="utf-8")
+            (Path(folder) / f"rank{me.rank:05d}.txt").write_text(message, encoding="utf-8")
             return
     print(f"childtune: error: {message}", file=sys.stderr)
 
