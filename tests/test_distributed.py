@@ -1,9 +1,10 @@
-"""DDP on CPU (gloo): every rank trains the same child network, and matches a single process.
+"""DDP and FSDP2 on CPU (gloo): every rank trains the same child network, and matches a single process.
 
 One `torchrun` job of two ranks (started through `childtune.training.launch.launch`, running this file as
 its script) trains a tiny BERT with Child-Tuning_F, Child-Tuning_D and ID3 under DDP, once more through
-Accelerate, and tries to train under FSDP; each rank saves what it ended with. The tests compare the
-ranks with each other and with the same loop run here in one process on the same global batches.
+Accelerate, then sharded by FSDP2 with both optimizers, with and without the step in backward, and tries
+FSDP 1; each rank saves what it ended with. The tests compare the ranks with each other and with the same
+loop run here in one process on the same global batches.
 Starting the job costs most of its ~20 s (two interpreters importing transformers), so it runs once.
 """
 
@@ -18,8 +19,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from childtune import ID3, ChildOptimizer, ChildTuningD, ChildTuningF
+from childtune import ID3, ChildOptimizer, ChildTuningD, ChildTuningF, shards
 from childtune.fisher import fisher_information
+from childtune.optim import SparseChildAdamW
 from childtune.training import distributed as D
 from childtune.training.launch import launch, strip_nproc
 
@@ -103,6 +105,43 @@ def train(method: str, batch_size: int, world_size: int, rank: int, accelerate: 
     }
 
 
+FSDP_RUNS = {  # name: (strategy, optimizer, step in backward)
+    "child-f": ("child-f", ChildOptimizer, False), "child-f-in-backward": ("child-f", ChildOptimizer, True),
+    "child-d": ("child-d", SparseChildAdamW, False), "child-d-dense": ("child-d", ChildOptimizer, False),
+    "child-d-in-backward": ("child-d", SparseChildAdamW, True),
+    "id3": ("id3", SparseChildAdamW, False), "id3-in-backward": ("id3", SparseChildAdamW, True),
+}
+
+
+def train_fsdp(run: str, world_size: int, rank: int) -> dict:
+    """The loop sharded by FSDP2 (`world_size` > 1) or in one process: Child-Tuning_D scores per batch on the
+    same whole batches on every rank (fisher.py's rule under FSDP); each rank trains on its share."""
+    method, optimizer_class, in_backward = FSDP_RUNS[run]
+    data = dataset()
+    sampler = D.ShardedSampler(len(data), seed=SEED, rank=rank, world_size=world_size)
+    loader = DataLoader(data, batch_size=PER_RANK * WORLD // world_size, sampler=sampler)
+    model = make_model()
+    if world_size > 1:
+        D.shard(model)
+    strat = ChildTuningD(0.3, rest="freeze") if method == "child-d" else strategy(method)
+    kwargs = {"strict": method != "child-f"} if optimizer_class is ChildOptimizer else {}
+    optimizer = optimizer_class(model.named_parameters(), strat, lr=LR, in_backward=in_backward, **kwargs)
+    if strat.needs_data:
+        strat.prepare(model, DataLoader(data, batch_size=PER_RANK * WORLD))
+    model.train()
+    for epoch in range(EPOCHS):
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    params = dict(model.named_parameters())
+    local = {n: m.clone() for n, m in (getattr(strat, "chosen", None) or {}).items()}
+    return {"params": {n: (p.full_tensor() if shards.is_sharded(p) else p).detach().clone() for n, p in params.items()},
+            "masks": shards.gather_masks(local, params), "local_masks": local,
+            "sharded": all(shards.is_sharded(p) for p in params.values()), "steps": optimizer.steps}
+
+
 def trainer_run(out: Path) -> dict:
     """Child-Tuning_D through the HF Trainer (Accelerate wraps it in DDP, shards its dataloader and the
     strategy scores Fisher on this rank's shard), as a user of `ChildTuningTrainer` runs it under torchrun."""
@@ -129,13 +168,14 @@ def worker(out: Path) -> None:
     results = {m: train(m, PER_RANK, me.world_size, me.rank) for m in METHODS}
     results["accelerate-child-f"] = train("child-f", PER_RANK, me.world_size, me.rank, accelerate=True)
     results["trainer-child-d"] = trainer_run(out)
-    from torch.distributed.fsdp import fully_shard
+    results["fsdp"] = {run: train_fsdp(run, me.world_size, me.rank) for run in FSDP_RUNS}
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
     try:
-        D.wrap(fully_shard(make_model()))
-        results["fsdp"] = "trained"
+        D.wrap(FullyShardedDataParallel(make_model(), device_id=torch.device("cpu")))
+        results["fsdp1"] = "trained"
     except D.DistributedError as err:
-        results["fsdp"] = str(err)
+        results["fsdp1"] = str(err)
     results["any_rank"] = (D.any_rank(me.rank == 1), D.any_rank(False))  # one rank's NaN stops every rank
     torch.save(results, out / f"rank{me.rank}.pt")
     D.main_only(lambda: (out / "written-by").write_text(str(me.rank)))()
@@ -209,9 +249,37 @@ def test_trainer_ran_as_two_processes(ranks):
     assert ranks[0]["trainer-child-d"]["world"] == ranks[1]["trainer-child-d"]["world"] == WORLD
 
 
-def test_fsdp_is_refused_naming_ddp(ranks):
+@pytest.mark.parametrize("run", FSDP_RUNS)
+def test_fsdp2_equals_single_process_with_same_global_batch(ranks, run):
+    """Sharded by FSDP2, each rank holds rows of every parameter, masks and optimizer state; the child
+    network gathered from the two ranks' rows is the single process's, element for element, and so are
+    the final parameters (to float rounding: FSDP averages the two half-batch gradients)."""
+    one = train_fsdp(run, 1, 0)
     for rank in ranks[:WORLD]:
-        assert "FSDP" in rank["fsdp"] and "DDP" in rank["fsdp"] and "--nproc" in rank["fsdp"]
+        mine = rank["fsdp"][run]
+        assert mine["sharded"] and mine["steps"] == STEPS
+        assert mine["masks"].keys() == one["masks"].keys()
+        for name, mask in one["masks"].items():
+            assert torch.equal(mine["masks"][name], mask), name
+            assert mine["local_masks"][name].numel() < mask.numel() or mask.shape[0] == 1  # its rows alone
+        assert_equal_params(mine["params"], one["params"], rtol=1e-4, atol=1e-5)
+    start = dict(make_model().named_parameters())
+    moved = sum(int((one["params"][n] != start[n]).sum()) for n in start)
+    assert moved > 0.01 * sum(p.numel() for p in start.values())  # it trained
+
+
+def test_fsdp2_rows_are_split_as_fully_shard_splits_them(ranks):
+    """Rank 0 holds the first ceil(rows / 2) rows of each tensor, rank 1 the rest (the classifier's 2 rows:
+    one each), which is what lets ties be broken in single-process order."""
+    for name, mask in ranks[0]["fsdp"]["child-d"]["masks"].items():
+        first = -(-mask.shape[0] // WORLD)
+        assert torch.equal(ranks[0]["fsdp"]["child-d"]["local_masks"][name], mask[:first]), name
+        assert torch.equal(ranks[1]["fsdp"]["child-d"]["local_masks"][name], mask[first:]), name
+
+
+def test_fsdp1_is_refused_naming_fsdp2_and_ddp(ranks):
+    for rank in ranks[:WORLD]:
+        assert "FSDP 1" in rank["fsdp1"] and "--fsdp" in rank["fsdp1"] and "DDP" in rank["fsdp1"]
 
 
 def test_ranks_agree_when_one_sees_a_problem(ranks):

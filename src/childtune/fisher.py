@@ -37,6 +37,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
+from childtune import shards
 from childtune.layers import in_layer
 
 # One vmap call materialises chunk x (scored parameters) gradients at once; chunks are sized to keep
@@ -79,6 +80,12 @@ def fisher_information(
     `train_mode`; `clip` scales each tensor's gradient (each example's, with `per_example`) to at most that
     L2 norm before squaring, as `torch.nn.utils.clip_grad_norm_` on that tensor alone would. The model's
     modes and its parameters' `.grad` are left as they were.
+
+    Sharded by FSDP2 (`childtune.shards`), each rank returns the scores of its rows, and every rank must
+    be given the *same* batches: FSDP averages the ranks' gradients as it shards them, so only identical
+    batches make a rank's gradient shard the batch's own gradient, whose square is the score (checked at
+    the end). The pass then costs every rank the whole pass, in sharded memory. Per-example scoring needs
+    whole gradients of each example and is refused there.
     """
     if clip is not None and not (isinstance(clip, int | float) and clip > 0 and clip < float("inf")):
         raise ValueError(f"clip must be a positive finite norm or None, got {clip!r}")
@@ -86,8 +93,16 @@ def fisher_information(
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                     or num_samples < 1):
         raise ValueError(f"num_samples must be a positive int or None, got {num_samples!r}")
+    group = shards.group_of(params.values())
+    if group is not None and per_example:
+        raise ValueError("per-example Fisher needs each example's whole gradient, which FSDP2 never forms on "
+                         "one rank; score per batch (per_example=False) when the model is sharded")
+    # FSDP2 registers its unsharded parameters on the modules between a forward and its backward, so the
+    # sharded ones (whose .grad backward fills) are taken now, before any forward
+    trainable = [p for p in model.parameters() if p.requires_grad]
     device = next(model.parameters()).device
-    sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+    sums = {n: torch.zeros(shards.local(p).shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+    labelled = 0.0  # a checksum of the labels read: ranks of a sharded pass must all read the same ones
     examples = steps = 0
     vectorising = _Vectorising()  # until the model proves it cannot be vectorised
     distributed = dist.is_available() and dist.is_initialized()
@@ -108,8 +123,10 @@ def fisher_information(
                     _add_per_example(model, params, inputs, labels, sums, vectorising, clip)
                 else:
                     # the batch-mean loss, as the authors backpropagated it
-                    grads = _grads(-_log_likelihood(model(**inputs), labels).mean(), params)
-                    _add_squares(sums, _clipped(grads, clip))
+                    loss = -_log_likelihood(model(**inputs), labels).mean()
+                    grads = _grads(loss, params) if group is None else _sharded_grads(trainable, loss, params)
+                    _add_squares(sums, _clipped(grads, clip, group=group))
+                    labelled += float(labels.float().sum())
                 examples, steps = examples + len(labels), steps + 1
                 bar.update(len(labels))
                 if num_samples is not None and examples >= num_samples:
@@ -120,7 +137,12 @@ def fisher_information(
         bar.close()
     # Per example the mean is over examples; the authors average squared batch gradients over batches.
     counts = torch.tensor([examples, examples if per_example else steps], dtype=torch.float64, device=device)
-    if distributed:
+    if group is not None:
+        seen = shards.gather_values(torch.tensor([examples, steps, labelled], dtype=torch.float64), group)
+        if any(not torch.equal(s, seen[0]) for s in seen):
+            raise ValueError("ranks of a sharded (FSDP2) Fisher pass read different batches: give every rank the "
+                             "same ones (see fisher_information)")
+    elif distributed:
         for s in sums.values():
             dist.all_reduce(s)
         dist.all_reduce(counts)
@@ -213,18 +235,24 @@ def _add_squares(sums: dict[str, torch.Tensor], grads, stacked: bool = False) ->
             s += g.float().pow(2).sum(0) if stacked else g.float().pow(2)
 
 
-def _clipped(grads, clip: float | None, stacked: bool = False):
+def _clipped(grads, clip: float | None, stacked: bool = False, group=None):
     """Each gradient scaled to L2 norm at most `clip` (per example row when `stacked`), with
-    `clip_grad_norm_`'s own factor min(1, clip / (norm + 1e-6)), so the authors' scores are reproduced."""
+    `clip_grad_norm_`'s own factor min(1, clip / (norm + 1e-6)), so the authors' scores are reproduced.
+    Row shards (`group`): a tensor's norm is summed over its ranks' rows first."""
     if clip is None:
         return grads
+    whole = None
+    if group is not None:
+        whole = torch.stack([torch.zeros(()) if g is None else g.float().pow(2).sum() for g in grads])
+        dist.all_reduce(whole, group=group)
+        whole = whole.sqrt()
     out = []
-    for g in grads:
+    for i, g in enumerate(grads):
         if g is None:
             out.append(g)
             continue
         g = g.float()
-        norms = g.flatten(1).norm(dim=1) if stacked else g.norm()
+        norms = whole[i] if whole is not None else g.flatten(1).norm(dim=1) if stacked else g.norm()
         factor = (clip / (norms + 1e-6)).clamp(max=1.0)
         out.append(g * factor.view(-1, *([1] * (g.dim() - 1))) if stacked else g * factor)
     return out
@@ -233,6 +261,23 @@ def _clipped(grads, clip: float | None, stacked: bool = False):
 def _grads(loss: torch.Tensor, params: dict[str, nn.Parameter]):
     """Gradients without touching `.grad`: the caller's accumulated gradients must survive scoring."""
     return torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+
+
+def _sharded_grads(trainable: list[nn.Parameter], loss: torch.Tensor, params: dict[str, nn.Parameter]) -> list:
+    """This rank's rows of the gradients, for FSDP2: its parameters sit outside the autograd graph (FSDP
+    all-gathers them into fresh leaves), so `autograd.grad` cannot reach them and only backward's
+    reduce-scatter into `.grad` gives the shards. The `.grad` of `trainable` (the model's sharded
+    parameters) are put back afterwards."""
+    saved = [p.grad for p in trainable]
+    for p in trainable:
+        p.grad = None
+    try:
+        with shards.reading_gradients():  # an optimizer stepping in backward must not step here
+            loss.backward()
+        return [None if p.grad is None else shards.local(p.grad) for p in params.values()]
+    finally:
+        for p, g in zip(trainable, saved, strict=True):
+            p.grad = g
 
 
 def _add_per_example(model, params, inputs, labels, sums, vec: _Vectorising, clip: float | None = None) -> None:

@@ -72,7 +72,7 @@ class ChildTuningMixin:
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             model = self.model if model is None else model
-            distributed.refuse_fsdp(model)  # masks are shaped like whole parameters; FSDP shards them
+            distributed.refuse_flat_sharding(model)  # FSDP 1 shards a flat buffer, not named parameters
             distributed.check_accelerator(self.accelerator)
             decay = set(self.get_decay_parameter_names(model))
             no_decay = [n for n, p in model.named_parameters() if p.requires_grad and n not in decay]

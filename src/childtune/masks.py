@@ -11,7 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from childtune import shards
 from childtune.fileio import atomic_write
 from childtune.layers import layer_index
 
@@ -54,7 +56,7 @@ def count(masks: Mapping[str, torch.Tensor]) -> int:
     return int(sum(int(m.sum()) for m in masks.values()))
 
 
-def top_k(scores: Mapping[str, torch.Tensor], k: int) -> Masks:
+def top_k(scores: Mapping[str, torch.Tensor], k: int, group: dist.ProcessGroup | None = None) -> Masks:
     """Exactly the `k` highest-scoring elements across all tensors, as masks.
 
     A percentile threshold (the authors' `score >= np.percentile(...)`) keeps every tie and so can
@@ -67,40 +69,49 @@ def top_k(scores: Mapping[str, torch.Tensor], k: int) -> Masks:
     out of memory in `make bench`). Instead the k-th largest value is found by bisection on the scores'
     order-preserving integer keys, 32 counting passes over the tensors as they are, then every element
     above it and the first ones at it are marked.
+
+    With `group` the scores are each rank's rows of FSDP2-sharded tensors (`childtune.shards`) and `k`
+    counts over all ranks: each counting pass is summed over ranks (one all-reduce of one integer), and
+    the ties at the threshold are taken in tensor order, then rank order, then local position, which for
+    row shards is the single-process order. Every rank gets the masks of its own rows.
     """
     names = list(scores)
-    total = sum(scores[n].numel() for n in names)
+    total = shards.total([sum(scores[n].numel() for n in names)], group)[0]
     if not 0 <= k <= total:
         raise ValueError(f"cannot choose {k} elements out of {total}")
-    if any(bool(torch.isnan(scores[n]).any()) for n in names):
+    nan, negative = shards.total([any(bool(torch.isnan(scores[n]).any()) for n in names),
+                                  any(bool((scores[n] < 0).any()) for n in names)], group)
+    if nan:
         raise ValueError("scores hold NaN, which has no rank")
-
-    signed = any(bool((scores[n] < 0).any()) for n in names)  # Fisher scores never are: keys are their bits
+    signed = negative > 0  # Fisher scores never are: keys are their bits
 
     def key(n: str) -> torch.Tensor:
         return _key(scores[n], signed)
 
-    def at_least(t: int) -> int:
-        return sum(int((key(n) >= t).sum()) for n in names)
+    def above(t: int, strictly: bool = False) -> int:
+        mine = sum(int((key(n) > t if strictly else key(n) >= t).sum()) for n in names)
+        return shards.total([mine], group)[0]
 
     if k == 0:
         return {n: torch.zeros_like(scores[n], dtype=torch.bool) for n in names}
-    low, high = -(2**31), 2**31 - 1  # invariant: at_least(low) >= k > at_least(high + 1)
+    low, high = -(2**31), 2**31 - 1  # invariant: above(low) >= k > above(high + 1)
     while low < high:
         mid = (low + high + 1) // 2
-        if at_least(mid) >= k:
+        if above(mid) >= k:
             low = mid
         else:
             high = mid - 1
+    ties = k - above(low, strictly=True)  # at the threshold still to take, by position
+    everyone = shards.per_rank([int((key(n) == low).sum()) for n in names], group)
+    me = 0 if group is None else dist.get_rank(group)
     out: Masks = {}
-    ties = k - sum(int((key(n) > low).sum()) for n in names)  # at the threshold still to take, by position
-    for n in names:
-        keys = key(n)
-        mask = keys > low
-        if ties > 0:
-            at = (keys == low).reshape(-1).nonzero().squeeze(1)[:ties]
-            mask.view(-1)[at] = True
-            ties -= len(at)
+    for i, n in enumerate(names):
+        mask = key(n) > low
+        for rank, counts in enumerate(everyone):
+            take = min(ties, counts[i])
+            if rank == me and take:
+                mask.view(-1)[(key(n) == low).reshape(-1).nonzero().squeeze(1)[:take]] = True
+            ties -= take
         out[n] = mask
     return out
 
@@ -115,20 +126,22 @@ def _key(t: torch.Tensor, signed: bool) -> torch.Tensor:
     return torch.where(bits < 0, -(2**31) - 1 - bits, bits)
 
 
-def top_fraction(scores: Mapping[str, torch.Tensor], p: float, per_layer: bool = False) -> Masks:
+def top_fraction(scores: Mapping[str, torch.Tensor], p: float, per_layer: bool = False,
+                 group: dist.ProcessGroup | None = None) -> Masks:
     """The top `p` fraction of elements, ranked globally or within each transformer block.
 
     Global ranking lets important layers take more of the budget (the authors' choice); per-layer
-    ranking guarantees every block some capacity.
+    ranking guarantees every block some capacity. `group`: row shards, as in `top_k`.
     """
     check_probability("p", p)
     if not per_layer:
-        total = sum(s.numel() for s in scores.values())
-        return top_k(scores, round(p * total))
+        total = shards.total([sum(s.numel() for s in scores.values())], group)[0]
+        return top_k(scores, round(p * total), group)
     groups: dict[int | None, dict[str, torch.Tensor]] = {}
-    for name, s in scores.items():
+    for name, s in scores.items():  # every rank holds a shard of every tensor: the blocks agree
         groups.setdefault(layer_index(name), {})[name] = s
     out: Masks = {}
-    for group in groups.values():
-        out.update(top_k(group, round(p * sum(s.numel() for s in group.values()))))
+    for block in groups.values():
+        size = shards.total([sum(s.numel() for s in block.values())], group)[0]
+        out.update(top_k(block, round(p * size), group))
     return out

@@ -44,6 +44,7 @@ from childtune.optim.common import (
     pop_child_block,
     unnamed,
 )
+from childtune.shards import local, only_reading
 from childtune.strategies.base import Strategy
 from childtune.strategies.child_f import ChildTuningF
 
@@ -113,9 +114,10 @@ class ChildOptimizer(Optimizer):
         """One parameter's masked update as soon as backward has its gradient, which is then freed. The inner
         optimizer steps only this parameter (every other gradient is None), with the mask the whole-model
         step would use: for F, one draw per step shared by all hooks, read through this parameter's lanes."""
-        if self.accumulating:  # autograd adds the next micro-batch's gradient to this one
+        if self.accumulating or only_reading():  # autograd adds the next micro-batch's gradient to this one
             return
-        if not torch.isfinite(param.grad).all():
+        grad = local(param.grad)  # this rank's rows under FSDP2, where masks are rows too (childtune.shards)
+        if not torch.isfinite(grad).all():
             raise RuntimeError(f"non-finite gradient for {self._names[id(param)]!r}: with the optimizer step in "
                                "backward, updates already made to other parameters cannot be undone")
         name = self._names[id(param)]
@@ -124,12 +126,12 @@ class ChildOptimizer(Optimizer):
                 self.strategy.draw(self.steps)
                 self._drawn = self.steps
             if name in self.strategy.maskable():
-                self.strategy.apply_drawn_(name, param.grad)
+                self.strategy.apply_drawn_(name, grad)
             self.optimizer.step()
         else:
             mask = self.strategy.masks(self.steps).get(name)
             if mask is not None:
-                mask_gradients_([param.grad], [mask], self.strategy.scale)
+                mask_gradients_([grad], [mask], self.strategy.scale)
             if self._no_copy:
                 self._step_decaying_the_child_only({name: mask} if mask is not None else {})
             else:
@@ -143,7 +145,7 @@ class ChildOptimizer(Optimizer):
             return loss
         with torch.no_grad():
             if isinstance(self.strategy, ChildTuningF) and not self.strict:  # drawn and applied in one pass
-                self.strategy.mask_gradients_(self.steps, {n: p.grad for n, p in self.strategy.maskable().items()
+                self.strategy.mask_gradients_(self.steps, {n: local(p.grad) for n, p in self.strategy.maskable().items()
                                                            if p.grad is not None})
                 self.optimizer.step()
                 self.steps += 1
@@ -155,7 +157,7 @@ class ChildOptimizer(Optimizer):
             else:
                 self.optimizer.step()
             for param, mask, before in kept:  # strict: put back whatever the optimizer moved outside
-                param.copy_(torch.where(mask, param, before))
+                param.copy_(torch.where(mask, param, before))  # (the parameter's local rows under FSDP2)
         self.steps += 1
         return loss
 
@@ -176,7 +178,7 @@ class ChildOptimizer(Optimizer):
                     if mask is None:
                         p.mul_(factor)
                     else:
-                        scale_where_(p, mask, factor)  # one compiled pass (childtune.kernels)
+                        scale_where_(local(p), mask, factor)  # one compiled pass (childtune.kernels)
                 group["weight_decay"] = 0.0
             self.optimizer.step()
         finally:
@@ -191,10 +193,10 @@ class ChildOptimizer(Optimizer):
                 raise ValueError(f"strategy gave a mask for {name!r}, which is not in this optimizer")
             if param.grad is None:
                 continue
-            grads.append(param.grad)
+            grads.append(local(param.grad))
             kept_masks.append(mask)
             if self.strict and not self._no_copy:
-                kept.append((param, mask, param.detach().clone()))
+                kept.append((local(param), mask, local(param).detach().clone()))
         mask_gradients_(grads, kept_masks, self.strategy.scale)
         return kept
 

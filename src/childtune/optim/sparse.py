@@ -53,6 +53,7 @@ from childtune.optim.common import (
     pop_child_block,
     unnamed,
 )
+from childtune.shards import local, only_reading
 from childtune.strategies.base import Strategy
 from childtune.strategies.id3 import ID3
 
@@ -135,7 +136,9 @@ class SparseChildAdamW(Optimizer):
     def _update_in_backward(self, param: torch.Tensor) -> None:
         """The step for one parameter, as soon as backward has its gradient; the gradient is then freed,
         so the whole model's gradients never exist at once (peak memory: one parameter's gradient)."""
-        if not torch.isfinite(param.grad).all():
+        if only_reading():  # a sharded Fisher pass reading its gradients (childtune.shards)
+            return
+        if not torch.isfinite(local(param.grad)).all():
             raise RuntimeError(f"non-finite gradient for {self.names[param]!r}: with the optimizer step in "
                                "backward, updates already made to other parameters cannot be undone")
         name = self.names[param]
@@ -147,7 +150,7 @@ class SparseChildAdamW(Optimizer):
                 self._grow = self.strategy.growth(self.steps)
             offer = self.strategy.candidates(name, param.grad, self._grow)
             if offer is not None:
-                self._offers[name] = (*offer, param.grad.reshape(-1)[offer[1]].clone())
+                self._offers[name] = (*offer, local(param.grad).reshape(-1)[offer[1]].clone())
             mask = self.strategy.chosen.get(name)
         else:
             mask = self.strategy.masks(self.steps).get(name)
@@ -223,6 +226,7 @@ class SparseChildAdamW(Optimizer):
         self._seen[param] = mask
         had = _size(param, state)
         flat = None if mask is None else mask.reshape(-1)
+        param = local(param)  # the rank's rows under FSDP2: its mask, state and indices are of those alone
         now = param.numel() if flat is None else int(flat.count_nonzero())
         if now == had:
             return state  # a set that only grows is unchanged iff its size is
@@ -249,6 +253,7 @@ class SparseChildAdamW(Optimizer):
 def _append(state: dict[str, Any], param: torch.Tensor, added: torch.Tensor, joined: int) -> None:
     """Append elements `added` (flat indices) to a sparse state: zero moments, fp32 masters for
     low-precision weights, and their cohort (tensor step `joined`)."""
+    param = local(param)
     low = param.dtype in _LOW_PRECISION  # keep fp32 masters of the child elements, and fp32 moments
     added = added.to(torch.int32 if param.numel() < 2**31 else torch.int64)
     new = torch.zeros(len(added), dtype=torch.float32 if low else param.dtype, device=param.device)
@@ -263,7 +268,8 @@ def _append(state: dict[str, Any], param: torch.Tensor, added: torch.Tensor, joi
 def _child_grad(param: torch.Tensor, state: Mapping[str, Any]) -> torch.Tensor:
     """`param`'s gradient at its child elements (all of it for dense state), fp32 for a master copy."""
     index = state.get("index")
-    grad = param.grad if index is None else param.grad.reshape(-1).index_select(0, index)
+    grad = local(param.grad)
+    grad = grad if index is None else grad.reshape(-1).index_select(0, index)
     return grad.float() if "master" in state else grad
 
 
@@ -280,7 +286,7 @@ def _add_cohort(state: dict[str, Any], joined: int, count: int) -> None:
 def _size(param: torch.Tensor, state: Mapping[str, Any]) -> int:
     if "index" in state:
         return len(state["index"])
-    return param.numel() if "exp_avg" in state else 0
+    return local(param).numel() if "exp_avg" in state else 0
 
 
 def _adamw(group: Mapping[str, Any], live: list[tuple[torch.Tensor, dict[str, Any]]],
@@ -292,14 +298,15 @@ def _adamw(group: Mapping[str, Any], live: list[tuple[torch.Tensor, dict[str, An
     beta1, beta2 = group["betas"]
     lr, wd, eps = float(group["lr"]), group["weight_decay"], group["eps"]
     values, gathered = [], []
-    for p, s in live:  # dense parameters are updated in place; sparse ones through gathered copies
+    for param, s in live:  # dense parameters are updated in place; sparse ones through gathered copies
+        p = local(param)
         index = s.get("index")
         if "master" in s:  # low-precision weights: the update runs on the fp32 master of the child elements
             values.append(s["master"])
         else:
             values.append(p if index is None else p.view(-1).index_select(0, index))
         if grads is None:
-            gathered.append(_child_grad(p, s))
+            gathered.append(_child_grad(param, s))
     grads = gathered if grads is None else grads
     avgs, sqs = [s["exp_avg"] for _, s in live], [s["exp_avg_sq"] for _, s in live]
     if wd:
@@ -323,6 +330,7 @@ def _adamw(group: Mapping[str, Any], live: list[tuple[torch.Tensor, dict[str, An
             size = torch.repeat_interleave((-lr / (1 - beta1**t)).float(), sizes, output_size=k)
             values[i].add_(avgs[i].div(denom[i].div_(bc2).add_(eps)).mul_(size))
     for (p, s), v in zip(live, values, strict=True):
+        p = local(p)
         if "index" in s:
             p.view(-1).index_put_((s["index"],), v.to(p.dtype))  # a master is written back rounded
         elif "master" in s:

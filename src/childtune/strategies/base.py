@@ -27,7 +27,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.distributed as dist
 
+from childtune import shards
 from childtune.layers import HEAD, in_layer, matches
 from childtune.masks import Masks
 
@@ -55,6 +57,9 @@ class Strategy:
     scale: float = field(default=1.0, init=False, repr=False)
     """Factor applied to kept gradients (1/p for Child-Tuning_F, so the expected gradient is unbiased)."""
     params: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    group: dist.ProcessGroup | None = field(default=None, init=False, repr=False, compare=False)
+    """The process group the bound parameters are sharded over (FSDP2, `childtune.shards`), else None:
+    masks are then each rank's rows, and every global count or cut goes through this group."""
 
     kind: ClassVar[NetworkKind] = "fixed"
     """How the masks change: once chosen (`fixed`), only ever adding elements (`growing`), or drawn anew
@@ -68,6 +73,9 @@ class Strategy:
     def bind(self, named_params: Mapping[str, torch.Tensor]) -> None:
         """Remember the parameters this strategy chooses among (called by the optimizer)."""
         self.params = dict(named_params)
+        for name, param in self.params.items():
+            shards.check_layout(name, param)
+        self.group = shards.group_of(self.params.values())
 
     def prepare(self, model: torch.nn.Module | None = None, batches: Iterable | None = None) -> None:
         """One-off work before training, such as Fisher estimation. The default needs nothing."""
@@ -91,7 +99,9 @@ class Strategy:
         they never change, so they need no gradient. Empty for any other kind."""
         if self.kind != "fixed":
             return []
-        return [n for n, m in self.masks(0).items() if not bool(m.any())]
+        masks = self.masks(0)
+        anywhere = shards.total([bool(m.any()) for m in masks.values()], self.group)  # row shards: ask every rank
+        return [n for n, hit in zip(masks, anywhere, strict=True) if not hit]
 
     def maskable(self) -> dict[str, torch.Tensor]:
         """The bound parameters that are not in `always`."""

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import torch
 
+from childtune import shards
 from childtune.fisher import fisher_information
 from childtune.masks import check_probability, top_fraction
 from childtune.strategies.chosen import ChosenStrategy
@@ -56,19 +57,24 @@ class ChildTuningD(ChosenStrategy):
             model, batches, scored=list(self.scored()), num_samples=self.num_samples,
             per_example=self.per_example, train_mode=self.train_mode, clip=self.clip,
         )
-        chosen = top_fraction(scores, self.p, self.per_layer)
+        chosen = top_fraction(scores, self.p, self.per_layer, self.group)
         if self.random_within:
-            chosen = _same_sizes_at_random(chosen, self.seed)
+            chosen = _same_sizes_at_random(chosen, self.seed, self.params, self.group)
         self.chosen = self.complete(chosen)
 
 
-def _same_sizes_at_random(chosen: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """Each tensor's mask replaced by one with as many elements, drawn uniformly from `seed` (in name order)."""
+def _same_sizes_at_random(chosen: dict[str, torch.Tensor], seed: int, params: dict[str, torch.Tensor],
+                          group) -> dict[str, torch.Tensor]:
+    """Each tensor's mask replaced by one with as many elements, drawn uniformly from `seed` (in name order).
+    Row shards (`group`): every rank draws the whole tensor's mask from the whole tensor's count, and keeps
+    its rows, so the draw is the single-process one."""
     generator = torch.Generator().manual_seed(seed)
+    names = sorted(chosen)
+    sizes = shards.total([int(chosen[n].sum()) for n in names], group)
     out = {}
-    for name in sorted(chosen):
-        mask = chosen[name]
-        flat = torch.zeros(mask.numel(), dtype=torch.bool)
-        flat[torch.randperm(mask.numel(), generator=generator)[: int(mask.sum())]] = True
-        out[name] = flat.view(mask.shape).to(mask.device)
+    for name, size in zip(names, sizes, strict=True):
+        param = params[name]
+        flat = torch.zeros(param.numel(), dtype=torch.bool)
+        flat[torch.randperm(param.numel(), generator=generator)[:size]] = True
+        out[name] = flat.view(param.shape)[shards.rows(param)].to(chosen[name].device)
     return out

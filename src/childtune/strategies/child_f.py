@@ -23,6 +23,7 @@ from typing import ClassVar
 
 import torch
 
+from childtune import shards
 from childtune.kernels import keep_lanes_
 from childtune.masks import Masks, check_probability
 from childtune.strategies.base import NetworkKind, Strategy
@@ -67,9 +68,12 @@ class ChildTuningF(Strategy):
         self._lanes = self._random.view(torch.int16)[:total]
         self._buffer = torch.empty(total, dtype=torch.bool, device=device)
         sizes = [p.numel() for p in maskable.values()]
-        flat = self._buffer.split(sizes)
-        self._views = {n: v.view(p.shape) for (n, p), v in zip(maskable.items(), flat, strict=True)}
-        self._lane_views = dict(zip(maskable, self._lanes.split(sizes), strict=True))
+        # Row shards (FSDP2): the whole model's lanes are drawn on every rank, each parameter reads its rows
+        # (`childtune.shards`), so the masks are the single-process ones; the lanes cost 2 bytes per weight.
+        self._views = {n: v.view(p.shape)[shards.rows(p)]
+                       for (n, p), v in zip(maskable.items(), self._buffer.split(sizes), strict=True)}
+        self._lane_views = {n: v.view(p.shape)[shards.rows(p)]
+                            for (n, p), v in zip(maskable.items(), self._lanes.split(sizes), strict=True)}
         if self.generator is None:
             self._own = torch.Generator(device=device)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from childtune import shards
 from childtune.masks import Masks, check_mask
 from childtune.strategies.base import Strategy, in_scope
 
@@ -43,7 +44,7 @@ class ChosenStrategy(Strategy):
         out = dict(chosen)
         if self.rest == "freeze":
             for name, param in self.maskable().items():
-                out.setdefault(name, torch.zeros_like(param, dtype=torch.bool))
+                out.setdefault(name, torch.zeros_like(shards.local(param), dtype=torch.bool))
         return out
 
     def budget_scope(self) -> dict[str, torch.Tensor]:
@@ -55,7 +56,7 @@ class ChosenStrategy(Strategy):
     def untouched(self) -> list[str]:
         if self.kind != "fixed" or not self.chosen:
             return []
-        return [n for n, m in self.chosen.items() if not bool(m.any())]
+        return super().untouched()
 
     def masks(self, step: int) -> Masks:
         if self.chosen is None:
@@ -71,7 +72,7 @@ class ChosenStrategy(Strategy):
             raise ValueError(f"unknown {type(self).__name__} state keys: {sorted(unknown)}")
         if "chosen" in state:
             self.chosen = {
-                n: check_mask(n, self.params[n], m) if n in self.params else _unknown(n)
+                n: check_mask(n, shards.local(self.params[n]), m) if n in self.params else _unknown(n)
                 for n, m in state["chosen"].items()
             }
 

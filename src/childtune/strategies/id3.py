@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 
+from childtune import shards
 from childtune.masks import Masks
 from childtune.strategies.base import NetworkKind
 from childtune.strategies.chosen import ChosenStrategy
@@ -77,7 +79,7 @@ class ID3(ChosenStrategy):
         self.size = round(self.budget * available) if isinstance(self.budget, float) else self.budget
         if self.size > available:
             raise ValueError(f"budget {self.size} exceeds the {available} parameters it can choose from")
-        empty = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in self.scored().items()}
+        empty = {n: torch.zeros_like(shards.local(p), dtype=torch.bool) for n, p in self.scored().items()}
         self.chosen = self.complete(empty)
         self._counts: dict[str, int] | None = None
 
@@ -119,9 +121,9 @@ class ID3(ChosenStrategy):
     def growth(self, step: int) -> int:
         """How many elements join at `step`: the target minus what is chosen already."""
         assert self.chosen is not None
-        if getattr(self, "_counts", None) is None:
+        if getattr(self, "_counts", None) is None:  # this rank's count per tensor (its rows, when sharded)
             self._counts = {n: int(self.chosen[n].sum()) for n in self.scored()}
-        return self.target(step) - sum(self._counts.values())
+        return self.target(step) - shards.total([sum(self._counts.values())], self.group)[0]
 
     def candidates(self, name: str, grad: torch.Tensor | None, grow: int):
         """This tensor's best min(grow, unchosen) not-yet-chosen elements by H: (scores on the CPU, flat
@@ -129,11 +131,11 @@ class ID3(ChosenStrategy):
         param = self.scored().get(name)
         if param is None or grow <= 0:
             return None
-        k = min(grow, param.numel() - self._counts[name])
+        weights, chosen = shards.local(param).detach().reshape(-1), self.chosen[name].reshape(-1)
+        k = min(grow, len(weights) - self._counts[name])
         if k <= 0:
             return None
-        weights, chosen = param.detach().reshape(-1), self.chosen[name].reshape(-1)
-        grads = None if grad is None else grad.detach().reshape(-1)
+        grads = None if grad is None else shards.local(grad).detach().reshape(-1)
         values, indices = [], []
         for start in range(0, len(weights), _BLOCK):  # in blocks: scores and top-k buffers of one block at a time
             stop = min(len(weights), start + _BLOCK)
@@ -151,10 +153,13 @@ class ID3(ChosenStrategy):
 
     def admit(self, offers: dict, grow: int) -> dict[str, torch.Tensor]:
         """The best `grow` of all tensors' `candidates` join the child network; returns each tensor's
-        joining flat indices."""
+        joining flat indices. Row shards: every rank's candidates are gathered (at most `grow` per tensor
+        per rank), all ranks cut the same global best `grow`, and each admits the ones from its rows."""
         names = list(offers)
         values = [offers[n][0] for n in names]
-        best = torch.topk(torch.cat(values), grow, sorted=False).indices
+        everyone = shards.gather_values(torch.cat(values) if values else torch.zeros(0), self.group)
+        start = sum(len(v) for v in everyone[: 0 if self.group is None else dist.get_rank(self.group)])
+        best = torch.topk(torch.cat(everyone), grow, sorted=False).indices - start
         offsets = torch.tensor([0, *map(len, values)]).cumsum(0)
         joined = {}
         for i, name in enumerate(names):

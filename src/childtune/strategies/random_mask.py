@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from childtune import shards
 from childtune.layers import matches
 from childtune.masks import check_probability, top_fraction
 from childtune.strategies.chosen import ChosenStrategy
@@ -68,9 +69,10 @@ class RandomMasking(ChosenStrategy):
             n_scored = sum(p.numel() for p in scored.values())
             density = min(1.0, self.p * sum(p.numel() for p in self.params.values()) / max(1, n_scored))
         generator = torch.Generator().manual_seed(self.seed)
-        scores = {n: torch.rand(p.shape, generator=generator).to(p.device) for n, p in scored.items()}
+        # whole tensors drawn on every rank, each keeping its rows (`childtune.shards`): the single-process draw
+        scores = {n: torch.rand(p.shape, generator=generator)[shards.rows(p)].to(p.device) for n, p in scored.items()}
         if self.sampling == "bernoulli":
             chosen = {n: s < density for n, s in scores.items()}
         else:
-            chosen = top_fraction(scores, density)
+            chosen = top_fraction(scores, density, group=self.group)
         self.chosen = self.complete(chosen)

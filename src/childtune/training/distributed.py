@@ -10,7 +10,10 @@ function of (seed, epoch) shared by all ranks and resumable mid-epoch (`ShardedS
 checks (`any_rank`, `in_sync`) and rank-0-only writes (`main_only`). `launch.py` re-runs the CLI under
 `torch.distributed.run` so `childtune train --nproc 2` works.
 
-Sharded training (FSDP, DeepSpeed ZeRO) is refused, not half-supported: see `refuse_fsdp`.
+Sharded training is FSDP2's (`shard`: `fully_shard` on every transformer block, then the root): each rank
+holds rows of every parameter, and childtune's masks, scores and sparse optimizer state are those rows
+(`childtune.shards`), with every global cut taken across ranks. FSDP 1 (flat parameters) and DeepSpeed
+ZeRO, which shard a flattened buffer rather than parameters, are refused: see `refuse_flat_sharding`.
 """
 
 from __future__ import annotations
@@ -135,9 +138,9 @@ def wrap(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
     differently on each rank still starts identical everywhere. Build the optimizer from
     `unwrap(model).named_parameters()`: strategies reason about names without DDP's `module.` prefix.
     """
-    refuse_fsdp(model)
+    refuse_flat_sharding(model)
     me = info()
-    if not me.distributed:
+    if not me.distributed or is_fsdp2(model):  # FSDP2 synchronises in its own hooks: no DDP on top
         return model
     if not dist.is_initialized():
         raise DistributedError("call childtune.distributed.init() before wrap(): no process group is up")
@@ -155,24 +158,59 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def refuse_fsdp(model: nn.Module) -> None:
-    """Refuse a model whose parameters are sharded (FSDP 1 or 2, DTensor), naming the alternative.
+def refuse_flat_sharding(model: nn.Module) -> None:
+    """Refuse a model sharded as one flat buffer (FSDP 1's `FlatParameter`), naming the alternatives.
 
-    A child network is a boolean mask shaped like each *whole* parameter, chosen by ranking whole
-    tensors (Fisher, ID3's |g|/|w|) and applied by name. FSDP flattens parameters into one buffer and
-    keeps a slice of it per rank, so a rank can neither see the whole tensor a mask is shaped for nor
-    rank elements globally without gathering every parameter, which is what FSDP exists to avoid.
-    Rather than train a silently different child network per shard, childtune stops here.
+    A child network is chosen element by element and applied by name; FSDP2 keeps every parameter a
+    DTensor of whole rows, which childtune masks row by row (`childtune.shards`). FSDP 1 flattens many
+    parameters into one buffer and gives each rank an arbitrary slice of it, across parameter borders:
+    no rank holds a piece of a parameter it can name. Rather than train a silently different child
+    network, childtune stops there. DTensor layouts other than FSDP2's are refused by the strategies.
     """
-    from torch.distributed.fsdp import FlatParameter, FSDPModule, FullyShardedDataParallel
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.fsdp import FlatParameter, FullyShardedDataParallel
 
     for name, module in model.named_modules():
-        if isinstance(module, FullyShardedDataParallel | FSDPModule):
-            raise DistributedError(_sharded(f"module {name or type(module).__name__!r} is wrapped by FSDP"))
+        if isinstance(module, FullyShardedDataParallel):
+            raise DistributedError(_sharded(f"module {name or type(module).__name__!r} is wrapped by FSDP 1"))
     for name, param in model.named_parameters():
-        if isinstance(param, FlatParameter | DTensor):
-            raise DistributedError(_sharded(f"parameter {name!r} is a sharded {type(param).__name__}"))
+        if isinstance(param, FlatParameter):
+            raise DistributedError(_sharded(f"parameter {name!r} is a flat FSDP 1 parameter"))
+
+
+def is_fsdp2(model: nn.Module) -> bool:
+    """Whether `model` was sharded with `fully_shard` (FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """`model` sharded in place with FSDP2 over all ranks: each transformer block (every module in a
+    `ModuleList`, such as `bert.encoder.layer.3` or `model.layers.3`) is one unit, gathered for its own
+    forward and backward, and the rest (embeddings, head, tied weights) is the root's unit.
+
+    Build the optimizer after this, from `model.named_parameters()`: the names are unchanged, the
+    parameters are now DTensors holding this rank's rows."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        raise DistributedError("call childtune.distributed.init() before shard(): no process group is up")
+    mesh = init_device_mesh(device(info()).type, (dist.get_world_size(),))
+    for module in list(model.modules()):
+        if isinstance(module, nn.ModuleList):
+            for block in module:
+                fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """An FSDP2 model's whole state dict on rank 0, on the CPU (None on the other ranks): collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if info().is_main else None
 
 
 def check_accelerator(accelerator: Any) -> None:
@@ -183,7 +221,7 @@ def check_accelerator(accelerator: Any) -> None:
     a run.
     """
     kind = str(getattr(getattr(accelerator, "state", accelerator), "distributed_type", "NO")).rsplit(".", 1)[-1]
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):  # Accelerate's FSDP plugin also wraps FSDP 1
         raise DistributedError(_sharded(f"Accelerate is configured for {kind}"))
     launched = DistInfo.from_env().world_size
     if launched > 1 and getattr(accelerator, "num_processes", 1) != launched:
@@ -194,9 +232,11 @@ def check_accelerator(accelerator: Any) -> None:
 
 
 def _sharded(what: str) -> str:
-    return (f"{what}, but childtune masks whole parameters and cannot choose a child network over shards. "
-            f"Use data parallelism (DDP) instead: `childtune train ... --nproc N`, `torchrun --nproc-per-node N "
-            f"-m childtune.cli train ...`, or `accelerate launch` without an FSDP/DeepSpeed config (see {_DOCS}).")
+    return (f"{what}, but childtune chooses a child network among named parameters, not slices of a flat "
+            f"buffer. Shard with FSDP2 instead (`childtune train ... --nproc N --fsdp`, or "
+            f"`torch.distributed.fsdp.fully_shard` / `childtune.training.distributed.shard` in your own loop), or "
+            f"use data parallelism (DDP): `childtune train ... --nproc N`, or `accelerate launch` without an "
+            f"FSDP/DeepSpeed config (see {_DOCS}).")
 
 
 class ShardedSampler(Sampler[int]):
