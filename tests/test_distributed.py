@@ -403,6 +403,55 @@ def test_cli_nproc_2_trains_like_one_process(tmp_path, capfd):
 
 
 @needs_cli
+def test_cli_fsdp_trains_like_one_process_with_state_sharded(tmp_path, capfd):
+    """`childtune train --nproc 2 --fsdp`: Fisher on every rank's same batches, each rank's rows of the masks
+    and sparse state, the child network and weights gathered on rank 0 and saved: the one-process run's."""
+    from safetensors.torch import load_file
+
+    from childtune.cli import main
+    from childtune.delta import SparseDelta
+
+    train_file, dev_file = write_task(tmp_path)
+    model = str(write_tiny_model(tmp_path / "model", dropout=0.0))
+    runs = {}
+    for name, more in (("fsdp", ["--nproc", "2", "--fsdp"]), ("one", [])):
+        argv = ["train", *more, "--model", model, "--train", str(train_file), "--dev", str(dev_file),
+                "--method", "child-d", "--strict", "--epochs", "2", "--batch-size", "4", "--lr", "0.01",
+                "--seed", "3", "--no-progress", "--output", str(tmp_path / name)]
+        assert main(argv) == 0, name
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert capfd.readouterr().out.count("wrote") == 2
+    assert runs["fsdp"]["steps"] == runs["one"]["steps"] == 10
+    assert runs["fsdp"]["child_params"] == runs["one"]["child_params"] > 0
+    assert runs["fsdp"]["changed_outside_child"] == 0
+    assert runs["fsdp"]["optimizer_state_bytes"] < 0.6 * runs["one"]["optimizer_state_bytes"]  # rank 0's half
+    masks = [load_file(tmp_path / name / "masks.safetensors") for name in runs]
+    assert masks[0].keys() == masks[1].keys()
+    assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
+    weights = []
+    for name in runs:
+        from transformers import AutoModelForSequenceClassification
+
+        tuned = AutoModelForSequenceClassification.from_pretrained(model)
+        SparseDelta.load(tmp_path / name / "delta").apply(tuned)
+        weights.append(dict(tuned.named_parameters()))
+    assert_equal_params(weights[0], weights[1], rtol=1e-4, atol=1e-5)
+
+
+@needs_cli
+def test_cli_fsdp_refuses_what_it_cannot_shard(tmp_path, capfd):
+    from childtune.cli import main
+
+    base = ["train", "--nproc", "2", "--fsdp", "--task", "mr", "--output", str(tmp_path / "run")]
+    for more, said in ((["--method", "lora"], "peft adapters"), (["--checkpoint-every", "5"], "--checkpoint-every"),
+                       (["--method", "child-d", "--fisher-per-example"], "per-example")):
+        capfd.readouterr()
+        assert main(base + more) == 2
+        assert said in capfd.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@needs_cli
 def test_cli_nproc_needs_a_batch_that_splits_evenly(tmp_path, capfd):
     """Found by both ranks before any work, said once: one `childtune: error:` line, exit 2, none of
     torchrun's SIGTERM notices, tracebacks or ChildFailedError report."""

@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train on N processes with DDP (gloo on CPU, nccl on GPUs); see docs/distributed.md [1]")
     train.add_argument("--resume", metavar="RUN", default=None,
                        help="continue the interrupted run whose --output was RUN, from its last checkpoint")
-    train.add_argument("--checkpoint-every", type=int, default=200, metavar="N",
-                       help="save a resumable checkpoint every N updates (0: never) [200]")
+    train.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                       help="save a resumable checkpoint every N updates (0: never) [200; never with --fsdp]")
     add_config_options(train)
     train.set_defaults(func=cmd_train)
 

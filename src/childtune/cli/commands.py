@@ -32,10 +32,16 @@ def _resumed(run: str) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     from childtune.training import distributed
     from childtune.training.checkpoint import Checkpointer
+    from childtune.training.config import ConfigError
     from childtune.training.loop import train
     from childtune.training.runfolder import partial_dir
 
     config = _resumed(args.resume) if args.resume else config_from_args(args)
+    if args.checkpoint_every is None:
+        args.checkpoint_every = 0 if config.fsdp else 200
+    if (args.checkpoint_every or args.resume) and config.fsdp:
+        raise ConfigError("--checkpoint-every / --resume with --fsdp: checkpoints save one process's state, and a "
+                          "sharded run's is spread over all of them; run without checkpoints, or with DDP")
     if args.nproc > 1 and not distributed.info().distributed:  # re-run this command as N ranks under torchrun
         config.resolved()  # a bad value fails here, once, before any rank starts
         from childtune.training.launch import launch

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from childtune import shards
 from childtune.layers import blocks
 from childtune.masks import Masks
 from childtune.strategies.base import NetworkKind, Strategy
@@ -54,7 +55,7 @@ class GradualUnfreezing(Strategy):
         stage = self.unfrozen(step)
         if stage not in self._frozen:  # one dict per stage, so optimizers see a stable object
             self._frozen = {stage: {
-                name: torch.zeros_like(self.params[name], dtype=torch.bool)
+                name: torch.zeros_like(shards.local(self.params[name]), dtype=torch.bool)
                 for block in self.order[stage:] for name in block
             }}
         return self._frozen[stage]

@@ -129,6 +129,9 @@ class TrainConfig:
     optimizer_in_backward: bool = field(default=False, metadata=_opt(
         "update each parameter inside backward and free its gradient at once (every method but the authors' "
         "AdamW runs; turns off global-norm clipping, which needs every gradient first)"))
+    fsdp: bool = field(default=False, metadata=_opt(
+        "with --nproc N: shard weights, gradients, masks and optimizer state over the processes (FSDP2) "
+        "instead of replicating them (DDP)"))
     eval_batch_size: int = field(default=64, metadata=_opt("evaluation batch size"))
     weight_decay: float | None = field(default=None, metadata=_opt(
         "AdamW decoupled weight decay (not on bias/LayerNorm)"))
@@ -199,6 +202,18 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ defaults and checks
 
+    def _check_fsdp(self) -> None:
+        """What FSDP2 runs do not support (yet), refused before any rank starts."""
+        if METHODS[self.method].adapter:
+            raise ConfigError(f"--fsdp with {self.method}: childtune does not shard peft adapters; LoRA keeps "
+                              "little state to shard, so run it with DDP (--nproc N without --fsdp)")
+        if self.optimizer == "authors":
+            raise ConfigError("--fsdp with --optimizer authors: the authors' AdamW masks whole tensors; use the "
+                              "default torch optimizer")
+        if self.fisher_per_example:
+            raise ConfigError("--fsdp with --fisher-per-example: an example's gradient is never whole on one rank "
+                              "when sharded; score per batch")
+
     def resolved(self) -> TrainConfig:
         """A copy with the method's defaults filled in and everything checked: what a run really uses."""
         check_method(self.method)
@@ -240,6 +255,8 @@ class TrainConfig:
         if self.optimizer_in_backward and self.nonfinite != "stop":
             raise ConfigError("optimizer_in_backward updates during backward: it cannot skip a non-finite step "
                               "(nonfinite must be 'stop')")
+        if self.fsdp:
+            self._check_fsdp()
         if files and self.text_col == self.label_col:
             raise ConfigError(f"text_col and label_col are both {self.text_col!r}: the model would read the label")
         _check(self.reserve_p is None or 0 < self.reserve_p <= 1, "reserve_p", self.reserve_p, "in (0, 1]")

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from childtune import shards
 from childtune.data.batching import LMCollate, make_collate
 from childtune.delta import SparseDelta
 from childtune.fileio import write_json
@@ -91,8 +92,11 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *, resume: bo
     config = config.resolved()
     reset_peak_rss()
     me = distributed.init()
-    if config.optimizer_in_backward and me.world_size > 1:
-        raise ConfigError("--optimizer-in-backward runs on one process (DDP averages gradients in its own hooks)")
+    if config.optimizer_in_backward and me.world_size > 1 and not config.fsdp:
+        raise ConfigError("--optimizer-in-backward runs on one process or sharded (--fsdp): DDP averages "
+                          "gradients in its own hooks, after the step would have used them")
+    if config.fsdp and me.world_size < 2:
+        raise ConfigError("--fsdp shards over processes: run it with --nproc N (N >= 2) or under torchrun")
     if config.batch_size % me.world_size:
         raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {me.world_size} processes")
     folder = RunFolder(config.output, config.overwrite, resume) if config.output and me.is_main else None
@@ -122,7 +126,10 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
     length = min(config.max_length, position_limit(model))
     collate = LMCollate(tokenizer, length, config.chat_template) if task.spec.kind == "generation" else make_collate(
         tokenizer, length, task.spec.kind)
-    pretrained = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+    pretrained = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()} if (
+        me.is_main or not config.fsdp) else {}  # sharded: only rank 0 counts and saves against the base
+    if config.fsdp:  # before the optimizer, which must see the sharded parameters; FSDP2 syncs, not DDP
+        model = distributed.shard(model)
     total_steps = math.ceil(len(task.train) / config.batch_size) * config.epochs
     model, params, strategy, optimizer, scheduler = setup(config, model, total_steps)
 
@@ -137,12 +144,15 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
 
         started = time.perf_counter()
         if not state.resumed:  # Child-Tuning_D: Fisher information on the training data (own progress bar)
-            shard = distributed.ShardedSampler(len(task.train), seed=config.seed, shuffle=False)  # rank's share
-            fisher_batches = loader(task.train, batch_size=config.batch_size // me.world_size, sampler=shard,
-                                     collate_fn=collate)
+            # DDP: each rank scores its share and fisher.py sums them; FSDP2: every rank scores every batch
+            ranks = 1 if config.fsdp else me.world_size
+            shard = distributed.ShardedSampler(len(task.train), seed=config.seed, shuffle=False,
+                                               rank=me.rank % ranks, world_size=ranks)
+            fisher_batches = loader(task.train, batch_size=config.batch_size // ranks, sampler=shard,
+                                    collate_fn=collate)
             strategy.prepare(model, fisher_batches)
         prepare_time = time.perf_counter() - started
-        if config.strict:
+        if config.strict and not config.fsdp:  # (FSDP2 fixed which parameters need gradients when it sharded)
             freeze_unchosen(strategy, params)  # before any DDP wrapping: DDP fixes its params
         state.model = distributed.wrap(model)  # DDP under torchrun; the model itself for one process
 
@@ -184,6 +194,9 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
 
         tuned = model.merge_and_unload() if METHODS[config.method].adapter == "lora" else model
         masks = strategy.final_masks(state.step)
+        if config.fsdp:  # whole masks and weights, gathered from every rank's rows (collective)
+            masks = masks and shards.gather_masks(masks, params)
+            tuned = _gathered(config, task.spec, model)
         metrics = {
             "task": task.spec.name, "method": config.method, "seed": config.seed,
             "kind": task.spec.kind, "primary_metric": task.spec.metric,
@@ -195,7 +208,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
             "truncated_prompts": getattr(collate, "truncated", 0),
             "optimizer_state_bytes": state_bytes(optimizer), "device": str(next(model.parameters()).device),
             "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
-            **count_elements(pretrained, tuned, params, masks),
+            **(count_elements(pretrained, tuned, params, masks) if tuned is not None else {}),
         }
         if workdir:
             _save_weights(config, workdir, pretrained, tuned, tokenizer, task.spec)
@@ -275,11 +288,25 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> float | Non
     state.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    broken = [n for n, p in state.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
-    if broken:  # a finite gradient can still take a weight past float range (a huge learning rate)
-        raise TrainError(f"update {state.step} (epoch {state.epoch}, batch {state.batch}) made {len(broken)} weight "
-                         f"tensors non-finite, e.g. {broken[0]!r}: the run diverged. Lower --lr")
+    broken = [n for n, p in state.model.named_parameters()
+              if p.requires_grad and not bool(torch.isfinite(shards.local(p)).all())]  # (this rank's rows)
+    if distributed.any_rank(bool(broken)) if config.fsdp else broken:  # a finite gradient can still take a
+        # weight past float range (a huge learning rate); sharded, every rank stops together
+        raise TrainError(f"update {state.step} (epoch {state.epoch}, batch {state.batch}) made weights "
+                         f"non-finite, e.g. in {broken[0] if broken else 'another rank rows'!r}: the run diverged. "
+                         "Lower --lr")
     return float(loss.detach())
+
+
+def _gathered(config: TrainConfig, spec, model: torch.nn.Module) -> torch.nn.Module | None:
+    """Rank 0: an unsharded copy of the FSDP2 model with its tuned weights (for counting and saving);
+    None on the other ranks. Every rank must call it (the weights are all-gathered)."""
+    state = distributed.full_state_dict(model)
+    if state is None:
+        return None
+    _, plain = load_model(config, spec)
+    plain.load_state_dict(state)
+    return plain
 
 
 def _device(config: TrainConfig, me) -> torch.device:
