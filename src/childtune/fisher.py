@@ -99,7 +99,7 @@ def fisher_information(
                          "one rank; score per batch (per_example=False) when the model is sharded")
     # FSDP2 registers its unsharded parameters on the modules between a forward and its backward, so the
     # sharded ones (whose .grad backward fills) are taken now, before any forward
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad] if group is not None else []
     device = next(model.parameters()).device
     sums = {n: torch.zeros(shards.local(p).shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
     labelled = 0.0  # a checksum of the labels read: ranks of a sharded pass must all read the same ones
@@ -124,9 +124,12 @@ def fisher_information(
                 else:
                     # the batch-mean loss, as the authors backpropagated it
                     loss = -_log_likelihood(model(**inputs), labels).mean()
-                    grads = _grads(loss, params) if group is None else _sharded_grads(trainable, loss, params)
+                    if group is None:
+                        grads = _grads(loss, params)
+                    else:
+                        grads = _sharded_grads(trainable, loss, params)
+                        labelled += float(labels.float().sum())  # (a device sync: only where it is checked)
                     _add_squares(sums, _clipped(grads, clip, group=group))
-                    labelled += float(labels.float().sum())
                 examples, steps = examples + len(labels), steps + 1
                 bar.update(len(labels))
                 if num_samples is not None and examples >= num_samples:

@@ -106,11 +106,12 @@ def top_k(scores: Mapping[str, torch.Tensor], k: int, group: dist.ProcessGroup |
     me = 0 if group is None else dist.get_rank(group)
     out: Masks = {}
     for i, n in enumerate(names):
-        mask = key(n) > low
+        keys = key(n)
+        mask = keys > low
         for rank, counts in enumerate(everyone):
             take = min(ties, counts[i])
             if rank == me and take:
-                mask.view(-1)[(key(n) == low).reshape(-1).nonzero().squeeze(1)[:take]] = True
+                mask.view(-1)[(keys == low).reshape(-1).nonzero().squeeze(1)[:take]] = True
             ties -= take
         out[n] = mask
     return out

@@ -57,10 +57,6 @@ def is_sharded(t: torch.Tensor | None) -> bool:
     return t is not None and isinstance(t, _dtensor())
 
 
-def any_sharded(tensors: Iterable[torch.Tensor]) -> bool:
-    return any(is_sharded(t) for t in tensors)
-
-
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's rows of `t` as a plain tensor, a view (writes go to the shard); `t` itself if unsharded."""
     if not is_sharded(t):
@@ -89,9 +85,10 @@ def rows(param: torch.Tensor) -> slice | EllipsisType:
     per = math.ceil(total / ranks)
     start = min(me * per, total)
     stop = min(start + per, total)
-    if stop - start != param.to_local().shape[0]:
-        raise ValueError(f"a shard of {stop - start} rows was expected on rank {me}, it holds "
-                         f"{param.to_local().shape[0]}: not FSDP2's even split along dim 0")
+    held = local(param).shape[0]
+    if stop - start != held:
+        raise ValueError(f"a shard of {stop - start} rows was expected on rank {me}, it holds {held}: "
+                         "not FSDP2's even split along dim 0")
     return slice(start, stop)
 
 
