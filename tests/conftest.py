@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import zlib
 
 import pytest
 import torch
@@ -57,3 +58,30 @@ def step_side_by_side(model, twin, ordinary, hooked, steps: int, after=lambda: N
         assert all(p.grad is None for p in twin.parameters())  # freed inside backward
         hooked.step()
         after()
+
+
+M32, M64 = 2**32 - 1, 2**64 - 1
+
+
+def py_splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
+    return x ^ (x >> 31)
+
+
+def py_step_base(seed: int, step: int) -> int:
+    return py_splitmix64(py_splitmix64(seed) ^ step)
+
+
+def py_keep_bits(position: int, base: int, name: str) -> int:
+    """Child-Tuning_F's documented draw (childtune/kernels.py docstring) in plain Python integers."""
+    z = py_splitmix64(base ^ zlib.crc32(name.encode()))
+    k1, k2 = z & M32, z >> 32
+    x = position ^ k1
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & M32
+    x ^= k2
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & M32
+    return x ^ (x >> 15)

@@ -34,6 +34,9 @@ from test_resume import Final, needs_cli, write_task, write_tiny_model  # noqa: 
 METHODS = ("child-f", "child-d", "id3")
 N, LENGTH, PER_RANK, WORLD, EPOCHS, LR, SEED = 32, 8, 4, 2, 2, 1e-2, 5
 STEPS = EPOCHS * N // (PER_RANK * WORLD)
+# Two half-batch gradients averaged against one whole-batch mean differ by rounding; Adam's step
+# lr * m / (sqrt(v) + eps) turns that into a visible fraction of lr for a gradient near eps.
+AVERAGED = dict(rtol=1e-4, atol=5e-3 * LR)
 
 
 # ------------------------------------------------------------------------------ the loop, both sides
@@ -226,11 +229,11 @@ def test_ranks_end_bit_identical(ranks, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_ddp_equals_single_process_with_same_global_batch(ranks, single, method):
     """DDP averages the two half-batch gradients, the single process takes the whole batch's mean:
-    equal up to float rounding, with identical child networks."""
+    equal up to float rounding (`AVERAGED`), with identical child networks."""
     ddp, one = ranks[0][method], single[method]
     for name in one["masks"]:
         assert torch.equal(ddp["masks"][name], one["masks"][name]), name
-    assert_equal_params(ddp["params"], one["params"], rtol=1e-4, atol=1e-5)
+    assert_equal_params(ddp["params"], one["params"], **AVERAGED)
 
 
 def test_fisher_is_all_reduced_across_ranks(ranks, single):
@@ -262,7 +265,7 @@ def test_fsdp2_equals_single_process_with_same_global_batch(ranks, run):
         for name, mask in one["masks"].items():
             assert torch.equal(mine["masks"][name], mask), name
             assert mine["local_masks"][name].numel() < mask.numel() or mask.shape[0] == 1  # its rows alone
-        assert_equal_params(mine["params"], one["params"], rtol=1e-4, atol=1e-5)
+        assert_equal_params(mine["params"], one["params"], **AVERAGED)
     start = dict(make_model().named_parameters())
     moved = sum(int((one["params"][n] != start[n]).sum()) for n in start)
     assert moved > 0.01 * sum(p.numel() for p in start.values())  # it trained

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import mlp_names, step_side_by_side, twin_mlps
+from conftest import M64, mlp_names, py_keep_bits, step_side_by_side, twin_mlps
 
 from childtune import ID3, ChildOptimizer, ChildTuningAdamW, ChildTuningF, FullFineTuning, RandomMasking
 
@@ -50,14 +50,15 @@ def reference(params, masks_per_step, scale=1.0, strict=False, wd=WD, steps=2):
 
 
 def f_masks(seed: int, p: float, shapes, steps: int = 2):
-    """Child-Tuning_F's documented draw: per step, one uniform 16-bit lane per element, kept below p."""
+    """Child-Tuning_F's documented draw keyed by a caller's generator: per step one 64-bit base from it,
+    then each parameter's keyed hash (named by its index, as the drop-in names them), kept below p."""
     g = torch.Generator().manual_seed(seed)
-    total = sum(math.prod(s) for s in shapes)
+    threshold = round(p * 2**32)
     out = []
     for _ in range(steps):
-        lanes = torch.empty((total + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1, generator=g)
-        keep = lanes.view(torch.int16)[:total] < round(p * 65536) - 32768
-        out.append([k.view(s) for k, s in zip(keep.split([math.prod(s) for s in shapes]), shapes, strict=True)])
+        base = int(torch.empty((), dtype=torch.int64).random_(generator=g)) & M64
+        out.append([torch.tensor([py_keep_bits(j, base, str(i)) < threshold for j in range(math.prod(s))]).view(s)
+                    for i, s in enumerate(shapes)])
     return out
 
 

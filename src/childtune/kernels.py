@@ -1,20 +1,194 @@
-"""Masked elementwise updates on the hot path of a step, run block by block so they stay in cache.
+"""Elementwise kernels on the hot path of a step: Child-Tuning_F's counter-based draw, and a masked scale.
 
-Two masked operations are slow as eager torch writes them over whole tensors: Child-Tuning_F's gradient
-mask (`g *= bool_mask`, whose CPU kernel converts every bool to a float, one by one: about ten times a
-float multiply) and strict AdamW's weight decay restricted to the child network (`p[mask] *= f`
-gathers and scatters by index). Each is a few passes over memory; done on blocks of `BLOCK` elements,
-every pass after the first reads what the previous one left in the CPU's cache, so together they cost
-little more than one pass. Values are the same as the whole-tensor forms, bit for bit. `make bench`
-measures them against the whole-tensor forms, the copy-and-restore the decay replaces, and a
-`torch.compile`d kernel (inductor's CPU loop for these masked ops was no faster than eager torch here).
+**The draw.** Child-Tuning_F needs a fresh Bernoulli(p) mask over every weight every step. Any stateful
+generator (torch's CPU generator is mt19937) must be run in sequence, on one thread, into a buffer the
+mask is then read from: on the MiniLM parameter set that alone cost more than torch's whole fused AdamW
+step (benchmarks/RESULTS.md). Here a weight's keep bit is a pure function of where it is instead:
+
+    x = position ^ k1;  x ^= x >> 16;  x *= 0x21f0aaad;  x ^= k2;  x ^= x >> 15;  x *= 0x735a2d97;  x ^= x >> 15
+    keep  <=>  x < threshold            (32-bit unsigned arithmetic; threshold = round(p * 2^32))
+
+`position` is the element's flat index in its whole parameter, and (k1, k2) a key derived from (seed,
+step, parameter name) with splitmix64 (`draw_key`). The mixer is the 32-bit xor-shift-multiply hash
+"lowbias32" with the lower-bias constants found by C. Wellons' hash-prospector; the key's second half
+enters between its rounds, so two steps' masks are not permutations of each other. A keep bit can so
+be computed anywhere, in registers: per block, per thread, per rank of a sharded parameter, with no
+generator state and no random buffer, and the keep probability is p to within 2^-32.
+
+**Two implementations, one definition.** `csrc/child_f.cpp` computes the draw fused with what consumes
+it (the bool mask, the masked gradient, or a whole AdamW update on the masked gradient, one pass over
+memory), built on first use with `torch.utils.cpp_extension` (a C++ compiler and ninja; cached between
+runs in torch's extension directory). Where it cannot be built, or for tensors it does not take (not
+float32 on a CPU, not contiguous), the eager torch code below computes the same bits, block by block in
+64-bit integers; `CHILDTUNE_KERNELS=eager` forces it. tests/test_kernels.py holds them equal.
+
+**The masked scale** (`scale_where_`): strict AdamW's weight decay restricted to the child network, done
+on cache-sized blocks so the where/multiply passes read what the previous one left in cache.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+import time
+import warnings
+import zlib
+from functools import cache
+from pathlib import Path
+from typing import NamedTuple
+
 import torch
 
 BLOCK = 1 << 17  # elements: a block of float32 weights, its mask and a temporary fit in a 1-2 MiB cache
+MASK32 = 0xFFFFFFFF
+POSITIONS = 1 << 32  # a parameter with more elements than this cannot be drawn: positions are 32-bit
+_MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)  # both < 2^31, so 64-bit products of 32-bit values never overflow
+
+
+class Draw(NamedTuple):
+    """Where one parameter's keep bits come from at one step: flat position of its first local element
+    (non-zero for an FSDP2 shard's rows), the two key halves, and the keep threshold."""
+
+    start: int
+    k1: int
+    k2: int
+    threshold: int
+
+
+def splitmix64(x: int) -> int:
+    """Steele, Lea & Flood's SplitMix64 finaliser: spreads any 64-bit input over all 64 bits."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def step_base(seed: int, step: int) -> int:
+    """The 64-bit base key of step `step` of a run seeded `seed`."""
+    return splitmix64(splitmix64(seed & 0xFFFFFFFFFFFFFFFF) ^ step)
+
+
+def draw_key(base: int, name: str) -> tuple[int, int]:
+    """(k1, k2) of parameter `name` under a step's base key: a parameter's mask depends on its own name,
+    not on which other parameters are drawn."""
+    z = splitmix64(base ^ zlib.crc32(name.encode()))
+    return z & MASK32, z >> 32
+
+
+def keep_bits(positions: torch.Tensor, k1: int, k2: int) -> torch.Tensor:
+    """The draw's 32-bit value at each of `positions` (int64 in [0, 2^32)): the reference definition."""
+    x = positions ^ k1
+    x = x ^ (x >> 16)
+    x = (x * _MULTIPLIERS[0]) & MASK32
+    x = x ^ k2
+    x = x ^ (x >> 15)
+    x = (x * _MULTIPLIERS[1]) & MASK32
+    return x ^ (x >> 15)
+
+
+def _keep_blocks(flat: torch.Tensor, draw: Draw):
+    """(block of `flat`, its keep mask) for cache-sized blocks: the compiled keep mask on a CPU where it was
+    built, `keep_bits` otherwise."""
+    ext = extension() if flat.device.type == "cpu" else None
+    keep = torch.empty(min(BLOCK, flat.numel()), dtype=torch.bool, device=flat.device)
+    for begin in range(0, flat.numel(), BLOCK):
+        block = flat[begin:begin + BLOCK]
+        start = draw.start + begin
+        if ext is not None:
+            ext.keep(keep[:block.numel()], start, draw.k1, draw.k2, draw.threshold)
+            yield block, keep[:block.numel()]
+        else:
+            positions = torch.arange(start, start + block.numel(), device=flat.device)
+            yield block, keep_bits(positions, draw.k1, draw.k2) < draw.threshold
+
+
+def keep_mask_(out: torch.Tensor, draw: Draw) -> None:
+    """In place, `out` (bool) <- the draw's keep mask, element i at position `draw.start + i`."""
+    ext = _for(out, torch.bool)
+    if ext is not None:
+        ext.keep(out, *draw)
+        return
+    contiguous = out.contiguous()
+    for block, keep in _keep_blocks(contiguous.view(-1), draw):
+        block.copy_(keep)
+    if contiguous is not out:
+        out.copy_(contiguous)
+
+
+def mask_grad_(grad: torch.Tensor, draw: Draw, scale: float) -> None:
+    """In place, `grad <- grad * keep * scale`: Child-Tuning_F's masked, rescaled gradient (same bits as
+    torch's `grad * mask * scale`, NaN * 0 included). float32 on a CPU in one compiled loop; other dtypes
+    (bf16) multiply by the keep mask block by block."""
+    ext = _for(grad, torch.float32)
+    if ext is not None:
+        ext.mask_(grad, *draw, scale)
+        return
+    contiguous = grad.contiguous()
+    for block, keep in _keep_blocks(contiguous.view(-1), draw):
+        block.mul_(keep).mul_(scale)
+    if contiguous is not grad:
+        grad.copy_(contiguous)
+
+
+def adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+           draw: Draw | None, scale: float, *, lr: float, betas: tuple[float, float], eps: float,
+           weight_decay: float, step: float) -> None:
+    """One AdamW step of `param` on the gradient masked by `draw` (unmasked if None) in one pass, torch's
+    fused AdamW formula; `grad` is read, not written. For callers that found `one_pass_ready` true."""
+    start, k1, k2, threshold = draw if draw is not None else (0, 0, 0, 0)
+    _build().adamw_(param, grad, exp_avg, exp_avg_sq, start, k1, k2, threshold, scale if draw else 1.0, lr,
+                       betas[0], betas[1], eps, weight_decay, step, draw is not None)
+
+
+def one_pass_ready(*tensors: torch.Tensor) -> bool:
+    """Whether `adamw_` can take these tensors: the compiled kernel is available, all float32 on a CPU."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and extension() is not None
+
+
+def _for(t: torch.Tensor, dtype: torch.dtype):
+    """The compiled kernels when they take `t` (contiguous, `dtype`, on a CPU), else None."""
+    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+        return None
+    return extension()
+
+
+def extension():
+    """The compiled kernels of csrc/child_f.cpp, built on first use, or None (`CHILDTUNE_KERNELS=eager`, or
+    they could not be built here: a warning says why, once)."""
+    if os.environ.get("CHILDTUNE_KERNELS", "").lower() == "eager":
+        return None
+    return _build()
+
+
+@cache
+def _build():
+    source = Path(__file__).parent / "csrc" / "child_f.cpp"
+    started = time.perf_counter()
+    path = os.environ.get("PATH", "")
+    try:
+        from torch.utils.cpp_extension import load
+
+        if shutil.which("ninja") is None:  # the ninja wheel's binary, when the venv's bin is not on PATH
+            import ninja
+
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
+        module = load(name="childtune_child_f", sources=[str(source)], extra_cflags=["-O3", "-fno-math-errno"],
+                      verbose=False)
+    except Exception as error:  # no compiler, no ninja, an unsupported platform: the eager code is correct
+        warnings.warn(f"childtune: the compiled Child-Tuning_F kernels could not be built ({error}); the eager "
+                      "ones draw the same masks, slower", RuntimeWarning, stacklevel=3)
+        return None
+    finally:
+        os.environ["PATH"] = path
+    build_seconds[0] = time.perf_counter() - started
+    if build_seconds[0] > 5:
+        print(f"childtune: built the Child-Tuning_F kernels in {build_seconds[0]:.0f} s (cached for later runs)",
+              file=sys.stderr)
+    return module
+
+
+build_seconds = [0.0]  # how long the first `extension()` call took in this process (build, or load from cache)
 
 
 def _blocks(*tensors: torch.Tensor):
@@ -22,12 +196,6 @@ def _blocks(*tensors: torch.Tensor):
     if not all(t.is_contiguous() for t in tensors):
         return [tensors]
     return zip(*(t.view(-1).split(BLOCK) for t in tensors), strict=True)
-
-
-def keep_lanes_(grad: torch.Tensor, lanes: torch.Tensor, threshold: int, scale: float) -> None:
-    """In place, `grad <- (lanes < threshold) ? grad * scale : 0`, `lanes` shaped like `grad`."""
-    for g, lane in _blocks(grad, lanes):
-        g.mul_(lane < threshold).mul_(scale)
 
 
 def scale_where_(values: torch.Tensor, mask: torch.Tensor, factor: float) -> None:

@@ -24,6 +24,14 @@ a whole-step choice needs (ID3) belong to `SparseChildAdamW(in_backward=True)`.
 The inner optimizer defaults to torch's fastest AdamW for the parameters: `fused=True` when neither
 `fused` nor `foreach` is given and every parameter is a floating-point tensor on a CPU or CUDA device
 (benchmarks/RESULTS.md measures fused at a quarter of the foreach step on this CPU).
+
+Child-Tuning_F in one pass. Over a fused AdamW (the default), float32 CPU parameters and the compiled
+kernels available (`childtune.kernels`), F's step is one pass per tensor: the keep bit is computed in
+registers from the element's position and the step's key, the gradient masked and rescaled, and
+torch's fused AdamW formula applied, moments and step count kept in the inner optimizer's own state
+(so its `state_dict` is the one torch's AdamW would save). The masked gradient is never written back:
+after this step `.grad` holds what backward left. Anything else (foreach or another optimizer, CUDA,
+bf16, `amsgrad`, `maximize`, `strict`) masks the gradients in place and runs the inner step.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from childtune import kernels
 from childtune.kernels import scale_where_
 from childtune.optim.common import (
     by_name,
@@ -89,6 +98,8 @@ class ChildOptimizer(Optimizer):
         self._names = {id(p): n for n, p in self.named.items()}
         self.accumulating = False  # in backward: True while a micro-batch that is not the update's last runs
         self._drawn: int | None = None  # the step whose F draw the hooks have made
+        self._one_pass = self._can_step_f_in_one_pass()
+        self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}  # rebuilt on load
         if in_backward:
             if strict and not self._no_copy:
                 raise ValueError("a strict ChildOptimizer that copies and restores weights around the step "
@@ -106,14 +117,15 @@ class ChildOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict, self.steps = pop_child_block(state_dict, self.strategy)
         self.optimizer.load_state_dict(state_dict)
-        self.param_groups = self.optimizer.param_groups
+        self.param_groups = self.optimizer.param_groups  # new group dicts: the old ones no longer see the scheduler
         self.state = self.optimizer.state
+        self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
 
     @torch.no_grad()
     def _update_in_backward(self, param: torch.Tensor) -> None:
         """One parameter's masked update as soon as backward has its gradient, which is then freed. The inner
         optimizer steps only this parameter (every other gradient is None), with the mask the whole-model
-        step would use: for F, one draw per step shared by all hooks, read through this parameter's lanes."""
+        step would use: for F, one draw (key) per step shared by all hooks, each computing its parameter's bits."""
         if self.accumulating or only_reading():  # autograd adds the next micro-batch's gradient to this one
             return
         grad = local(param.grad)  # this rank's rows under FSDP2, where masks are rows too (childtune.shards)
@@ -125,9 +137,12 @@ class ChildOptimizer(Optimizer):
             if self._drawn != self.steps:
                 self.strategy.draw(self.steps)
                 self._drawn = self.steps
-            if name in self.strategy.maskable():
-                self.strategy.apply_drawn_(name, grad)
-            self.optimizer.step()
+            if self._one_pass:
+                self._adamw_in_one_pass(param, self._group_of[id(param)])
+            else:
+                if name in self.strategy.maskable():
+                    self.strategy.apply_drawn_(name, grad)
+                self.optimizer.step()
         else:
             mask = self.strategy.masks(self.steps).get(name)
             if mask is not None:
@@ -144,7 +159,15 @@ class ChildOptimizer(Optimizer):
             self.steps += 1
             return loss
         with torch.no_grad():
-            if isinstance(self.strategy, ChildTuningF) and not self.strict:  # drawn and applied in one pass
+            if self._one_pass:  # F: draw, mask and AdamW in one pass per tensor (module docstring)
+                self.strategy.draw(self.steps)
+                for group in self.param_groups:
+                    for param in group["params"]:
+                        if param.grad is not None:
+                            self._adamw_in_one_pass(param, group)
+                self.steps += 1
+                return loss
+            if isinstance(self.strategy, ChildTuningF) and not self.strict:  # drawn where it is applied
                 self.strategy.mask_gradients_(self.steps, {n: local(p.grad) for n, p in self.strategy.maskable().items()
                                                            if p.grad is not None})
                 self.optimizer.step()
@@ -160,6 +183,32 @@ class ChildOptimizer(Optimizer):
                 param.copy_(torch.where(mask, param, before))  # (the parameter's local rows under FSDP2)
         self.steps += 1
         return loss
+
+    def _can_step_f_in_one_pass(self) -> bool:
+        """Whether F's step can be `kernels.adamw_`: torch's fused AdamW (or Adam without decay) and nothing
+        that formula leaves out, on parameters the compiled kernel takes."""
+        groups = self.param_groups
+        adamw = type(self.optimizer) is torch.optim.AdamW or (
+            type(self.optimizer) is torch.optim.Adam and not any(g["weight_decay"] for g in groups))
+        unusual = ("amsgrad", "maximize", "capturable", "differentiable")
+        plain = all(g.get("fused") and not any(g.get(k) for k in unusual) for g in groups)
+        return (isinstance(self.strategy, ChildTuningF) and not self.strict and self.strategy.p != 1.0 and adamw
+                and plain and kernels.one_pass_ready(*(local(p) for p in self.named.values())))
+
+    def _adamw_in_one_pass(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        """`param`'s masked AdamW step with `kernels.adamw_`, its state kept as torch's fused AdamW keeps it."""
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["step"] += 1
+        name = self._names[id(param)]
+        draw = self.strategy.drawn(name) if name in self.strategy.maskable() else None
+        kernels.adamw_(local(param), local(param.grad).contiguous(), local(state["exp_avg"]),
+                       local(state["exp_avg_sq"]), draw, self.strategy.scale, lr=float(group["lr"]),
+                       betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                       step=float(state["step"]))
 
     def _step_decaying_the_child_only(self, masks: Mapping[str, torch.Tensor]) -> None:
         """AdamW's decoupled decay, `p *= 1 - lr * wd`, on child elements (and unmasked parameters) only;

@@ -1,35 +1,32 @@
 """Child-Tuning_F (Xu et al., 2021): a fresh Bernoulli(p) child network every step, task-free.
 
 Kept gradients are scaled by 1/p so the masked gradient is an unbiased estimate of the full one, and
-the mask is applied *before* the optimizer's moments see the gradient, as in the authors' optimizer.
+the mask is applied *before* the optimizer's moments see the gradient, as in the authors' optimizer
+(AliceMind ChildTuning/ChildTuningOptimizer.py: `Bernoulli(reserve_p)` times grad / reserve_p, in
+`step()` before `exp_avg` is updated).
 
 Cost is the point of this file: drawing a mask for every weight every step dominates the method's
-overhead. One `random_` call fills a flat int64 buffer, read as 16-bit lanes, one per element, and a
-single comparison turns it into the mask: a quarter of the random bits and time of `torch.rand`. The
-keep probability is therefore p rounded to a multiple of 2^-16 (|error| <= 7.6e-6), far below the
-sampling noise of any real mask; `keep_probability` reports the exact value.
-
-Applying the mask costs more than drawing it when done as `grad *= bool_mask`: torch's CPU kernel
-converts the bools to floats one by one (benchmarks/RESULTS.md, the F draw table). `mask_gradients_`
-instead reads the random lanes directly, `g <- (lane < threshold) ? g / p : 0`, block by block in
-cache (`childtune.kernels`): no bool mask is built, and the values are those of `g * mask / p`.
+overhead. The draw is counter-based (`childtune.kernels`): a weight is kept iff a 32-bit hash of its
+position in its parameter, keyed by (seed, step, parameter name), falls below round(p * 2^32). No
+generator runs and no random buffer exists, so the mask can be computed where it is used: fused into
+the gradient mask (`mask_gradients_`) or into the whole AdamW update (`ChildOptimizer`'s one-pass
+path), on any thread, and by each FSDP2 rank for its own rows only. The keep probability is p to
+within 2^-32; `keep_probability` reports the exact value.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
-from childtune import shards
-from childtune.kernels import keep_lanes_
+from childtune import kernels, shards
+from childtune.kernels import Draw
 from childtune.masks import Masks, check_probability
 from childtune.strategies.base import NetworkKind, Strategy
-
-_LANES = 4  # 16-bit lanes per int64 draw
-_MIX = 0x9E3779B97F4A7C15  # odd constant: spreads (seed, step) pairs over the seed space
 
 
 @dataclass
@@ -51,31 +48,28 @@ class ChildTuningF(Strategy):
     def __post_init__(self) -> None:
         self.p = check_probability("reserve_p", self.p)
         self.scale = 1.0 / self.p
-        self._threshold = round(self.p * 65536) - 32768  # int16 lanes are uniform on [-32768, 32767]
-        self._buffer: torch.Tensor | None = None
-        self._views: dict[str, torch.Tensor] = {}
+        self._threshold = min(max(round(self.p * kernels.POSITIONS), 1), kernels.POSITIONS - 1)
+        self._starts: dict[str, int] = {}
+        self._keys: dict[str, tuple[int, int]] = {}
+        self._buffers: dict[str, torch.Tensor] = {}
 
     @property
     def keep_probability(self) -> float:
-        return (self._threshold + 32768) / 65536
+        return self._threshold / kernels.POSITIONS
 
     def bind(self, named_params) -> None:
         super().bind(named_params)
-        maskable = self.maskable()
-        total = sum(p.numel() for p in maskable.values())
-        device = next(iter(maskable.values())).device if maskable else torch.device("cpu")
-        self._random = torch.empty((total + _LANES - 1) // _LANES, dtype=torch.int64, device=device)
-        self._lanes = self._random.view(torch.int16)[:total]
-        self._buffer = torch.empty(total, dtype=torch.bool, device=device)
-        sizes = [p.numel() for p in maskable.values()]
-        # Row shards (FSDP2): the whole model's lanes are drawn on every rank, each parameter reads its rows
-        # (`childtune.shards`), so the masks are the single-process ones; the lanes cost 2 bytes per weight.
-        self._views = {n: v.view(p.shape)[shards.rows(p)]
-                       for (n, p), v in zip(maskable.items(), self._buffer.split(sizes), strict=True)}
-        self._lane_views = {n: v.view(p.shape)[shards.rows(p)]
-                            for (n, p), v in zip(maskable.items(), self._lanes.split(sizes), strict=True)}
-        if self.generator is None:
-            self._own = torch.Generator(device=device)
+        # Row shards (FSDP2): a rank draws its own rows only, at their positions in the whole parameter, so
+        # the masks are the single-process ones (`childtune.shards`).
+        self._starts = {}
+        for name, param in self.maskable().items():
+            if param.numel() > kernels.POSITIONS:
+                raise ValueError(f"{name!r} has {param.numel():,} elements; Child-Tuning_F draws at most 2^32 "
+                                 "per parameter (its positions are 32-bit)")
+            rows = shards.rows(param)
+            self._starts[name] = 0 if rows is ... else rows.start * math.prod(param.shape[1:])
+        self._buffers = {}
+        self._keys = {}
 
     def config(self):
         config = super().config()
@@ -100,12 +94,15 @@ class ChildTuningF(Strategy):
         if self.p == 1.0:
             return {}
         self.draw(step)
-        torch.lt(self._lanes, self._threshold, out=self._buffer)
-        return self._views
+        for name, param in self.maskable().items():
+            if name not in self._buffers:
+                self._buffers[name] = torch.empty(shards.local(param).shape, dtype=torch.bool, device=param.device)
+            kernels.keep_mask_(self._buffers[name], self.drawn(name))
+        return dict(self._buffers)
 
     def mask_gradients_(self, step: int, grads: Mapping[str, torch.Tensor]) -> None:
-        """In place, `grads[name] <- grads[name] * masks(step)[name] / p`, without building the bool masks
-        (module docstring). `grads` holds maskable parameters' gradients by name."""
+        """In place, `grads[name] <- grads[name] * masks(step)[name] / p`, drawn where it is applied, no bool
+        mask built (module docstring). `grads` holds maskable parameters' gradients by name."""
         if self.p == 1.0:
             return
         self.draw(step)
@@ -116,11 +113,18 @@ class ChildTuningF(Strategy):
         """`grad <- grad * mask / p` for one parameter, with the mask of the last `draw` (an optimizer stepping
         in backward draws once per step and applies it parameter by parameter as gradients arrive)."""
         if self.p != 1.0:
-            keep_lanes_(grad, self._lane_views[name].view(grad.shape), self._threshold, self.scale)
+            kernels.mask_grad_(grad, self.drawn(name), self.scale)
 
     def draw(self, step: int) -> None:
-        """Fill the random lanes for `step`: every parameter's mask at once, a function of (seed, step)."""
-        generator = self.generator
-        if generator is None:
-            generator = self._own.manual_seed((self.seed * _MIX + step) % 2**63)
-        self._random.random_(-(2**63), 2**63 - 1, generator=generator)
+        """Key every maskable parameter's mask for `step`: a function of (seed, step), or the caller's
+        generator's next 64 bits. Cheap (a hash per parameter); the bits are computed where they are used."""
+        if self.generator is None:
+            base = kernels.step_base(self.seed, step)
+        else:
+            base = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator)) & (2**64 - 1)
+        self._keys = {name: kernels.draw_key(base, name) for name in self._starts}
+
+    def drawn(self, name: str) -> Draw:
+        """Where parameter `name`'s keep bits come from under the last `draw` (for kernels fusing the mask
+        into the update, `childtune.kernels.adamw_`)."""
+        return Draw(self._starts[name], *self._keys[name], self._threshold)
