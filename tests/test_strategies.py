@@ -123,6 +123,14 @@ def test_child_tuning_d_needs_data(tiny_bert):
         strategy.masks(0)
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_child_tuning_d_progress_bar_follows_the_callers_choice(tiny_bert, capsys, progress):
+    strategy = ChildTuningD(0.3)
+    ChildOptimizer(tiny_bert.named_parameters(), strategy)
+    strategy.prepare(tiny_bert, batches(), progress=progress)
+    assert ("Fisher information" in capsys.readouterr().err) == progress
+
+
 def test_gradual_unfreezing_goes_top_down(tiny_bert):
     names = [n for n, _ in tiny_bert.named_parameters()]
     order = blocks(names)

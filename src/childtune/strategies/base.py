@@ -77,8 +77,10 @@ class Strategy:
             shards.check_layout(name, param)
         self.group = shards.group_of(self.params.values())
 
-    def prepare(self, model: torch.nn.Module | None = None, batches: Iterable | None = None) -> None:
-        """One-off work before training, such as Fisher estimation. The default needs nothing."""
+    def prepare(self, model: torch.nn.Module | None = None, batches: Iterable | None = None, *,
+                progress: bool = True) -> None:
+        """One-off work before training, such as Fisher estimation (with a progress bar unless `progress` is
+        False). The default needs nothing."""
 
     def masks(self, step: int) -> Masks:
         """Masks for `step` (0-based), called after backward and before the update.

@@ -50,12 +50,13 @@ class ChildTuningD(ChosenStrategy):
         parts (non-strict, lr 4e-5, their AdamW) are the `authors` preset of the CLI's method table."""
         return cls(p, **{"rest": "train", "train_mode": True, "clip": 1.0, **kw})
 
-    def prepare(self, model: torch.nn.Module | None = None, batches: Iterable | None = None) -> None:
+    def prepare(self, model: torch.nn.Module | None = None, batches: Iterable | None = None, *,
+                progress: bool = True) -> None:
         if model is None or batches is None:
             raise ValueError("Child-Tuning_D needs the model and training batches to estimate Fisher scores")
         scores = fisher_information(
             model, batches, scored=list(self.scored()), num_samples=self.num_samples,
-            per_example=self.per_example, train_mode=self.train_mode, clip=self.clip,
+            per_example=self.per_example, train_mode=self.train_mode, clip=self.clip, progress=progress,
         )
         chosen = top_fraction(scores, self.p, self.per_layer, self.group)
         if self.random_within:

@@ -150,7 +150,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
                                                rank=me.rank % ranks, world_size=ranks)
             fisher_batches = loader(task.train, batch_size=config.batch_size // ranks, sampler=shard,
                                     collate_fn=collate)
-            strategy.prepare(model, fisher_batches)
+            strategy.prepare(model, fisher_batches, progress=config.progress and me.is_main)
         prepare_time = time.perf_counter() - started
         if config.strict and not config.fsdp:  # (FSDP2 fixed which parameters need gradients when it sharded)
             freeze_unchosen(strategy, params)  # before any DDP wrapping: DDP fixes its params
