@@ -234,7 +234,7 @@ def optimizer_section(model, d_masks, args) -> tuple[Section, dict]:
         f"(target <= 1.3: {verdict(one_pass, 1.3)}); masking first with the same compiled draw and then running "
         f"torch's fused step takes {two:.2f}x. The draw is counter-based (childtune/kernels.py): a keep bit is a "
         "hash of the weight's position keyed by (seed, step, name), computed in registers inside the AdamW loop "
-        "(csrc/child_f.cpp), so the step reads p, g, m, v and writes p, m, v once, like the fused step. The "
+        "(csrc/kernels.cpp), so the step reads p, g, m, v and writes p, m, v once, like the fused step. The "
         f"kernels are built on first use: {first:.0f} s in a fresh extension directory, {cached:.1f} s to load "
         "from torch's cache in a later process (both measured by this run, each in its own process).")
     n = sum(p.numel() for p in params)
@@ -584,9 +584,11 @@ def explain_misses(sections: list[Section]) -> list[str]:
          "table); `child-d sparse` is the same method without them."),
         ("Whole", "random", "The bool mask multiply, AdamW's sqrt over zero moments and the child-only decay, on every "
          "weight, to update 1% of them; `random p=0.01 sparse` is the same method without them."),
-        ("Whole", "id3", "ID3 scores every not-yet-chosen weight (|g| / (|w| + eps)) on every step while its child "
-         "network grows, which by design is the whole run; the per-tensor top-`grow` that replaced one global top-k "
-         "is cheap next to that scoring pass over every weight."),
+        ("Whole", "id3 sparse", "ID3 ranks every not-yet-chosen weight (|g| / (|w| + eps)) on every step while its "
+         "child network grows, which by design is the whole run: one compiled streaming pass per tensor "
+         "(childtune/kernels.py, `top_unchosen`), plus the sparse optimizer taking in the elements that join."),
+        ("Whole", "id3", "ID3's ranking pass (see `id3 sparse`), plus the dense masked AdamW's costs (bool mask "
+         "multiply, sqrt over zero moments, child-only decay) that `id3 sparse` avoids."),
         ("Whole", "gradual", "Frozen blocks still get gradients, bool masks, zero second moments and the child-only "
          "decay; `gradual sparse` is the same method without them."),
         ("Memory", "child-d", "Above the floor: the child network's bool masks, one byte per weight held by the "

@@ -168,3 +168,43 @@ def test_parameters_beyond_32_bit_positions_are_refused():
     huge = torch.empty(1).expand(2**32 + 1)  # one element of storage, 2^32 + 1 positions
     with pytest.raises(ValueError, match="2\\^32"):
         ChildTuningF(0.3).bind({"huge": huge})
+
+
+@pytest.mark.parametrize("exp", [0.0, 1.0])
+def test_top_unchosen_is_torchs_ranking_with_ties_to_the_lower_index(exp):
+    g = torch.Generator().manual_seed(4)
+    n = 3 * kernels.BLOCK + 11  # several threads' parts when there are threads
+    grad, weight = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    grad[100:200] = 7.0  # a run of tied scores
+    weight[100:200] = 1.0
+    chosen = torch.rand(n, generator=g) < 0.4
+    chosen[100] = False
+    score = (grad.abs() / (weight.abs() + 1e-3) ** exp).masked_fill(chosen, -math.inf)
+    tied = score[100]
+    k = int((score > tied).sum()) + int((score == tied).sum()) // 2  # the cut falls inside the tied run
+    values, indices = kernels.top_unchosen(grad, weight, chosen, k, 1e-3, exp)
+    order = sorted(range(n), key=lambda i: (-score[i].item(), i))[:k]  # best first, ties by position
+    assert sorted(indices.tolist()) == sorted(order)
+    assert torch.equal(values, score[indices])
+    assert kernels.top_unchosen(grad, weight, chosen, k, 1e-3, 0.5) is None  # torch's pow: not reproduced
+
+
+def test_id3_grows_the_same_child_network_compiled_and_eager(tiny_bert, monkeypatch):
+    from childtune import ID3
+
+    def grown():
+        torch.manual_seed(0)
+        strategy = ID3(200, total_steps=4)
+        ChildOptimizer(tiny_bert.named_parameters(), strategy)
+        g = torch.Generator().manual_seed(3)
+        for step in range(4):
+            for p in strategy.params.values():
+                p.grad = torch.randn(p.shape, generator=g)
+            masks = strategy.masks(step)
+        return {n: m.clone() for n, m in masks.items()}
+
+    compiled = grown()
+    monkeypatch.setenv("CHILDTUNE_KERNELS", "eager")
+    eager = grown()
+    assert all(torch.equal(compiled[n], eager[n]) for n in eager)
+    assert sum(int(m.sum()) for m in compiled.values()) == 200

@@ -15,12 +15,16 @@ enters between its rounds, so two steps' masks are not permutations of each othe
 be computed anywhere, in registers: per block, per thread, per rank of a sharded parameter, with no
 generator state and no random buffer, and the keep probability is p to within 2^-32.
 
-**Two implementations, one definition.** `csrc/child_f.cpp` computes the draw fused with what consumes
+**Two implementations, one definition.** `csrc/kernels.cpp` computes the draw fused with what consumes
 it (the bool mask, the masked gradient, or a whole AdamW update on the masked gradient, one pass over
 memory), built on first use with `torch.utils.cpp_extension` (a C++ compiler and ninja; cached between
 runs in torch's extension directory). Where it cannot be built, or for tensors it does not take (not
 float32 on a CPU, not contiguous), the eager torch code below computes the same bits, block by block in
 64-bit integers; `CHILDTUNE_KERNELS=eager` forces it. tests/test_kernels.py holds them equal.
+
+**ID3's ranking** (`top_unchosen`): the k best not-yet-chosen weights of a tensor by |g| / (|w| + eps)^exp
+in one streaming pass with a heap per thread, where scoring, masking and `torch.topk` were passes of
+their own; exp 0 and 1 only (the two presets), where its float32 arithmetic is torch's exactly.
 
 **The masked scale** (`scale_where_`): strict AdamW's weight decay restricted to the child network, done
 on cache-sized blocks so the where/multiply passes read what the previous one left in cache.
@@ -141,6 +145,16 @@ def adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_a
                        betas[0], betas[1], eps, weight_decay, step, draw is not None)
 
 
+def top_unchosen(grad: torch.Tensor, weight: torch.Tensor, chosen: torch.Tensor, k: int, eps: float,
+                 exp: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scores, flat indices) of the `k` best elements not in `chosen` by |g| / (|w| + eps)^exp, ties to the
+    lower index; None where the compiled kernel does not apply (the caller ranks with torch ops)."""
+    if exp not in (0.0, 1.0) or _for(grad, torch.float32) is None or _for(weight, torch.float32) is None:
+        return None
+    ext = _for(chosen, torch.bool)
+    return None if ext is None else ext.top_unchosen(grad, weight, chosen, k, eps, exp)
+
+
 def one_pass_ready(*tensors: torch.Tensor) -> bool:
     """Whether `adamw_` can take these tensors: the compiled kernel is available, all float32 on a CPU."""
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and extension() is not None
@@ -154,7 +168,7 @@ def _for(t: torch.Tensor, dtype: torch.dtype):
 
 
 def extension():
-    """The compiled kernels of csrc/child_f.cpp, built on first use, or None (`CHILDTUNE_KERNELS=eager`, or
+    """The compiled kernels of csrc/kernels.cpp, built on first use, or None (`CHILDTUNE_KERNELS=eager`, or
     they could not be built here: a warning says why, once)."""
     if os.environ.get("CHILDTUNE_KERNELS", "").lower() == "eager":
         return None
@@ -163,7 +177,7 @@ def extension():
 
 @cache
 def _build():
-    source = Path(__file__).parent / "csrc" / "child_f.cpp"
+    source = Path(__file__).parent / "csrc" / "kernels.cpp"
     started = time.perf_counter()
     path = os.environ.get("PATH", "")
     try:
@@ -173,17 +187,17 @@ def _build():
             import ninja
 
             os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
-        module = load(name="childtune_child_f", sources=[str(source)], extra_cflags=["-O3", "-fno-math-errno"],
+        module = load(name="childtune_kernels", sources=[str(source)], extra_cflags=["-O3", "-fno-math-errno"],
                       verbose=False)
     except Exception as error:  # no compiler, no ninja, an unsupported platform: the eager code is correct
-        warnings.warn(f"childtune: the compiled Child-Tuning_F kernels could not be built ({error}); the eager "
-                      "ones draw the same masks, slower", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"childtune: the compiled kernels (csrc/kernels.cpp) could not be built ({error}); the eager "
+                      "ones compute the same bits, slower", RuntimeWarning, stacklevel=3)
         return None
     finally:
         os.environ["PATH"] = path
     build_seconds[0] = time.perf_counter() - started
     if build_seconds[0] > 5:
-        print(f"childtune: built the Child-Tuning_F kernels in {build_seconds[0]:.0f} s (cached for later runs)",
+        print(f"childtune: built its compiled kernels in {build_seconds[0]:.0f} s (cached for later runs)",
               file=sys.stderr)
     return module
 

@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 
-from childtune import shards
+from childtune import kernels, shards
 from childtune.masks import Masks
 from childtune.strategies.base import NetworkKind
 from childtune.strategies.chosen import ChosenStrategy
@@ -136,6 +136,9 @@ class ID3(ChosenStrategy):
         if k <= 0:
             return None
         grads = None if grad is None else shards.local(grad).detach().reshape(-1)
+        fused = None if grads is None else kernels.top_unchosen(grads, weights, chosen, k, self.eps, self.exp)
+        if fused is not None:  # one compiled pass (childtune.kernels)
+            return fused
         values, indices = [], []
         for start in range(0, len(weights), _BLOCK):  # in blocks: scores and top-k buffers of one block at a time
             stop = min(len(weights), start + _BLOCK)

@@ -1,4 +1,5 @@
-// Child-Tuning_F's per-step draw, fused with what consumes it, in one pass over memory (CPU, float32).
+// Hot loops of childtune's strategies in one pass over memory (CPU, float32): Child-Tuning_F's per-step
+// draw fused with what consumes it, and ID3's ranking of the not-yet-chosen weights (at the end).
 //
 // The draw is defined in childtune/kernels.py (`keep_bits`, the eager reference these loops must equal
 // bit for bit): element i of a parameter is kept iff hash(i) < threshold, with hash the 32-bit
@@ -14,8 +15,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -129,10 +132,84 @@ void adamw_(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg, torc
   });
 }
 
+// ID3's candidates: the k best not-yet-chosen elements by H = |g| / (|w| + eps)^exp, exp 0 or 1 (where
+// the float32 arithmetic is torch's exactly: x^1 = x, x^0 = 1), ties to the lower index, NaN ranked as
+// +inf (torch.topk ranks NaN highest). One streaming pass: each thread keeps a heap of its k best over
+// its share of the tensor, the heaps are merged at the end. Replaces score / masked_fill / topk passes.
+struct Scored {
+  float score;
+  int64_t index;
+};
+
+inline bool better(const Scored& a, const Scored& b) {
+  return a.score > b.score || (a.score == b.score && a.index < b.index);
+}
+
+std::vector<Scored> best_of(const float* g, const float* w, const bool* chosen, int64_t begin, int64_t end,
+                            size_t k, float eps, bool divide) {
+  std::vector<Scored> heap;  // the worst of the kept at the front (a max-heap under `better`)
+  heap.reserve(k);
+  float worst = -INFINITY;
+  for (int64_t i = begin; i < end; ++i) {
+    if (chosen[i]) continue;
+    float s = std::fabs(g[i]);
+    if (divide) s = s / (std::fabs(w[i]) + eps);
+    if (std::isnan(s)) s = INFINITY;
+    if (heap.size() < k) {
+      heap.push_back({s, i});
+      std::push_heap(heap.begin(), heap.end(), better);
+      if (heap.size() == k) worst = heap.front().score;
+    } else if (s > worst) {  // a tie never wins: its index is higher than every kept one's
+      std::pop_heap(heap.begin(), heap.end(), better);
+      heap.back() = {s, i};
+      std::push_heap(heap.begin(), heap.end(), better);
+      worst = heap.front().score;
+    }
+  }
+  return heap;
+}
+
+std::tuple<torch::Tensor, torch::Tensor> top_unchosen(torch::Tensor grad, torch::Tensor weight, torch::Tensor chosen,
+                                                      int64_t k, double eps, double exponent) {
+  const int64_t n = weight.numel();
+  TORCH_CHECK(grad.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat, "float32 needed");
+  TORCH_CHECK(chosen.scalar_type() == torch::kBool, "chosen must be bool");
+  TORCH_CHECK(exponent == 0.0 || exponent == 1.0, "exp must be 0 or 1");
+  TORCH_CHECK(k >= 0, "k must be >= 0");
+  check(grad, "grad", n);
+  check(weight, "weight", n);
+  check(chosen, "chosen", n);
+  const float* g = grad.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const bool* c = chosen.data_ptr<bool>();
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / GRAIN));
+  std::vector<std::vector<Scored>> found(parts);
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t part = b; part < e; ++part) {
+      found[part] = best_of(g, w, c, n * part / parts, n * (part + 1) / parts, size_t(k), float(eps),
+                            exponent == 1.0);
+    }
+  });
+  std::vector<Scored> all;
+  for (auto& f : found) all.insert(all.end(), f.begin(), f.end());
+  const size_t keep = std::min(all.size(), size_t(k));
+  std::partial_sort(all.begin(), all.begin() + keep, all.end(), better);
+  auto values = torch::empty({int64_t(keep)}, torch::kFloat);
+  auto indices = torch::empty({int64_t(keep)}, torch::kLong);
+  float* v = values.data_ptr<float>();
+  int64_t* ix = indices.data_ptr<int64_t>();
+  for (size_t j = 0; j < keep; ++j) {
+    v[j] = all[j].score;
+    ix[j] = all[j].index;
+  }
+  return {values, indices};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("keep", &keep, "out <- the draw's keep mask");
   module.def("mask_", &mask_, "grad <- keep ? grad * scale : 0");
+  module.def("top_unchosen", &top_unchosen, "ID3: the k best not-yet-chosen elements by |g| / (|w| + eps)^exp");
   module.def("adamw_", &adamw_, "one AdamW step of param on the (masked, if `masked`) gradient, in one pass");
 }
