@@ -49,7 +49,7 @@ def test_paired_test_degenerate_cases():
     same = paired_test([0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
     assert (same.mean_diff, same.p_t, same.p_wilcoxon) == (0.0, 1.0, 1.0)
     shift = paired_test([1.5, 2.5, 3.5], [1.0, 2.0, 3.0])  # exactly 0.5 apart: no spread at all
-    assert shift.p_t == 0.0 and shift.t == math.inf
+    assert math.isnan(shift.p_t) and shift.t == math.inf and shift.p_wilcoxon == 0.25  # 3 pairs: exact minimum
     with pytest.raises(ValueError, match="one to one"):
         paired_test([1, 2], [1])
 

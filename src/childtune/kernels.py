@@ -187,8 +187,9 @@ def _build():
             import ninja
 
             os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
-        module = load(name="childtune_kernels", sources=[str(source)], extra_cflags=["-O3", "-fno-math-errno"],
-                      verbose=False)
+        # -fopenmp: at::parallel_for is OpenMP pragmas in ATen's headers, compiled out without it
+        module = load(name="childtune_kernels", sources=[str(source)], verbose=False,
+                      extra_cflags=["-O3", "-fno-math-errno", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, an unsupported platform: the eager code is correct
         warnings.warn(f"childtune: the compiled kernels (csrc/kernels.cpp) could not be built ({error}); the eager "
                       "ones compute the same bits, slower", RuntimeWarning, stacklevel=3)

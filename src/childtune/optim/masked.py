@@ -140,7 +140,7 @@ class ChildOptimizer(Optimizer):
             if self._one_pass:
                 self._adamw_in_one_pass(param, self._group_of[id(param)])
             else:
-                if name in self.strategy.maskable():
+                if self.strategy.drawn(name) is not None:
                     self.strategy.apply_drawn_(name, grad)
                 self.optimizer.step()
         else:
@@ -203,8 +203,7 @@ class ChildOptimizer(Optimizer):
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         state["step"] += 1
-        name = self._names[id(param)]
-        draw = self.strategy.drawn(name) if name in self.strategy.maskable() else None
+        draw = self.strategy.drawn(self._names[id(param)])
         kernels.adamw_(local(param), local(param.grad).contiguous(), local(state["exp_avg"]),
                        local(state["exp_avg_sq"]), draw, self.strategy.scale, lr=float(group["lr"]),
                        betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],

@@ -124,7 +124,8 @@ class ChildTuningF(Strategy):
             base = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator)) & (2**64 - 1)
         self._keys = {name: kernels.draw_key(base, name) for name in self._starts}
 
-    def drawn(self, name: str) -> Draw:
+    def drawn(self, name: str) -> Draw | None:
         """Where parameter `name`'s keep bits come from under the last `draw` (for kernels fusing the mask
-        into the update, `childtune.kernels.adamw_`)."""
-        return Draw(self._starts[name], *self._keys[name], self._threshold)
+        into the update, `childtune.kernels.adamw_`); None for a parameter that is not masked."""
+        key = self._keys.get(name)
+        return None if key is None else Draw(self._starts[name], *key, self._threshold)
