@@ -12,6 +12,7 @@ the command, date and machine, each target and PASS/MISS, and why a target was m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -186,11 +187,8 @@ def optimizer_section(model, d_masks, args) -> tuple[Section, dict]:
         return opt
 
     def two_pass():  # built with the one-pass path off: the compiled mask (at step time), then torch's fused step
-        os.environ["CHILDTUNE_KERNELS"] = "eager"
-        try:
+        with eager_kernels():
             return child_opt(ChildTuningF(P_F), fused=True)
-        finally:
-            del os.environ["CHILDTUNE_KERNELS"]
 
     opts = {
         "AdamW foreach (baseline)": torch.optim.AdamW(params, lr=LR, foreach=True),
@@ -262,6 +260,16 @@ EAGER_DRAW = "counter-based draw, eager torch reference (CHILDTUNE_KERNELS=eager
 OLD_DRAW = "previous draw: mt19937 random_ into 16-bit lanes, < threshold"
 
 
+@contextlib.contextmanager
+def eager_kernels():
+    """childtune's eager kernels while inside (`CHILDTUNE_KERNELS=eager`), the compiled ones after."""
+    os.environ["CHILDTUNE_KERNELS"] = "eager"
+    try:
+        yield
+    finally:
+        del os.environ["CHILDTUNE_KERNELS"]
+
+
 def kernel_build_seconds() -> tuple[float, float]:
     """Seconds `kernels.extension()` takes in a fresh process: building into an empty extension directory,
     then loading what that build left (each in its own process, so nothing is cached in memory)."""
@@ -293,11 +301,8 @@ def draw_section(model, args) -> Section:
         torch.lt(lanes.view(torch.int16)[:n], round(P_F * 65536) - 32768, out=flags)
 
     def eager_draw():
-        os.environ["CHILDTUNE_KERNELS"] = "eager"
-        try:
+        with eager_kernels():
             strategy.masks(1)
-        finally:
-            del os.environ["CHILDTUNE_KERNELS"]
 
     fns = {
         "AdamW foreach step (reference)": adamw.step,

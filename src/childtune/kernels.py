@@ -140,9 +140,10 @@ def adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_a
            weight_decay: float, step: float) -> None:
     """One AdamW step of `param` on the gradient masked by `draw` (unmasked if None) in one pass, torch's
     fused AdamW formula; `grad` is read, not written. For callers that found `one_pass_ready` true."""
-    start, k1, k2, threshold = draw if draw is not None else (0, 0, 0, 0)
-    _build().adamw_(param, grad, exp_avg, exp_avg_sq, start, k1, k2, threshold, scale if draw else 1.0, lr,
-                       betas[0], betas[1], eps, weight_decay, step, draw is not None)
+    masked = draw is not None
+    start, k1, k2, threshold = draw if masked else (0, 0, 0, 0)
+    _build().adamw_(param, grad, exp_avg, exp_avg_sq, start, k1, k2, threshold, scale if masked else 1.0, lr,
+                    betas[0], betas[1], eps, weight_decay, step, masked)
 
 
 def top_unchosen(grad: torch.Tensor, weight: torch.Tensor, chosen: torch.Tensor, k: int, eps: float,

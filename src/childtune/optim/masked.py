@@ -99,7 +99,7 @@ class ChildOptimizer(Optimizer):
         self.accumulating = False  # in backward: True while a micro-batch that is not the update's last runs
         self._drawn: int | None = None  # the step whose F draw the hooks have made
         self._one_pass = self._can_step_f_in_one_pass()
-        self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}  # rebuilt on load
+        self._index_groups()
         if in_backward:
             if strict and not self._no_copy:
                 raise ValueError("a strict ChildOptimizer that copies and restores weights around the step "
@@ -119,6 +119,10 @@ class ChildOptimizer(Optimizer):
         self.optimizer.load_state_dict(state_dict)
         self.param_groups = self.optimizer.param_groups  # new group dicts: the old ones no longer see the scheduler
         self.state = self.optimizer.state
+        self._index_groups()
+
+    def _index_groups(self) -> None:
+        """{id(param): its param group}, for a hook stepping one parameter; rebuilt whenever groups are replaced."""
         self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
 
     @torch.no_grad()
