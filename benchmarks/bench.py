@@ -271,11 +271,11 @@ def eager_kernels():
 
 
 def kernel_build_seconds() -> tuple[float, float]:
-    """Seconds `kernels.extension()` takes in a fresh process: building into an empty extension directory,
+    """Seconds `kernels.extension()` takes in a fresh process: building into an empty cache folder,
     then loading what that build left (each in its own process, so nothing is cached in memory)."""
     probe = "from childtune import kernels; kernels.extension(); print(kernels.build_seconds[0])"
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TORCH_EXTENSIONS_DIR": cache}
+        env = {**os.environ, "CHILDTUNE_KERNEL_CACHE": cache}
         env.pop("CHILDTUNE_KERNELS", None)
         return tuple(float(subprocess.run([sys.executable, "-c", probe], env=env, check=True, capture_output=True,
                                           text=True).stdout.split()[-1]) for _ in range(2))

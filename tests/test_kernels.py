@@ -3,7 +3,12 @@ one-pass AdamW against a hand-written update, and the statistics a Bernoulli(p) 
 
 from __future__ import annotations
 
+import fcntl
 import math
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -11,6 +16,8 @@ from conftest import py_keep_bits, py_step_base
 
 from childtune import ChildOptimizer, ChildTuningF, kernels
 from childtune.kernels import Draw
+
+BUILD_WAIT_SECONDS_IN_TESTS = 120.0  # a probe that finds the build done needs none of it
 
 
 @pytest.fixture(params=["compiled", "eager"])
@@ -208,3 +215,35 @@ def test_id3_grows_the_same_child_network_compiled_and_eager(tiny_bert, monkeypa
     eager = grown()
     assert all(torch.equal(compiled[n], eager[n]) for n in eager)
     assert sum(int(m.sum()) for m in compiled.values()) == 200
+
+
+def _probe(wait_seconds: float) -> subprocess.CompletedProcess:
+    """`kernels.extension()` in a fresh process (nothing cached in memory), allowed `wait_seconds` for a lock."""
+    code = (f"from childtune import kernels; kernels.BUILD_WAIT_SECONDS = {wait_seconds}; "
+            "print('compiled' if kernels.extension() is not None else 'eager')")
+    env = {k: v for k, v in os.environ.items() if k != "CHILDTUNE_KERNELS"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_lock_file_left_by_a_killed_build_does_not_block_the_next_process(monkeypatch):
+    # torch's own guard is a lock file that a killed build leaves behind; a later load waited on it forever
+    monkeypatch.delenv("CHILDTUNE_KERNELS", raising=False)
+    assert kernels.extension() is not None
+    stale = kernels.build_directory() / "lock"
+    stale.touch()
+    done = _probe(BUILD_WAIT_SECONDS_IN_TESTS)
+    assert done.stdout.split() == ["compiled"], done.stderr
+    assert not stale.exists()
+
+
+def test_a_build_held_by_a_live_process_is_waited_for_then_the_eager_kernels_answer(monkeypatch):
+    monkeypatch.delenv("CHILDTUNE_KERNELS", raising=False)
+    assert kernels.extension() is not None
+    with open(kernels.build_directory() / "build.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        started = time.perf_counter()
+        done = _probe(1.0)
+        waited = time.perf_counter() - started
+    assert done.stdout.split() == ["eager"]
+    assert "could not be built" in done.stderr and "held" in done.stderr
+    assert 1.0 <= waited < 60

@@ -18,7 +18,7 @@ generator state and no random buffer, and the keep probability is p to within 2^
 **Two implementations, one definition.** `csrc/kernels.cpp` computes the draw fused with what consumes
 it (the bool mask, the masked gradient, or a whole AdamW update on the masked gradient, one pass over
 memory), built on first use with `torch.utils.cpp_extension` (a C++ compiler and ninja; cached between
-runs in torch's extension directory). Where it cannot be built, or for tensors it does not take (not
+runs in `build_directory()`). Where it cannot be built, or for tensors it does not take (not
 float32 on a CPU, not contiguous), the eager torch code below computes the same bits, block by block in
 64-bit integers; `CHILDTUNE_KERNELS=eager` forces it. tests/test_kernels.py holds them equal.
 
@@ -32,6 +32,7 @@ on cache-sized blocks so the where/multiply passes read what the previous one le
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -46,6 +47,7 @@ import torch
 
 BLOCK = 1 << 17  # elements: a block of float32 weights, its mask and a temporary fit in a 1-2 MiB cache
 MASK32 = 0xFFFFFFFF
+SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
 POSITIONS = 1 << 32  # a parameter with more elements than this cannot be drawn: positions are 32-bit
 _MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)  # both < 2^31, so 64-bit products of 32-bit values never overflow
 
@@ -176,22 +178,56 @@ def extension():
     return _build()
 
 
+FLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]  # -fopenmp: at::parallel_for is OpenMP pragmas in ATen's headers
+BUILD_WAIT_SECONDS = 600.0  # how long a process waits for another one's build of the same kernels before going eager
+
+
+def build_directory() -> Path:
+    """Where the kernels are built and cached: one folder per (source, torch, Python, flags), under
+    `CHILDTUNE_KERNEL_CACHE` or ~/.cache/childtune/kernels.
+
+    Not torch's shared extension folder: torch guards a build there with a lock *file* that a killed build
+    leaves behind, and every later process then waits on it forever (one test run killed mid-build hung the
+    next CI run for its whole 90 minutes). Here the lock is an flock, which dies with its holder, and the
+    folder's name is the hash of what is built, so checkouts at different paths share one build."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(f"{torch.__version__} {sys.version} {FLAGS}".encode())
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    root = os.environ.get("CHILDTUNE_KERNEL_CACHE") or cache_home / "childtune" / "kernels"
+    return Path(root) / digest.hexdigest()[:16]
+
+
 @cache
 def _build():
-    source = Path(__file__).parent / "csrc" / "kernels.cpp"
     started = time.perf_counter()
     path = os.environ.get("PATH", "")
     try:
+        import fcntl
+
         from torch.utils.cpp_extension import load
 
         if shutil.which("ninja") is None:  # the ninja wheel's binary, when the venv's bin is not on PATH
             import ninja
 
             os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
-        # -fopenmp: at::parallel_for is OpenMP pragmas in ATen's headers, compiled out without it
-        module = load(name="childtune_kernels", sources=[str(source)], verbose=False,
-                      extra_cflags=["-O3", "-fno-math-errno", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    except Exception as error:  # no compiler, no ninja, an unsupported platform: the eager code is correct
+        directory = build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / "build.flock", "w") as held:
+            while True:
+                try:
+                    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.perf_counter() - started > BUILD_WAIT_SECONDS:
+                        raise TimeoutError(f"another process held {directory} for {BUILD_WAIT_SECONDS:.0f} s") from None
+                    time.sleep(0.2)
+            (directory / "lock").unlink(missing_ok=True)  # torch's lock file, left by a killed build: we hold the flock
+            copy = directory / SOURCE.name  # compiled from here, so the build does not depend on the checkout's path
+            if not copy.exists() or copy.read_bytes() != SOURCE.read_bytes():
+                shutil.copyfile(SOURCE, copy)
+            module = load(name="childtune_kernels", sources=[str(copy)], build_directory=str(directory),
+                          verbose=False, extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
+    except Exception as error:  # no compiler, no ninja, no flock, a stuck build: the eager code is correct
         warnings.warn(f"childtune: the compiled kernels (csrc/kernels.cpp) could not be built ({error}); the eager "
                       "ones compute the same bits, slower", RuntimeWarning, stacklevel=3)
         return None
@@ -199,7 +235,7 @@ def _build():
         os.environ["PATH"] = path
     build_seconds[0] = time.perf_counter() - started
     if build_seconds[0] > 5:
-        print(f"childtune: built its compiled kernels in {build_seconds[0]:.0f} s (cached for later runs)",
+        print(f"childtune: built its compiled kernels in {build_seconds[0]:.0f} s (cached in {directory})",
               file=sys.stderr)
     return module
 
