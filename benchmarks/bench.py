@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -34,7 +33,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import safetensors.torch
 import torch
 import transformers
-from llm import llm_section
+from fisher_ways import fisher_ways_section
+from llm import llm_fisher_section, llm_section
 from memory import memory_section
 from timing import Row, Section, interleaved, ratio, timing_rows, verdict
 from tqdm.auto import tqdm
@@ -128,37 +128,22 @@ def fisher_section(model, args) -> tuple[Section, dict[str, torch.Tensor]]:
     from childtune.data.assets import model_path
     from childtune.data.batching import make_collate
     from childtune.data.tasks import load_task
-    from childtune.fisher import VmapFallbackWarning, fisher_information
+    from childtune.fisher import fisher_information
 
     n = 1000
     data = load_task("mr", train_size=n)
     collate = make_collate(AutoTokenizer.from_pretrained(str(model_path())), max_length=128)
     batches = [collate(data.train[i: i + 16]) for i in range(0, n, 16)]  # tokenised up front, not timed
-    section = Section(
-        "Fisher information for Child-Tuning_D (1,000 mr examples)",
-        "Scoring the transformer blocks' weights on 1,000 real `mr` training examples, batches of 16 with dynamic "
-        "padding (tokenisation not timed). One run each.",
-        ["estimate", "examples timed", "seconds (for 1,000)", "per example (ms)"])
-    measured = {"per-batch (authors')": (False, args.fisher_batch_examples),
-                "per-example (the definition)": (True, args.fisher_example_examples)}
-    scores = None
-    for label, (per_example, count) in measured.items():
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", VmapFallbackWarning)
-            start = time.perf_counter()
-            result = fisher_information(model, batches, per_example=per_example, num_samples=count, progress=False)
-            seconds = time.perf_counter() - start
-        if not per_example:
-            scores = result
-        fell_back = any(issubclass(w.category, VmapFallbackWarning) for w in caught)
-        scaled = seconds * n / count
-        note = " (extrapolated)" if count < n else ""
-        section.rows.append(Row(label + (", one backward per example" if fell_back else ""),
-                                [str(count), f"{scaled:.1f}{note}", f"{1e3 * seconds / count:.1f}"]))
-    per_batch, per_ex = (float(r.cells[1].split()[0]) for r in section.rows)
-    section.notes.append(
-        f"Per-example scoring costs {per_ex / per_batch:.1f}x the authors' per-batch estimate. Where fewer than "
-        "1,000 examples were timed the time is scaled linearly (cost is per example, so this is a fair estimate).")
+    started = time.perf_counter()
+    scores = fisher_information(model, batches, progress=False)  # D's child network in the sections below
+    whole = time.perf_counter() - started
+    section = fisher_ways_section(
+        "Fisher information for Child-Tuning_D (real mr examples)",
+        "The transformer blocks' weights of all-MiniLM-L6-v2, scored on real `mr` training examples, batches of 16 "
+        "with dynamic padding (tokenised up front, not timed).", model,
+        batches[: max(1, args.fisher_examples // 16)], args.fisher_repeats)
+    section.notes.append(f"The per-batch pass over all 1,000 examples (whose scores give D's child network below) "
+                         f"took {whole:.1f} s.")
     return section, scores
 
 
@@ -639,9 +624,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="benchmarks/RESULTS.md", help="Markdown file to write (atomically)")
     parser.add_argument("--repeats", type=int, default=15, help="timed repeats of each optimizer step / draw")
     parser.add_argument("--train-repeats", type=int, default=7, help="timed repeats of each whole training step")
-    parser.add_argument("--fisher-batch-examples", type=int, default=1000, help="examples for per-batch Fisher")
-    parser.add_argument("--fisher-example-examples", type=int, default=200,
-                        help="examples for per-example Fisher (scaled to 1,000)")
+    parser.add_argument("--fisher-examples", type=int, default=160, help="examples per timed Fisher pass")
+    parser.add_argument("--fisher-repeats", type=int, default=5, help="timed repeats of each Fisher estimate")
     parser.add_argument("--rss-steps", type=int, default=3, help="training steps per peak-RSS process")
     parser.add_argument("--threads", default="auto", help="torch threads: a number, or 'auto' (see THREAD_NOTE)")
     parser.add_argument("--llm-repeats", type=int, default=4, help="timed repeats of each SmolLM2 training step")
@@ -664,13 +648,13 @@ def main(argv: list[str] | None = None) -> None:
         return rss_child(args)
     if args.quick:
         args.repeats, args.train_repeats, args.rss_steps, args.llm_repeats = 3, 2, 1, 1
-        args.fisher_batch_examples, args.fisher_example_examples = 64, 16
+        args.fisher_examples, args.fisher_repeats = 32, 1
     torch.set_num_threads(THREADS)
     started = time.time()
     command = shlex.join(["python", os.path.relpath(__file__, Path.cwd()), *(argv or sys.argv[1:])])
     sections = [] if args.only_llm else minilm_sections(args)
     if not args.no_llm:
-        sections.append(llm_section(args.llm_repeats))
+        sections += [llm_section(args.llm_repeats), llm_fisher_section(args.fisher_repeats)]
     if args.memory_scale:
         sections.append(memory_section(THREADS))
     text = render(sections, command, started, load, explain_misses(sections))

@@ -13,6 +13,7 @@ import copy
 import statistics
 
 import torch
+from fisher_ways import fisher_ways_section
 from timing import Section, interleaved, timing_rows
 
 from childtune.training.config import TrainConfig
@@ -25,12 +26,35 @@ BATCH, LENGTH = 8, 128
 RUN_STEPS = 1000  # the schedule the strategies are built for: ID3 grows for all of it
 
 
-def llm_section(repeats: int, fisher_batches: int = 2) -> Section:
+def load_smollm2():
     import transformers
 
     with quiet_transformers():
-        base = transformers.AutoModelForCausalLM.from_pretrained(model_folder("smollm2-135m"),
-                                                                 dtype=torch.float32)
+        return transformers.AutoModelForCausalLM.from_pretrained(model_folder("smollm2-135m"), dtype=torch.float32)
+
+
+def llm_fisher_section(repeats: int, examples: int = 32) -> Section:
+    """Fisher's estimates side by side on SmolLM2 and real `math` examples, collated as a run collates them."""
+    import transformers
+
+    from childtune.data.batching import LMCollate
+    from childtune.data.tasks import load_task
+
+    config = TrainConfig(task="math", model="smollm2-135m", method="child-d", progress=False).resolved()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_folder("smollm2-135m"))
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    collate = LMCollate(tokenizer, config.max_length, config.chat_template)
+    train = load_task("math", train_size=examples).train
+    batches = [collate(train[i : i + BATCH]) for i in range(0, examples, BATCH)]
+    return fisher_ways_section(
+        "Fisher information on SmolLM2-135M (real math examples)",
+        f"The transformer blocks' weights of SmolLM2-135M-Instruct (float32), scored on real `math` training "
+        f"examples in batches of {BATCH}, collated as `childtune train --model smollm2-135m` collates them (chat "
+        "template, log-likelihood of the answer tokens).", load_smollm2(), batches, repeats)
+
+
+def llm_section(repeats: int, fisher_batches: int = 2) -> Section:
+    base = load_smollm2()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, base.config.vocab_size, (BATCH, LENGTH), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 import zlib
 
 import pytest
@@ -24,6 +25,18 @@ def tiny_bert_config(num_labels: int = 2) -> BertConfig:
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
+
+
+@pytest.fixture(params=["layers", "vmap"])
+def way(request, monkeypatch):
+    """Per-example Fisher scoring by each vectorised way (childtune.fisher.per_example), which must be the
+    one taken: falling back to a slower way is an error inside the test."""
+    from childtune.fisher import PerExampleFallbackWarning, per_example
+
+    monkeypatch.setattr(per_example, "ORDER", per_example.ORDER[per_example.ORDER.index(request.param):])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerExampleFallbackWarning)
+        yield request.param
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from childtune.cli import main
 from childtune.data.batching import IGNORE, LMCollate
 from childtune.data.metrics import exact_match, normalise_answer
 from childtune.data.userfiles import load_files
-from childtune.fisher import VmapFallbackWarning, fisher_information
+from childtune.fisher import fisher_information
 from childtune.training.config import TrainConfig
 from childtune.training.evaluate import generate_answers
 
@@ -95,15 +94,14 @@ def test_exact_match_normalises_answers():
         "exact_match": 2 / 3}
 
 
-def test_causal_fisher_is_the_target_log_likelihood_per_example(llama):
+def test_causal_fisher_is_the_target_log_likelihood_per_example(llama, way):
     collate = collate_for(llama)
     model = transformers.AutoModelForCausalLM.from_pretrained(llama)
     data = [("the film was", "good"), ("a very dull plot", "bad"), ("movie", "fun")]
     batch = collate(data)
     scored = [n for n, _ in model.named_parameters() if ".layers.1." in n]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", VmapFallbackWarning)  # vectorised: a causal 4D mask built inside vmap
-        got = fisher_information(model, [batch], scored=scored, per_example=True, progress=False)
+    # vectorised (the `way` fixture refuses a fallback): by layer, or vmap with a causal 4D mask built inside
+    got = fisher_information(model, [batch], scored=scored, per_example=True, progress=False)
     params = dict(model.named_parameters())
     expected = {n: torch.zeros_like(params[n]) for n in scored}
     for example in data:

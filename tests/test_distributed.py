@@ -72,7 +72,7 @@ def train(method: str, batch_size: int, world_size: int, rank: int, accelerate: 
     model = make_model()
     strat = strategy(method)
     fisher = None
-    if method == "child-d":  # scored on this rank's shard; fisher.py all-reduces the sums
+    if method == "child-d":  # scored on this rank's shard; the Fisher pass all-reduces the sums
         sampler.set_epoch(0)
         fisher = fisher_information(model, loader, per_example=True, progress=False)
     optimizer = ChildOptimizer(model.named_parameters(), strat, lr=LR)
@@ -118,7 +118,7 @@ FSDP_RUNS = {  # name: (strategy, optimizer, step in backward)
 
 def train_fsdp(run: str, world_size: int, rank: int) -> dict:
     """The loop sharded by FSDP2 (`world_size` > 1) or in one process: Child-Tuning_D scores per batch on the
-    same whole batches on every rank (fisher.py's rule under FSDP); each rank trains on its share."""
+    same whole batches on every rank (the Fisher pass's rule under FSDP); each rank trains on its share."""
     method, optimizer_class, in_backward = FSDP_RUNS[run]
     data = dataset()
     sampler = D.ShardedSampler(len(data), seed=SEED, rank=rank, world_size=world_size)

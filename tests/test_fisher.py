@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import BertForSequenceClassification
 
-from childtune.fisher import VmapFallbackWarning, fisher_information
+from childtune.fisher import PerExampleFallbackWarning, VmapFallbackWarning, fisher_information, per_example
 from childtune.layers import in_layer
 
 LENGTHS = [5, 2, 7, 3, 3, 6, 4, 1]  # batches of 3 pad to 7, 6 and 4 tokens
@@ -122,13 +122,13 @@ class MaskedMeanPool(nn.Module):
 
 def quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", VmapFallbackWarning)
+        warnings.simplefilter("ignore", PerExampleFallbackWarning)
         return fn(*args, progress=False, **kwargs)
 
 
-def test_per_example_equals_each_example_alone_unpadded(tiny_bert):
+def test_per_example_equals_each_example_alone_unpadded(tiny_bert, way):
     examples = make_examples()
-    scores = quiet(fisher_information, tiny_bert, loader(examples), per_example=True)
+    scores = fisher_information(tiny_bert, loader(examples), per_example=True, progress=False)
     assert_scores_close(scores, brute_force_per_example(tiny_bert, examples, scored_params(tiny_bert)))
 
 
@@ -143,12 +143,10 @@ def test_authors_estimate_is_mean_of_squared_batch_gradients(tiny_bert):
                               per_example["bert.encoder.layer.0.output.dense.weight"])
 
 
-def test_vmap_path_respects_padding():
+def test_vectorised_ways_respect_padding(way):
     model = MaskedMeanPool()
     examples = make_examples()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", VmapFallbackWarning)  # the vectorised path must be the one taken
-        scores = fisher_information(model, loader(examples), per_example=True, progress=False)
+    scores = fisher_information(model, loader(examples), per_example=True, progress=False)
     params = scored_params(model)
     expected = {n: torch.zeros_like(p) for n, p in params.items()}
     for e in examples:
@@ -158,17 +156,16 @@ def test_vmap_path_respects_padding():
     assert_scores_close(scores, expected)
 
 
-def test_padded_hf_bert_is_vectorised_and_exact(tiny_bert):
-    """Padded batches through HF BERT take the vmap path (a 4D mask built inside it) and equal the loop."""
+def test_padded_hf_bert_is_vectorised_and_exact(tiny_bert, way):
+    """Padded batches through HF BERT take each vectorised way (layer by layer; vmap with a 4D mask built
+    inside it) and equal each example run alone."""
     examples = make_examples()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", VmapFallbackWarning)
-        scores = fisher_information(tiny_bert, loader(examples), per_example=True, progress=False)
+    scores = fisher_information(tiny_bert, loader(examples), per_example=True, progress=False)
     assert_scores_close(scores, brute_force_per_example(tiny_bert, examples, scored_params(tiny_bert)))
 
 
 def test_the_probe_finds_each_models_own_mask(tiny_bert):
-    from childtune.fisher import _probe_mask
+    from childtune.fisher.per_example import _probe_mask
 
     rows = pad_collate(make_examples(lengths=[5, 2, 7]))
     labels = rows.pop("labels")
@@ -180,7 +177,8 @@ def test_the_probe_finds_each_models_own_mask(tiny_bert):
     assert _probe_mask(MaskedMeanPool(), rows, labels) is None  # reads the 2D mask itself
 
 
-def test_vmap_and_loop_fallback_agree_on_bert(tiny_bert):
+def test_vmap_and_loop_fallback_agree_on_bert(tiny_bert, monkeypatch):
+    monkeypatch.setattr(per_example, "ORDER", ("vmap", "loop"))
     # Without an attention mask HF BERT vectorises; the wrapper's `if` forces the per-example loop.
     batches = [{k: v for k, v in pad_collate(make_examples(lengths=[6] * 4, seed=s)).items()
                 if k != "attention_mask"} for s in range(2)]
@@ -192,7 +190,8 @@ def test_vmap_and_loop_fallback_agree_on_bert(tiny_bert):
     assert_scores_close({n.removeprefix("inner."): s for n, s in looped.items()}, vmapped)
 
 
-def test_loop_fallback_on_masked_model_matches_vmap():
+def test_loop_fallback_on_masked_model_matches_vmap(monkeypatch):
+    monkeypatch.setattr(per_example, "ORDER", ("vmap", "loop"))
     data = loader(make_examples())
     vmapped = fisher_information(MaskedMeanPool(), data, per_example=True, progress=False)
     with pytest.warns(VmapFallbackWarning):
@@ -256,29 +255,29 @@ def test_frozen_parameters_are_not_scored(tiny_bert):
         fisher_information(tiny_bert, loader(make_examples()), scored=[frozen], progress=False)
 
 
-@pytest.mark.parametrize("per_example", [False, True])
-def test_regression_uses_gaussian_log_likelihood(per_example):
+@pytest.mark.parametrize("by_example", [False, True])
+def test_regression_uses_gaussian_log_likelihood(by_example):
     torch.manual_seed(0)
     model = BertForSequenceClassification(tiny_bert_config(num_labels=1))
     examples = make_examples(regression=True)
     data = loader(examples)
-    scores = quiet(fisher_information, model, data, per_example=per_example)
+    scores = quiet(fisher_information, model, data, per_example=by_example)
     params = scored_params(model)
-    if per_example:
+    if by_example:
         expected = brute_force_per_example(model, examples, params)
     else:
         expected = brute_force_batches(model, list(data), params)
     assert_scores_close(scores, expected)
 
 
-@pytest.mark.parametrize("per_example", [False, True])
-def test_grads_and_training_modes_untouched(per_example):
+@pytest.mark.parametrize("by_example", [False, True])
+def test_grads_and_training_modes_untouched(by_example):
     torch.manual_seed(0)
     config = tiny_bert_config()
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.5
     model = BertForSequenceClassification(config)
     data = loader(make_examples())
-    expected = quiet(fisher_information, model.eval(), data, per_example=per_example)
+    expected = quiet(fisher_information, model.eval(), data, per_example=by_example)
 
     model.train()
     model.bert.pooler.eval()  # a mixed state must come back exactly, not as a blanket train()/eval()
@@ -290,7 +289,7 @@ def test_grads_and_training_modes_untouched(per_example):
     grads = {n: None if p.grad is None else p.grad.clone() for n, p in params.items()}
 
     # Dropout at 0.5 would change every score if estimation ran in training mode.
-    assert_scores_close(quiet(fisher_information, model, data, per_example=per_example), expected)
+    assert_scores_close(quiet(fisher_information, model, data, per_example=by_example), expected)
     assert {m: m.training for m in model.modules()} == before
     for n, p in params.items():
         if grads[n] is None:
@@ -336,7 +335,7 @@ def _rank_main(rank: int, store: str, model, shards, out: str) -> None:
     try:
         torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", VmapFallbackWarning)
+            warnings.simplefilter("ignore", PerExampleFallbackWarning)
             result = {
                 mode: fisher_information(model, shards[rank], per_example=mode, progress=False)
                 for mode in (False, True)
@@ -367,7 +366,96 @@ def test_distributed_ranks_agree_with_one_process_on_all_data(tiny_bert, tmp_pat
         for p in procs:
             if p.is_alive():
                 p.kill()
-    for per_example in (False, True):
-        single = quiet(fisher_information, tiny_bert, batches, per_example=per_example)
+    for by_example in (False, True):
+        single = quiet(fisher_information, tiny_bert, batches, per_example=by_example)
         for r in range(2):
-            assert_scores_close(torch.load(tmp_path / f"{r}.pt")[per_example], single)
+            assert_scores_close(torch.load(tmp_path / f"{r}.pt")[by_example], single)
+
+
+def test_per_example_clip_bounds_each_examples_tensor_gradient(tiny_bert, way):
+    examples = make_examples()
+    params = scored_params(tiny_bert)
+    each = []
+    for e in examples:
+        logits = tiny_bert(input_ids=e["input_ids"][None]).logits
+        each.append(torch.autograd.grad(neg_log_likelihood(logits, e["labels"][None])[0], list(params.values())))
+    clip = float(torch.tensor([float(g.norm()) for grads in each for g in grads]).median())  # half of them bite
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    for grads in each:
+        for n, g in zip(params, grads, strict=True):
+            expected[n] += (g * min(1.0, clip / (float(g.norm()) + 1e-6))) ** 2 / len(examples)
+    got = fisher_information(tiny_bert, loader(examples), per_example=True, clip=clip, progress=False)
+    assert_scores_close(got, expected)
+    unclipped = fisher_information(tiny_bert, loader(examples), per_example=True, progress=False)
+    assert any(not torch.allclose(got[n], unclipped[n]) for n in got)
+
+
+class Pooled(nn.Module):
+    """A small model whose layers can be arranged to defeat the by-layer way, or to test its edge cases."""
+
+    def __init__(self, arrangement: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.arrangement = arrangement
+        self.embed = nn.Embedding(64, 8)
+        self.first, self.second = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 2)
+        if arrangement == "tied":
+            self.second.weight = self.first.weight
+        if arrangement == "two inputs":
+            self.gate = Gate()
+
+    def forward(self, input_ids, attention_mask, **unused):
+        h = torch.tanh(self.first(self.embed(input_ids)))
+        if self.arrangement == "reused":  # one module called twice: its per-example gradient sums both calls
+            h = torch.tanh(self.first(h))
+        if self.arrangement == "mixing":  # examples interact: each sees the batch's mean
+            h = h + h.mean(0, keepdim=True)
+        if self.arrangement == "two inputs":
+            h = self.gate(h, attention_mask)
+        h = self.norm(torch.tanh(self.second(h)))
+        m = attention_mask.unsqueeze(-1).float()
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+class Gate(nn.Module):
+    """A module holding a parameter and called with two tensors, which the by-layer way cannot take."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+
+    def forward(self, h, mask):
+        return h * self.scale * mask.unsqueeze(-1)
+
+
+def each_alone(model, examples) -> dict[str, torch.Tensor]:
+    """Each example as a batch of its own (its own length, no padding): mean of squared gradients."""
+    params = dict(model.named_parameters())
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for e in examples:
+        ids = e["input_ids"][None]
+        logits = model(ids, torch.ones_like(ids))
+        grads = torch.autograd.grad(neg_log_likelihood(logits, e["labels"][None])[0], list(params.values()),
+                                    allow_unused=True)
+        for n, g in zip(params, grads, strict=True):
+            if g is not None:
+                total[n] += g**2 / len(examples)
+    return total
+
+
+def test_by_layer_way_sums_a_reused_modules_calls_and_takes_any_small_module(way):
+    model, examples = Pooled("reused"), make_examples()
+    got = fisher_information(model, loader(examples), scored=lambda n: True, per_example=True, progress=False)
+    assert_scores_close(got, each_alone(model, examples))
+
+
+@pytest.mark.parametrize("arrangement,why", [("tied", "shared by"), ("mixing", "differs from its examples. own"),
+                                             ("two inputs", "other than one tensor")])
+def test_models_the_by_layer_way_cannot_take_fall_back_exactly(arrangement, why):
+    model, examples = Pooled(arrangement), make_examples()
+    with pytest.warns(PerExampleFallbackWarning, match=why) as caught:
+        got = fisher_information(model, loader(examples), scored=lambda n: True, per_example=True, progress=False)
+    assert not [w for w in caught if issubclass(w.category, VmapFallbackWarning)]  # vmap took them
+    assert_scores_close(got, each_alone(model, examples))

@@ -3,7 +3,7 @@
 DDP keeps replicas equal only if every rank applies the same update. Its all-reduce makes the
 gradients equal; the child network must then be equal too, or each rank masks a different subset and
 the replicas diverge silently. The strategies are built for that: Child-Tuning_F draws its mask from
-(seed, step) alone, Child-Tuning_D all-reduces Fisher sums before its top-p cut (`fisher.py`), and
+(seed, step) alone, Child-Tuning_D all-reduces Fisher sums before its top-p cut (`fisher/estimate.py`), and
 ID3 ranks gradients DDP has already averaged. What this module adds is the plumbing around them: who
 am I (`DistInfo`), a process group (`init`), the DDP wrapper (`wrap`), a data order that is a
 function of (seed, epoch) shared by all ranks and resumable mid-epoch (`ShardedSampler`), agreement

@@ -144,7 +144,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
 
         started = time.perf_counter()
         if not state.resumed:  # Child-Tuning_D: Fisher information on the training data (own progress bar)
-            # DDP: each rank scores its share and fisher.py sums them; FSDP2: every rank scores every batch
+            # DDP: each rank scores its share and the Fisher pass sums them; FSDP2: every rank scores every batch
             ranks = 1 if config.fsdp else me.world_size
             shard = distributed.ShardedSampler(len(task.train), seed=config.seed, shuffle=False,
                                                rank=me.rank % ranks, world_size=ranks)

@@ -1,0 +1,49 @@
+"""From gradients to scores: squared in float32, optionally clipped first as the authors clipped them."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def grads(loss: torch.Tensor, params: dict[str, nn.Parameter]):
+    """Gradients without touching `.grad`: the caller's accumulated gradients must survive scoring."""
+    return torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+
+
+def add_squares(sums: dict[str, torch.Tensor], gradients, stacked: bool = False) -> None:
+    """Accumulate squared gradients in float32, where half-precision squares would underflow.
+
+    `stacked` gradients carry one row per example, each squared before summing.
+    """
+    for s, g in zip(sums.values(), gradients, strict=True):
+        if g is not None:  # a parameter the output does not depend on scores zero
+            s += g.float().pow(2).sum(0) if stacked else g.float().pow(2)
+
+
+def clip_factor(norms: torch.Tensor, clip: float) -> torch.Tensor:
+    """`clip_grad_norm_`'s own factor min(1, clip / (norm + 1e-6)), so the authors' scores are reproduced."""
+    return (clip / (norms + 1e-6)).clamp(max=1.0)
+
+
+def clipped(gradients, clip: float | None, stacked: bool = False, group=None):
+    """Each gradient scaled to L2 norm at most `clip` (per example row when `stacked`), by `clip_factor`.
+    Row shards (`group`): a tensor's norm is summed over its ranks' rows first."""
+    if clip is None:
+        return gradients
+    whole = None
+    if group is not None:
+        whole = torch.stack([torch.zeros(()) if g is None else g.float().pow(2).sum() for g in gradients])
+        dist.all_reduce(whole, group=group)
+        whole = whole.sqrt()
+    out = []
+    for i, g in enumerate(gradients):
+        if g is None:
+            out.append(g)
+            continue
+        g = g.float()
+        norms = whole[i] if whole is not None else g.flatten(1).norm(dim=1) if stacked else g.norm()
+        factor = clip_factor(norms, clip)
+        out.append(g * factor.view(-1, *([1] * (g.dim() - 1))) if stacked else g * factor)
+    return out
