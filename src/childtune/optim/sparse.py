@@ -183,6 +183,7 @@ class SparseChildAdamW(Optimizer):
             self.steps += 1
             return loss
         masks = self.strategy.masks(self.steps)
+        joined = self.strategy.joined if isinstance(self.strategy, ID3) else None
         unknown = set(masks) - set(self.named)
         if unknown:
             raise ValueError(f"strategy gave masks for {sorted(unknown)}, which are not in this optimizer")
@@ -193,7 +194,11 @@ class SparseChildAdamW(Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("SparseChildAdamW does not support sparse gradients")
-                state = self._sync(p, masks.get(self.names[p]))
+                name = self.names[p]
+                if joined is not None and self.state[p]:  # ID3 after its first step
+                    state = self._take_joined(p, joined.get(name))
+                else:
+                    state = self._sync(p, masks.get(name))
                 state["step"] += 1
                 if "exp_avg" in state:
                     live.append((p, state))
@@ -215,6 +220,14 @@ class SparseChildAdamW(Optimizer):
         tail = {k: state[k][-n:] for k in ("index", "exp_avg", "exp_avg_sq", "master") if k in state}
         tail.update(step=state["step"], cohort_sizes=[n], cohort_joined=[joined])
         _adamw(self._group_of[param], [(param, tail)], [grad.float() if "master" in tail else grad])
+
+    def _take_joined(self, param: torch.Tensor, indices: torch.Tensor | None) -> dict[str, Any]:
+        """ID3 after its first step: append the elements its last growth admitted (`ID3.joined`), which is
+        what `_sync` would find by counting and comparing the whole mask."""
+        state = self.state[param]
+        if indices is not None and len(indices):
+            _append(state, param, indices, state["step"] if self.bias_correction == "element" else 0)
+        return state
 
     def _sync(self, param: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
         """Bring `param`'s state in line with its mask (None: all of it), appending elements that joined."""

@@ -79,9 +79,11 @@ class ID3(ChosenStrategy):
         self.size = round(self.budget * available) if isinstance(self.budget, float) else self.budget
         if self.size > available:
             raise ValueError(f"budget {self.size} exceeds the {available} parameters it can choose from")
-        empty = {n: torch.zeros_like(shards.local(p), dtype=torch.bool) for n, p in self.scored().items()}
+        self._scored = self.scored()  # looked up per tensor per step: matching name patterns each time is O(params^2)
+        empty = {n: torch.zeros_like(shards.local(p), dtype=torch.bool) for n, p in self._scored.items()}
         self.chosen = self.complete(empty)
         self._counts: dict[str, int] | None = None
+        self.joined: dict[str, torch.Tensor] = {}
 
     def scored(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in super().scored().items() if p.requires_grad}
@@ -107,15 +109,18 @@ class ID3(ChosenStrategy):
         of those are exactly the global top-`grow` (an element of the global top-k is in its tensor's
         top-k; `admit`). This replaces one top-k over all scored weights (a copy of them all) by per-tensor
         ones, and lets the optimizer step in backward rank each tensor as its gradient arrives.
+        `joined` holds, per tensor, the flat indices that joined at this step (a sparse optimizer appends
+        them to its state instead of re-deriving them from the masks).
         """
         grow = self.growth(step)
+        self.joined = {}
         if grow > 0:
             offers = {}
-            for name, param in self.scored().items():
+            for name, param in self._scored.items():
                 offer = self.candidates(name, param.grad, grow)
                 if offer is not None:
                     offers[name] = offer
-            self.admit(offers, grow)
+            self.joined = self.admit(offers, grow)
         return self.chosen
 
     def growth(self, step: int) -> int:
@@ -128,8 +133,8 @@ class ID3(ChosenStrategy):
     def candidates(self, name: str, grad: torch.Tensor | None, grow: int):
         """This tensor's best min(grow, unchosen) not-yet-chosen elements by H: (scores on the CPU, flat
         indices), or None when it has nothing to offer or is not scored."""
-        param = self.scored().get(name)
-        if param is None or grow <= 0:
+        param = self._scored.get(name)
+        if param is None or grow <= 0 or not param.requires_grad:
             return None
         weights, chosen = shards.local(param).detach().reshape(-1), self.chosen[name].reshape(-1)
         k = min(grow, len(weights) - self._counts[name])
