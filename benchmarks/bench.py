@@ -580,6 +580,11 @@ def explain_misses(sections: list[Section]) -> list[str]:
          "(childtune/kernels.py, `top_unchosen`), plus the sparse optimizer taking in the elements that join."),
         ("Whole", "id3", "ID3's ranking pass (see `id3 sparse`), plus the dense masked AdamW's costs (bool mask "
          "multiply, sqrt over zero moments, child-only decay) that `id3 sparse` avoids."),
+        ("Fisher", "per-example, by layer", "Per example, a Linear weight's gradient is a product over that "
+         "example's tokens alone, written and squared into the score one example at a time: a pass over the "
+         "score tensor per example where the per-batch estimate makes one per batch, and short sequences make "
+         "those products small and memory-bound; plus the once-per-pass check against two examples run alone, "
+         "which a short timed pass does not amortise."),
         ("Whole", "gradual", "Frozen blocks still get gradients, bool masks, zero second moments and the child-only "
          "decay; `gradual sparse` is the same method without them."),
         ("Memory", "child-d", "Above the floor: the child network's bool masks, one byte per weight held by the "
