@@ -219,8 +219,8 @@ def optimizer_section(model, d_masks, args) -> tuple[Section, dict]:
         f"torch's fused step takes {two:.2f}x. The draw is counter-based (childtune/kernels.py): a keep bit is a "
         "hash of the weight's position keyed by (seed, step, name), computed in registers inside the AdamW loop "
         "(csrc/kernels.cpp), so the step reads p, g, m, v and writes p, m, v once, like the fused step. The "
-        f"kernels are built on first use: {first:.0f} s in a fresh extension directory, {cached:.1f} s to load "
-        "from torch's cache in a later process (both measured by this run, each in its own process).")
+        f"kernels are built on first use: {first:.0f} s in an empty cache folder, {cached:.1f} s to load "
+        "from that cache in a later process (both measured by this run, each in its own process).")
     n = sum(p.numel() for p in params)
     zeros, ones = torch.zeros(n), torch.ones(n)
     roots = interleaved({"zeros": zeros.sqrt, "ones": ones.sqrt}, args.repeats, 1, "sqrt")
