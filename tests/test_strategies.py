@@ -244,8 +244,13 @@ def test_id3_per_tensor_candidates_choose_exactly_the_global_top_k(tiny_bert):
             reference[n], -math.inf) for n, p in scored.items()}
         for n, new in top_k(importance, grow).items():
             reference[n] |= new
+        before = {n: m.clone() for n, m in strategy.chosen.items()}
         got = strategy.masks(step)
         assert all(torch.equal(got[n], reference[n]) for n in reference), step
+        # `joined` names exactly the elements this step added (what SparseChildAdamW appends to its state)
+        for n in reference:
+            added = (got[n] & ~before[n]).view(-1).nonzero().squeeze(1)
+            assert torch.equal(strategy.joined[n].sort().values, added) if n in strategy.joined else not len(added)
     assert sum(int(m.sum()) for m in got.values()) == 300
 
 
