@@ -179,6 +179,7 @@ def _add_linear(module: nn.Linear, calls, names: dict[str, str], sums, clip: flo
     xs = [x.reshape(n, -1, x.shape[-1]) for x, _ in calls]
     gs = [g.reshape(n, -1, g.shape[-1]) for _, g in calls]
     x, g = (xs[0], gs[0]) if len(calls) == 1 else (torch.cat(xs, dim=1), torch.cat(gs, dim=1))
+    x = x.to(g.dtype)  # under autocast a Linear's input and output dtypes differ
     if "bias" in names:
         add_squares({names["bias"]: sums[names["bias"]]}, clipped([g.sum(1)], clip, stacked=True), stacked=True)
     if "weight" not in names:
