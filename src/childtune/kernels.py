@@ -48,6 +48,8 @@ import torch
 BLOCK = 1 << 17  # elements: a block of float32 weights, its mask and a temporary fit in a 1-2 MiB cache
 MASK32 = 0xFFFFFFFF
 SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
+_CODE = SOURCE.read_bytes()  # read at import: a process builds the kernels its Python was written for, even
+# when the file changes under a long run (the new source would hash to a folder of its own)
 POSITIONS = 1 << 32  # a parameter with more elements than this cannot be drawn: positions are 32-bit
 _MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)  # both < 2^31, so 64-bit products of 32-bit values never overflow
 
@@ -190,7 +192,7 @@ def build_directory() -> Path:
     leaves behind, and every later process then waits on it forever (one test run killed mid-build hung the
     next CI run for its whole 90 minutes). Here the lock is an flock, which dies with its holder, and the
     folder's name is the hash of what is built, so checkouts at different paths share one build."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256(_CODE)
     digest.update(f"{torch.__version__} {sys.version} {FLAGS}".encode())
     cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     root = os.environ.get("CHILDTUNE_KERNEL_CACHE") or cache_home / "childtune" / "kernels"
@@ -223,8 +225,8 @@ def _build():
                     time.sleep(0.2)
             (directory / "lock").unlink(missing_ok=True)  # torch's lock file, left by a killed build: we hold the flock
             copy = directory / SOURCE.name  # compiled from here, so the build does not depend on the checkout's path
-            if not copy.exists() or copy.read_bytes() != SOURCE.read_bytes():
-                shutil.copyfile(SOURCE, copy)
+            if not copy.exists() or copy.read_bytes() != _CODE:
+                copy.write_bytes(_CODE)
             module = load(name="childtune_kernels", sources=[str(copy)], build_directory=str(directory),
                           verbose=False, extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, no flock, a stuck build: the eager code is correct
