@@ -12,7 +12,7 @@ from test_study import FakeTrain, fake_study
 
 from childtune.study.ledger import Ledger, LedgerError, make_record, settings_hash
 from childtune.study.plan import cell_config, plan, study_tasks
-from childtune.study.run import run_study
+from childtune.study.run import run_cells, run_study
 from childtune.training.config import TrainConfig
 
 
@@ -53,6 +53,37 @@ def test_report_from_the_ledger_alone_equals_the_report_from_run_folders(tmp_pat
     # planning from it: resuming trains nothing and records nothing twice
     run_study(study, run=refuse, results=tmp_path / "d.md", progress=False)
     assert len(lines(ledger)) == len(records)
+
+
+@pytest.mark.parametrize("other_finishes", [True, False])
+def test_studies_sharing_a_ledger_train_each_cell_once(tmp_path, other_finishes):
+    """Another study (here: this test) has claimed the first cell. This study leaves it, trains the rest,
+    then waits for it: the other study's record is used as it is, or, if the other died without one,
+    the cell is trained here last. Either way the ledger holds each cell once."""
+    path = tmp_path / "ledger.jsonl"
+    study = fake_study(tmp_path, transfer=False, tasks=("t1",), seeds=(1, 2), ledger=str(path))
+    cells = plan(study)
+    first = cell_config(study, cells[0])
+    theirs = {"primary_metric": "accuracy", "dev": {"accuracy": 0.123}, "test": {"accuracy": 0.456}}
+    claim = Ledger(path).claim(first)
+    fake = FakeTrain()
+
+    def run(config, callbacks=(), resume=False):
+        metrics = fake(config, callbacks, resume)
+        if len(fake.calls) == len(cells) - 1:  # this study's last cell: the other study ends meanwhile
+            if other_finishes:
+                Ledger(path).append(make_record(dict(cells[0].key()), first, theirs))
+            claim.release()
+        return metrics
+
+    records = run_cells(study, run, progress=False)
+    trained = [c.output for c in fake.calls]
+    assert first.output not in trained[:-1] and len(set(trained)) == len(trained)
+    assert len(trained) == len(cells) - other_finishes
+    assert (records[0].metrics == theirs) is other_finishes
+    assert [r.cell for r in records] == cells  # in plan order, whoever ran them
+    assert sorted(r["hash"] for r in lines(path)) == sorted(settings_hash(cell_config(study, c)) for c in cells)
+    assert not list((tmp_path / ".ledger.jsonl.claims").iterdir())  # every claim given back
 
 
 def test_a_cell_with_other_settings_is_not_served_from_the_ledger(tmp_path):

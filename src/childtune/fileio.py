@@ -77,12 +77,13 @@ class ExclusiveLock:
     """An exclusive, non-blocking `flock` on a lock file beside what it guards, removed on release.
 
     Taking it fails at once (`LockedError`) when another process holds it, so a second run on the same
-    output stops before touching anything. The file is unlinked on release; a process that opened it
+    output stops before touching anything; with `wait=True` it waits for the holder instead (a study
+    waiting for a cell another study is training). The file is unlinked on release; a process that opened it
     just before that would lock a file no longer at the path, so taking the lock checks that the path
     still names the locked file, and tries again if not. The kernel releases the lock if the process dies.
     """
 
-    def __init__(self, path: str | Path, what: str) -> None:
+    def __init__(self, path: str | Path, what: str, *, wait: bool = False) -> None:
         import fcntl
 
         self.path = Path(path)
@@ -90,7 +91,7 @@ class ExclusiveLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 raise LockedError(f"another childtune process is writing {what} (it holds {self.path}); "

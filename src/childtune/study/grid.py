@@ -23,6 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from childtune.fileio import LockedError
 from childtune.study.ledger import Ledger, make_record
 from childtune.training.checkpoint import checkpoint_dir
 from childtune.training.config import NOT_SETTINGS, TrainConfig
@@ -75,34 +76,67 @@ def run_jobs(jobs: Sequence[Job], run: Callable[..., dict[str, Any]] | None = No
     """Metrics of every job in order: from the ledger or the cell's folder when done, else trained
     (`None` for a job not done when `train_missing` is False). Every config is checked before the first
     cell trains. `run` is the training function (default `childtune.training.loop.train`, called as
-    `run(config, callbacks)`)."""
+    `run(config, callbacks)`). A cell another study sharing the ledger is training is left to it and
+    waited for after the others (see `Ledger.claim`)."""
     run = run or train
     for job in jobs:
         job.config.resolved()
-    results: list[dict[str, Any] | None] = []
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
     done = 0
-    bar = tqdm(jobs, desc=desc, unit="run", disable=not progress)
-    for job in bar:
+    claimed_elsewhere: list[int] = []
+    bar = tqdm(total=len(jobs), desc=desc, unit="run", disable=not progress)
+    for index, job in enumerate(jobs):
         bar.set_postfix_str(job.label)
-        recorded = ledger.get(job.config, dict(job.context)) if ledger is not None else None
-        if recorded is not None:
-            results.append(recorded["metrics"])
-            done += 1
+        settled = _settle(job, run, train_missing, ledger, wait=False)
+        if settled is None:
+            claimed_elsewhere.append(index)
             continue
-        if job.finished():
-            metrics = job.read_back()
-            done += 1
-        elif not train_missing:
-            results.append(None)
-            continue
-        else:
-            config = replace(job.config, overwrite=True) if job.folder.exists() else job.config  # unfinished: ours
-            resume = checkpoint_dir(partial_dir(job.folder)) is not None  # killed after a checkpoint: go on
-            metrics = run(config, list(job.callbacks), resume=True) if resume else run(config, list(job.callbacks))
-        if ledger is not None and train_missing:
-            ledger.append(make_record(dict(job.key), job.config, metrics, dict(job.context)))
-        results.append(metrics)
+        results[index], was_done = settled
+        done += was_done
+        bar.update()
+    for index in claimed_elsewhere:
+        bar.set_postfix_str(f"waiting for another study's {jobs[index].label}")
+        settled = _settle(jobs[index], run, train_missing, ledger, wait=True)
+        assert settled is not None  # waited for the claim
+        results[index], was_done = settled
+        done += was_done
+        bar.update()
     bar.close()
     if progress and done:
         print(f"{desc}: {done} of {len(jobs)} runs were already done and were read back", file=sys.stderr)
     return results
+
+
+def _settle(job: Job, run: Callable[..., dict[str, Any]], train_missing: bool, ledger: Ledger | None, *,
+            wait: bool) -> tuple[dict[str, Any] | None, bool] | None:
+    """One job's metrics, and whether it was done before: from the ledger, else its folder, else trained
+    and recorded, all under the cell's claim (`None` if another study holds it and not `wait`)."""
+    context = dict(job.context)
+    if ledger is None or not train_missing:
+        recorded = ledger.get(job.config, context) if ledger is not None else None
+        if recorded is not None:
+            return recorded["metrics"], True
+        return _folder_or_train(job, run, train_missing)
+    try:
+        claim = ledger.claim(job.config, context, wait=wait)
+    except LockedError:
+        return None
+    with claim:
+        ledger.reload()  # another study sharing the ledger may have recorded the cell since we planned
+        recorded = ledger.get(job.config, context)
+        if recorded is not None:
+            return recorded["metrics"], True
+        metrics, was_done = _folder_or_train(job, run, train_missing)
+        ledger.append(make_record(dict(job.key), job.config, metrics, context))
+    return metrics, was_done
+
+
+def _folder_or_train(job: Job, run: Callable[..., dict[str, Any]],
+                     train_missing: bool) -> tuple[dict[str, Any] | None, bool]:
+    if job.finished():
+        return job.read_back(), True
+    if not train_missing:
+        return None, False
+    config = replace(job.config, overwrite=True) if job.folder.exists() else job.config  # unfinished: ours
+    resume = checkpoint_dir(partial_dir(job.folder)) is not None  # killed after a checkpoint: go on
+    return (run(config, list(job.callbacks), resume=True) if resume else run(config, list(job.callbacks))), False

@@ -16,6 +16,11 @@ Appends take an exclusive `flock` and write each line with one `write` on an `O_
 then `fsync`: two studies sharing a ledger interleave whole lines, and a crash can at worst leave a
 torn last line, which reading skips with a warning (it is the one record that was not finished) and
 the next append cuts off before writing. Any other line that is not a record is an error.
+
+Several studies can share one ledger at once (one per core, each with its own `--output`): a study
+*claims* a cell before training it (`Ledger.claim`, a lock file named by the settings hash beside the
+ledger) and rereads the ledger under the claim, so a cell is trained and recorded once however many
+studies plan it; a study that finds a cell claimed goes on with the others and waits for it at the end.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from childtune.fileio import ExclusiveLock
 from childtune.training.config import NOT_SETTINGS, ConfigError, TrainConfig
 
 VERSION = 1
@@ -116,6 +122,14 @@ class Ledger:
 
     def get(self, config: TrainConfig, context: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         return self.records.get(settings_hash(config, context))
+
+    def claim(self, config: TrainConfig, context: Mapping[str, Any] | None = None, *,
+              wait: bool = False) -> ExclusiveLock:
+        """Hold this cell against other studies sharing the ledger while it is trained and recorded:
+        raises `childtune.fileio.LockedError` at once if another holds it, or waits with `wait=True`.
+        The kernel drops the claim of a process that dies, so a killed study's cell is not lost."""
+        claims = self.path.parent / f".{self.path.name}.claims"
+        return ExclusiveLock(claims / f"{settings_hash(config, context)}.lock", "this ledger cell", wait=wait)
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Add one record as one line, under an exclusive lock, durable when this returns."""

@@ -8,6 +8,7 @@ or mistyped key is an error that names it, never a value quietly ignored.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -21,6 +22,13 @@ from typing import Any
 from childtune.fileio import write_json
 from childtune.strategies import Strategy
 from childtune.training.methods import METHODS, PRESET_FIELDS, PRESETS
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """The fields' types, evaluated once: `get_type_hints` compiles every annotation string each call,
+    which made reading a ledger of a few hundred records take seconds."""
+    return typing.get_type_hints(cls)
 
 _PATHS = ("train_file", "dev_file", "test_file", "model")
 """Fields that may hold a path (`model` may instead name a pinned model, which is no path on disk)."""
@@ -164,7 +172,7 @@ class TrainConfig:
         """Parse strictly: unknown keys and values of the wrong type are errors naming the key."""
         if not isinstance(raw, dict):
             raise ConfigError(f"a config must be a JSON object, got {type(raw).__name__}")
-        hints = typing.get_type_hints(cls)
+        hints = _type_hints(cls)
         known = {f.name for f in fields(cls)}
         for key in raw:
             if key not in known:
