@@ -36,16 +36,18 @@ bench: install
 
 # The evidence of docs/RESULTS.md, in the order the study issue asks for it. Every finished cell is a line
 # of docs/ledger.jsonl (commit it); rerunning skips what the ledger holds, so this resumes anywhere.
-STUDY := $(VENV)/bin/childtune study --seeds 1-5 --grid defaults --no-transfer --no-analysis \
-	--ledger docs/ledger.jsonl --results docs/RESULTS.md
+# `make evidence EVIDENCE_FLAGS=--report-only` rebuilds every block of docs/RESULTS.md from the ledger alone.
+EVIDENCE_FLAGS ?=
+STUDY := $(VENV)/bin/childtune study --grid defaults --no-transfer --no-analysis \
+	--ledger docs/ledger.jsonl --results docs/RESULTS.md $(EVIDENCE_FLAGS)
 evidence: install
-	$(STUDY) --name low-resource --tasks mr --train-sizes 100,300,1000,3000 --methods full,child-f,child-d \
+	$(STUDY) --name low-resource --seeds 1-5 --tasks mr --train-sizes 100,300,1000,3000 --methods full,child-f,child-d \
 		--output runs/evidence/low-resource
-	$(STUDY) --name task-driven --tasks mr,subj --methods child-d,child-d-random --output runs/evidence/task-driven
-	$(STUDY) --name presets-childtune --tasks mr,subj --methods child-d,id3,random --output runs/evidence/presets
-	$(STUDY) --name presets-authors --tasks mr,subj --methods child-d,id3,random --preset authors \
+	$(STUDY) --name task-driven --seeds 1-5 --tasks mr,subj --methods child-d,child-d-random --output runs/evidence/task-driven
+	$(STUDY) --name presets-childtune --seeds 1-5 --tasks mr,subj --methods child-d,id3,random --output runs/evidence/presets
+	$(STUDY) --name presets-authors --seeds 1-5 --tasks mr,subj --methods child-d,id3,random --preset authors \
 		--output runs/evidence/presets-authors
-	$(STUDY) --name tasks --tasks subj,bbc-news,spam --methods full,child-f,child-d,random,id3,gradual,lora \
+	$(STUDY) --name tasks --seeds 1-5 --tasks subj,bbc-news,spam --methods full,child-f,child-d,random,id3,gradual,lora \
 		--output runs/evidence/tasks
 	# 2d, the LLM (SmolLM2-135M, 3 seeds), each cell sized to about 5 minutes on one thread of this CPU
 	$(STUDY) --name llm-math --model smollm2-135m --tasks math --seeds 1-3 --train-size 96 --epochs 2 \

@@ -138,6 +138,13 @@ def test_config_file_with_an_unknown_key_is_named(tmp_path, capsys):
     assert capsys.readouterr().err == "childtune: error: unknown config key 'learnin_rate'\n"
 
 
+def test_a_study_report_quotes_the_command_that_makes_its_numbers():
+    from childtune.cli.commands import study_command
+
+    argv = ["study", "--name", "tasks", "--grid", '{"full": {"lr": [1e-4]}}', "--no-progress", "--report-only"]
+    assert study_command(argv) == """childtune study --name tasks --grid '{"full": {"lr": [1e-4]}}'"""
+
+
 def test_existing_run_is_refused_unless_overwrite(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", *data_args(tiny), "--method", "full", "--epochs", "1", "--output", str(out)]

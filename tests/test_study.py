@@ -169,6 +169,7 @@ def test_study_selects_by_dev_and_tests_against_full(tmp_path):
     assert "| t1 | child-d | lr5e-05-p0.2 (2) | 5 |" in text
     assert "t1 → other" in text
     assert "10 / 10" in text and "not yet run" not in text
+    assert "With 5 seeds a two-sided exact Wilcoxon test cannot go below p = 0.0625." in text
     for key in ("study_png", "transfer_png"):
         assert files[key].parent == tmp_path / "docs" and files[key].stat().st_size > 10_000
 
@@ -199,6 +200,9 @@ def test_study_resumes_and_keeps_hand_written_findings(tmp_path):
     assert [c.output for c in third.calls] == [str(lost)]
     assert third.calls[0].overwrite
     assert third.resumed == []
+    three = tmp_path / "three.md"
+    run_study(replace(study, seeds=(1, 2, 3)), run=refuse, results=three, progress=False, train_missing=False)
+    assert "With 3 seeds a two-sided exact Wilcoxon test cannot go below p = 0.25." in three.read_text()
 
     # a cell killed after writing a checkpoint goes on from it instead of starting over
     lost = Path(first.calls[5].output)

@@ -123,18 +123,23 @@ def study_from_args(args: argparse.Namespace, base: TrainConfig):
     )
 
 
-def cmd_study(args: argparse.Namespace) -> int:
-    """Run or resume the study; print the selected rows and the report path.
+REPORT_ONLY_FLAGS = ("--report-only", "--no-progress")
+"""Study options that change how a run shows, not what it computes: the report's command leaves them out."""
 
-    The report quotes the command without `--report-only`: that is the command that makes (or resumes)
-    the numbers it shows.
-    """
+
+def study_command(argv: list[str]) -> str:
+    """The command a study report quotes: `argv` as a shell line, less `REPORT_ONLY_FLAGS`, so that
+    rebuilding a report with `--report-only` quotes the command that makes (or resumes) its numbers."""
+    return " ".join(["childtune", *(shlex.quote(a) for a in argv if a not in REPORT_ONLY_FLAGS)])
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    """Run or resume the study; print the selected rows and the report path."""
     from childtune.study.run import run_study
     from childtune.study.tables import fmt
 
     base = config_from_args(args, skip=STUDY_OWN)
-    command = " ".join(["childtune", *map(shlex.quote, sys.argv[1:])])
-    command = " ".join(part for part in command.split(" ") if part != "--report-only")
+    command = study_command(sys.argv[1:])
     result = run_study(study_from_args(args, base), command=command, results=args.results,
                        train_missing=not args.report_only)
     for row in result.main:

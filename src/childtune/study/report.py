@@ -247,7 +247,8 @@ def _markdown(study, records, main, transfer, files, analysis_md, command, image
         "hyper-parameters per method chosen by mean dev score over seeds, test scores of that choice reported. "
         f"Paired tests against `{study.baseline}` pair "
         "runs by seed (same training subsample, head initialisation and data order); Holm's correction is over "
-        "all comparisons of a table. With 5 seeds a two-sided exact Wilcoxon test cannot go below p = 0.0625.",
+        f"all comparisons of a table. With {len(study.seeds)} seeds a two-sided exact Wilcoxon test cannot go "
+        f"below p = {2.0 ** (1 - len(study.seeds)):.3g}.",
         "## What has been run",
         coverage(study, records),
         "## Results per task (test split)",
