@@ -145,6 +145,16 @@ def test_a_study_report_quotes_the_command_that_makes_its_numbers():
     assert study_command(argv) == """childtune study --name tasks --grid '{"full": {"lr": [1e-4]}}'"""
 
 
+def test_no_progress_silences_the_study_bar_too(tmp_path, capsys):
+    args = ["study", "--tasks", "mr", "--methods", "full", "--seeds", "1", "--no-transfer", "--no-analysis",
+            "--output", str(tmp_path / "study"), "--results", str(tmp_path / "R.md"), "--report-only"]
+    assert main(args) == 0
+    assert "study:" in capsys.readouterr().err
+    assert main([*args, "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+    assert "0 / 3 (**rest not yet run**)" in (tmp_path / "R.md").read_text()  # full's 3 default lrs
+
+
 def test_existing_run_is_refused_unless_overwrite(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", *data_args(tiny), "--method", "full", "--epochs", "1", "--output", str(out)]

@@ -109,7 +109,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def study_from_args(args: argparse.Namespace, base: TrainConfig):
     """The study the parsed options describe, every cell starting from `base`.
 
-    Per-run progress bars are off unless `--progress` was given: the study's own bar names the cell.
+    Per-run progress bars are off unless `--progress` was given: the study's own bar names the cell
+    (and is off too with `--no-progress`, for logs).
     """
     from childtune.study.plan import StudyConfig
 
@@ -141,7 +142,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     base = config_from_args(args, skip=STUDY_OWN)
     command = study_command(sys.argv[1:])
     result = run_study(study_from_args(args, base), command=command, results=args.results,
-                       train_missing=not args.report_only)
+                       train_missing=not args.report_only, progress=getattr(args, "progress", True))
     for row in result.main:
         print(f"{row.task:12s} {row.method:8s} {row.config:24s} n={len(row.scores)} {fmt(row.mean)} ± {fmt(row.std)}")
     print(f"report: {result.files['results']}")
