@@ -43,6 +43,8 @@ STUDY := $(VENV)/bin/childtune study --grid defaults --no-transfer --no-analysis
 evidence: install
 	$(STUDY) --name low-resource --seeds 1-5 --tasks mr --train-sizes 100,300,1000,3000 --methods full,child-f,child-d \
 		--output runs/evidence/low-resource
+	$(STUDY) --name low-resource-updates --seeds 1-5 --tasks mr --train-sizes 100,300,1000 --updates 189 \
+		--methods full,child-f,child-d --output runs/evidence/low-resource-updates
 	$(STUDY) --name task-driven --seeds 1-5 --tasks mr,subj --methods child-d,child-d-random --output runs/evidence/task-driven
 	$(STUDY) --name presets-childtune --seeds 1-5 --tasks mr,subj --methods child-d,id3,random --output runs/evidence/presets
 	$(STUDY) --name presets-authors --seeds 1-5 --tasks mr,subj --methods child-d,id3,random --preset authors \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -124,3 +125,22 @@ def test_train_sizes_make_one_task_per_size(tmp_path):
                                   "t1-n300": {"task": "t1", "train_size": 300}}
     sizes = [cell_config(study, cell).train_size for cell in plan(study)]
     assert sizes == [100, 300]
+
+
+def test_updates_set_each_sizes_epochs_as_the_loop_counts_updates(tmp_path):
+    from childtune.study.plan import StudyError, epochs_for
+
+    study = fake_study(tmp_path, tasks=("t1",), methods=("full",), seeds=(1,), grid={}, transfer=False,
+                       train_sizes=(100, 300, 1000, 5000), updates=189)
+    configs = [cell_config(study, cell) for cell in plan(study)]
+    # batch 16: 7, 19, 63 and 313 updates per epoch (ceil), as train's total_steps counts them
+    assert [c.epochs for c in configs] == [27, 10, 3, 1]
+    assert [math.ceil(c.train_size / c.batch_size) * c.epochs for c in configs] == [189, 190, 189, 313]
+    assert epochs_for(64, batch_size=16, updates=1) == 1  # never fewer than one epoch
+    run_study(study, run=FakeTrain(), results=tmp_path / "R.md", progress=False, train_missing=False)
+    assert "epochs set per train size for about 189 updates each (100: 27, 300: 10, 1000: 3, 5000: 1)" \
+        in (tmp_path / "R.md").read_text()
+    with pytest.raises(StudyError, match="updates"):
+        plan(replace(study, train_sizes=()))
+    with pytest.raises(StudyError, match="updates"):
+        plan(replace(study, updates=0))

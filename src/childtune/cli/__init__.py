@@ -133,6 +133,9 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--train-size", type=int, default=1000, help="training examples per run [1000]")
     parser.add_argument("--train-sizes", type=_ints, default=(), metavar="100,300,...",
                         help="the low-resource curve: run every task at each of these training-set sizes")
+    parser.add_argument("--updates", type=int, default=None, metavar="N",
+                        help="with --train-sizes: set each size's epochs for about N optimizer updates, so small "
+                             "sizes are not under-trained by a fixed epoch count [--epochs at every size]")
     parser.add_argument("--ledger", default=None, metavar="FILE",
                         help="JSON-lines ledger of finished cells: planned from (recorded cells are not rerun) "
                              "and appended to; commit it to keep results across machines")

@@ -120,7 +120,7 @@ def study_from_args(args: argparse.Namespace, base: TrainConfig):
         tasks=args.tasks, methods=args.methods, seeds=args.seeds, train_size=args.train_size,
         grid=grid(args.grid) if isinstance(args.grid, str) else args.grid, base=base, output=args.output,
         transfer=not args.no_transfer, transfer_methods=args.transfer_methods, analysis=not args.no_analysis,
-        train_sizes=tuple(args.train_sizes), ledger=args.ledger, name=args.name,
+        train_sizes=tuple(args.train_sizes), updates=args.updates, ledger=args.ledger, name=args.name,
     )
 
 

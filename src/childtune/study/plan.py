@@ -90,6 +90,10 @@ class StudyConfig:
     train_sizes: tuple[int, ...] = ()
     """The low-resource curve: every task at each of these training-set sizes (a task `mr` becomes
     `mr-n100`, `mr-n300`, ...), instead of `train_size` alone."""
+    updates: int | None = None
+    """On a low-resource curve, give every size about this many optimizer updates (its epochs set by
+    `epochs_for`) instead of `base.epochs` at all sizes: a fixed epoch count leaves the small sizes a few
+    dozen updates, which tests the schedule, not the method."""
     name: str = ""
     """Names the study's block in a shared report file and prefixes its figures (empty: the one study)."""
     ledger: str | None = None
@@ -168,6 +172,8 @@ def task_overrides(tasks: str | Sequence[str] | Mapping[str, Mapping[str, Any]])
 def plan(study: StudyConfig) -> list[Cell]:
     """Every cell of the study in the order they run: seed by seed, so that a study stopped early has
     complete seeds, every method paired with the baseline on each, rather than some methods with none."""
+    if study.updates is not None and (not study.train_sizes or study.updates < 1):
+        raise StudyError(f"updates={study.updates}: give a positive number of updates, with train_sizes")
     source = next(iter(task_overrides(study.transfer_source)))
     cells = []
     for seed in study.seeds:
@@ -188,8 +194,18 @@ def study_tasks(study: StudyConfig) -> dict[str, dict[str, Any]]:
     tasks = task_overrides(study.tasks)
     if not study.train_sizes:
         return tasks
-    return {f"{name}-n{size}": {**over, "train_size": size} for name, over in tasks.items()
+    return {f"{name}-n{size}": {**over, "train_size": size, **_epochs(study, size)} for name, over in tasks.items()
             for size in study.train_sizes}
+
+
+def epochs_for(size: int, batch_size: int, updates: int) -> int:
+    """The epoch count that gives `size` examples closest to `updates` optimizer updates (at least one
+    epoch), counting updates as the loop does: ceil(size / batch_size) per epoch."""
+    return max(1, round(updates / math.ceil(size / batch_size)))
+
+
+def _epochs(study: StudyConfig, size: int) -> dict[str, int]:
+    return {} if study.updates is None else {"epochs": epochs_for(size, study.base.batch_size, study.updates)}
 
 
 def cell_config(study: StudyConfig, cell: Cell) -> TrainConfig:
@@ -224,5 +240,5 @@ def describe(study: StudyConfig) -> dict[str, Any]:
         "base": study.base.to_dict(), "baseline": study.baseline, "transfer": study.transfer,
         "transfer_source": study.transfer_source, "transfer_targets": list(study.transfer_targets),
         "transfer_methods": list(study.transfer_methods), "train_sizes": list(study.train_sizes),
-        "ledger": study.ledger, "name": study.name,
+        "updates": study.updates, "ledger": study.ledger, "name": study.name,
     }

@@ -233,6 +233,15 @@ def _analysis_section(paths: Mapping[str, Path], fisher_vs_id3: list[list[str]])
     return "\n\n".join(out)
 
 
+def _per_size_epochs(study) -> str:
+    """The epochs each size ran, when the study set them for a number of updates (`StudyConfig.updates`)."""
+    if study.updates is None:
+        return ""
+    per_size = {over["train_size"]: over["epochs"] for over in study_tasks(study).values()}
+    epochs = ", ".join(f"{size}: {n}" for size, n in per_size.items())
+    return f"; epochs set per train size for about {study.updates} updates each ({epochs})"
+
+
 def _markdown(study, records, main, transfer, files, analysis_md, command, images: Path) -> str:
     def image(key: str, alt: str) -> str:
         return f"![{alt}]({files[key].relative_to(images)})" if key in files else ""
@@ -243,7 +252,8 @@ def _markdown(study, records, main, transfer, files, analysis_md, command, image
     parts = [
         "## How these numbers were made",
         f"Command:\n\n```\n{command or '(run from Python: childtune.study.run_study)'}\n```",
-        f"Settings: train_size={', '.join(map(str, study.train_sizes)) or study.train_size}, {settings}; "
+        f"Settings: train_size={', '.join(map(str, study.train_sizes)) or study.train_size}, {settings}"
+        f"{_per_size_epochs(study)}; "
         "hyper-parameters per method chosen by mean dev score over seeds, test scores of that choice reported. "
         f"Paired tests against `{study.baseline}` pair "
         "runs by seed (same training subsample, head initialisation and data order); Holm's correction is over "
