@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from childtune.training.config import TrainConfig
+from childtune.training.config import TrainConfig, updates_per_epoch
 
 Grid = dict[str, dict[str, tuple[Any, ...]]]
 
@@ -200,8 +200,8 @@ def study_tasks(study: StudyConfig) -> dict[str, dict[str, Any]]:
 
 def epochs_for(size: int, batch_size: int, updates: int) -> int:
     """The epoch count that gives `size` examples closest to `updates` optimizer updates (at least one
-    epoch), counting updates as the loop does: ceil(size / batch_size) per epoch."""
-    return max(1, round(updates / math.ceil(size / batch_size)))
+    epoch), counted as the loop counts them (`updates_per_epoch`)."""
+    return max(1, round(updates / updates_per_epoch(size, batch_size)))
 
 
 def _epochs(study: StudyConfig, size: int) -> dict[str, int]:

@@ -321,6 +321,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"config key {key!r} must be {names}, got {value!r}")
 
 
+def updates_per_epoch(examples: int, batch_size: int) -> int:
+    """Optimizer updates in one epoch over `examples` training examples: one per batch, the last one
+    partial. The loop's schedules and a study's `--updates` count with this one rule."""
+    return math.ceil(examples / batch_size)
+
+
 def build_strategy(config: TrainConfig, total_steps: int, param_names: Iterable[str]) -> Strategy:
     """The strategy `config.method` names, configured from `config` (resolved here if it is not yet).
 

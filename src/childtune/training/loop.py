@@ -31,7 +31,7 @@ from childtune.masks import MASKS_FILE, save_masks
 from childtune.optim import state_bytes
 from childtune.strategies import Strategy
 from childtune.training import distributed
-from childtune.training.config import ConfigError, TrainConfig, build_strategy
+from childtune.training.config import ConfigError, TrainConfig, build_strategy, updates_per_epoch
 from childtune.training.evaluate import count_elements, evaluate, peak_rss_mib, reset_peak_rss, to_device
 from childtune.training.inputs import batches, load_data, loader
 from childtune.training.methods import METHODS
@@ -130,7 +130,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
         me.is_main or not config.fsdp) else {}  # sharded: only rank 0 counts and saves against the base
     if config.fsdp:  # before the optimizer, which must see the sharded parameters; FSDP2 syncs, not DDP
         model = distributed.shard(model)
-    total_steps = math.ceil(len(task.train) / config.batch_size) * config.epochs
+    total_steps = updates_per_epoch(len(task.train), config.batch_size) * config.epochs
     model, params, strategy, optimizer, scheduler = setup(config, model, total_steps)
 
     with folder or _NoFolder() as workdir, MetricsLog(
