@@ -1,5 +1,6 @@
 // Hot loops of childtune's strategies in one pass over memory (CPU, float32): Child-Tuning_F's per-step
-// draw fused with what consumes it, and ID3's ranking of the not-yet-chosen weights (at the end).
+// draw fused with what consumes it, ID3's ranking of the not-yet-chosen weights, and a Linear weight's
+// gradient at its child elements only (`child_dot`, at the end).
 //
 // The draw is defined in childtune/kernels.py (`keep_bits`, the eager reference these loops must equal
 // bit for bit): element i of a parameter is kept iff hash(i) < threshold, with hash the 32-bit
@@ -18,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -205,11 +207,105 @@ std::tuple<torch::Tensor, torch::Tensor> top_unchosen(torch::Tensor grad, torch:
   return {values, indices};
 }
 
+// A Linear weight's gradient at its child elements only (childtune/optim/child_grad.py), a sampled
+// dense-dense product (SDDMM): out[k] = sum_t rows[i_k, t] * cols[j_k, t], (i_k, j_k) = divmod(index[k], width),
+// with rows = dY^T (out_features x tokens) and cols = X^T (in_features x tokens), both made contiguous by
+// the caller so each dot product reads two contiguous runs. float32 or bfloat16 inputs, float32 sums in
+// a fixed order (LANES partial sums, lane l taking tokens t = l mod LANES, then combined pairwise, then
+// the tail): an element's value does not depend on the thread count. Sorted indices keep a row of dY^T
+// in cache for all child elements of that weight row.
+constexpr int LANES = 16;
+
+inline float load(const float* p, int64_t t) { return p[t]; }
+
+inline float load(const uint16_t* p, int64_t t) {  // bfloat16 is the top half of a float32
+  const uint32_t bits = uint32_t(p[t]) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+template <typename S>
+inline float dot(const S* __restrict__ a, const S* __restrict__ b, int64_t n) {
+  float acc[LANES] = {};
+  int64_t t = 0;
+  for (; t + LANES <= n; t += LANES) {
+    for (int l = 0; l < LANES; ++l) acc[l] += load(a, t + l) * load(b, t + l);
+  }
+  for (int width = LANES / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
+  }
+  float tail = 0.0f;
+  for (; t < n; ++t) tail += load(a, t) * load(b, t);
+  return acc[0] + tail;
+}
+
+template <typename S, typename I>
+inline void child_dot_range(const S* rows, const S* cols, const I* index, float* out, int64_t begin, int64_t end,
+                            int64_t width, int64_t tokens) {
+  for (int64_t k = begin; k < end; ++k) {
+    const int64_t flat = int64_t(index[k]);
+    out[k] = dot(rows + (flat / width) * tokens, cols + (flat % width) * tokens, tokens);
+  }
+}
+
+#define CHILDTUNE_CHILD_DOT(NAME, S, I)                                                                      \
+  CHILDTUNE_CLONES void NAME(const S* rows, const S* cols, const I* index, float* out, int64_t begin,       \
+                             int64_t end, int64_t width, int64_t tokens) {                                 \
+    child_dot_range(rows, cols, index, out, begin, end, width, tokens);                                     \
+  }
+CHILDTUNE_CHILD_DOT(child_dot_f32_i32, float, int32_t)
+CHILDTUNE_CHILD_DOT(child_dot_f32_i64, float, int64_t)
+CHILDTUNE_CHILD_DOT(child_dot_bf16_i32, uint16_t, int32_t)
+CHILDTUNE_CHILD_DOT(child_dot_bf16_i64, uint16_t, int64_t)
+#undef CHILDTUNE_CHILD_DOT
+
+template <typename S, typename I>
+void child_dot_run(void (*run)(const S*, const S*, const I*, float*, int64_t, int64_t, int64_t, int64_t),
+                   const S* rows, const S* cols, const torch::Tensor& index, float* out, int64_t width,
+                   int64_t tokens) {
+  const I* ix = index.data_ptr<I>();
+  const int64_t grain = std::max<int64_t>(1, GRAIN / std::max<int64_t>(1, tokens));
+  at::parallel_for(0, index.numel(), grain, [&](int64_t b, int64_t e) { run(rows, cols, ix, out, b, e, width, tokens); });
+}
+
+torch::Tensor child_dot(torch::Tensor rows, torch::Tensor cols, torch::Tensor index, int64_t width) {
+  TORCH_CHECK(rows.dim() == 2 && cols.dim() == 2 && rows.size(1) == cols.size(1), "rows and cols: (n, tokens) each");
+  TORCH_CHECK(cols.size(0) == width, "cols must have `width` rows");
+  TORCH_CHECK(rows.scalar_type() == cols.scalar_type() &&
+              (rows.scalar_type() == torch::kFloat || rows.scalar_type() == torch::kBFloat16),
+              "rows and cols must both be float32 or both bfloat16");
+  TORCH_CHECK(index.scalar_type() == torch::kInt || index.scalar_type() == torch::kLong, "index must be int32 or int64");
+  check(rows, "rows", rows.numel());
+  check(cols, "cols", cols.numel());
+  check(index, "index", index.numel());
+  const int64_t n = index.numel(), tokens = rows.size(1);
+  auto out = torch::empty({n}, torch::kFloat);
+  if (n == 0) return out;
+  const auto first = index[0].item<int64_t>(), last = index[n - 1].item<int64_t>();
+  TORCH_CHECK(first >= 0 && last < rows.size(0) * width && first <= last, "index must be sorted flat indices into a (",
+              rows.size(0), ", ", width, ") weight");
+  float* o = out.data_ptr<float>();
+  const bool wide = index.scalar_type() == torch::kLong;
+  if (rows.scalar_type() == torch::kFloat) {
+    const float *r = rows.data_ptr<float>(), *c = cols.data_ptr<float>();
+    wide ? child_dot_run<float, int64_t>(child_dot_f32_i64, r, c, index, o, width, tokens)
+         : child_dot_run<float, int32_t>(child_dot_f32_i32, r, c, index, o, width, tokens);
+  } else {
+    const auto* r = reinterpret_cast<const uint16_t*>(rows.data_ptr<at::BFloat16>());
+    const auto* c = reinterpret_cast<const uint16_t*>(cols.data_ptr<at::BFloat16>());
+    wide ? child_dot_run<uint16_t, int64_t>(child_dot_bf16_i64, r, c, index, o, width, tokens)
+         : child_dot_run<uint16_t, int32_t>(child_dot_bf16_i32, r, c, index, o, width, tokens);
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("keep", &keep, "out <- the draw's keep mask");
   module.def("mask_", &mask_, "grad <- keep ? grad * scale : 0");
   module.def("top_unchosen", &top_unchosen, "ID3: the k best not-yet-chosen elements by |g| / (|w| + eps)^exp");
+  module.def("child_dot", &child_dot, "out[k] = sum_t rows[index[k] / width, t] * cols[index[k] % width, t]");
   module.def("adamw_", &adamw_, "one AdamW step of param on the (masked, if `masked`) gradient, in one pass");
 }

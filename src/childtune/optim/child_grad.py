@@ -1,0 +1,228 @@
+"""Child-only weight gradients: a Linear layer's backward that never forms the dense weight gradient.
+
+A strict child network changes a fraction p of a weight, yet autograd's Linear backward computes the
+whole dW = dY^T X (out x in: as large as the weight, and out * in * tokens multiply-adds) only for the
+optimizer to gather p of it. For a fixed or growing child network the elements are known before
+backward, so here backward computes dX densely as usual and the weight gradient at the child elements
+only, a sampled dense-dense product (SDDMM):
+
+    g[k] = sum_t dY[t, i_k] * X[t, j_k],        (i_k, j_k) = divmod(index[k], in_features)
+
+over all tokens t (every leading dimension of X and dY flattened), for `index` the sorted flat indices of
+the weight's child elements (int32; int64 only where the weight has 2^31 elements or more). The cost is
+p * out * in * tokens multiply-adds and memory of p * out * in, in float32 for bfloat16 inputs (float32
+sums of exact bfloat16 products: more accurate than autograd's bfloat16 dW, which is rounded). Bias
+gradients stay dense through autograd (out_features values: cheap).
+
+Two implementations: the compiled kernel `childtune.kernels.child_dot` (CPU, float32 or bfloat16 inputs,
+threaded over the elements, fixed summation order) and torch ops for any device or dtype
+(`_child_dot_torch`: gather the child elements' columns of dY and X in chunks of bounded memory and take
+their column-wise dot products). They agree to float32 rounding (they sum in different orders);
+`CHILDTUNE_KERNELS=eager` forces the torch ops.
+
+`ChildGrads(model, indices)` installs this on every nn.Linear whose weight has an index (a weight shared
+by several Linear modules, or one module called twice, is one entry): the weight's `.grad` stays None
+and `ChildGrads.grad(name)` holds the child gradient vector, summed over backwards (gradient
+accumulation) and over a weight's uses in one graph (tied weights), until taken. `on_ready(name, param)`
+is called once all of a weight's uses in a backward have delivered (a count of uses recorded in forward),
+so an optimizer can step there and free the vector, as `register_post_accumulate_grad_hook` would
+allow for a dense gradient. A forward whose graph is never backpropagated leaves its uses counted:
+`zero_grad()` forgets them. `set_index` moves a weight to a grown index set, carrying over what was
+accumulated. Not supported: FSDP2 shards (DTensor weights) and re-run forwards (activation
+checkpointing would count a use twice).
+
+Read before writing this (nothing copied): SpIEL (Ansell et al. 2024, github.com/AlanAnsell/peft,
+src/peft/tuners/sft/layer.py) keeps the same gather-and-dot backward for its sparse delta values
+(`LinearWithSparseDelta`, rows of dY^T and columns of X picked by index) commented out, and trains
+through a dense merged weight, so dense dW; RoSA (Nikdan et al. 2024, github.com/IST-DASLab/peft-rosa,
+src/peft/tuners/rosa/spa_functions.py) takes its sparse adapter's gradient with spops' CUDA `sddmm` on CSR
+indices inside a custom autograd Function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from childtune import kernels
+from childtune.shards import is_sharded
+
+CHUNK = 1 << 22
+"""Elements of each gathered (tokens x elements) block in the torch-ops path: 16 MiB in float32."""
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 flat indices where they fit (half the memory), int64 for weights of 2^31 elements or more."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def child_index(mask: torch.Tensor) -> torch.Tensor:
+    """The sorted flat indices of a bool mask's True elements, in `index_dtype`."""
+    return mask.reshape(-1).nonzero().squeeze(1).to(index_dtype(mask.numel()))
+
+
+def child_weight_grad(dy: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """g[k] = sum_t dY[t, i_k] * X[t, j_k], (i_k, j_k) = divmod(index[k], in_features): the gradient of
+    `y = x @ W.T` at W's flat `index`, float32 (float64 for float64 inputs). The compiled kernel where it
+    takes the tensors, torch ops otherwise."""
+    width = x.shape[-1]
+    dy, x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, width)
+    if dy.device.type == "cpu" and kernels.extension() is not None:
+        out = kernels.child_dot(dy.t().contiguous(), x.t().contiguous(), index, width)
+        if out is not None:
+            return out
+    return _child_dot_torch(dy, x, index, width)
+
+
+def _child_dot_torch(dy: torch.Tensor, x: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
+    """The SDDMM in torch ops, any device: for a chunk of elements, gather their columns of dY and of X
+    (tokens x chunk each, at most `CHUNK` elements) and take the column-wise dot products."""
+    acc = torch.promote_types(dy.dtype, torch.float32)
+    out = torch.empty(len(index), dtype=acc, device=dy.device)
+    step = max(1, CHUNK // max(1, dy.shape[0]))
+    for begin in range(0, len(index), step):
+        flat = index[begin:begin + step].long()
+        rows = dy.index_select(1, flat // width).to(acc)
+        cols = x.index_select(1, flat % width).to(acc)
+        torch.linalg.vecdot(rows, cols, dim=0, out=out[begin:begin + step])
+    return out
+
+
+@dataclass(eq=False)
+class _Site:
+    """One weight under child-only gradients: its child index, the gradient accumulated at it, and the
+    number of its uses in forward not yet backpropagated."""
+
+    name: str
+    param: nn.Parameter
+    index: torch.Tensor
+    on_ready: Callable[[str, nn.Parameter], None] | None
+    grad: torch.Tensor | None = None
+    pending: int = 0
+
+
+class _ChildLinear(torch.autograd.Function):
+    """y = x @ W.T + b, whose backward gives dX and db densely and W's gradient at its child index only
+    (to its `_Site`, not to autograd: W.grad stays None). `dtype`: the autocast dtype x, W and b are cast
+    to (None outside autocast), as autocast's own linear would."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, site: _Site, dtype: torch.dtype | None):
+        w, b = weight, bias
+        if dtype is not None:
+            x, w = x.to(dtype), w.to(dtype)
+            b = None if b is None else b.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(x, w, b)
+        ctx.save_for_backward(x, weight)
+        ctx.site, ctx.index, ctx.dtype = site, site.index, dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        w = weight if ctx.dtype is None else weight.to(ctx.dtype)
+        dx = dy @ w if ctx.needs_input_grad[0] else None
+        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        ChildGrads.deliver(ctx.site, child_weight_grad(dy, x, ctx.index), ctx.index)
+        return dx, None, db, None, None
+
+
+class ChildGrads:
+    """Child-only weight gradients for a model's Linear weights named in `indices` (name -> sorted flat
+    index tensor, or a bool mask). See the module docstring; `remove()` restores the plain forwards."""
+
+    def __init__(self, model: nn.Module, indices: Mapping[str, torch.Tensor],
+                 on_ready: Callable[[str, nn.Parameter], None] | None = None) -> None:
+        params = dict(model.named_parameters())
+        unknown = set(indices) - set(params)
+        if unknown:
+            raise ValueError(f"no parameters named {sorted(unknown)} in the model")
+        self.sites = {n: _Site(n, params[n], _checked(n, params[n], i), on_ready) for n, i in indices.items()}
+        by_param = {s.param: s for s in self.sites.values()}
+        self._patched = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight in by_param]
+        seen = {m.weight for m in self._patched}
+        if len(seen) < len(by_param):
+            raise ValueError("child-only gradients are for nn.Linear weights; "
+                             f"{sorted(s.name for p, s in by_param.items() if p not in seen)} are not")
+        for module in self._patched:
+            module.forward = partial(_forward, module, by_param[module.weight])
+
+    def grad(self, name: str) -> torch.Tensor | None:
+        """The child gradient of `name` accumulated so far (None before any backward reached it)."""
+        return self.sites[name].grad
+
+    def pop(self, name: str) -> torch.Tensor | None:
+        """Take (and forget) the accumulated child gradient of `name`."""
+        site = self.sites[name]
+        grad, site.grad = site.grad, None
+        return grad
+
+    def zero_grad(self) -> None:
+        """Forget every accumulated child gradient and every use not backpropagated."""
+        for site in self.sites.values():
+            site.grad, site.pending = None, 0
+
+    def set_index(self, name: str, index: torch.Tensor) -> None:
+        """Move `name` to a new (grown) child index; a gradient accumulated at the old elements is kept
+        at their positions in the new one, zero at the elements that joined."""
+        site = self.sites[name]
+        index = _checked(name, site.param, index)
+        if site.grad is not None:
+            where = torch.searchsorted(index, site.index)
+            if not bool((where < len(index)).all()) or not torch.equal(index[where.clamp(max=len(index) - 1)],
+                                                                       site.index):
+                raise ValueError(f"the new child index of {name!r} drops elements holding an accumulated gradient")
+            grad = site.grad.new_zeros(len(index))
+            grad[where] = site.grad
+            site.grad = grad
+        site.index = index
+
+    def remove(self) -> None:
+        """Give the Linear modules back their own forward (weight gradients dense again)."""
+        for module in self._patched:
+            del module.forward
+        self._patched = []
+
+    @staticmethod
+    def deliver(site: _Site, values: torch.Tensor, index: torch.Tensor) -> None:
+        """Backward's part: add one use's child gradient; call `on_ready` once the weight's last use has."""
+        if index is not site.index:
+            raise RuntimeError(f"the child index of {site.name!r} changed between forward and backward")
+        site.grad = values if site.grad is None else site.grad.add_(values)
+        site.pending = max(site.pending - 1, 0)
+        if site.pending == 0 and site.on_ready is not None:
+            site.on_ready(site.name, site.param)
+
+
+def _forward(module: nn.Linear, site: _Site, x: torch.Tensor) -> torch.Tensor:
+    """The patched nn.Linear forward: the child-only Function where a gradient will be taken."""
+    if not (torch.is_grad_enabled() and site.param.requires_grad):
+        return F.linear(x, module.weight, module.bias)
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    site.pending += 1
+    return _ChildLinear.apply(x, module.weight, module.bias, site, dtype)
+
+
+def _checked(name: str, param: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`index` (or a bool mask's) as sorted, distinct flat indices into `param`, `index_dtype`, on its device."""
+    if is_sharded(param):
+        raise ValueError(f"{name!r} is an FSDP2 shard: child-only gradients do not support sharded weights yet")
+    if index.dtype == torch.bool:
+        if index.shape != param.shape:
+            raise ValueError(f"mask for {name!r} has shape {tuple(index.shape)}, parameter has {tuple(param.shape)}")
+        return child_index(index.to(param.device))
+    if index.dim() != 1 or index.is_floating_point() or index.is_complex():
+        raise ValueError(f"the child index of {name!r} must be a 1-D integer tensor")
+    in_range = not len(index) or (int(index[0]) >= 0 and int(index[-1]) < param.numel())
+    if not in_range or not bool((index[1:] > index[:-1]).all()):
+        raise ValueError(f"the child index of {name!r} must be sorted, distinct flat indices in [0, {param.numel()})")
+    return index.to(param.device, index_dtype(param.numel()))

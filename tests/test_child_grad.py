@@ -1,0 +1,205 @@
+"""Child-only weight gradients (optim/child_grad.py) against dense autograd, compiled and torch-ops paths.
+
+Tolerances: float32 inputs, the child gradient equals dense dW gathered at the index to float32 rounding
+of a sum in another order (rtol 1e-5, atol 1e-6); bfloat16 inputs, it equals the float64 sum of the same
+bfloat16 products to float32 rounding (rtol 1e-5), and autograd's bfloat16 dW to bfloat16 rounding
+(rtol 2^-7). dX and the bias gradient are autograd's, bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from childtune import kernels
+from childtune.optim.child_grad import ChildGrads, child_index, child_weight_grad
+
+FP32 = dict(rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(params=["compiled", "eager"])
+def backend(request, monkeypatch):
+    """Run a test with the compiled kernel (which must build here) and with the torch ops."""
+    if request.param == "eager":
+        monkeypatch.setenv("CHILDTUNE_KERNELS", "eager")
+    else:
+        monkeypatch.delenv("CHILDTUNE_KERNELS", raising=False)
+        assert kernels.extension() is not None, "the compiled kernels did not build (see the warning)"
+    return request.param
+
+
+def mlp(seed: int = 0, dtype=torch.float32) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 4, bias=False)).to(dtype)
+
+
+def masks_for(model: nn.Module, p: float = 0.4, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(w.shape, generator=g) < p for n, w in model.named_parameters() if n.endswith("weight")}
+
+
+def twins(masks_p: float = 0.4, dtype=torch.float32, on_ready=None):
+    """(model with child-only gradients, its ChildGrads, an identical dense model, the masks)."""
+    child, dense = mlp(dtype=dtype), mlp(dtype=dtype)
+    masks = masks_for(child, masks_p)
+    return child, ChildGrads(child, masks, on_ready=on_ready), dense, masks
+
+
+def backward_both(child, dense, x, loss=lambda y: (y * torch.arange(y.shape[-1], dtype=y.dtype)).sum()):
+    """One backward of each model on the same input; returns the two inputs' gradients."""
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss(child(a)).backward()
+    loss(dense(b)).backward()
+    return a.grad, b.grad
+
+
+def assert_matches_dense(child, grads, dense, masks, **tol):
+    for name, mask in masks.items():
+        assert child.get_parameter(name).grad is None  # never a dense dW
+        torch.testing.assert_close(grads.grad(name), dense.get_parameter(name).grad[mask].float(), **tol)
+    for name, param in child.named_parameters():
+        if name not in masks:
+            torch.testing.assert_close(param.grad, dense.get_parameter(name).grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(9, 7), (2, 5, 7)], ids=["tokens", "batch-seq"])
+def test_child_gradient_is_dense_dw_at_the_index_and_dx_is_dense(backend, shape):
+    child, grads, dense, masks = twins()
+    dx, want = backward_both(child, dense, torch.randn(shape))
+    torch.testing.assert_close(dx, want, rtol=0, atol=0)
+    assert_matches_dense(child, grads, dense, masks, **FP32)
+    assert grads.sites["0.weight"].index.dtype == torch.int32
+
+
+def test_bf16_inputs_sum_in_fp32(backend):
+    child, grads, dense, masks = twins(dtype=torch.bfloat16)
+    x = torch.randn(3, 11, 7).bfloat16()
+    dx, want = backward_both(child, dense, x)
+    torch.testing.assert_close(dx, want, rtol=0, atol=0)
+    assert_matches_dense(child, grads, dense, masks, rtol=2**-7, atol=1e-2)
+    # against the float64 sum of the same bfloat16 products: float32 rounding only
+    layer = child[2]
+    with torch.no_grad():
+        h = torch.tanh(child[0](x)).double()
+    dy = torch.arange(4, dtype=torch.float64).expand(3, 11, 4)
+    exact = (dy.reshape(-1, 4).t() @ h.reshape(-1, 6)).reshape(-1)[child_index(masks["2.weight"]).long()]
+    assert layer.weight.grad is None
+    torch.testing.assert_close(grads.grad("2.weight").double(), exact, rtol=1e-5, atol=1e-5)
+    assert grads.grad("2.weight").dtype == torch.float32
+
+
+def test_gradients_accumulate_over_backwards():
+    child, grads, dense, masks = twins()
+    for seed in range(2):
+        backward_both(child, dense, torch.randn(4, 7, generator=torch.Generator().manual_seed(seed)))
+    assert_matches_dense(child, grads, dense, masks, **FP32)
+    assert grads.pop("0.weight") is not None and grads.grad("0.weight") is None
+
+
+def test_a_growing_index_keeps_what_was_accumulated_and_matches_dense_after_growing():
+    child, grads, dense, masks = twins(masks_p=0.2)
+    backward_both(child, dense, torch.randn(4, 7))
+    grown = {n: m | (torch.rand(m.shape, generator=torch.Generator().manual_seed(9)) < 0.3) for n, m in masks.items()}
+    for name, mask in grown.items():
+        grads.set_index(name, mask)
+        kept = dense.get_parameter(name).grad * masks[name]  # the joiners' accumulated gradient is zero
+        torch.testing.assert_close(grads.grad(name), kept[mask], **FP32)
+    with pytest.raises(ValueError, match="drops elements"):
+        grads.set_index("0.weight", masks["0.weight"])
+    grads.zero_grad()
+    child.zero_grad()
+    dense.zero_grad()
+    backward_both(child, dense, torch.randn(4, 7))
+    assert_matches_dense(child, grads, dense, grown, **FP32)
+
+
+def test_a_weight_used_twice_sums_both_uses_and_is_ready_once():
+    torch.manual_seed(0)
+    child, ready = nn.Linear(5, 5), []
+    dense = copy.deepcopy(child)
+    mask = torch.rand(5, 5) < 0.5
+    grads = ChildGrads(child, {"weight": mask}, on_ready=lambda n, p: ready.append(n))
+    twice = lambda m: (lambda x: m(torch.tanh(m(x))))  # noqa: E731
+    dx, want = backward_both(twice(child), twice(dense), torch.randn(3, 5))
+    torch.testing.assert_close(dx, want, **FP32)
+    torch.testing.assert_close(grads.grad("weight"), dense.weight.grad[mask], **FP32)
+    assert ready == ["weight"]
+
+
+def test_a_weight_shared_by_two_modules_is_one_entry():
+    torch.manual_seed(0)
+    child = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    child[2].weight = child[0].weight  # tied: named_parameters lists it once
+    dense = copy.deepcopy(child)
+    mask = torch.rand(4, 4) < 0.5
+    ready = []
+    grads = ChildGrads(child, {"0.weight": mask}, on_ready=lambda n, p: ready.append(n))
+    backward_both(child, dense, torch.randn(6, 4))
+    torch.testing.assert_close(grads.grad("0.weight"), dense[0].weight.grad[mask], **FP32)
+    assert ready == ["0.weight"] and child[0].weight.grad is None
+
+
+def test_bf16_cpu_autocast_casts_as_autocast_does(backend):
+    child, grads, dense, masks = twins()
+    x = torch.randn(2, 6, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dx, want = backward_both(child, dense, x, loss=lambda y: y.float().square().sum())
+    torch.testing.assert_close(dx, want, rtol=0, atol=0)
+    assert_matches_dense(child, grads, dense, masks, rtol=2**-7, atol=1e-2)
+
+
+def test_an_empty_index_gives_an_empty_gradient_and_dense_dx(backend):
+    child, dense, ready = mlp(), mlp(), []
+    empty = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in child.named_parameters() if n.endswith("weight")}
+    grads = ChildGrads(child, empty, on_ready=lambda n, p: ready.append(n))
+    dx, want = backward_both(child, dense, torch.randn(4, 7))
+    torch.testing.assert_close(dx, want, rtol=0, atol=0)
+    assert all(grads.grad(n).shape == (0,) for n in empty) and sorted(ready) == sorted(empty)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_the_compiled_kernel_and_the_torch_ops_agree(monkeypatch, dtype, index_dtype):
+    g = torch.Generator().manual_seed(3)
+    dy, x = torch.randn(37, 19, generator=g).to(dtype), torch.randn(37, 23, generator=g).to(dtype)
+    index = (torch.rand(19 * 23, generator=g) < 0.3).nonzero().squeeze(1).to(index_dtype)
+    monkeypatch.delenv("CHILDTUNE_KERNELS", raising=False)
+    assert kernels.child_dot(dy.t().contiguous(), x.t().contiguous(), index, 23) is not None
+    compiled = child_weight_grad(dy, x, index)
+    monkeypatch.setenv("CHILDTUNE_KERNELS", "eager")
+    eager = child_weight_grad(dy, x, index)
+    exact = (dy.double().t() @ x.double()).reshape(-1)[index.long()]
+    torch.testing.assert_close(compiled, eager, **FP32)
+    torch.testing.assert_close(compiled.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_the_torch_ops_chunk_with_the_same_result(monkeypatch):
+    from childtune.optim import child_grad
+
+    monkeypatch.setenv("CHILDTUNE_KERNELS", "eager")
+    dy, x = torch.randn(8, 10), torch.randn(8, 12)
+    index = torch.arange(0, 120, 7, dtype=torch.int32)
+    whole = child_weight_grad(dy, x, index)
+    monkeypatch.setattr(child_grad, "CHUNK", 16)  # two elements a chunk
+    torch.testing.assert_close(child_weight_grad(dy, x, index), whole, rtol=0, atol=0)
+
+
+def test_bad_indices_and_non_linear_weights_are_refused():
+    model = mlp()
+    with pytest.raises(ValueError, match="sorted, distinct"):
+        ChildGrads(model, {"0.weight": torch.tensor([3, 1])})
+    with pytest.raises(ValueError, match="sorted, distinct"):
+        ChildGrads(model, {"0.weight": torch.tensor([0, 42])})
+    with pytest.raises(ValueError, match=r"nn\.Linear weights"):
+        ChildGrads(model, {"0.bias": torch.tensor([0])})
+
+
+def test_remove_restores_dense_weight_gradients():
+    child, grads, dense, masks = twins()
+    grads.remove()
+    backward_both(child, dense, torch.randn(4, 7))
+    for name in masks:
+        torch.testing.assert_close(child.get_parameter(name).grad, dense.get_parameter(name).grad, rtol=0, atol=0)
