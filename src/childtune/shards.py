@@ -23,9 +23,13 @@ import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import EllipsisType
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 _READING = [False]  # a process-wide flag, not a ContextVar: CUDA runs backward hooks on autograd's own threads
 
@@ -46,13 +50,13 @@ def only_reading() -> bool:
     return _READING[0]
 
 
-def _dtensor() -> type:
+def _dtensor() -> type[DTensor]:
     from torch.distributed.tensor import DTensor
 
     return DTensor
 
 
-def is_sharded(t: torch.Tensor | None) -> bool:
+def is_sharded(t: torch.Tensor | None) -> TypeGuard[DTensor]:
     """Whether `t` is a DTensor (an FSDP2 parameter or its gradient)."""
     return t is not None and isinstance(t, _dtensor())
 

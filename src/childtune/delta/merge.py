@@ -33,11 +33,11 @@ def merge(
         base_state = state_of(base)
         if fingerprint(base_state, a.dense_patterns) != a.base_fingerprint:
             raise DeltaError(f"the base given to merge is not {a.base_model or 'the deltas base'!r}")
-    entries = {}
+    entries: dict[str, SparseEntry] = {}
     for name in {**first.entries, **second.entries}:
         x, y = first.entries.get(name), second.entries.get(name)
-        if x is None or y is None:
-            entries[name] = x or y
+        if x is None or y is None:  # in one delta only (`name` is in at least one of them)
+            entries[name] = first.entries[name] if y is None else y
         elif not np.intersect1d(x.indices.numpy(), y.indices.numpy()).size:
             entries[name] = _union(x, y)
         elif base_state is None:
@@ -90,6 +90,8 @@ def encoded_bytes(delta: SparseDelta) -> dict[str, int]:
         report["indices"] += index_sizes(numel(entry.shape), k)[layout.encoding]
         report["values"] += (k - m) * entry.values.element_size()
         if m:
+            if layout.exceptions is None:
+                raise DeltaError(f"{name}: {m} exceptions, but its layout stores none")
             report["exceptions"] += index_sizes(k, m)[layout.exceptions] + 2 * m * entry.exc_base.element_size()
     report["dense"] = sum(v.numel() * v.element_size() for v in delta.dense.values())
     report["total"] = sum(report.values())

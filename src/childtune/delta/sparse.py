@@ -85,7 +85,8 @@ class SparseDelta:
         self.config = config
         self.entries = entries
         self.dense = dense
-        self._head_backups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._head_backups: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]] = (
+            weakref.WeakKeyDictionary())
 
     # -- making one
 
@@ -256,7 +257,7 @@ class SparseDelta:
 
     # -- files
 
-    def save(self, directory: str | os.PathLike) -> None:
+    def save(self, directory: str | os.PathLike[str]) -> None:
         """Write `delta.safetensors` then `delta_config.json`, each atomically (temp file + os.replace).
 
         A crash leaves each file either old or new, never partial; a crash between the two leaves a new
@@ -264,10 +265,11 @@ class SparseDelta:
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {}
+        tensors: dict[str, torch.Tensor] = {}
         for name, entry in self.entries.items():
             layout = self.config.tensors[name]
-            stored = {layout.encoding: encode_indices(layout.encoding, entry.indices.numpy(), numel(entry.shape))}
+            stored: dict[str, np.ndarray | torch.Tensor | None] = {
+                layout.encoding: encode_indices(layout.encoding, entry.indices.numpy(), numel(entry.shape))}
             keep = torch.ones(entry.indices.numel(), dtype=torch.bool)
             keep[entry.exc_pos] = False  # an exception's value is tuned - base: not stored twice
             if layout.exceptions is not None:
@@ -286,7 +288,7 @@ class SparseDelta:
         write_json(directory / CONFIG_FILE, self.config.to_dict())
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> SparseDelta:
+    def load(cls, directory: str | os.PathLike[str]) -> SparseDelta:
         """Read and fully validate a delta directory; any problem is a DeltaError naming it."""
         directory = Path(directory)
         for file in (CONFIG_FILE, TENSORS_FILE):
@@ -308,7 +310,8 @@ class SparseDelta:
         return cls(config, entries, dense)
 
 
-def _parse(config: DeltaConfig, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+def _parse(config: DeltaConfig, tensors: dict[str, torch.Tensor]
+           ) -> tuple[dict[str, SparseEntry], dict[str, torch.Tensor]]:
     """Check tensors against the config (names, kinds, dtypes, counts, finiteness) and decode indices."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -316,7 +319,7 @@ def _parse(config: DeltaConfig, tensors: dict[str, torch.Tensor]) -> tuple[dict,
         if kind not in _KINDS or not name:
             raise DeltaError(f"unexpected tensor {key!r} in {TENSORS_FILE}")
         grouped.setdefault(name, {})[kind] = tensor
-    dense = {}
+    dense: dict[str, torch.Tensor] = {}
     for name, shape in config.dense.items():
         group = grouped.pop(name, {})
         value = group.get("dense")
@@ -325,7 +328,7 @@ def _parse(config: DeltaConfig, tensors: dict[str, torch.Tensor]) -> tuple[dict,
         if not torch.isfinite(value).all():
             raise DeltaError(f"dense head {name!r} has non-finite values")
         dense[name] = value
-    entries = {}
+    entries: dict[str, SparseEntry] = {}
     for name, layout in config.tensors.items():
         entries[name] = _parse_entry(name, layout, grouped.pop(name, {}))
     if grouped:

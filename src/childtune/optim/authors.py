@@ -15,14 +15,22 @@ authors' optimizer does not: its decoupled weight decay shrinks *every* weight e
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, overload
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
 
 from childtune.masks import check_mask, check_probability
-from childtune.optim.common import check_adamw, child_block, evaluate_closure, mask_gradients_, pop_child_block
+from childtune.optim.common import (
+    check_adamw,
+    child_block,
+    evaluate_closure,
+    mask_gradients_,
+    pop_child_block,
+    with_grads,
+)
 from childtune.strategies.child_f import ChildTuningF
 
 MODES = (None, "ChildTuning-F", "ChildTuning-D")
@@ -41,7 +49,7 @@ class ChildTuningAdamW(Optimizer):
 
     def __init__(
         self,
-        params: Iterable,
+        params: ParamsT,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
@@ -99,21 +107,28 @@ class ChildTuningAdamW(Optimizer):
         state_dict, self._steps = pop_child_block(state_dict)
         super().load_state_dict(state_dict)
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = evaluate_closure(closure)
         masks, scale = self._step_masks()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if any(p.grad.is_sparse for p in params):
+            params, grads = with_grads(group["params"])
+            if any(g.is_sparse for g in grads):
                 raise RuntimeError("ChildTuningAdamW does not support sparse gradients")
-            masked = [p for p in params if p in masks]
-            mask_gradients_([p.grad for p in masked], [masks[p] for p in masked], scale)
-            self._update(group, params, masks)
+            masked = [i for i, p in enumerate(params) if p in masks]
+            mask_gradients_([grads[i] for i in masked], [masks[params[i]] for i in masked], scale)
+            self._update(group, params, grads, masks)
         self._steps += 1
         return loss
 
-    def _update(self, group: dict, params: list[torch.Tensor], masks: Mapping) -> None:
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+                masks: Mapping[torch.Tensor, torch.Tensor]) -> None:
         if not params:
             return
         beta1, beta2 = group["betas"]
@@ -122,7 +137,6 @@ class ChildTuningAdamW(Optimizer):
             if not self.state[p]:
                 self.state[p] = {"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
             self.state[p]["step"] += 1
-        grads = [p.grad for p in params]
         exp_avg = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in params]
         torch._foreach_mul_(exp_avg, beta1)

@@ -9,7 +9,7 @@ progress, so those parts live here once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -17,8 +17,9 @@ import torch
 from childtune.strategies.base import Strategy
 
 
-def evaluate_closure(closure) -> torch.Tensor | None:
-    """The `Optimizer.step(closure)` contract: re-evaluate the loss with gradients enabled."""
+def evaluate_closure(closure: Callable[[], float] | None) -> float | None:
+    """The `Optimizer.step(closure)` contract (typed as torch types it): re-evaluate the loss with gradients
+    enabled."""
     if closure is None:
         return None
     with torch.enable_grad():
@@ -33,7 +34,18 @@ def mask_gradients_(grads: list[torch.Tensor], masks: list[torch.Tensor], scale:
             torch._foreach_mul_(grads, scale)
 
 
-def named_groups(named_params: Iterable) -> list[dict[str, Any]]:
+def with_grads(params: Iterable[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The parameters that have a gradient, and their gradients, in order."""
+    kept: list[torch.Tensor] = []
+    grads: list[torch.Tensor] = []
+    for p in params:
+        if p.grad is not None:
+            kept.append(p)
+            grads.append(p.grad)
+    return kept, grads
+
+
+def named_groups(named_params: Iterable[Any]) -> list[dict[str, Any]]:
     """Normalise the accepted forms of named parameters to param-group dicts of (name, param) pairs.
 
     Accepted: `model.named_parameters()`, a `{name: param}` dict, or a list of param-group dicts whose

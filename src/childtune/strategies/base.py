@@ -77,7 +77,7 @@ class Strategy:
             shards.check_layout(name, param)
         self.group = shards.group_of(self.params.values())
 
-    def prepare(self, model: torch.nn.Module | None = None, batches: Iterable | None = None, *,
+    def prepare(self, model: torch.nn.Module | None = None, batches: Iterable[Mapping[str, Any]] | None = None, *,
                 progress: bool = True) -> None:
         """One-off work before training, such as Fisher estimation (with a progress bar unless `progress` is
         False). The default needs nothing."""

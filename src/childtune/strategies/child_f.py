@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -57,7 +57,7 @@ class ChildTuningF(Strategy):
     def keep_probability(self) -> float:
         return self._threshold / kernels.POSITIONS
 
-    def bind(self, named_params) -> None:
+    def bind(self, named_params: Mapping[str, torch.Tensor]) -> None:
         super().bind(named_params)
         # Row shards (FSDP2): a rank draws its own rows only, at their positions in the whole parameter, so
         # the masks are the single-process ones (`childtune.shards`).
@@ -71,17 +71,17 @@ class ChildTuningF(Strategy):
         self._buffers = {}
         self._keys = {}
 
-    def config(self):
+    def config(self) -> dict[str, Any]:
         config = super().config()
         config.pop("generator")
         return config
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """A caller's generator advances with every draw, so a resumed run needs its state; a seeded
         strategy needs nothing (the mask at step t is a function of (seed, t))."""
         return {} if self.generator is None else {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         unknown = set(state) - {"generator"}
         if unknown:
             raise ValueError(f"unknown ChildTuningF state keys: {sorted(unknown)}")
@@ -97,7 +97,7 @@ class ChildTuningF(Strategy):
         for name, param in self.maskable().items():
             if name not in self._buffers:
                 self._buffers[name] = torch.empty(shards.local(param).shape, dtype=torch.bool, device=param.device)
-            kernels.keep_mask_(self._buffers[name], self.drawn(name))
+            kernels.keep_mask_(self._buffers[name], self._draw(name))
         return dict(self._buffers)
 
     def mask_gradients_(self, step: int, grads: Mapping[str, torch.Tensor]) -> None:
@@ -113,7 +113,7 @@ class ChildTuningF(Strategy):
         """`grad <- grad * mask / p` for one parameter, with the mask of the last `draw` (an optimizer stepping
         in backward draws once per step and applies it parameter by parameter as gradients arrive)."""
         if self.p != 1.0:
-            kernels.mask_grad_(grad, self.drawn(name), self.scale)
+            kernels.mask_grad_(grad, self._draw(name), self.scale)
 
     def draw(self, step: int) -> None:
         """Key every maskable parameter's mask for `step`: a function of (seed, step), or the caller's
@@ -129,3 +129,11 @@ class ChildTuningF(Strategy):
         into the update, `childtune.kernels.adamw_`); None for a parameter that is not masked."""
         key = self._keys.get(name)
         return None if key is None else Draw(self._starts[name], *key, self._threshold)
+
+    def _draw(self, name: str) -> Draw:
+        """`drawn(name)` where a draw is required: a clear error for a name that has none."""
+        draw = self.drawn(name)
+        if draw is None:
+            raise ValueError(f"no Child-Tuning_F draw for {name!r}: it is not a maskable parameter bound to this "
+                             "strategy, or draw(step) has not run")
+        return draw

@@ -8,7 +8,9 @@ identical child network without re-estimating.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import torch
 
@@ -59,14 +61,18 @@ class ChosenStrategy(Strategy):
         return super().untouched()
 
     def masks(self, step: int) -> Masks:
+        return self.require_chosen()
+
+    def require_chosen(self) -> Masks:
+        """`chosen`, or a clear error when the child network has not been chosen yet."""
         if self.chosen is None:
             raise RuntimeError(f"{type(self).__name__} has no child network yet: call prepare() first")
         return self.chosen
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return {} if self.chosen is None else {"chosen": {n: m.cpu() for n, m in self.chosen.items()}}
 
-    def load_state_dict(self, state) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         unknown = set(state) - {"chosen"}
         if unknown:
             raise ValueError(f"unknown {type(self).__name__} state keys: {sorted(unknown)}")
@@ -77,5 +83,5 @@ class ChosenStrategy(Strategy):
             }
 
 
-def _unknown(name: str):
+def _unknown(name: str) -> NoReturn:
     raise ValueError(f"saved mask for {name!r}, which is not a parameter of this model")

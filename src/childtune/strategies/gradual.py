@@ -7,7 +7,7 @@ transformer block, and so on down to the embeddings.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import ClassVar
@@ -41,7 +41,7 @@ class GradualUnfreezing(Strategy):
                 raise ValueError(f"schedule must be increasing non-negative steps, got {self.schedule}")
         self._frozen: dict[int, Masks] = {}
 
-    def bind(self, named_params) -> None:
+    def bind(self, named_params: Mapping[str, torch.Tensor]) -> None:
         super().bind(named_params)
         self.order = list(reversed(blocks(self.maskable())))  # top block first
         self._frozen = {}

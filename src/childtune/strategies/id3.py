@@ -22,8 +22,9 @@ paper's dynamic sparsification of adapters: bind the optimizer to those paramete
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -52,7 +53,7 @@ class ID3(ChosenStrategy):
     needs_gradients: ClassVar[bool] = True
 
     @classmethod
-    def authors(cls, budget: int | float, total_steps: int, **kw) -> ID3:
+    def authors(cls, budget: int | float, total_steps: int, **kw: Any) -> ID3:
         """ID3 as the authors' toolkit chooses (their README example): |g| alone (exp=0, eps=1e-3), the
         head inside the budget, budget // T per step. The run-level parts (torch AdamW over every weight
         with its default weight decay 0.01, non-strict, lr 1e-4) are the CLI's `authors` preset."""
@@ -72,8 +73,10 @@ class ID3(ChosenStrategy):
             raise ValueError(f"budget must be a positive count or a fraction in (0, 1), got {self.budget!r}")
         if isinstance(self.budget, float) and self.budget >= 1:
             raise ValueError(f"a fractional budget must be below 1, got {self.budget!r}")
+        self._counts: dict[str, int] | None = None  # this rank's chosen count per tensor, derived lazily
+        self.joined: dict[str, torch.Tensor] = {}
 
-    def bind(self, named_params) -> None:
+    def bind(self, named_params: Mapping[str, torch.Tensor]) -> None:
         super().bind(named_params)
         available = self._available = sum(p.numel() for p in self.scored().values())
         self.size = round(self.budget * available) if isinstance(self.budget, float) else self.budget
@@ -82,8 +85,8 @@ class ID3(ChosenStrategy):
         self._scored = self.scored()  # looked up per tensor per step: matching name patterns each time is O(params^2)
         empty = {n: torch.zeros_like(shards.local(p), dtype=torch.bool) for n, p in self._scored.items()}
         self.chosen = self.complete(empty)
-        self._counts: dict[str, int] | None = None
-        self.joined: dict[str, torch.Tensor] = {}
+        self._counts = None
+        self.joined = {}
 
     def scored(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in super().scored().items() if p.requires_grad}
@@ -97,7 +100,7 @@ class ID3(ChosenStrategy):
         base, extra = divmod(self.size, self.total_steps)
         return min(self._available, (step + 1) * base + min(step + 1, extra))
 
-    def load_state_dict(self, state) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self._counts = None
 
@@ -115,36 +118,42 @@ class ID3(ChosenStrategy):
         grow = self.growth(step)
         self.joined = {}
         if grow > 0:
-            offers = {}
+            offers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             for name, param in self._scored.items():
                 offer = self.candidates(name, param.grad, grow)
                 if offer is not None:
                     offers[name] = offer
             self.joined = self.admit(offers, grow)
-        return self.chosen
+        return self.require_chosen()
 
     def growth(self, step: int) -> int:
         """How many elements join at `step`: the target minus what is chosen already."""
-        assert self.chosen is not None
-        if getattr(self, "_counts", None) is None:  # this rank's count per tensor (its rows, when sharded)
-            self._counts = {n: int(self.chosen[n].sum()) for n in self.scored()}
-        return self.target(step) - shards.total([sum(self._counts.values())], self.group)[0]
+        return self.target(step) - shards.total([sum(self.counts().values())], self.group)[0]
 
-    def candidates(self, name: str, grad: torch.Tensor | None, grow: int):
+    def counts(self) -> dict[str, int]:
+        """This rank's number of chosen elements per scored tensor (its rows, when sharded), kept up to date
+        by `admit` once derived from the masks."""
+        if self._counts is None:
+            chosen = self.require_chosen()
+            self._counts = {n: int(chosen[n].sum()) for n in self.scored()}
+        return self._counts
+
+    def candidates(self, name: str, grad: torch.Tensor | None, grow: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This tensor's best min(grow, unchosen) not-yet-chosen elements by H: (scores on the CPU, flat
         indices), or None when it has nothing to offer or is not scored."""
         param = self._scored.get(name)
         if param is None or grow <= 0 or not param.requires_grad:
             return None
-        weights, chosen = shards.local(param).detach().reshape(-1), self.chosen[name].reshape(-1)
-        k = min(grow, len(weights) - self._counts[name])
+        weights, chosen = shards.local(param).detach().reshape(-1), self.require_chosen()[name].reshape(-1)
+        k = min(grow, len(weights) - self.counts()[name])
         if k <= 0:
             return None
         grads = None if grad is None else shards.local(grad).detach().reshape(-1)
         fused = None if grads is None else kernels.top_unchosen(grads, weights, chosen, k, self.eps, self.exp)
         if fused is not None:  # one compiled pass (childtune.kernels)
             return fused
-        values, indices = [], []
+        values: list[torch.Tensor] = []
+        indices: list[torch.Tensor] = []
         for start in range(0, len(weights), _BLOCK):  # in blocks: scores and top-k buffers of one block at a time
             stop = min(len(weights), start + _BLOCK)
             score = torch.zeros(stop - start, dtype=torch.float32, device=param.device) if grads is None else (
@@ -159,7 +168,7 @@ class ID3(ChosenStrategy):
             values, indices = [flat[best]], [where[best]]
         return values[0].cpu(), indices[0]
 
-    def admit(self, offers: dict, grow: int) -> dict[str, torch.Tensor]:
+    def admit(self, offers: Mapping[str, tuple[torch.Tensor, torch.Tensor]], grow: int) -> dict[str, torch.Tensor]:
         """The best `grow` of all tensors' `candidates` join the child network; returns each tensor's
         joining flat indices. Row shards: every rank's candidates are gathered (at most `grow` per tensor
         per rank), all ranks cut the same global best `grow`, and each admits the ones from its rows."""
@@ -169,12 +178,13 @@ class ID3(ChosenStrategy):
         start = sum(len(v) for v in everyone[: 0 if self.group is None else dist.get_rank(self.group)])
         best = torch.topk(torch.cat(everyone), grow, sorted=False).indices - start
         offsets = torch.tensor([0, *map(len, values)]).cumsum(0)
-        joined = {}
+        chosen, counts = self.require_chosen(), self.counts()
+        joined: dict[str, torch.Tensor] = {}
         for i, name in enumerate(names):
             mine = best[(best >= offsets[i]) & (best < offsets[i + 1])] - offsets[i]
             if len(mine):
                 indices = offers[name][1][mine.to(offers[name][1].device)]
-                self.chosen[name].view(-1)[indices] = True
-                self._counts[name] += len(mine)
+                chosen[name].view(-1)[indices] = True
+                counts[name] += len(mine)
                 joined[name] = indices
         return joined

@@ -13,7 +13,9 @@ of the whole model, all of it spread over the targets (`budget="model"`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,7 +43,7 @@ class RandomMasking(ChosenStrategy):
     budget: str = field(default="scored", kw_only=True)
 
     @classmethod
-    def authors(cls, p: float, seed: int = 0, **kw) -> RandomMasking:
+    def authors(cls, p: float, seed: int = 0, **kw: Any) -> RandomMasking:
         """Random masking as the authors' code chooses: q/v projection weights only, per-element
         Bernoulli, p a share of the whole model. The run-level part (weight decay 0) is the CLI preset."""
         return cls(p, seed, **{"targets": QV, "sampling": "bernoulli", "budget": "model", **kw})
@@ -59,7 +61,7 @@ class RandomMasking(ChosenStrategy):
         scored = super().scored()
         return {n: p for n, p in scored.items() if matches(n, self.targets)} if self.targets else scored
 
-    def bind(self, named_params) -> None:
+    def bind(self, named_params: Mapping[str, torch.Tensor]) -> None:
         super().bind(named_params)
         scored = self.scored()
         if self.targets and not scored:
