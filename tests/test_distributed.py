@@ -442,6 +442,25 @@ def test_cli_fsdp_trains_like_one_process_with_state_sharded(tmp_path, capfd):
 
 
 @needs_cli
+def test_cli_fsdp_with_bf16_weights_saves_its_delta(tmp_path, capfd):
+    """docs/distributed.md's recipe (`--fsdp --dtype bf16 --optimizer-in-backward`): the gathered weights are
+    bf16 like the base's, so the run saves its delta (it used to train to the end, then fail to save)."""
+    from safetensors.torch import load_file
+
+    from childtune.cli import main
+
+    train_file, dev_file = write_task(tmp_path)
+    argv = ["train", "--nproc", "2", "--fsdp", "--dtype", "bf16", "--optimizer-in-backward", "--model",
+            str(write_tiny_model(tmp_path / "model", dropout=0.0)), "--train", str(train_file), "--dev",
+            str(dev_file), "--method", "id3", "--epochs", "1", "--batch-size", "4", "--no-progress", "--output",
+            str(tmp_path / "run")]
+    assert main(argv) == 0, capfd.readouterr().err
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["changed_params"] > 0
+    assert {t.dtype for t in load_file(tmp_path / "run" / "delta" / "delta.safetensors").values()
+            if t.is_floating_point()} == {torch.bfloat16}
+
+
+@needs_cli
 def test_cli_fsdp_refuses_what_it_cannot_shard(tmp_path, capfd):
     from childtune.cli import main
 

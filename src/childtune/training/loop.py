@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from childtune import shards
 from childtune.data.batching import LMCollate, make_collate
-from childtune.delta import SparseDelta
+from childtune.delta import DeltaError, SparseDelta
 from childtune.fileio import write_json
 from childtune.masks import MASKS_FILE, save_masks
 from childtune.optim import state_bytes
@@ -116,8 +116,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
     model = model.to(_device(config, me))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    if config.dtype == "bf16":  # half the weight memory; the sparse optimizer keeps fp32 masters of the child
-        model = model.to(torch.bfloat16)
+    model = _in_weight_dtype(config, model)
     if config.gradient_checkpointing:  # recompute activations in backward: memory for compute
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name for it
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -130,6 +129,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
         me.is_main or not config.fsdp) else {}  # sharded: only rank 0 counts and saves against the base
     if config.fsdp:  # before the optimizer, which must see the sharded parameters; FSDP2 syncs, not DDP
         model = distributed.shard(model)
+    _check_the_end(config, task.spec, model, pretrained)
     total_steps = updates_per_epoch(len(task.train), config.batch_size) * config.epochs
     model, params, strategy, optimizer, scheduler = setup(config, model, total_steps)
 
@@ -298,6 +298,13 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> float | Non
     return float(loss.detach())
 
 
+def _in_weight_dtype(config: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with its weights in the run's `dtype`: bf16 halves the weight memory (the sparse optimizer
+    keeps fp32 masters of the child). The one rule for the trained model and its gathered copy, whose
+    weights the delta compares against the base's dtype for dtype."""
+    return model.to(torch.bfloat16) if config.dtype == "bf16" else model
+
+
 def _gathered(config: TrainConfig, spec, model: torch.nn.Module) -> torch.nn.Module | None:
     """Rank 0: an unsharded copy of the FSDP2 model with its tuned weights (for counting and saving);
     None on the other ranks. Every rank must call it (the weights are all-gathered)."""
@@ -305,8 +312,26 @@ def _gathered(config: TrainConfig, spec, model: torch.nn.Module) -> torch.nn.Mod
     if state is None:
         return None
     _, plain = load_model(config, spec)
+    plain = _in_weight_dtype(config, plain)
     plain.load_state_dict(state)
     return plain
+
+
+def _check_the_end(config: TrainConfig, spec, model: torch.nn.Module, pretrained: dict[str, torch.Tensor]) -> None:
+    """Take the run's last steps (gather a sharded model, build the delta) on the untrained model, before
+    any work, so that a run cannot train for hours and then fail to save. Every rank calls it and every
+    rank stops with the same message (one line from the launcher; no rank left waiting in a collective).
+    The model is the one before any LoRA adapter: an adapter run saves that model, merged."""
+    tuned = _gathered(config, spec, model) if config.fsdp else model
+    problem = None
+    if tuned is not None and _saves(config) == "delta":
+        try:
+            _delta(config, pretrained, tuned, spec)
+        except DeltaError as err:
+            problem = f"this run could not save its delta at the end, so it did not start: {err}"
+    problem = next(filter(None, distributed.gather(problem)), None)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _device(config: TrainConfig, me) -> torch.device:
@@ -318,14 +343,22 @@ def _device(config: TrainConfig, me) -> torch.device:
     return torch.device("cuda", me.local_rank) if config.device == "cuda" else torch.device("cpu")
 
 
+def _saves(config: TrainConfig) -> str:
+    """The weights a run keeps: a sparse delta against the base for strict runs (exactly the child
+    network), else the whole model, unless `save` says."""
+    return config.save if config.save != "auto" else ("delta" if config.strict else "model")
+
+
+def _delta(config: TrainConfig, pretrained, model, spec) -> SparseDelta:
+    head = {"num_labels": spec.num_labels, "label_names": list(spec.label_names), "kind": spec.kind}
+    return SparseDelta.from_training(pretrained, model, method=config.method, hparams={**config.to_dict(), **head},
+                                     base_model=config.model)
+
+
 def _save_weights(config: TrainConfig, workdir: Path, pretrained, model, tokenizer, spec) -> None:
-    """A sparse delta against the base for strict runs (exactly the child network), else the whole model."""
-    save = config.save if config.save != "auto" else ("delta" if config.strict else "model")
+    save = _saves(config)
     if save == "delta":
-        head = {"num_labels": spec.num_labels, "label_names": list(spec.label_names), "kind": spec.kind}
-        delta = SparseDelta.from_training(pretrained, model, method=config.method,
-                                          hparams={**config.to_dict(), **head}, base_model=config.model)
-        delta.save(workdir / "delta")
+        _delta(config, pretrained, model, spec).save(workdir / "delta")
     elif save == "model":
         with quiet_transformers():
             model.save_pretrained(workdir / "model")
