@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from childtune import kernels
+from childtune.optim import SparseChildAdamW
 from childtune.optim.child_grad import ChildGrads, child_index, child_weight_grad
+from childtune.strategies import GradualUnfreezing, RandomMasking
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 
@@ -203,3 +205,41 @@ def test_remove_restores_dense_weight_gradients():
     backward_both(child, dense, torch.randn(4, 7))
     for name in masks:
         torch.testing.assert_close(child.get_parameter(name).grad, dense.get_parameter(name).grad, rtol=0, atol=0)
+
+
+def trained(child_only: bool, *, in_backward: bool = False, micro: int = 1, steps: int = 4) -> nn.Module:
+    """A 3-layer MLP after `steps` updates of SparseChildAdamW under a fixed random child network, with
+    `micro` micro-batches per update; dense weight gradients, or child-only ones (`child_only_grads`)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3))
+    opt = SparseChildAdamW(model.named_parameters(), RandomMasking(0.3, seed=2, always=()), lr=1e-2,
+                           weight_decay=0.1, in_backward=in_backward)
+    if child_only:
+        assert sorted(opt.child_only_grads(model).sites) == ["0.weight", "2.weight", "4.weight"]
+    for step in range(steps):
+        for m in range(micro):
+            opt.accumulating = in_backward and m < micro - 1
+            x = torch.randn(5, 7, generator=torch.Generator().manual_seed(10 * step + m))
+            model(x).square().mean().backward()
+        if child_only:
+            assert all(model.get_parameter(n).grad is None for n in ("0.weight", "2.weight", "4.weight"))
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+@pytest.mark.parametrize("in_backward", [False, True], ids=["step", "in-backward"])
+@pytest.mark.parametrize("micro", [1, 2], ids=["one-batch", "accumulated"])
+def test_sparse_adamw_steps_from_child_only_gradients_as_from_dense_ones(backend, in_backward, micro):
+    dense = trained(False, in_backward=in_backward, micro=micro)
+    child = trained(True, in_backward=in_backward, micro=micro)
+    for (name, a), b in zip(dense.named_parameters(), child.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(dense[0].weight, trained(False, steps=0)[0].weight)
+
+
+def test_child_only_gradients_need_a_fixed_child_network():
+    model = mlp()
+    opt = SparseChildAdamW(model.named_parameters(), GradualUnfreezing(2))
+    with pytest.raises(ValueError, match="fixed child network"):
+        opt.child_only_grads(model)

@@ -34,6 +34,12 @@ it off and says so). Gradient accumulation: while `accumulating` is set (every m
 update's last), a hook adds its parameter's child-element gradient to a buffer of the child's size
 and frees the full gradient; the last micro-batch's hook adds its own and updates, the same sums
 autograd would have formed. ID3 cannot accumulate in backward (it ranks the whole update's gradient).
+
+`child_only_grads(model)` (opt-in, fixed child networks) makes backward compute the gradient of a
+model's partially chosen Linear weights at their child elements only (`optim/child_grad.py`: no dense dW
+ever exists) and steps those weights from the delivered vectors, in `step()` or, with `in_backward`,
+as soon as a weight's last use in the graph has delivered. The update is the same arithmetic on the
+same child gradient values, summed in another order (float32 rounding).
 """
 
 from __future__ import annotations
@@ -42,8 +48,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 from torch.optim import Optimizer
 
+from childtune.optim.child_grad import ChildGrads
 from childtune.optim.common import (
     by_name,
     check_adamw,
@@ -109,6 +117,8 @@ class SparseChildAdamW(Optimizer):
         self._grow: int | None = None
         self.accumulating = False  # in backward: True while a micro-batch that is not the update's last runs
         self._buffers: dict[torch.Tensor, torch.Tensor] = {}  # child gradients accumulated so far, per parameter
+        self._child: ChildGrads | None = None  # child-only weight gradients (`child_only_grads`)
+        self._child_name: dict[torch.Tensor, str] = {}  # their parameters' names in the model
         if in_backward:
             self._group_of = {p: g for g in self.param_groups for p in g["params"]}
             for p in self.names:
@@ -117,6 +127,38 @@ class SparseChildAdamW(Optimizer):
         self.steps = 0
         self._seen: dict[torch.Tensor, torch.Tensor | None] = {}  # mask each parameter was last synced to
         strategy.bind(self.named)
+
+    def child_only_grads(self, model: nn.Module) -> ChildGrads:
+        """Opt-in: `model`'s Linear weights whose child network is not the whole weight (where dense dW is
+        the cheaper way to the same numbers) get their gradient at the child elements only
+        (`optim/child_grad.py`), which this optimizer steps from. Fixed child networks only: their index
+        never changes, and `_sync` builds the state's index as the sorted nonzero of the same mask, so the
+        delivered vector and the moments are in one order. Call it once the strategy has its masks."""
+        if self.strategy.kind != "fixed":
+            raise ValueError(f"child-only gradients need a fixed child network; {type(self.strategy).__name__}'s "
+                             "changes, and the index it is computed at would have to follow it")
+        if self._child is not None:
+            raise RuntimeError("child-only gradients are already installed")
+        masks = self.strategy.masks(self.steps)
+        linear = {m.weight for m in model.modules() if isinstance(m, nn.Linear)}
+        chosen = {}
+        for name, param in model.named_parameters():
+            mask = masks.get(self.names.get(param, ""))
+            if param in linear and param.requires_grad and mask is not None and not bool(mask.all()):
+                chosen[name] = mask
+        self._child = ChildGrads(model, chosen, on_ready=self._child_ready if self.in_backward else None)
+        self._child_name = {site.param: name for name, site in self._child.sites.items()}
+        return self._child
+
+    def _child_ready(self, name: str, param: torch.Tensor) -> None:
+        """`in_backward`: a weight's child-only gradient is complete, so its update runs now (what autograd's
+        post-accumulate-grad hook does for a dense gradient)."""
+        self._update_in_backward(param, self._delivered(param))
+
+    def _delivered(self, param: torch.Tensor) -> torch.Tensor | None:
+        """Take `param`'s child-only gradient (None where it has none: `.grad` holds its gradient)."""
+        name = self._child_name.get(param)
+        return None if name is None else self._child.pop(name)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "child_tuning": child_block(self.steps, self.strategy)}
@@ -133,12 +175,15 @@ class SparseChildAdamW(Optimizer):
             self.state[params[i]].update({k: v.to(params[i].device) for k, v in keys.items()})
 
     @torch.no_grad()
-    def _update_in_backward(self, param: torch.Tensor) -> None:
-        """The step for one parameter, as soon as backward has its gradient; the gradient is then freed,
-        so the whole model's gradients never exist at once (peak memory: one parameter's gradient)."""
+    def _update_in_backward(self, param: torch.Tensor, delivered: torch.Tensor | None = None) -> None:
+        """The step for one parameter, as soon as backward has its gradient (`.grad`, or the `delivered`
+        child-only one); the gradient is then freed, so the whole model's gradients never exist at once
+        (peak memory: one parameter's gradient)."""
         if only_reading():  # a sharded Fisher pass reading its gradients (childtune.shards)
             return
-        if not torch.isfinite(local(param.grad)).all():
+        if delivered is None and param in self._child_name:
+            return  # autograd's hook, with no gradient: child_only_grads delivers this one (on_ready)
+        if not torch.isfinite(local(param.grad) if delivered is None else delivered).all():
             raise RuntimeError(f"non-finite gradient for {self.names[param]!r}: with the optimizer step in "
                                "backward, updates already made to other parameters cannot be undone")
         name = self.names[param]
@@ -156,7 +201,7 @@ class SparseChildAdamW(Optimizer):
             mask = self.strategy.masks(self.steps).get(name)
         state = self._sync(param, mask)
         if "exp_avg" in state:
-            grad = _child_grad(param, state)
+            grad = _child_grad(param, state) if delivered is None else delivered
             if param in self._buffers:  # earlier micro-batches' child gradients, then this one's: as autograd adds
                 grad = self._buffers.pop(param).add_(grad)
             if self.accumulating:
@@ -188,11 +233,12 @@ class SparseChildAdamW(Optimizer):
         if unknown:
             raise ValueError(f"strategy gave masks for {sorted(unknown)}, which are not in this optimizer")
         for group in self.param_groups:
-            live = []
+            live, grads = [], []
             for p in group["params"]:
-                if p.grad is None:
+                delivered = self._delivered(p)
+                if p.grad is None and delivered is None:
                     continue
-                if p.grad.is_sparse:
+                if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("SparseChildAdamW does not support sparse gradients")
                 name = self.names[p]
                 if joined is not None and self.state[p]:  # ID3 after its first step
@@ -202,7 +248,8 @@ class SparseChildAdamW(Optimizer):
                 state["step"] += 1
                 if "exp_avg" in state:
                     live.append((p, state))
-            _adamw(group, live)
+                    grads.append(_child_grad(p, state) if delivered is None else delivered)
+            _adamw(group, live, grads)
         self.steps += 1
         return loss
 
