@@ -92,8 +92,9 @@ BEST_LR = 5e-5
 
 
 def fake_scores(method: str, lr: float, seed: int) -> tuple[float, float]:
-    """(dev, test): child-d is a bit better, one lr is best on dev, and seeds differ non-uniformly."""
-    dev = 0.80 + 0.01 * seed + (0.05 if lr == BEST_LR else 0.0) + (0.002 * seed**2 if method == "child-d" else 0.0)
+    """(dev, test): child-d is a bit better, one lr is best on dev, and seeds differ non-uniformly; every
+    score a valid accuracy (at most 0.905), as the ledger checks."""
+    dev = 0.70 + 0.01 * seed + (0.05 if lr == BEST_LR else 0.0) + (0.002 * seed**2 if method == "child-d" else 0.0)
     return dev, dev - 0.02 + (0.003 * seed**2 if method == "child-d" else 0.0)
 
 

@@ -98,19 +98,28 @@ def test_a_cell_with_other_settings_is_not_served_from_the_ledger(tmp_path):
     assert len(lines(ledger)) == 2 * len(plan(study))
 
 
+KEY = {"experiment": "main", "task": "t1", "method": "full", "overrides": [], "seed": 1}
+
+
+def scores(dev: float, test: float = 0.5, **more) -> dict:
+    return {"primary_metric": "accuracy", "dev": {"accuracy": dev}, "test": {"accuracy": test}, **more}
+
+
+def record(seed: int, metrics: dict) -> dict:
+    return make_record({**KEY, "seed": seed}, TrainConfig(task="t1", method="full", seed=seed), metrics)
+
+
 def test_a_torn_last_line_is_skipped_and_a_bad_middle_line_refused(tmp_path):
     path = tmp_path / "ledger.jsonl"
     config = TrainConfig(task="t1", method="full", seed=1)
-    key = {"experiment": "main", "task": "t1", "method": "full", "overrides": [], "seed": 1}
-    good = make_record(key, config, {"dev": {"accuracy": 0.5}, "primary_metric": "accuracy"})
-    Ledger(path).append(good)
+    Ledger(path).append(record(1, scores(0.5)))
     with path.open("a") as f:
         f.write('{"version": 1, "hash": "ab')  # a crash half way through an append
     with pytest.warns(UserWarning, match="unfinished last record"):
         ledger = Ledger(path)
     assert ledger.get(config)["metrics"]["dev"] == {"accuracy": 0.5}
     other = replace(config, seed=2)
-    ledger.append(make_record({**key, "seed": 2}, other, {"dev": {"accuracy": 0.7}}))  # cuts the torn tail
+    ledger.append(record(2, scores(0.7)))  # cuts the torn tail
     assert [r["seed"] for r in lines(path)] == [1, 2]
     assert Ledger(path).get(other)["metrics"]["dev"] == {"accuracy": 0.7}
     path.write_text(path.read_text().replace('"seed": 1', '"seed": "one"'))  # a damaged record, not torn
@@ -144,3 +153,92 @@ def test_updates_set_each_sizes_epochs_as_the_loop_counts_updates(tmp_path):
         plan(replace(study, train_sizes=()))
     with pytest.raises(StudyError, match="updates"):
         plan(replace(study, updates=0))
+
+
+def test_a_newer_record_at_the_end_is_kept_and_appended_after(tmp_path):
+    """A newer childtune sharing the ledger wrote the last line: this version skips it with one warning,
+    never cuts it, appends after it, and the ledger still reads, every line intact."""
+    path = tmp_path / "ledger.jsonl"
+    Ledger(path).append(record(1, scores(0.5)))
+    newer = {**record(3, scores(0.6)), "version": 2, "config": {"a_setting_from_the_future": 1}}
+    with path.open("a") as f:
+        f.write(json.dumps(newer) + "\n")
+    before = path.read_bytes()
+    with pytest.warns(UserWarning, match=r"skipping 1 record\(s\) this childtune cannot interpret.*line 2") as seen:
+        ledger = Ledger(path)
+    assert len(seen) == 1 and len(ledger.records) == 1 and ledger.skipped == [
+        "line 2: a record of a newer ledger format (version 2)"]
+    ledger.append(record(2, scores(0.7)))
+    assert path.read_bytes().startswith(before) and lines(path)[1] == newer
+    with pytest.warns(UserWarning, match="cannot interpret"):
+        again = Ledger(path)
+    assert sorted(r["seed"] for r in again.records.values()) == [1, 2]
+
+
+def test_a_complete_last_line_without_its_newline_is_kept(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    Ledger(path).append(record(1, scores(0.5)))
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))  # e.g. an editor that drops the final newline
+    ledger = Ledger(path)
+    assert len(ledger.records) == 1
+    ledger.append(record(2, scores(0.7)))  # ends that line instead of cutting it
+    assert [r["seed"] for r in lines(path)] == [1, 2] and len(Ledger(path).records) == 2
+    path.write_text(path.read_text() + "{not json\n")  # damaged, not torn: it has its newline
+    with pytest.raises(LedgerError, match=r"ledger.jsonl:3: not a ledger record"):
+        Ledger(path)
+
+
+BAD_SCORES = [
+    (scores(7.0), r"'metrics.dev.accuracy' = 7.0 is outside \[0, 1\]"),
+    (scores(0.5, math.nan), r"'metrics.test.accuracy' must be a finite number, got nan"),
+    (scores(0.5, None), r"'metrics.test.accuracy' must be a finite number, got None"),
+    (scores(0.5, "0.9"), r"'metrics.test.accuracy' must be a finite number, got '0.9'"),
+    (scores(0.5, True), r"'metrics.test.accuracy' must be a finite number, got True"),
+    ({**scores(0.5), "test": {}}, r"'metrics.test' must hold the primary metric 'accuracy'"),
+    ({"dev": {"accuracy": 0.5}, "test": {"accuracy": 0.5}}, r"'metrics.primary_metric' must be a metric name"),
+    ({**scores(0.5), "test": {"accuracy": 0.5, "f1": -0.1}}, r"'metrics.test.f1' = -0.1 is outside \[0, 1\]"),
+    ({"primary_metric": "pearson", "dev": {"pearson": 0.2}, "test": {"pearson": 1.5}},
+     r"'metrics.test.pearson' = 1.5 is outside \[-1, 1\]"),
+    (scores(0.5, transfer={"other": {"accuracy": math.inf}}), r"'metrics.transfer.other.accuracy' must be a finite"),
+    (scores(0.5, total_params="100"), r"'metrics.total_params' must be a finite number, got '100'"),
+]
+
+
+@pytest.mark.parametrize(("metrics", "message"), BAD_SCORES)
+def test_invalid_scores_are_never_written(tmp_path, metrics, message):
+    path = tmp_path / "ledger.jsonl"
+    Ledger(path).append(record(1, scores(0.5)))
+    before = path.read_bytes()
+    with pytest.raises(LedgerError, match=r"ledger.jsonl: not recording main t1 full seed 2: field " + message):
+        Ledger(path).append(record(2, metrics))
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(("metrics", "message"), BAD_SCORES)
+def test_invalid_scores_in_the_ledger_are_skipped_by_line_and_field(tmp_path, metrics, message):
+    """A record another tool or an older childtune wrote, or a hand edit: skipped with a warning that
+    names its line and field, its cell not served (so trained again), the rest of the ledger read."""
+    path = tmp_path / "ledger.jsonl"
+    Ledger(path).append(record(1, scores(0.5)))
+    with path.open("a") as f:
+        f.write(json.dumps(record(2, metrics)) + "\n")
+    with pytest.warns(UserWarning, match=r"skipping 1 record\(s\) with invalid scores .*line 2: field " + message):
+        ledger = Ledger(path)
+    assert [r["seed"] for r in ledger.records.values()] == [1]
+    assert len(ledger.skipped) == 1 and ledger.skipped[0].startswith("line 2: field ")
+
+
+def test_the_report_counts_the_skipped_records(tmp_path):
+    ledger = tmp_path / "ledger.jsonl"
+    study = fake_study(tmp_path, transfer=False, tasks=("t1",), seeds=(1, 2), ledger=str(ledger))
+    run_study(study, run=FakeTrain(), results=tmp_path / "a.md", progress=False)
+    damaged = [json.loads(line) for line in ledger.read_text().splitlines()]
+    damaged[0]["metrics"]["test"]["accuracy"] = 7.0
+    ledger.write_text("".join(json.dumps(r) + "\n" for r in damaged))
+    shutil.rmtree(tmp_path / "study")  # another machine: the ledger alone
+    with pytest.warns(UserWarning, match="invalid scores"):
+        result = run_study(study, run=refuse, results=tmp_path / "b.md", progress=False, train_missing=False)
+    text = (tmp_path / "b.md").read_text()
+    assert "**1 record(s) of the ledger" in text and "line 1: field 'metrics.test.accuracy' = 7.0" in text
+    assert "rest not yet run" in text  # the damaged cell counts as not run, not as a score of 7
+    assert all(score <= 1 for row in result.main for score in row.scores)

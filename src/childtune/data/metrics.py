@@ -6,6 +6,7 @@ computed here, so one task's numbers are comparable wherever they appear.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +15,13 @@ import numpy as np
 import torch
 
 from childtune.data.types import TaskSpec
+
+RANGES: dict[str, tuple[float, float]] = {
+    "accuracy": (0.0, 1.0), "f1": (0.0, 1.0), "macro_f1": (0.0, 1.0), "exact_match": (0.0, 1.0),
+    "mcc": (-1.0, 1.0), "pearson": (-1.0, 1.0), "spearman": (-1.0, 1.0), "loss": (0.0, math.inf),
+}
+"""The values each score computed here can take, so a stored score outside them is known to be damaged
+(the study ledger checks every record against them). Any other metric must be a finite number."""
 
 
 def _numpy(values: Any) -> np.ndarray:

@@ -14,8 +14,19 @@ behaviour does not orphan old records; the `hash` stored in the line is the one 
 
 Appends take an exclusive `flock` and write each line with one `write` on an `O_APPEND` descriptor,
 then `fsync`: two studies sharing a ledger interleave whole lines, and a crash can at worst leave a
-torn last line, which reading skips with a warning (it is the one record that was not finished) and
-the next append cuts off before writing. Any other line that is not a record is an error.
+torn last line: one without its newline that is not JSON (a prefix of a JSON object never is).
+Reading skips it with a warning (it is the one record that was not finished) and the next append cuts
+it off before writing; a complete last line that only lacks its newline is kept and ended instead.
+Any other line that is not a record is an error naming its line and field.
+
+A shared ledger must stay readable by every version that shares it, so two kinds of complete record
+are skipped with one warning each and kept in the file, never cut or refused: a record of a newer
+format (`version` above `VERSION`: this version cannot interpret it), and a record whose scores are
+not valid (missing, null, NaN, not a number, or outside their range: accuracy 7.0), whose cell then
+counts as not run and is trained again (the first valid record of a cell wins). `Ledger.skipped`
+lists both, and the study's report says how many it skipped and why. Refusing the whole ledger
+instead would stop every study sharing it over one line. `append` checks a record the same way first,
+so this version never writes one it would skip.
 
 Several studies can share one ledger at once (one per core, each with its own `--output`): a study
 *claims* a cell before training it (`Ledger.claim`, a lock file named by the settings hash beside the
@@ -30,6 +41,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import subprocess
 import warnings
@@ -37,6 +49,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from childtune.data.metrics import RANGES
 from childtune.fileio import ExclusiveLock
 from childtune.training.config import NOT_SETTINGS, ConfigError, TrainConfig
 
@@ -101,24 +114,48 @@ class Ledger:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.records: dict[str, dict[str, Any]] = {}
+        self.skipped: list[str] = []
+        """`line N: why` for each complete record this version skipped (newer format, invalid scores)."""
         self.reload()
 
     def reload(self) -> None:
-        self.records = {}
+        self.records, self.skipped = {}, []
         if not self.path.is_file():
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+        *lines, tail = self.path.read_bytes().split(b"\n")
+        if tail and _parse(tail) is None:  # a torn last line: the one record a crash did not finish
+            warnings.warn(f"{self.path}:{len(lines) + 1}: skipping an unfinished last record", stacklevel=2)
+        elif tail:
+            lines.append(tail)  # complete, only its newline missing
+        newer, invalid = [], []
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
+            raw = _parse(line)
+            if _version(raw) > VERSION:
+                newer.append(f"line {number}: a record of a newer ledger format (version {raw['version']})")
+                continue
             try:
-                record = _check(json.loads(line))
-            except (ValueError, ConfigError) as err:
-                if number == len(lines):  # a torn last line: the one record a crash did not finish
-                    warnings.warn(f"{self.path}:{number}: skipping an unfinished last record ({err})", stacklevel=2)
-                    continue
+                record = _check(raw)
+                check_metrics(record["metrics"])
+            except MetricsError as err:
+                invalid.append(f"line {number}: {err}")
+                continue
+            except (LedgerError, ConfigError) as err:
                 raise LedgerError(f"{self.path}:{number}: not a ledger record: {err}") from None
             self.records.setdefault(_index(record), record)
+        self.skipped = newer + invalid
+        self._warn(newer, invalid)
+
+    def _warn(self, newer: list[str], invalid: list[str]) -> None:
+        """One warning per kind of skipped record, naming the first few."""
+        if newer:
+            warnings.warn(f"{self.path}: skipping {len(newer)} record(s) this childtune cannot interpret (it reads "
+                          f"version {VERSION}; they are kept as they are, upgrade to use them): {_few(newer)}",
+                          stacklevel=3)
+        if invalid:
+            warnings.warn(f"{self.path}: skipping {len(invalid)} record(s) with invalid scores (their cells count "
+                          f"as not run): {_few(invalid)}", stacklevel=3)
 
     def get(self, config: TrainConfig, context: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         return self.records.get(settings_hash(config, context))
@@ -132,28 +169,101 @@ class Ledger:
         return ExclusiveLock(claims / f"{settings_hash(config, context)}.lock", "this ledger cell", wait=wait)
 
     def append(self, record: Mapping[str, Any]) -> None:
-        """Add one record as one line, under an exclusive lock, durable when this returns."""
-        line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
+        """Add one record as one line, under an exclusive lock, durable when this returns. The record is
+        checked as a reader will see it first: one that reading would refuse or skip is refused here."""
+        try:
+            check_metrics(record.get("metrics"))
+            text = json.dumps(record, sort_keys=True, allow_nan=False)
+            written = _check(json.loads(text))
+        except (ValueError, TypeError, ConfigError) as err:  # LedgerError is a ValueError, as is a NaN elsewhere
+            cell = " ".join(str(record.get(k)) for k in ("experiment", "task", "method"))
+            raise LedgerError(f"{self.path}: not recording {cell} seed {record.get('seed')}: {err}") from None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            _cut_torn_tail(fd)
-            os.write(fd, line)
+            os.write(fd, _end_last_line(fd) + text.encode("utf-8") + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)  # releases the lock
-        self.records.setdefault(_index(record), dict(record))
+        self.records.setdefault(_index(written), written)
 
 
-def _cut_torn_tail(fd: int) -> None:
-    """Drop an unfinished last line (no newline: a crash mid-append), so the next record starts a line."""
+def _end_last_line(fd: int) -> bytes:
+    """Make the next record start a line: drop a torn last line (a crash mid-append), or return the
+    newline a complete last line lacks. Complete lines, of any version, are never cut."""
     size = os.fstat(fd).st_size
     if not size or os.pread(fd, 1, size - 1) == b"\n":
-        return
-    tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
-    cut = tail.rfind(b"\n")
-    os.ftruncate(fd, 0 if cut < 0 and size <= len(tail) else size - len(tail) + cut + 1)
+        return b""
+    start = size
+    while start:
+        chunk = os.pread(fd, min(start, 1 << 16), max(0, start - (1 << 16)))
+        start -= len(chunk)
+        if (cut := chunk.rfind(b"\n")) >= 0:
+            start += cut + 1
+            break
+    if _parse(os.pread(fd, size - start, start)) is not None:
+        return b"\n"
+    os.ftruncate(fd, start)
+    return b""
+
+
+def _parse(line: bytes) -> Any:
+    """A line's JSON value, or None for a line that is not JSON (also what a JSON `null` line reads as:
+    not a record either way)."""
+    try:
+        return json.loads(line.decode("utf-8"))
+    except ValueError:  # also UnicodeDecodeError
+        return None
+
+
+def _version(raw: Any) -> int | float:
+    """The record's format version, or -inf when it has no readable one (`_check` then says why)."""
+    version = raw.get("version") if isinstance(raw, dict) else None
+    return version if isinstance(version, int) and not isinstance(version, bool) else -math.inf
+
+
+def _few(reasons: list[str]) -> str:
+    return "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else "")
+
+
+class MetricsError(LedgerError):
+    """A record whose scores are missing or not valid: reading skips it, appending refuses it."""
+
+
+COSTS = ("changed_params", "total_params", "train_time_s", "peak_rss_mib", "optimizer_state_bytes")
+"""The sizes and costs a report reads beside the scores: each, when recorded, a finite number >= 0."""
+
+
+def check_metrics(metrics: Any) -> None:
+    """What a report reads of a record: the primary metric on dev, test and every transfer target, and
+    every other score beside it, each a finite number within its range (`childtune.data.metrics.RANGES`),
+    and the `COSTS` it has."""
+    if not isinstance(metrics, dict):
+        raise MetricsError(f"field 'metrics' must be an object, got {metrics!r}")
+    primary = metrics.get("primary_metric")
+    if not isinstance(primary, str):
+        raise MetricsError(f"field 'metrics.primary_metric' must be a metric name, got {primary!r}")
+    transfer = metrics.get("transfer", {})
+    if not isinstance(transfer, dict):
+        raise MetricsError(f"field 'metrics.transfer' must be an object, got {transfer!r}")
+    splits = {"dev": metrics.get("dev"), "test": metrics.get("test"),
+              **{f"transfer.{k}": v for k, v in transfer.items()}}
+    for split, scores in splits.items():
+        if not isinstance(scores, dict) or primary not in scores:
+            raise MetricsError(f"field 'metrics.{split}' must hold the primary metric {primary!r}, got {scores!r}")
+        for name, value in scores.items():
+            _check_number(f"metrics.{split}.{name}", value, *RANGES.get(name, (-math.inf, math.inf)))
+    for name in COSTS:
+        if metrics.get(name) is not None:
+            _check_number(f"metrics.{name}", metrics[name], 0.0, math.inf)
+
+
+def _check_number(field: str, value: Any, low: float, high: float) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise MetricsError(f"field {field!r} must be a finite number, got {value!r}")
+    if not low <= value <= high:
+        raise MetricsError(f"field {field!r} = {value!r} is outside [{low:g}, {high:g}]")
 
 
 def _check(raw: Any) -> dict[str, Any]:

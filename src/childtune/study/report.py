@@ -134,13 +134,14 @@ class StudyResult:
 
 
 def report(study: StudyConfig, records: Sequence[Record], command: str | None = None,
-           results: str | Path | None = None, tables: bool = True) -> StudyResult:
+           results: str | Path | None = None, tables: bool = True, skipped: Sequence[str] = ()) -> StudyResult:
     """Tables, plots and the child-network analysis into the study folder, and the Markdown report.
 
     The report goes to `results` (default `<output>/RESULTS.md`) with its images beside it. In an
     existing file only the generated block between the study markers is replaced, so findings written
     by hand around it survive a rerun. `tables=False` (`--report-only`) writes the report and its
-    figures only: no CSV files or analysis folder in the study folder.
+    figures only: no CSV files or analysis folder in the study folder. `skipped` lists the ledger records
+    the records were read without (`Ledger.skipped`), which the report counts and names.
     """
     output = Path(study.output)
     results = Path(results) if results else output / "RESULTS.md"
@@ -174,7 +175,7 @@ def report(study: StudyConfig, records: Sequence[Record], command: str | None = 
                 if key in paths:
                     files[key] = atomic_write(images / f"{prefix}{paths[key].name}", paths[key].read_bytes())
             analysis_md = _analysis_section(paths, fisher_vs_id3)
-    text = _markdown(study, records, main, transfer, files, analysis_md, command, images)
+    text = _markdown(study, records, main, transfer, files, analysis_md, command, images, skipped)
     files["results"] = _write_block(results, text, study.name)
     return StudyResult(list(records), main, transfer, files)
 
@@ -242,7 +243,14 @@ def _per_size_epochs(study) -> str:
     return f"; epochs set per train size for about {study.updates} updates each ({epochs})"
 
 
-def _markdown(study, records, main, transfer, files, analysis_md, command, images: Path) -> str:
+def _skipped_note(ledger: str, skipped: Sequence[str]) -> str:
+    """Says that the report was made without some ledger records, how many and why (the first few)."""
+    shown = "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
+    return (f"**{len(skipped)} record(s) of the ledger `{ledger}` were skipped** (a newer ledger format, or scores "
+            f"that are missing or out of range); their cells count as not run here: {shown}.")
+
+
+def _markdown(study, records, main, transfer, files, analysis_md, command, images: Path, skipped=()) -> str:
     def image(key: str, alt: str) -> str:
         return f"![{alt}]({files[key].relative_to(images)})" if key in files else ""
 
@@ -270,6 +278,8 @@ def _markdown(study, records, main, transfer, files, analysis_md, command, image
         parts.insert(2, f"Every finished cell is a line of the ledger `{study.ledger}` (full resolved config, "
                         "metrics, cost, code version, device); this report is rebuilt from it with the same "
                         "command and `--report-only`, no run folders needed.")
+    if skipped:
+        parts.insert(3, _skipped_note(study.ledger, skipped))
     if transfer:
         parts += ["## Domain transfer",
                   f"Trained on `{next(iter(task_overrides(study.transfer_source)))}` only; `source → target` rows "

@@ -21,11 +21,12 @@ from childtune.training.runfolder import lock_for
 
 
 def run_cells(study: StudyConfig, run: Callable[..., dict[str, Any]] | None = None,
-              progress: bool = True, train_missing: bool = True) -> list[Record]:
+              progress: bool = True, train_missing: bool = True, *, ledger: Ledger | None = None) -> list[Record]:
     """Train every cell not yet done (in plan order), read back the done ones; return all records.
 
     A cell is done when `study.ledger` holds it or its folder holds a finished run of its settings.
     `train_missing=False` only reads back what is done, to report a study that is still under way.
+    `ledger` is `study.ledger` already opened (else it is opened here).
     """
     cells = plan(study)
     if not cells:
@@ -41,7 +42,8 @@ def run_cells(study: StudyConfig, run: Callable[..., dict[str, Any]] | None = No
         job.config.resolved()  # before study.json is written: a bad grid leaves nothing behind
     if train_missing:
         write_json(Path(study.output) / "study.json", describe(study))
-    ledger = Ledger(study.ledger) if study.ledger else None
+    if ledger is None and study.ledger:
+        ledger = Ledger(study.ledger)
     results = run_jobs(jobs, run, desc="study", progress=progress, train_missing=train_missing, ledger=ledger)
     return [Record(cell, metrics) for cell, metrics in zip(cells, results, strict=True) if metrics is not None]
 
@@ -52,10 +54,13 @@ def run_study(study: StudyConfig, *, run: Callable[..., dict[str, Any]] | None =
 
     `run` is the training function, `childtune.training.loop.train` by default (called as
     `run(config, callbacks)`). With `train_missing=False` nothing is trained: the report covers the
-    cells already done and lists the rest as not yet run.
+    cells already done and lists the rest as not yet run. The report counts the ledger records this
+    version skipped (`Ledger.skipped`).
     """
+    ledger = Ledger(study.ledger) if study.ledger else None
     if not train_missing:
-        return report(study, run_cells(study, run, progress, train_missing), command, results, tables=False)
+        records = run_cells(study, run, progress, train_missing, ledger=ledger)
+        return report(study, records, command, results, tables=False, skipped=ledger.skipped if ledger else ())
     with ExclusiveLock(lock_for(study.output), study.output):  # one study at a time in a folder
-        records = run_cells(study, run, progress, train_missing)
-    return report(study, records, command, results)
+        records = run_cells(study, run, progress, train_missing, ledger=ledger)
+    return report(study, records, command, results, skipped=ledger.skipped if ledger else ())
