@@ -13,6 +13,7 @@ import sys
 
 from childtune.cli.commands import (
     COMPARE_OWN,
+    RESUME_SAFE,
     STUDY_OWN,
     cmd_analyze,
     cmd_apply,
@@ -22,7 +23,7 @@ from childtune.cli.commands import (
     cmd_study,
     cmd_train,
 )
-from childtune.cli.options import add_config_options, comma_list, grid, seed_list
+from childtune.cli.options import add_config_options, at_least, comma_list, flag, grid, seed_list
 from childtune.training.methods import METHODS
 
 EXIT_USAGE = 2
@@ -44,11 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Fine-tune with one method; writes config.json, metrics.json, "
                                        "metrics.jsonl and the weights (delta/ or model/) into --output.")
     train.add_argument("--config", metavar="FILE", help="start from this config.json (options override it)")
-    train.add_argument("--nproc", type=int, default=1, metavar="N",
+    train.add_argument("--nproc", type=at_least(1), default=1, metavar="N",
                        help="train on N processes with DDP (gloo on CPU, nccl on GPUs); see docs/distributed.md [1]")
     train.add_argument("--resume", metavar="RUN", default=None,
-                       help="continue the interrupted run whose --output was RUN, from its last checkpoint")
-    train.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                       help="continue the interrupted run whose --output was RUN, from its last checkpoint, with its "
+                            "saved settings: any other option is refused except those that change no result ("
+                            + ", ".join(flag(key) for key in sorted(RESUME_SAFE))
+                            + ", --checkpoint-every; --nproc as before)")
+    train.add_argument("--checkpoint-every", type=at_least(0), default=None, metavar="N",
                        help="save a resumable checkpoint every N updates (0: never) [200; never with --fsdp]")
     add_config_options(train)
     train.set_defaults(func=cmd_train)

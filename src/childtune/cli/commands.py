@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from childtune.cli.options import ACT_OF_WRITING, config_from_args, grid
+from childtune.cli.options import ACT_OF_WRITING, config_from_args, flag, given_options, grid
 from childtune.training.config import TrainConfig
 
 STUDY_OWN = ACT_OF_WRITING | {"task", "train_file", "dev_file", "test_file", "method", "seed", "train_size"}
@@ -19,14 +19,27 @@ COMPARE_OWN = ACT_OF_WRITING | {"method", "seed"}
 """Config fields `compare` sets per cell or takes as its own options."""
 
 
-def _resumed(run: str) -> TrainConfig:
-    """The interrupted run's own config: a resume continues that run, whatever the command line says."""
+RESUME_SAFE = frozenset({"progress", "log_every", "report_to"})
+"""Options `--resume` takes: how the run shows its progress and logs, never what it computes (the
+checkpoint refuses any other change too, see `config.NOT_SETTINGS`)."""
+
+
+def _resumed(args: argparse.Namespace) -> TrainConfig:
+    """The interrupted run's own config, with the `RESUME_SAFE` options given applied: a resume continues
+    that run, so any other option (or `--config`) is refused by name, never silently ignored."""
+    from childtune.training.config import ConfigError
     from childtune.training.runfolder import partial_dir
 
-    saved = partial_dir(run) / "config.json"
+    given = given_options(args)
+    refused = [flag(key) for key in given if key not in RESUME_SAFE] + (["--config"] if args.config else [])
+    if refused:
+        raise ConfigError(f"--resume continues {args.resume} with its saved settings, which {', '.join(refused)} "
+                          f"would change; with --resume give only {', '.join(flag(k) for k in sorted(RESUME_SAFE))}, "
+                          "--checkpoint-every or --nproc")
+    saved = partial_dir(args.resume) / "config.json"
     if not saved.is_file():
-        raise FileNotFoundError(f"no interrupted run to resume at {run}: {saved} does not exist")
-    return TrainConfig.load_json(saved)
+        raise FileNotFoundError(f"no interrupted run to resume at {args.resume}: {saved} does not exist")
+    return replace(TrainConfig.load_json(saved), **given)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -36,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from childtune.training.loop import train
     from childtune.training.runfolder import partial_dir
 
-    config = _resumed(args.resume) if args.resume else config_from_args(args)
+    config = _resumed(args) if args.resume else config_from_args(args)
     if args.checkpoint_every is None:
         args.checkpoint_every = 0 if config.fsdp else 200
     if (args.checkpoint_every or args.resume) and config.fsdp:

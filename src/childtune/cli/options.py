@@ -25,6 +25,11 @@ def _flag(f) -> str:
     return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
 
 
+def flag(name: str) -> str:
+    """The command-line option of the TrainConfig field `name`."""
+    return next(_flag(f) for f in fields(TrainConfig) if f.name == name)
+
+
 def _preset_default(key: str) -> str:
     """`key`'s default per preset: one value where every method agrees, else method by method."""
     parts = []
@@ -71,10 +76,29 @@ def config_from_args(args: argparse.Namespace, skip: frozenset[str] | set[str] =
     """
     base = TrainConfig.load_json(args.config) if getattr(args, "config", None) else TrainConfig()
     base = replace(base, **{key: getattr(TrainConfig(), key) for key in ACT_OF_WRITING})
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in skip and hasattr(args, f.name)}
+    given = given_options(args, skip)
     if given.keys() & {"train_file", "dev_file", "test_file"}:
         given.setdefault("task", None)  # own files replace the default task
     return replace(base, **given)
+
+
+def given_options(args: argparse.Namespace, skip: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+    """The TrainConfig fields set on the command line (an option not given is absent from `args`)."""
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in skip and hasattr(args, f.name)}
+
+
+def at_least(minimum: int):
+    """An argparse type: an integer >= `minimum`, else a usage error naming the bound (`--nproc 0`
+    would otherwise run as one process, `--checkpoint-every -1` as never)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
 
 
 # ------------------------------------------------------------------------------------------ list values

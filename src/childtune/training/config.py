@@ -45,6 +45,11 @@ _CHOICES = {"id3_head": ("outside", "inside"), "id3_schedule": ("ramp", "authors
             "dtype": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
 
 
+LARGEST_INT = 2**31 - 1
+"""The largest size, count or seed a config may hold: far beyond any real run, well within what torch,
+`itertools.islice` and the data order's arithmetic accept (a 10**23 batch size failed deep in the loader)."""
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run, explained in one line naming the offending key."""
 
@@ -197,8 +202,10 @@ class TrainConfig:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=lambda pairs: _unique(path, pairs))
+        except ConfigError:
+            raise
+        except ValueError as err:  # malformed JSON, undecodable bytes, a number too long to read
             raise ConfigError(f"{path} is not a JSON config: {err}") from None
         if isinstance(raw, dict):
             for key in _PATHS:
@@ -242,15 +249,20 @@ class TrainConfig:
         return done
 
     def validate(self) -> None:
+        """Refuse, in one line naming the field, any value of the wrong type (from the field's hint), out
+        of range, or in a combination that cannot run."""
         check_method(self.method)
         files = self.train_file is not None or self.dev_file is not None or self.test_file is not None
         if files and (self.train_file is None or self.dev_file is None):
             raise ConfigError("your own data needs both --train and --dev files")
         if not files and not self.task:
             raise ConfigError("give a --task, or --train and --dev files")
+        hints = _type_hints(TrainConfig)
         for f in fields(self):
-            value = getattr(self, f.name)
+            value = _coerce(f.name, getattr(self, f.name), hints[f.name])
             _check(not isinstance(value, float) or math.isfinite(value), f.name, value, "a finite number")
+            _check(not isinstance(value, int) or isinstance(value, bool) or abs(value) <= LARGEST_INT, f.name,
+                   value, f"between -{LARGEST_INT} and {LARGEST_INT}")
         _check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
         _check(self.id3_eps is None or self.id3_eps > 0, "id3_eps", self.id3_eps, "> 0")
         _check(self.id3_exp is None or self.id3_exp >= 0, "id3_exp", self.id3_exp, ">= 0")
@@ -297,6 +309,15 @@ def check_method(method: str) -> None:
 def _check(ok: bool, key: str, value: Any, want: str) -> None:
     if not ok:
         raise ConfigError(f"{key} must be {want}, got {value!r}")
+
+
+def _unique(path: Path, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's keys, each once: a repeated key is refused, not decided by whichever came last."""
+    keys = [key for key, _value in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ConfigError(f"{path}: key {repeated[0]!r} appears more than once; which value is meant?")
+    return dict(pairs)
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

@@ -1,0 +1,138 @@
+"""Nothing silently wrong at a run's boundaries: what the command line and a config file say is either
+used or refused in one line naming it, and a run that could not save its result never starts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from childtune.cli import main
+from childtune.delta import DeltaError, SparseDelta
+from childtune.training.checkpoint import Checkpointer
+from childtune.training.config import LARGEST_INT, ConfigError, TrainConfig
+from childtune.training.loop import Callback, train
+from childtune.training.runfolder import partial_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_resume import Crash, CrashAt, write_task, write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("boundaries")
+    train_file, dev_file = write_task(root)
+    return {"model": str(write_tiny_model(root / "model", dropout=0.0)), "train": str(train_file),
+            "dev": str(dev_file)}
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip()
+
+
+def config(tiny: dict, **kw) -> TrainConfig:
+    return TrainConfig(task=None, model=tiny["model"], train_file=tiny["train"], dev_file=tiny["dev"], epochs=1,
+                       batch_size=4, progress=False, **kw)
+
+
+# ------------------------------------------------------------------------------------------- --resume
+
+
+@pytest.fixture
+def interrupted(tiny, tmp_path) -> Path:
+    """A run stopped after its checkpoint at update 2, as `--resume` finds one."""
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        train(config(tiny, method="id3", lr=1e-2, output=str(out)),
+              [Checkpointer(2, directory=partial_dir(out)), CrashAt(2)])
+    return out
+
+
+def test_resume_refuses_options_that_would_change_the_run(interrupted, capsys):
+    code, err = cli(capsys, "train", "--resume", interrupted, "--lr", 0.5, "--no-strict")
+    assert code == 2
+    assert err.count("\n") == 0 and "--lr, --strict would change" in err and "--log-every" in err, err
+    code, err = cli(capsys, "train", "--resume", interrupted, "--config", interrupted / "config.json")
+    assert code == 2 and "--config would change" in err, err
+    assert not interrupted.exists() and partial_dir(interrupted).is_dir()  # still there to resume
+
+
+def test_resume_takes_display_and_logging_options(interrupted, capsys):
+    assert cli(capsys, "train", "--resume", interrupted, "--no-progress", "--log-every", 1)[0] == 0
+    assert json.loads((interrupted / "config.json").read_text())["lr"] == 1e-2  # the saved settings ran
+    logged = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r][-3:] == [3, 4, 5]  # every step after the resume
+
+
+# ------------------------------------------------------------------------------------------ config files
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text('{"task": "mr", "lr": 0.001, "lr": 0.5}')
+    code, err = cli(capsys, "train", "--config", path, "--output", tmp_path / "run")
+    assert code == 2 and err == f"childtune: error: {path}: key 'lr' appears more than once; which value is meant?"
+
+
+@pytest.mark.parametrize(("key", "value", "said"), [
+    ("batch_size", 1e23, "'batch_size' must be int"),
+    ("batch_size", 10**23, f"batch_size must be between -{LARGEST_INT} and {LARGEST_INT}"),
+    ("epochs", "3", "'epochs' must be int"),
+    ("epochs", True, "'epochs' must be int"),
+    ("seed", 1.5, "'seed' must be int"),
+    ("lr", [1e-3], "'lr' must be float or null"),
+    ("warmup", "0.1", "'warmup' must be float"),
+    ("progress", 1, "'progress' must be bool"),
+    ("metric_extra", [1], "'metric_extra' must be tuple"),
+])
+def test_config_file_values_of_the_wrong_type_or_size_are_refused(tmp_path, capsys, key, value, said):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"task": "mr", key: value}))
+    code, err = cli(capsys, "train", "--config", path, "--output", tmp_path / "run")
+    assert code == 2 and err.startswith("childtune: error:") and said in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_built_in_python_is_checked_against_its_types():
+    with pytest.raises(ConfigError, match="'batch_size' must be int, got 2.5"):
+        TrainConfig(batch_size=2.5).validate()
+    with pytest.raises(ConfigError, match=f"max_length must be between -{LARGEST_INT}"):
+        TrainConfig(max_length=2**40).resolved()
+
+
+# ------------------------------------------------------------------------------------ command-line ints
+
+
+@pytest.mark.parametrize("argv", [["--nproc", "0"], ["--nproc", "-1"], ["--checkpoint-every", "-1"],
+                                  ["--nproc", "two"]])
+def test_command_line_counts_out_of_range_are_refused(tmp_path, capsys, argv):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--task", "mr", "--output", str(tmp_path / "run"), *argv])
+    assert stop.value.code == 2
+    assert f"argument {argv[0]}:" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------- the end, checked first
+
+
+def test_a_run_that_could_not_save_fails_before_its_first_step(tiny, tmp_path, monkeypatch):
+    """The run's last steps (here: building its delta) are taken on the untrained model first."""
+
+    def refuse(*args, **kwargs):
+        raise DeltaError("x.weight: base is torch.bfloat16(2,), tuned is torch.float32(2,)")
+
+    steps = []
+
+    class Steps(Callback):
+        def on_step(self, state) -> None:
+            steps.append(state.step)
+
+    monkeypatch.setattr(SparseDelta, "from_training", staticmethod(refuse))
+    with pytest.raises(ConfigError, match="could not save its delta at the end, so it did not start: x.weight"):
+        train(config(tiny, method="child-d", output=str(tmp_path / "run")), [Steps()])
+    assert steps == [] and not (tmp_path / "run").exists()
+
