@@ -97,7 +97,7 @@ def test_config_file_values_of_the_wrong_type_or_size_are_refused(tmp_path, caps
 
 
 def test_a_config_built_in_python_is_checked_against_its_types():
-    with pytest.raises(ConfigError, match="'batch_size' must be int, got 2.5"):
+    with pytest.raises(ConfigError, match=r"'batch_size' must be int, got 2\.5"):
         TrainConfig(batch_size=2.5).validate()
     with pytest.raises(ConfigError, match=f"max_length must be between -{LARGEST_INT}"):
         TrainConfig(max_length=2**40).resolved()
@@ -132,7 +132,7 @@ def test_a_run_that_could_not_save_fails_before_its_first_step(tiny, tmp_path, m
             steps.append(state.step)
 
     monkeypatch.setattr(SparseDelta, "from_training", staticmethod(refuse))
-    with pytest.raises(ConfigError, match="could not save its delta at the end, so it did not start: x.weight"):
+    with pytest.raises(ConfigError, match=r"could not save its delta at the end, so it did not start: x\.weight"):
         train(config(tiny, method="child-d", output=str(tmp_path / "run")), [Steps()])
     assert steps == [] and not (tmp_path / "run").exists()
 
