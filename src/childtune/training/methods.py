@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from childtune.layers import blocks
 from childtune.strategies import (
@@ -31,10 +31,6 @@ from childtune.strategies import (
 )
 from childtune.strategies.random_mask import QV
 
-if TYPE_CHECKING:
-    from childtune.training.config import TrainConfig
-
-
 PRESETS = ("childtune", "authors")
 
 BASE: dict[str, Any] = {
@@ -46,6 +42,33 @@ BASE: dict[str, Any] = {
 
 PRESET_FIELDS = ("lr", "reserve_p", *BASE)
 """The `TrainConfig` fields a preset decides when they are not given."""
+
+
+class Settings(Protocol):
+    """The settings a method's strategy is built from: the fields of a resolved `TrainConfig` that the
+    builders below read. Named here so that the method table needs nothing from `config.py`, which
+    imports it (one direction: config -> methods); mypy checks that `TrainConfig` has every one."""
+
+    seed: int
+    reserve_p: float | None
+    rest: str | None
+    fisher_samples: int | None
+    fisher_per_example: bool
+    fisher_train_mode: bool | None
+    fisher_clip: float | None
+    id3_budget: float
+    id3_eps: float | None
+    id3_exp: float | None
+    id3_head: str | None
+    id3_schedule: str | None
+    random_targets: str | None
+    random_sampling: str | None
+    random_budget: str | None
+    gradual_every: int | None
+
+
+Builder = Callable[[Settings, int, list[str]], Strategy]
+"""(resolved settings, optimizer steps, trainable parameter names) -> the method's strategy."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +87,7 @@ class Method:
     ahead for child-d, id3 and random (docs/RESULTS.md, "Choosing the `childtune` preset").
     """
 
-    build: Callable[[TrainConfig, int, list[str]], Strategy]
+    build: Builder
     childtune: Mapping[str, Any]
     authors: Mapping[str, Any] | None = None
     adapter: str | None = None
@@ -84,25 +107,25 @@ class Method:
         return self.childtune["lr"]
 
 
-def _gradual(config: TrainConfig, total_steps: int, names: list[str]) -> Strategy:
+def _gradual(config: Settings, total_steps: int, names: list[str]) -> Strategy:
     every = config.gradual_every or max(1, math.ceil(total_steps / (2 * max(1, len(blocks(names)) - 1))))
     return GradualUnfreezing(every)
 
 
-def _child_d(random_within: bool) -> Callable[[TrainConfig, int, list[str]], Strategy]:
-    def build(c: TrainConfig, total_steps: int, names: list[str]) -> Strategy:
+def _child_d(random_within: bool) -> Builder:
+    def build(c: Settings, total_steps: int, names: list[str]) -> Strategy:
         return ChildTuningD(c.reserve_p, rest=c.rest, num_samples=c.fisher_samples, per_example=c.fisher_per_example,
                             train_mode=c.fisher_train_mode, clip=c.fisher_clip or None,
                             random_within=random_within, seed=c.seed)
     return build
 
 
-def _random(c: TrainConfig, total_steps: int, names: list[str]) -> Strategy:
+def _random(c: Settings, total_steps: int, names: list[str]) -> Strategy:
     return RandomMasking(c.reserve_p, seed=c.seed, targets=QV if c.random_targets == "qv" else (),
                          sampling=c.random_sampling, budget=c.random_budget)
 
 
-def _id3(c: TrainConfig, total_steps: int, names: list[str]) -> Strategy:
+def _id3(c: Settings, total_steps: int, names: list[str]) -> Strategy:
     return ID3(c.id3_budget, total_steps, eps=c.id3_eps, exp=c.id3_exp, head=c.id3_head, schedule=c.id3_schedule)
 
 
