@@ -13,8 +13,8 @@ themselves can pass `create_optimizer(model, strategy, ...)` in `Trainer(optimiz
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import Trainer
@@ -33,7 +33,7 @@ def create_optimizer(
     lr: float,
     weight_decay: float = 0.0,
     strict: bool = False,
-    batches: Iterable | None = None,
+    batches: Iterable[Mapping[str, Any]] | None = None,
     no_decay: Iterable[str] | None = None,
     optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
     **optimizer_kwargs: Any,
@@ -53,7 +53,14 @@ def create_optimizer(
     return opt
 
 
-class ChildTuningMixin:
+# The mixin is only ever combined with a Trainer (`child_tuning`): checked as one, a plain class at runtime.
+if TYPE_CHECKING:
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
+
+
+class ChildTuningMixin(_TrainerBase):
     """What makes a Trainer child-tune: its optimizer updates only the child network `strategy` chooses.
 
     `strict=True` keeps every element outside the child network exactly at its pretrained value
@@ -63,7 +70,7 @@ class ChildTuningMixin:
     """
 
     def __init__(self, *args: Any, strategy: Strategy, strict: bool = False,
-                 fisher_batches: Iterable | None = None, **kwargs: Any) -> None:
+                 fisher_batches: Iterable[Mapping[str, Any]] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.strategy = strategy
         self.strict = strict
@@ -72,6 +79,8 @@ class ChildTuningMixin:
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             model = self.model if model is None else model
+            if model is None:
+                raise ValueError("create_optimizer needs a model: none was given and the Trainer has none yet")
             distributed.refuse_flat_sharding(model)  # FSDP 1 shards a flat buffer, not named parameters
             distributed.check_accelerator(self.accelerator)
             decay = set(self.get_decay_parameter_names(model))

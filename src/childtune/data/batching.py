@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from childtune.data.types import Example, Kind
+from childtune.data.types import DataError, Example, Kind
 
 
 class TextDataset(Dataset):
@@ -46,12 +46,14 @@ def make_collate(
         texts = [text for text, _label in batch]
         labels = [label for _text, label in batch]
         regression = kind == "regression" or (kind is None and any(isinstance(v, float) for v in labels))
-        pairs = isinstance(texts[0], tuple)
-        if pairs:  # sentence pairs: the tokenizer joins each pair with its own separator tokens
-            texts = ([a for a, _b in texts], [b for _a, b in texts])
+        singles = [t for t in texts if isinstance(t, str)]
+        pairs = [t for t in texts if isinstance(t, tuple)]
+        if singles and pairs:
+            raise DataError(f"a batch mixes {len(singles)} single texts with {len(pairs)} sentence pairs")
+        # sentence pairs: the tokenizer joins each pair with its own separator tokens
+        columns = ([a for a, _b in pairs], [b for _a, b in pairs]) if pairs else (singles,)
         encoded = tokenizer(
-            *(texts if pairs else (texts,)), padding="longest", truncation=True, max_length=max_length,
-            return_tensors="pt",
+            *columns, padding="longest", truncation=True, max_length=max_length, return_tensors="pt",
         )
         out = dict(encoded)
         out["labels"] = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)

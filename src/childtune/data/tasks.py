@@ -59,7 +59,7 @@ def _dedupe(pairs: Iterable[tuple[Text, Label]]) -> list[Example]:
     """One example per distinct text (or pair), sorted; texts seen with different labels are dropped."""
     labels: dict[Text, set[Label]] = {}
     for text, label in pairs:
-        text = _normalise(text) if isinstance(text, str) else tuple(_normalise(t) for t in text)
+        text = _normalise(text) if isinstance(text, str) else (_normalise(text[0]), _normalise(text[1]))
         if all(text) if isinstance(text, tuple) else text:
             labels.setdefault(text, set()).add(label)
     return [(text, next(iter(seen))) for text, seen in sorted(labels.items()) if len(seen) == 1]
@@ -212,8 +212,9 @@ def _math_generator() -> dict:
         diophantine = importlib.import_module("sympy.solvers.diophantine")
         package = sys.modules["sympy.solvers.diophantine"]
         if not hasattr(package, "base_solution_linear"):
-            package.base_solution_linear = importlib.import_module(
-                "sympy.solvers.diophantine.diophantine").base_solution_linear
+            # an attribute the module no longer declares (so not `package.x = ...`, which its type refuses)
+            setattr(package, "base_solution_linear", importlib.import_module(  # noqa: B010
+                "sympy.solvers.diophantine.diophantine").base_solution_linear)
         del diophantine
         if wheel not in sys.path:
             sys.path.append(wheel)  # pure Python: importable straight from the zip
@@ -271,11 +272,13 @@ class _Recipe:
     spec: TaskSpec
     read: Callable[[], list[Example]]
     relabel: Callable[[Label], Label | None] | None = None
-    splits: Callable[[], tuple[tuple[Example, ...], ...]] | None = None
+    splits: Callable[[], tuple[tuple[Example, ...], tuple[Example, ...], tuple[Example, ...]]] | None = None
     """Fixed splits of the task's own, instead of shuffling `read()` into dev, test and train."""
 
 
 def _sign(rating: Label) -> int | None:
+    if isinstance(rating, str):
+        raise DataError(f"a sentiment rating must be a number, got {rating!r}")
     return None if rating == 0 else int(rating > 0)
 
 
@@ -307,9 +310,10 @@ TASKS: dict[str, TaskSpec] = {name: recipe.spec for name, recipe in _RECIPES.ite
 
 @functools.cache
 def _splits(name: str) -> tuple[tuple[Example, ...], tuple[Example, ...], tuple[Example, ...]]:
-    if _RECIPES[name].splits is not None:
-        return _RECIPES[name].splits()
-    examples = _RECIPES[name].read()
+    recipe = _RECIPES[name]
+    if recipe.splits is not None:
+        return recipe.splits()
+    examples = recipe.read()
     random.Random(SPLIT_SEED).shuffle(examples)
     n_test = min(round(TEST_FRACTION * len(examples)), TEST_CAP)
     n_dev = min(round(DEV_FRACTION * len(examples)), DEV_CAP)

@@ -9,9 +9,10 @@ modules import this one, never the other way round.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 Kind = Literal["classification", "regression", "generation"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
 Label = int | float | str
 """A class id, a regression target, or (generation) the target text the prompt should be answered with."""
 Text = str | tuple[str, str]
@@ -29,6 +30,14 @@ _METRICS: dict[str, frozenset[str]] = {
 
 class DataError(ValueError):
     """Input data that cannot be used, explained in one line that names the file and the problem."""
+
+
+def as_kind(value: str) -> Kind:
+    """`value` as a task kind, or a DataError naming the kinds there are."""
+    for kind in KINDS:
+        if value == kind:
+            return kind
+    raise DataError(f"a task's kind is one of {', '.join(KINDS)}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ class Job:
 
     @property
     def folder(self) -> Path:
+        if self.config.output is None:
+            raise ValueError(f"job {self.label!r} has no output folder")
         return Path(self.config.output)
 
     def finished(self) -> bool:
@@ -126,17 +128,22 @@ def _settle(job: Job, run: Callable[..., dict[str, Any]], train_missing: bool, l
         recorded = ledger.get(job.config, context)
         if recorded is not None:
             return recorded["metrics"], True
-        metrics, was_done = _folder_or_train(job, run, train_missing)
+        metrics, was_done = _read_or_train(job, run)
         ledger.append(make_record(dict(job.key), job.config, metrics, context))
     return metrics, was_done
 
 
 def _folder_or_train(job: Job, run: Callable[..., dict[str, Any]],
                      train_missing: bool) -> tuple[dict[str, Any] | None, bool]:
+    if not train_missing and not job.finished():
+        return None, False
+    return _read_or_train(job, run)
+
+
+def _read_or_train(job: Job, run: Callable[..., dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """A finished cell's metrics read back from its folder (True), or the cell trained now (False)."""
     if job.finished():
         return job.read_back(), True
-    if not train_missing:
-        return None, False
     config = replace(job.config, overwrite=True) if job.folder.exists() else job.config  # unfinished: ours
     resume = checkpoint_dir(partial_dir(job.folder)) is not None  # killed after a checkpoint: go on
     return (run(config, list(job.callbacks), resume=True) if resume else run(config, list(job.callbacks))), False

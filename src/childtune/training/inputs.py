@@ -3,20 +3,21 @@ a pure function of (seed, epoch) and whose generator is their own (see `loader`)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from childtune.data.batching import TextDataset
 from childtune.data.tasks import load_task
-from childtune.data.types import SPLIT_SEED, DataError
+from childtune.data.types import SPLIT_SEED, DataError, Example, TaskData, as_kind
 from childtune.data.userfiles import load_files
 from childtune.training import distributed
-from childtune.training.config import TrainConfig
+from childtune.training.config import ConfigError, TrainConfig
 
 
-def load_data(config: TrainConfig):
+def load_data(config: TrainConfig) -> TaskData:
     """The task's splits: a built-in task (subsampled by seed), or the user's own files; dev and test
     capped at `eval_size` examples by a sample that is the same for every run (it ignores the seed)."""
     task = _load(config)
@@ -25,7 +26,7 @@ def load_data(config: TrainConfig):
     return task
 
 
-def _sample(examples: list, n: int) -> list:
+def _sample(examples: list[Example], n: int) -> list[Example]:
     """At most `n` of `examples`, drawn with the split seed (not the run's), kept in their order."""
     if len(examples) <= n:
         return examples
@@ -33,10 +34,13 @@ def _sample(examples: list, n: int) -> list:
     return [examples[i] for i in sorted(order[:n].tolist())]
 
 
-def _load(config: TrainConfig):
+def _load(config: TrainConfig) -> TaskData:
     if config.train_file is not None:
+        if config.dev_file is None:
+            raise ConfigError("your own data needs both --train and --dev files")
+        kind = None if config.kind is None else as_kind(config.kind)
         task = load_files(config.train_file, config.dev_file, config.test_file,
-                          text_col=config.text_col, label_col=config.label_col, kind=config.kind,
+                          text_col=config.text_col, label_col=config.label_col, kind=kind,
                           text_pair_col=config.text_pair_col, prompt_col=config.prompt_col,
                           target_col=config.target_col)
         if config.train_size is not None:
@@ -46,6 +50,8 @@ def _load(config: TrainConfig):
             order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(config.seed))
             task.train = [task.train[i] for i in sorted(order[: config.train_size].tolist())]
         return task
+    if not config.task:
+        raise ConfigError("give a --task, or --train and --dev files")
     return load_task(config.task, seed=config.seed, train_size=config.train_size)
 
 
@@ -61,7 +67,7 @@ def batches(examples, collate, config: TrainConfig, epoch: int, start: int) -> I
     yield from loader(examples, batch_size=per_rank, sampler=sampler, collate_fn=collate)
 
 
-def loader(examples, **kwargs) -> DataLoader:
+def loader(examples: Sequence[Example], **kwargs: Any) -> DataLoader[Example]:
     """A DataLoader with its own generator: iterating one draws a seed, which must not come from the
     global RNG (dropout's), or a resumed run that opens a fresh loader mid-epoch would drift by a draw."""
     return DataLoader(TextDataset(examples), generator=torch.Generator(), **kwargs)

@@ -42,7 +42,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float,
     ]
 
 
-def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup to the peak LR, then linear decay to zero at `total_steps`."""
 
     def factor(step: int) -> float:
@@ -75,24 +76,28 @@ def make_optimizer(groups: list[dict[str, Any]], strategy: Strategy, config: Tra
     change every step (child-f) or non-strict runs wrap torch's AdamW, fused (one pass per weight for
     the whole update; benchmarks/RESULTS.md measures it at a quarter of the foreach step on CPU).
     """
-    sparse = config.strict and strategy.kind != "per_step"
+    lr, strict, bias_correction = config.lr, config.strict, config.bias_correction
+    if lr is None or strict is None or bias_correction is None:
+        raise ConfigError("make_optimizer needs a resolved config (TrainConfig.resolved() fills the method's "
+                          f"lr, strict and bias_correction), got lr={lr}, strict={strict}, "
+                          f"bias_correction={bias_correction}")
+    sparse = strict and strategy.kind != "per_step"
     if config.dtype == "bf16" and not sparse:
         raise ConfigError(f"--dtype bf16 keeps fp32 masters for child elements in the sparse optimizer, which "
                           f"needs a strict fixed or growing child network; {config.method} here is not one "
                           "(use --bf16 autocast with fp32 weights instead)")
     if config.optimizer_in_backward:
         if not sparse:  # Child-Tuning_F, non-strict runs: torch's AdamW stepped parameter by parameter
-            if config.optimizer == "authors" or config.strict:
+            if config.optimizer == "authors" or strict:
                 raise ConfigError(f"--optimizer-in-backward steps torch's AdamW per parameter; {config.method} "
                                   "here needs the authors' AdamW or a strict restore around the whole step")
-            return ChildOptimizer(groups, strategy, torch.optim.AdamW, lr=config.lr, fused=True, in_backward=True)
+            return ChildOptimizer(groups, strategy, torch.optim.AdamW, lr=lr, fused=True, in_backward=True)
         if config.grad_accum > 1 and strategy.needs_gradients:
             raise ConfigError(f"{config.method} ranks the whole update's gradient, unknown before the last "
                               "micro-batch: --optimizer-in-backward cannot accumulate gradients for it (grad_accum 1)")
-        return SparseChildAdamW(groups, strategy, lr=config.lr, bias_correction=config.bias_correction,
-                                in_backward=True)
-    if config.strict and strategy.kind != "per_step":
-        return SparseChildAdamW(groups, strategy, lr=config.lr, bias_correction=config.bias_correction)
+        return SparseChildAdamW(groups, strategy, lr=lr, bias_correction=bias_correction, in_backward=True)
+    if sparse:
+        return SparseChildAdamW(groups, strategy, lr=lr, bias_correction=bias_correction)
     if config.optimizer == "authors":  # Child-Tuning's AdamW arithmetic, eps as their run passed it (HF's 1e-8)
-        return ChildOptimizer(groups, strategy, ChildTuningAdamW, strict=config.strict, lr=config.lr, eps=1e-8)
-    return ChildOptimizer(groups, strategy, torch.optim.AdamW, strict=config.strict, lr=config.lr, fused=True)
+        return ChildOptimizer(groups, strategy, ChildTuningAdamW, strict=strict, lr=lr, eps=1e-8)
+    return ChildOptimizer(groups, strategy, torch.optim.AdamW, strict=strict, lr=lr, fused=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -114,7 +114,7 @@ def _padded(indices: torch.Tensor, shape: tuple[int, int], size: int) -> torch.T
     return mask.view(shape)
 
 
-def write_shira(delta: SparseDelta, base: nn.Module, work: str | os.PathLike, base_path: str) -> ShiraPlan:
+def write_shira(delta: SparseDelta, base: nn.Module, work: str | os.PathLike[str], base_path: str) -> ShiraPlan:
     """Write `delta` as a peft SHiRA adapter for `base` (an untouched base model) into `work`.
 
     `base` is consumed: its whole-saved modules are set to their tuned values before peft copies them.
@@ -132,7 +132,8 @@ def write_shira(delta: SparseDelta, base: nn.Module, work: str | os.PathLike, ba
     with torch.no_grad():
         for name in wanted:
             state[name].copy_(scratch[name])
-    masks, values = {}, {}
+    masks: dict[str, torch.Tensor] = {}
+    values: dict[str, torch.Tensor] = {}
     for module, indices in shira_plan.targets.items():
         in_f, out_f = shira_plan.shapes[module]
         masks[module] = _padded(indices, (out_f, in_f), shira_plan.r * (in_f + out_f))
@@ -141,8 +142,11 @@ def write_shira(delta: SparseDelta, base: nn.Module, work: str | os.PathLike, ba
         values[module][torch.searchsorted(flat, indices)] = delta.entries[f"{module}.weight"].values.float()
     by_layer = {id(base.get_submodule(m)): mask for m, mask in masks.items()}
 
-    def mask_fn(layer: nn.Module, r: int, **_kwargs) -> torch.Tensor:
-        return by_layer[id(layer)].to(device=layer.weight.device, dtype=layer.weight.dtype)
+    def mask_fn(layer: nn.Module, r: int, **_kwargs: Any) -> torch.Tensor:
+        weight = layer.weight
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"SHiRA masks a module's weight tensor; {type(layer).__name__} has none")
+        return by_layer[id(layer)].to(device=weight.device, dtype=weight.dtype)
 
     config = ShiraConfig(r=shira_plan.r, target_modules=sorted(shira_plan.targets),
                          modules_to_save=list(shira_plan.whole) or None, base_model_name_or_path=base_path)
@@ -151,7 +155,10 @@ def write_shira(delta: SparseDelta, base: nn.Module, work: str | os.PathLike, ba
         model = get_peft_model(base, config)
     with torch.no_grad():
         for module, vector in values.items():
-            weight = model.base_model.model.get_submodule(module).shira_weight["default"]
+            shira_weight = model.get_submodule(f"base_model.model.{module}").shira_weight
+            if not isinstance(shira_weight, nn.ParameterDict):  # peft's ShiraLayer holds one per adapter
+                raise TypeError(f"peft did not make {module!r} a SHiRA layer")
+            weight = shira_weight["default"]
             weight.copy_(vector.to(weight.dtype))
-        model.save_pretrained(Path(work))
+        model.save_pretrained(os.fspath(work))
     return shira_plan
