@@ -20,13 +20,14 @@ from hypothesis import strategies as st
 from childtune.cli import main
 from childtune.data.userfiles import load_files
 from childtune.fileio import ExclusiveLock
+from childtune.outputs import MANIFEST
 from childtune.study.compare import compare
 from childtune.study.grid import GridError, Job, run_jobs
 from childtune.study.plan import Cell, StudyConfig, cell_config, plan
 from childtune.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from childtune.training.config import ConfigError, TrainConfig
 from childtune.training.loop import train
-from childtune.training.runfolder import MANIFEST, lock_for
+from childtune.training.runfolder import lock_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_resume import write_task, write_tiny_model

@@ -23,13 +23,14 @@ from childtune.data.batching import make_collate
 from childtune.data.userfiles import load_files
 from childtune.delta import SparseDelta
 from childtune.optim.masked import ChildOptimizer
+from childtune.outputs import OutputError
 from childtune.strategies import ID3, ChildTuningD, ChildTuningF, FullFineTuning, GradualUnfreezing, RandomMasking
 from childtune.training.config import ConfigError, TrainConfig, build_strategy
 from childtune.training.evaluate import evaluate
 from childtune.training.export import apply_delta, export_delta
 from childtune.training.loop import Callback, TrainError, TrainState, train, train_step
 from childtune.training.methods import METHODS
-from childtune.training.runfolder import RunExistsError, RunFolder
+from childtune.training.runfolder import RunFolder
 
 WORDS = [f"w{i}" for i in range(40)]
 LABELS = ("neg", "pos")
@@ -260,7 +261,7 @@ def test_run_folder_refuses_existing_results_unless_overwrite(tmp_path):
     out = tmp_path / "run"
     with RunFolder(out) as work:
         (work / "metrics.json").write_text("{}")
-    with pytest.raises(RunExistsError, match="already holds a run; pass --overwrite"):
+    with pytest.raises(OutputError, match="already holds a run; pass --overwrite"):
         RunFolder(out)
     with RunFolder(out, overwrite=True) as work:
         (work / "metrics.json").write_text('{"new": 1}')
@@ -273,7 +274,7 @@ def test_run_folder_refuses_existing_results_unless_overwrite(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("precious")
-    with pytest.raises(RunExistsError, match="refusing to replace"):
+    with pytest.raises(OutputError, match="refusing to replace"):
         RunFolder(mine, overwrite=True)
     assert (mine / "notes.txt").read_text() == "precious"
 
@@ -282,7 +283,7 @@ def test_a_fresh_run_does_not_wipe_an_interrupted_runs_checkpoint(tmp_path):
     out = tmp_path / "long"
     (tmp_path / ".long.partial" / "checkpoint.old").mkdir(parents=True)  # killed while replacing it
     (tmp_path / ".long.partial" / "checkpoint.old" / "meta.json").write_text("{}")
-    with pytest.raises(RunExistsError, match=r"left a checkpoint .*childtune train --resume .*long"):
+    with pytest.raises(OutputError, match=r"left a checkpoint .*childtune train --resume .*long"):
         RunFolder(out)
     assert (tmp_path / ".long.partial" / "checkpoint.old" / "meta.json").is_file()
     with RunFolder(out, resume=True) as work:
@@ -298,7 +299,7 @@ def test_refuses_existing_output_before_doing_any_work(tiny_task, tmp_path, monk
     out.mkdir()
     (out / "metrics.json").write_text("{}")
     monkeypatch.setattr("childtune.training.loop.load_data", lambda c: pytest.fail("loaded data for a refused run"))
-    with pytest.raises(RunExistsError):
+    with pytest.raises(OutputError):
         train(tiny_config(tiny_task, output=str(out)))
 
 

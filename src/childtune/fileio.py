@@ -2,15 +2,19 @@
 
 Every result childtune writes (metrics, deltas, checkpoints, plots, cached downloads) goes through
 `atomic_write`: a reader sees the old file or the new one, never a torn mix, and a failed run leaves
-nothing that looks like a finished one.
+nothing that looks like a finished one. A write that fails for want of room (disk or quota full, a
+file size limit) is one `WriteError` naming the file (`no_room`). Where an output may go at all is
+`childtune.outputs`' rule.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +24,44 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once at import: the only portable way to learn the umask is to set it
 
 
+class WriteError(OSError):
+    """Writing failed for want of room: the disk or a quota is full, or a file size limit was reached."""
+
+    def __str__(self) -> str:  # the message alone: it is shown to the user as one line
+        return str(self.strerror)
+
+
+_NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _room_errno(err: BaseException) -> int | None:
+    """The no-room errno behind `err`, if that is what it is: an OSError's own, or the `os error N` that
+    safetensors' SafetensorError (not an OSError) quotes when `save_pretrained` cannot write."""
+    if isinstance(err, OSError):
+        code = err.errno
+    else:
+        found = type(err).__name__ == "SafetensorError" and re.search(r"os error (\d+)", str(err))
+        code = int(found.group(1)) if found else None
+    return code if code in _NO_ROOM else None
+
+
+@contextlib.contextmanager
+def no_room(what: str | os.PathLike) -> Iterator[None]:
+    """Turn a failure for want of room while writing `what` into one `WriteError` that names the file
+    (the failing one when the error knows it, else `what`) and the cause; other errors pass unchanged."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as err:
+        code = _room_errno(err)
+        if code is None:
+            raise
+        where = getattr(err, "filename", None) or what
+        raise WriteError(code, f"disk full or file size limit while writing {where} ({os.strerror(code)})") \
+            from err
+
+
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
     """Write to a temp file in the same folder, fsync, then `os.replace` it over `path`.
 
@@ -27,18 +69,19 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     (0600), and a shared model folder nobody else can read is a surprise.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with no_room(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 

@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     generate.add_argument("--input", default=None, help="prompts: a text file (one a line) or JSONL with 'prompt'")
     generate.add_argument("--output", default=None, help="write JSONL {prompt, completion} here [print]")
+    generate.add_argument("--overwrite", action="store_true", help="replace the file already at --output")
     generate.add_argument("--max-new-tokens", type=int, default=32, help="longest completion [32]")
     generate.add_argument("--batch-size", type=int, default=16, help="prompts decoded together [16]")
     generate.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=False,
@@ -120,6 +121,7 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="child networks: run folders, delta folders or masks .safetensors files; NAME labels "
                              "it in the tables and plots [task method seed, read from the run]")
     parser.add_argument("--output", required=True, help="folder for the tables (CSV, Markdown) and PNGs")
+    parser.add_argument("--overwrite", action="store_true", help="replace an analysis childtune wrote in --output")
     parser.add_argument("--include-head", action="store_true",
                         help="count the task head too (left out by default: it is new and trained whole)")
     return parser

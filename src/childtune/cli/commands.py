@@ -163,12 +163,16 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    """Write the child-network analysis of the given runs, deltas or mask files."""
+    """Write the child-network analysis of the given runs, deltas or mask files, as a folder built whole
+    (`RunFolder`: apart from its inputs, replacing only an analysis childtune wrote)."""
     from childtune.study.analysis import EXCLUDE, analyze, parse_inputs
+    from childtune.training.runfolder import RunFolder
 
-    paths = analyze(parse_inputs(args.inputs), args.output, exclude=() if args.include_head else EXCLUDE)
+    inputs = parse_inputs(args.inputs)
+    with RunFolder(args.output, args.overwrite, kind="analysis", reads=inputs.values()) as work:
+        paths = analyze(inputs, work, exclude=() if args.include_head else EXCLUDE)
     for path in paths.values():
-        print(f"wrote {path}")
+        print(f"wrote {Path(args.output) / path.name}")
     return 0
 
 
@@ -177,8 +181,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
     from childtune.fileio import atomic_write
+    from childtune.outputs import check_output
     from childtune.training.generate import complete
 
+    if args.output:
+        check_output(args.output, reads=[args.source, args.input], overwrite=args.overwrite, folder=False)
     prompts = list(args.prompt or [])
     if args.input:
         path = Path(args.input)

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from childtune.fileio import ExclusiveLock, atomic_write, write_json
+from childtune.outputs import OutputError, check_replaceable, check_target, write_manifest
 from childtune.study.grid import Job, run_jobs
 from childtune.study.tables import format_table, plot, runs_csv, summary_csv
 from childtune.training.config import TrainConfig
-from childtune.training.runfolder import RunExistsError, check_replaceable, lock_for, write_manifest
+from childtune.training.runfolder import lock_for, run_reads
 
 _DESCRIPTION = "compare.json"
 _FILES = (_DESCRIPTION, "runs", "runs.csv", "summary.csv", "summary.png", "table.txt")
@@ -45,7 +46,7 @@ def compare(base: TrainConfig, methods: Sequence[str], seeds: Sequence[int], out
         raise ValueError("compare needs at least one method and one seed")
     if len(set(methods)) != len(methods) or len(set(seeds)) != len(seeds):
         raise ValueError("compare got a method or seed twice")
-    output = Path(output)
+    output = check_target(output, reads=run_reads(base))
     jobs = [Job(replace(base, method=m, seed=s, overwrite=False, output=str(output / "runs" / f"{m}-seed{s}")),
                 f"{m} seed{s}") for m in methods for s in seeds]
     for job in jobs:
@@ -70,7 +71,7 @@ def _claim(output: Path, description: dict[str, Any], overwrite: bool) -> None:
     """Make `output` this comparison's folder: new, the same comparison resumed, or (with `overwrite`)
     a childtune result started over. Anything else is refused and left as it is."""
     if output.exists() and not output.is_dir():
-        raise RunExistsError(f"output {output} exists and is not a folder")
+        raise OutputError(f"output {output} exists and is not a folder")
     if not output.exists() or not any(output.iterdir()):
         return
     saved = output / _DESCRIPTION
@@ -79,7 +80,7 @@ def _claim(output: Path, description: dict[str, Any], overwrite: bool) -> None:
         check_replaceable(output, "comparison folder")  # resume only into a folder that is all ours
         return
     if not overwrite:
-        raise RunExistsError(f"output folder {output} already holds results of another comparison; "
+        raise OutputError(f"output folder {output} already holds results of another comparison; "
                              "pass --overwrite to replace them, or choose another --output")
     check_replaceable(output)
     shutil.rmtree(output)

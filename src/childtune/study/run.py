@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from childtune.fileio import ExclusiveLock, write_json
+from childtune.outputs import OutputError, check_target
 from childtune.study.grid import Job, run_jobs
 from childtune.study.ledger import Ledger
 from childtune.study.plan import Record, StudyConfig, StudyError, cell_config, describe, plan
 from childtune.study.report import StudyResult, report
 from childtune.study.transfer import TransferEval
-from childtune.training.runfolder import lock_for
+from childtune.training.runfolder import lock_for, run_reads
 
 
 def run_cells(study: StudyConfig, run: Callable[..., dict[str, Any]] | None = None,
@@ -48,6 +49,19 @@ def run_cells(study: StudyConfig, run: Callable[..., dict[str, Any]] | None = No
     return [Record(cell, metrics) for cell, metrics in zip(cells, results, strict=True) if metrics is not None]
 
 
+def _check_output(study: StudyConfig, results: str | Path | None = None) -> None:
+    """The output rule (`childtune.outputs`) for a study, before any cell: its folder and report apart
+    from what it reads, and an existing folder a study's own (it holds study.json). A study resumes into
+    its folder and rewrites its tables there, so a folder of anyone else's is refused."""
+    reads = run_reads(study.base)
+    output = check_target(study.output, reads=reads)
+    if results:
+        check_target(results, reads=[*reads, study.ledger])
+    if output.is_dir() and any(output.iterdir()) and not (output / "study.json").is_file():
+        raise OutputError(f"output folder {output} holds files but no study (no study.json); refusing to write "
+                          "a study into it: choose another --output")
+
+
 def run_study(study: StudyConfig, *, run: Callable[..., dict[str, Any]] | None = None, command: str | None = None,
               results: str | Path | None = None, progress: bool = True, train_missing: bool = True) -> StudyResult:
     """Run (or resume) every cell of `study`, then write its tables, plots, analysis and report.
@@ -57,6 +71,7 @@ def run_study(study: StudyConfig, *, run: Callable[..., dict[str, Any]] | None =
     cells already done and lists the rest as not yet run. The report counts the ledger records this
     version skipped (`Ledger.skipped`).
     """
+    _check_output(study, results)
     ledger = Ledger(study.ledger) if study.ledger else None
     if not train_missing:
         records = run_cells(study, run, progress, train_missing, ledger=ledger)

@@ -10,16 +10,10 @@ from pathlib import Path
 
 from childtune.delta import DeltaError, SparseDelta
 from childtune.fileio import write_json
+from childtune.outputs import check_target
 from childtune.training.config import TrainConfig
 from childtune.training.models import model_folder, quiet_transformers
-from childtune.training.runfolder import RunExistsError, RunFolder
-
-
-def check_apart(source: str | os.PathLike, output: str | os.PathLike, what: str = "the input") -> None:
-    """Refuse an output that is, holds or lies inside what is being read: replacing it would destroy it."""
-    src, out = Path(source).resolve(), Path(output).resolve()
-    if src == out or out.is_relative_to(src) or src.is_relative_to(out):
-        raise RunExistsError(f"--output {output} would overwrite {what} ({source}); choose a folder apart from it")
+from childtune.training.runfolder import RunFolder
 
 
 def export_delta(run: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False) -> SparseDelta:
@@ -37,7 +31,7 @@ def export_shira(run: str | os.PathLike, output: str | os.PathLike, *, overwrite
     """The run's delta as a peft SHiRA adapter in `output` (`childtune.training.shira` says how); its plan."""
     from childtune.training.shira import write_shira
 
-    with _exporting(run, output, overwrite, "shira") as (delta, work):
+    with _exporting(run, output, overwrite, "adapter") as (delta, work):
         path = model_folder(delta.config.base_model)
         return write_shira(delta, base_for(delta, path)[1], work, str(path))
 
@@ -47,8 +41,7 @@ def _exporting(run: str | os.PathLike, output: str | os.PathLike, overwrite: boo
     run = Path(run)
     if not (run / "config.json").is_file():
         raise FileNotFoundError(f"{run} is not a run folder (no config.json)")
-    check_apart(run, output)
-    with RunFolder(output, overwrite, kind=kind) as work:
+    with RunFolder(output, overwrite, kind=kind, reads=[run]) as work:
         yield _run_delta(run), work
 
 
@@ -86,17 +79,15 @@ def apply_delta(delta_dir: str | os.PathLike, output: str | os.PathLike, *, mode
                 overwrite: bool = False) -> Path:
     """Base model + delta, saved as a Hugging Face model folder (with the base's tokenizer) in `output`."""
 
-    delta_dir = Path(delta_dir)
-    check_apart(delta_dir, output)
-    if (delta_dir / "delta").is_dir():
-        delta_dir = delta_dir / "delta"
-    with RunFolder(output, overwrite, kind="model") as work:
+    source = Path(delta_dir)
+    delta_dir = source / "delta" if (source / "delta").is_dir() else source
+    with RunFolder(output, overwrite, kind="model", reads=[source]) as work:
         delta = SparseDelta.load(delta_dir)
         name = model or delta.config.base_model
         if not name:
             raise DeltaError("the delta names no base model; pass --model")
         path = model_folder(name)
-        check_apart(path, output, "the base model")
+        check_target(output, reads=[path])  # the base model, known once the delta names it
         tokenizer, tuned = base_for(delta, path)
         delta.apply(tuned)
         with quiet_transformers():

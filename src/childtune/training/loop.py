@@ -37,7 +37,7 @@ from childtune.training.inputs import batches, load_data, loader
 from childtune.training.methods import METHODS
 from childtune.training.models import add_lora, load_model, position_limit, quiet_transformers
 from childtune.training.params import freeze_unchosen, linear_schedule, make_optimizer, param_groups
-from childtune.training.runfolder import MetricsLog, RunFolder
+from childtune.training.runfolder import MetricsLog, RunFolder, run_reads
 
 
 class TrainError(RuntimeError):
@@ -99,7 +99,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *, resume: bo
         raise ConfigError("--fsdp shards over processes: run it with --nproc N (N >= 2) or under torchrun")
     if config.batch_size % me.world_size:
         raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {me.world_size} processes")
-    folder = RunFolder(config.output, config.overwrite, resume) if config.output and me.is_main else None
+    folder = RunFolder(config.output, config.overwrite, resume, reads=run_reads(config)) \
+        if config.output and me.is_main else None
     try:
         return _train(config, callbacks, folder, me)
     finally:

@@ -4,10 +4,9 @@ Every file a run leaves is written to a temporary name and renamed into place, a
 built under a hidden name and renamed when complete: a crash, a Ctrl-C or a bad input half way leaves
 either the previous results or nothing, never a folder that looks like a run but is not.
 
-Ownership. The last file written into a finished folder is its manifest (`childtune-manifest.json`):
-our signature and the list of every entry we wrote. `--overwrite` replaces a folder only when its
-manifest is there and the folder holds nothing the manifest does not list; a project folder that merely
-holds a `metrics.json` of its own, or a run folder someone added notes to, is refused and left as it is.
+Where it may go, and when an existing folder may be replaced, is `childtune.outputs`' rule (checked at
+construction, before any work): apart from every input, and `--overwrite` replaces a folder only when
+its manifest (`childtune-manifest.json`, written last) lists everything in it.
 
 One writer. A writer takes an exclusive lock (`fileio.ExclusiveLock`, `.NAME.lock` beside the output)
 before it looks at the output, and holds it until the folder is in place: a second run on the same
@@ -21,19 +20,14 @@ import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from childtune.fileio import ExclusiveLock, write_json
+from childtune.fileio import ExclusiveLock, no_room
+from childtune.outputs import OutputError, check_replace, check_target, write_manifest
 from childtune.training.checkpoint import checkpoint_dir
 
-MANIFEST = "childtune-manifest.json"
-SIGNATURE = "childtune output folder"
-"""The manifest's `childtune` field: what marks a folder as written, whole, by childtune."""
-
-
-class RunExistsError(ValueError):
-    """The output folder already holds results (or something that is not ours)."""
-
+if TYPE_CHECKING:
+    from childtune.training.config import TrainConfig
 
 # ------------------------------------------------------------------------------------------ run files
 
@@ -93,36 +87,10 @@ class MetricsLog:
         self.close()
 
 
-def write_manifest(folder: Path, kind: str, extra: Iterable[str] = ()) -> Path:
-    """Sign `folder` as ours: every entry now in it (and `extra`, entries still to come), written last."""
-    entries = sorted({p.name for p in folder.iterdir() if p.name != MANIFEST} | set(extra))
-    return write_json(folder / MANIFEST, {"childtune": SIGNATURE, "kind": kind, "entries": entries})
-
-
-def foreign_entries(path: Path) -> list[str] | None:
-    """What in `path` childtune did not write: None when it has no valid manifest at all (not ours),
-    else the entries the manifest does not list (empty: the whole folder is ours to replace)."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("childtune") != SIGNATURE or not isinstance(
-            manifest.get("entries"), list):
-        return None
-    listed = set(manifest["entries"]) | {MANIFEST}
-    return sorted(p.name for p in path.iterdir() if p.name not in listed)
-
-
-def check_replaceable(path: Path, what: str = "output folder") -> None:
-    """Refuse to replace `path` unless it is provably a childtune folder with nothing of anyone else's."""
-    foreign = foreign_entries(path)
-    if foreign is None:
-        raise RunExistsError(f"{what} {path} is not empty and has no childtune manifest ({MANIFEST}); "
-                             "refusing to replace it even with --overwrite")
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise RunExistsError(f"{what} {path} holds files childtune did not write ({shown}); "
-                             "refusing to replace it even with --overwrite: move them first")
+def run_reads(config: TrainConfig) -> tuple[str | None, ...]:
+    """What a run reads from disk, which its output must keep apart from: its model folder and data files
+    (`outputs.check_target` skips those that are names, not paths)."""
+    return config.model, config.train_file, config.dev_file, config.test_file
 
 
 def lock_for(output: str | os.PathLike) -> Path:
@@ -139,17 +107,16 @@ def partial_dir(output: str | os.PathLike) -> Path:
 class RunFolder:
     """A context manager giving a fresh hidden folder that replaces `output` only if the block succeeds.
 
-    The lock and the checks happen at construction, before any work: an `output` holding results is
-    refused unless `overwrite`, and even then only a folder childtune provably wrote, whole, is replaced
-    (`check_replaceable`). Call `release` (or leave the `with` block) to let the next writer in.
-    `kind` names what the folder holds in its manifest (run, delta, model).
+    The checks happen at construction, before any work: `outputs.check_target` (a real place, apart from
+    every path in `reads`), then under the lock `outputs.check_replace` (an `output` holding results is
+    refused unless `overwrite`, and even then only a folder childtune provably wrote, whole, is replaced).
+    Call `release` (or leave the `with` block) to let the next writer in. `kind` names what the folder
+    holds in its manifest (run, delta, adapter, model, analysis).
     """
 
     def __init__(self, output: str | os.PathLike, overwrite: bool = False, resume: bool = False,
-                 kind: str = "run") -> None:
-        if not str(output).strip():
-            raise RunExistsError("the output folder name is empty")
-        self.output, self.resume, self.kind = Path(output), resume, kind
+                 kind: str = "run", reads: Iterable[str | os.PathLike | None] = ()) -> None:
+        self.output, self.resume, self.kind = check_target(output, reads=reads), resume, kind
         self.partial = partial_dir(self.output)
         self.lock = ExclusiveLock(lock_for(self.output), str(self.output))
         try:
@@ -164,18 +131,12 @@ class RunFolder:
     def _check(self, overwrite: bool) -> None:
         resume = self.resume
         if resume and not self.partial.is_dir():
-            raise RunExistsError(f"no interrupted run to resume for {self.output} ({self.partial} does not exist)")
+            raise OutputError(f"no interrupted run to resume for {self.output} ({self.partial} does not exist)")
         if not resume and not overwrite and checkpoint_dir(self.partial) is not None:
-            raise RunExistsError(f"an interrupted run for {self.output} left a checkpoint in {self.partial}; "
-                                 f"resume it (childtune train --resume {self.output}) or start over with --overwrite")
-        if self.output.exists():
-            if not self.output.is_dir():
-                raise RunExistsError(f"output {self.output} exists and is not a folder")
-            if any(self.output.iterdir()):
-                if not overwrite:
-                    raise RunExistsError(f"output folder {self.output} already holds a run; "
-                                         "pass --overwrite to replace it")
-                check_replaceable(self.output)
+            raise OutputError(f"an interrupted run for {self.output} left a checkpoint in {self.partial}; "
+                              f"resume it (childtune train --resume {self.output}) or start over with --overwrite")
+        check_replace(self.output, overwrite=overwrite, folder=True,
+                      holds=f"{'an' if self.kind[0] in 'aeiou' else 'a'} {self.kind}")
 
     def __enter__(self) -> Path:
         if self.resume:  # the interrupted run's folder, checkpoint and all
@@ -190,6 +151,9 @@ class RunFolder:
             self._finish(exc_type is not None)
         finally:
             self.release()
+        if isinstance(exc, Exception):  # whole models are saved straight into the folder: name it if the disk filled
+            with no_room(self.output):
+                raise exc
 
     def _finish(self, failed: bool) -> None:
         if failed:
