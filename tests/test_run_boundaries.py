@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from childtune.cli import main
+from childtune.data.userfiles import load_files
 from childtune.delta import DeltaError, SparseDelta
 from childtune.training.checkpoint import Checkpointer
 from childtune.training.config import LARGEST_INT, ConfigError, TrainConfig
@@ -17,6 +18,7 @@ from childtune.training.loop import Callback, train
 from childtune.training.runfolder import partial_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_families import write_tiny_llama
 from test_resume import Crash, CrashAt, write_task, write_tiny_model
 
 
@@ -136,3 +138,23 @@ def test_a_run_that_could_not_save_fails_before_its_first_step(tiny, tmp_path, m
         train(config(tiny, method="child-d", output=str(tmp_path / "run")), [Steps()])
     assert steps == [] and not (tmp_path / "run").exists()
 
+
+
+# ------------------------------------------------------------------------------- generation, inferred
+
+
+def test_prompt_and_target_columns_make_a_generation_task_without_kind(tmp_path, capsys):
+    """`--prompt-col/--target-col` without `--kind generation` used to fail with "no column 'text'"."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"q": f"{i}+{i}", "a": str(2 * i)}) + "\n" for i in range(8)))
+    assert load_files(data, data, prompt_col="q", target_col="a").spec.kind == "generation"
+    both = tmp_path / "both.csv"  # a text column too: the labels decide, as before
+    both.write_text("text,label,prompt,target\na,0,p,t\nb,1,p,t\n")
+    assert load_files(both, both).spec.kind == "classification"
+    out = tmp_path / "run"
+    code, err = cli(capsys, "train", "--model", write_tiny_llama(tmp_path / "llama"), "--train", data, "--dev",
+                    data, "--prompt-col", "q", "--target-col", "a", "--method", "full", "--epochs", 1,
+                    "--batch-size", 4, "--max-new-tokens", 2, "--no-progress", "--checkpoint-every", 0,
+                    "--output", out)
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["kind"] == "generation"

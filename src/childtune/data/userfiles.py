@@ -34,18 +34,23 @@ def load_files(
 ) -> TaskData:
     """A task from the user's CSV or JSONL files (chosen by suffix), validated with one-line errors.
 
-    `kind=None` infers the kind from the train labels: classification when every label is a class name
-    or a whole number, regression when most numeric labels are fractions; anything between (a stray 0.5
-    among 0/1 labels, fractions beside names) is refused with the rows that disagree, since either guess
-    would silently train the wrong task. Pass `kind` to decide, e.g. for integer ratings as regression.
-    Labels that are not finite (NaN, inf) are refused in either kind. Class labels map to ids in sorted
-    order (numeric order when every label is an integer), recorded in `label_names`. `text_pair_col`
-    makes every example a sentence pair (text, text pair), as NLI and paraphrase tasks are.
+    `kind=None` infers generation when the train file has the prompt and target columns and no text column
+    (nothing else could read it), and otherwise infers the kind from the train labels: classification when
+    every label is a class name or a whole number, regression when most numeric labels are fractions;
+    anything between (a stray 0.5 among 0/1 labels, fractions beside names) is refused with the rows that
+    disagree, since either guess would silently train the wrong task. Pass `kind` to decide, e.g. for
+    integer ratings as regression. Labels that are not finite (NaN, inf) are refused in either kind. Class
+    labels map to ids in sorted order (numeric order when every label is an integer), recorded in
+    `label_names`. `text_pair_col` makes every example a sentence pair (text, text pair), as NLI and
+    paraphrase tasks are.
     """
     if text_pair_col is not None and text_pair_col in (text_col, label_col):
         raise DataError(f"text_pair_col {text_pair_col!r} must differ from the text and label columns")
     if kind not in (None, "classification", "regression", "generation"):
         raise DataError(f"kind must be 'classification', 'regression', 'generation' or None, got {kind!r}")
+    columns = _columns(Path(train)) if kind is None else set()
+    if {prompt_col, target_col} <= columns and text_col not in columns:
+        kind = "generation"
     if kind == "generation":
         return _generation_files(train, dev, test, prompt_col, target_col)
     paths = {"train": Path(train), "dev": Path(dev)} | ({"test": Path(test)} if test is not None else {})
@@ -124,6 +129,18 @@ def _read_rows(role: str, path: Path, text_col: str, label_col: str,
     if not rows:
         raise DataError(f"{path} has no examples")
     return rows
+
+
+def _columns(path: Path) -> set[str]:
+    """The columns of a CSV file's header or of a JSONL file's records; none when the file cannot be read
+    (the full read then says why, in its own words)."""
+    try:
+        content = path.read_bytes().decode("utf-8-sig")
+        if path.suffix.lower() == ".csv":
+            return set(_csv_records(path, content)[0])
+        return set().union(*(record for _line, record in _jsonl_records(path, content)))
+    except (OSError, UnicodeDecodeError, DataError):
+        return set()
 
 
 def _require_columns(path: Path, where: str, available: list[str], needed: Sequence[str]) -> None:

@@ -79,7 +79,8 @@ class TrainConfig:
         "generation: wrap each prompt in the tokenizer's chat template (instruct models)"))
     max_new_tokens: int = field(default=16, metadata=_opt("generation: longest answer decoded at evaluation"))
     kind: str | None = field(default=None, metadata=_opt(
-        "your files' task kind, 'classification' or 'regression' (default: inferred from the labels, "
+        "your files' task kind, 'classification', 'regression' or 'generation' (default: generation when "
+        "they have the --prompt-col and --target-col columns and no --text-col, else inferred from the labels, "
         "refusing mixed evidence)"))
     train_size: int | None = field(default=None, metadata=_opt("subsample this many training examples (by seed)"))
     model: str = field(default="all-MiniLM-L6-v2",
