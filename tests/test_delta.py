@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import tiny_bert_config
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from transformers import BertForSequenceClassification
 
@@ -39,6 +39,47 @@ def same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], skip=()) -
     return set(keys) == {k for k in b if k not in skip} and all(
         a[k].shape == b[k].shape and torch.equal(a[k].view(torch.int32), b[k].view(torch.int32)) for k in keys
     )
+
+
+def identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Same names, and per tensor the same dtype, shape and bytes: NaN payloads and -0.0 included."""
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+        and torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)) for k in a
+    )
+
+
+def same_delta(a: SparseDelta, b: SparseDelta) -> bool:
+    """The same changes: entries (indices, values, exceptions) and dense heads, bit for bit."""
+    fields = ("indices", "values", "exc_pos", "exc_base", "exc_tuned")
+    return a.entries.keys() == b.entries.keys() and identical(a.dense, b.dense) and all(
+        identical({f: getattr(a.entries[n], f) for f in fields}, {f: getattr(b.entries[n], f) for f in fields})
+        for n in a.entries
+    )
+
+
+def apply_then_revert_or_refuse(delta_of, model, made: SparseDelta) -> None:
+    """What a model holds after a delta from `delta_of()` (which may raise DeltaError: a bad file) is
+    applied and reverted: on any DeltaError exactly what it held before that step, and after both its
+    base again, bit for bit. Only a delta whose changes are not the ones `made` holds (crafted values
+    its exceptions do not cover) may be refused by revert, which then leaves the applied model as is."""
+    base = snapshot(model)
+    try:
+        delta = delta_of()
+        delta.apply(model)
+    except DeltaError:
+        assert identical(snapshot(model), base), "a refused apply changed the model"
+        return
+    applied = snapshot(model)
+    assert all(t.shape == base[n].shape and t.dtype == base[n].dtype and bool(torch.isfinite(t).all())
+               for n, t in applied.items()), "apply changed a tensor's shape or dtype, or left it non-finite"
+    try:
+        delta.revert(model)
+    except DeltaError:
+        assert identical(snapshot(model), applied), "a refused revert changed the model"
+        assert not same_delta(delta, made), "revert refused the delta as it was made"
+        return
+    assert identical(snapshot(model), base), "apply then revert did not give back the base"
 
 
 def perturb(model, p: float, seed: int, wild: bool = True) -> dict[str, torch.Tensor]:
@@ -442,11 +483,13 @@ def _fuzz_setup(tmp_root: Path):
         perturb(model, 0.2, seed=9)
         delta = SparseDelta.from_training(base, model, method="fuzz")
         delta.save(tmp_root / "good")
-        _FUZZ.update(base=base, files={f: (tmp_root / "good" / f).read_bytes() for f in (CONFIG_FILE, TENSORS_FILE)})
-    return _FUZZ["base"], _FUZZ["files"]
+        files = {f: (tmp_root / "good" / f).read_bytes() for f in (CONFIG_FILE, TENSORS_FILE)}
+        _FUZZ.update(base=base, delta=SparseDelta.load(tmp_root / "good"), files=files)
+    return _FUZZ["base"], _FUZZ["delta"], _FUZZ["files"]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(which=CONFIG_FILE, edits=[(0.0, ord("{"))], cut=None, resign=False)  # unchanged: apply and revert work
 @given(
     which=st.sampled_from([CONFIG_FILE, TENSORS_FILE]),
     edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=4),
@@ -454,7 +497,7 @@ def _fuzz_setup(tmp_root: Path):
     resign=st.booleans(),
 )
 def test_fuzzed_files_only_ever_raise_delta_error(tmp_path_factory, which, edits, cut, resign):
-    base, files = _fuzz_setup(tmp_path_factory.getbasetemp())
+    base, made, files = _fuzz_setup(tmp_path_factory.getbasetemp())
     data = bytearray(files[which])
     for where, byte in edits:
         data[int(where * len(data))] = byte
@@ -469,11 +512,5 @@ def test_fuzzed_files_only_ever_raise_delta_error(tmp_path_factory, which, edits
         cfg["tensors_sha256"] = hashlib.sha256(bytes(data)).hexdigest()
         other_data = json.dumps(cfg).encode()
     (directory / other).write_bytes(other_data)
-    model = base_model_from(base)
-    try:
-        delta = SparseDelta.load(directory)
-        delta.apply(model)
-        delta.revert(model)
-    except DeltaError:
-        pass
+    apply_then_revert_or_refuse(lambda: SparseDelta.load(directory), base_model_from(base), made)
     shutil.rmtree(directory)

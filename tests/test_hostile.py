@@ -21,10 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from childtune.cli import main
-from childtune.delta import CONFIG_FILE, TENSORS_FILE, DeltaError, SparseDelta
+from childtune.delta import CONFIG_FILE, TENSORS_FILE, SparseDelta
 from childtune.fileio import sha256_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_delta import apply_then_revert_or_refuse
 from test_resume import run_config, write_task, write_tiny_model
 
 
@@ -271,6 +272,20 @@ def fuzz_base() -> dict[str, torch.Tensor]:
             "enc.1.w": torch.randn(40, generator=g), "classifier.weight": torch.randn(2, 5, generator=g)}
 
 
+def fuzz_model() -> torch.nn.Module:
+    """`fuzz_base` as a module, so a reverted delta also gives back the head apply replaced."""
+    model = torch.nn.Module()
+    for name, tensor in fuzz_base().items():
+        *path, leaf = name.split(".")
+        owner = model
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        owner.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=False))
+    return model
+
+
 @pytest.fixture(scope="module")
 def fuzz_files(tmp_path_factory) -> dict[str, bytes]:
     base = fuzz_base()
@@ -285,6 +300,15 @@ def fuzz_files(tmp_path_factory) -> dict[str, bytes]:
     SparseDelta.load(folder).apply(fresh := fuzz_base())  # the untouched file is valid
     assert torch.equal(fresh["enc.0.w"], tuned["enc.0.w"])
     return {name: (folder / name).read_bytes() for name in (CONFIG_FILE, TENSORS_FILE)}
+
+
+@pytest.fixture(scope="module")
+def fuzz_delta(fuzz_files) -> SparseDelta:
+    """The delta `fuzz_files` hold, as made."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in fuzz_files.items():
+            (Path(tmp) / name).write_bytes(data)
+        return SparseDelta.load(tmp)
 
 
 JSON_VALUES = st.recursive(
@@ -328,9 +352,11 @@ MUTATIONS = st.lists(st.sampled_from(["config", "tensor", "values", "drop", "add
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutations=MUTATIONS, data=st.data())
-def test_fuzzed_delta_files_raise_only_delta_error(fuzz_files, mutations, data):
+def test_fuzzed_delta_files_raise_only_delta_error(fuzz_files, fuzz_delta, mutations, data):
     """Whatever is stored (with a matching checksum, as a deliberate attacker would write it), loading and
-    applying either works on the right shapes or raises DeltaError; nothing else, no write out of bounds."""
+    applying either works on the right shapes or raises DeltaError; nothing else, no write out of bounds.
+    A refusal leaves the model bit for bit as it was; revert after a successful apply gives back the
+    base bit for bit (or, for changed values it cannot undo exactly, refuses and leaves the model)."""
     config = json.loads(fuzz_files[CONFIG_FILE])
     tensors_ = safetensors.torch.load(fuzz_files[TENSORS_FILE])
     raw_bytes = None
@@ -364,11 +390,4 @@ def test_fuzzed_delta_files_raise_only_delta_error(fuzz_files, mutations, data):
         if isinstance(config, dict) and "tensors_sha256" in config:
             config["tensors_sha256"] = sha256_file(folder / TENSORS_FILE)
         (folder / CONFIG_FILE).write_text(json.dumps(config))
-        model = fuzz_base()
-        shapes = {n: t.shape for n, t in model.items()}
-        try:
-            SparseDelta.load(folder).apply(model)
-        except DeltaError:
-            return
-        assert {n: t.shape for n, t in model.items()} == shapes
-        assert all(bool(torch.isfinite(t).all()) for t in model.values())
+        apply_then_revert_or_refuse(lambda: SparseDelta.load(folder), fuzz_model(), fuzz_delta)
