@@ -46,7 +46,7 @@ def _room_errno(err: BaseException) -> int | None:
 
 
 @contextlib.contextmanager
-def no_room(what: str | os.PathLike) -> Iterator[None]:
+def no_room(what: str | os.PathLike[str]) -> Iterator[None]:
     """Turn a failure for want of room while writing `what` into one `WriteError` that names the file
     (the failing one when the error knows it, else `what`) and the cause; other errors pass unchanged."""
     try:
@@ -159,5 +159,5 @@ class ExclusiveLock:
     def __enter__(self) -> ExclusiveLock:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()

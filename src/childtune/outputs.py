@@ -41,7 +41,7 @@ class OutputError(ValueError):
     """The output breaks the rule: it is not a place we may write, lies on an input, or holds what is not ours."""
 
 
-def check_output(output: str | os.PathLike, *, reads: Iterable[str | os.PathLike | None] = (),
+def check_output(output: str | os.PathLike[str], *, reads: Iterable[str | os.PathLike[str] | None] = (),
                  overwrite: bool = False, folder: bool = True, holds: str = "files") -> Path:
     """The whole rule for a new output (`check_target`, then `check_replace`); returns it as a Path."""
     path = check_target(output, reads=reads)
@@ -49,7 +49,7 @@ def check_output(output: str | os.PathLike, *, reads: Iterable[str | os.PathLike
     return path
 
 
-def check_target(output: str | os.PathLike, *, reads: Iterable[str | os.PathLike | None] = ()) -> Path:
+def check_target(output: str | os.PathLike[str], *, reads: Iterable[str | os.PathLike[str] | None] = ()) -> Path:
     """Rules 1 and 2: `output` names a place we may write, apart from every path in `reads` that exists
     (names that are not paths, such as a registry model name, are skipped)."""
     if not str(output).strip():
