@@ -79,6 +79,14 @@ def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, capsys):
     assert code == 2 and err == f"childtune: error: {path}: key 'lr' appears more than once; which value is meant?"
 
 
+def test_a_key_given_twice_in_a_grid_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["study", "--grid", '{"child-d": {"lr": [1e-3]}, "child-d": {"lr": [1e-2]}}', "--output",
+              str(tmp_path / "study")])
+    assert "--grid: key 'child-d' appears more than once" in capsys.readouterr().err
+    assert not (tmp_path / "study").exists()
+
+
 @pytest.mark.parametrize(("key", "value", "said"), [
     ("batch_size", 1e23, "'batch_size' must be int"),
     ("batch_size", 10**23, f"batch_size must be between -{LARGEST_INT} and {LARGEST_INT}"),

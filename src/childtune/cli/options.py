@@ -14,7 +14,7 @@ import typing
 from dataclasses import MISSING, fields, replace
 from typing import Any
 
-from childtune.training.config import TrainConfig
+from childtune.training.config import ConfigError, TrainConfig, unique_keys
 from childtune.training.methods import METHODS, PRESET_FIELDS, PRESETS
 
 ACT_OF_WRITING = frozenset({"output", "overwrite"})
@@ -127,7 +127,9 @@ def grid(text: str) -> dict[str, dict[str, tuple[Any, ...]]]:
     if text in ("paper", "defaults"):
         return dict(PAPER_GRID if text == "paper" else DEFAULT_GRID)
     try:
-        raw = json.loads(text)
+        raw = json.loads(text, object_pairs_hook=unique_keys("--grid"))
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(f"--grid must be paper, defaults or a JSON object ({err})") from None
     if not isinstance(raw, dict) or not all(

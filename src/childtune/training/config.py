@@ -14,7 +14,7 @@ import math
 import os
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -203,7 +203,7 @@ class TrainConfig:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=lambda pairs: _unique(path, pairs))
+            raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys(str(path)))
         except ConfigError:
             raise
         except ValueError as err:  # malformed JSON, undecodable bytes, a number too long to read
@@ -312,13 +312,16 @@ def _check(ok: bool, key: str, value: Any, want: str) -> None:
         raise ConfigError(f"{key} must be {want}, got {value!r}")
 
 
-def _unique(path: Path, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object's keys, each once: a repeated key is refused, not decided by whichever came last."""
-    keys = [key for key, _value in pairs]
-    repeated = sorted({key for key in keys if keys.count(key) > 1})
-    if repeated:
-        raise ConfigError(f"{path}: key {repeated[0]!r} appears more than once; which value is meant?")
-    return dict(pairs)
+def unique_keys(where: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A `json.loads` object_pairs_hook: a key given twice in one object is a ConfigError naming it and
+    `where`, not decided by whichever came last (JSON's silent rule)."""
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _value in pairs]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise ConfigError(f"{where}: key {repeated[0]!r} appears more than once; which value is meant?")
+        return dict(pairs)
+    return hook
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
