@@ -126,6 +126,17 @@ def test_an_output_on_inside_or_around_an_input_is_refused(command, env, tmp_pat
     assert {p: tree(p.parent) for p in inputs} == before
 
 
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.name in ("train", "compare", "study")],
+                         ids=["train", "compare", "study"])
+def test_an_output_around_the_config_file_is_refused(command, env, tmp_path, capsys):
+    config = tmp_path / "mine" / "config.json"
+    config.parent.mkdir()
+    config.write_text('{"epochs": 1}')
+    code, err = cli(capsys, [*command.argv(env, config.parent), "--config", str(config)])
+    assert code == 2 and f"would overwrite the input {config}" in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.json", "mine"]
+
+
 @EACH
 def test_a_symbolic_link_as_output_is_refused_before_any_work(command, env, tmp_path, capsys):
     link = tmp_path / "link"

@@ -42,6 +42,15 @@ def _resumed(args: argparse.Namespace) -> TrainConfig:
     return replace(TrainConfig.load_json(saved), **given)
 
 
+def apart_from_config_file(args: argparse.Namespace, output: str) -> None:
+    """The output rule (`childtune.outputs`) for the `--config` file, an input only the command line knows
+    of (the library checks the model and data files the config names)."""
+    from childtune.outputs import check_target
+
+    if getattr(args, "config", None):
+        check_target(output, reads=[args.config])
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from childtune.training import distributed
     from childtune.training.checkpoint import Checkpointer
@@ -63,6 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config.output is None:
         name = config.task or Path(config.train_file or "data").stem
         config = replace(config, output=str(Path("runs") / f"{name}-{config.method}-seed{config.seed}"))
+    apart_from_config_file(args, config.output)
     checkpoints = []
     if args.checkpoint_every or args.resume:
         checkpoints.append(Checkpointer(args.checkpoint_every or sys.maxsize, resume=bool(args.resume),
@@ -89,6 +99,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     output = args.output or str(Path("runs") / f"compare-{config.task or 'data'}")
+    apart_from_config_file(args, output)
     result = compare(config, args.methods, args.seeds, output, overwrite=args.overwrite)
     print(result.table)
     print(f"wrote {output}/summary.csv, {output}/summary.png, {output}/runs.csv")
@@ -153,6 +164,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from childtune.study.tables import fmt
 
     base = config_from_args(args, skip=STUDY_OWN)
+    apart_from_config_file(args, args.output)
     command = study_command(sys.argv[1:])
     result = run_study(study_from_args(args, base), command=command, results=args.results,
                        train_missing=not args.report_only, progress=getattr(args, "progress", True))
