@@ -26,8 +26,8 @@ float32 on a CPU, not contiguous), the eager torch code below computes the same 
 in one streaming pass with a heap per thread, where scoring, masking and `torch.topk` were passes of
 their own; exp 0 and 1 only (the two presets), where its float32 arithmetic is torch's exactly.
 
-**Child-only weight gradients** (`child_dot`): a Linear weight's gradient at its child elements only,
-out[k] = sum_t rows[index[k] // width, t] * cols[index[k] % width, t] with rows = dY^T and cols = X^T,
+**Child-only weight gradients** (`child_dot_`): a Linear weight's gradient at its child elements only,
+out[k] += sum_t rows[index[k] // width, t] * cols[index[k] % width, t] with rows = dY^T and cols = X^T,
 float32 sums over float32 or bfloat16 inputs, threaded over the elements (optim/child_grad.py holds the
 torch-ops reference and says why).
 
@@ -165,16 +165,20 @@ def top_unchosen(grad: torch.Tensor, weight: torch.Tensor, chosen: torch.Tensor,
     return None if ext is None else ext.top_unchosen(grad, weight, chosen, k, eps, exp)
 
 
-def child_dot(rows: torch.Tensor, cols: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor | None:
-    """float32 `out[k] = sum_t rows[index[k] // width, t] * cols[index[k] % width, t]` (sorted flat int32 or
-    int64 `index`); None where the compiled kernel does not take these tensors (the caller uses torch ops):
-    rows and cols contiguous on a CPU, both float32 or both bfloat16."""
-    if rows.dtype not in (torch.float32, torch.bfloat16) or cols.dtype != rows.dtype:
-        return None
-    if index.dtype not in (torch.int32, torch.int64) or _for(cols, cols.dtype) is None:
-        return None
-    ext = _for(rows, rows.dtype) if _for(index, index.dtype) is not None else None
-    return None if ext is None else ext.child_dot(rows, cols, index, width)
+def child_dot_(out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, index: torch.Tensor, width: int) -> bool:
+    """In place, float32 `out[k] += sum_t rows[index[k] // width, t] * cols[index[k] % width, t]` (sorted flat
+    int32 or int64 `index`; rows and cols in any layout, copied contiguous here); False, with `out`
+    untouched, where the compiled kernel does not take these tensors (the caller uses torch ops): all on a
+    CPU, rows and cols both float32 or both bfloat16."""
+    if rows.dtype not in (torch.float32, torch.bfloat16) or cols.dtype != rows.dtype or rows.device != cols.device:
+        return False
+    if index.dtype not in (torch.int32, torch.int64) or _for(index, index.dtype) is None or rows.device.type != "cpu":
+        return False
+    ext = _for(out, torch.float32)
+    if ext is None:
+        return False
+    ext.child_dot_(out, rows.contiguous(), cols.contiguous(), index, width)
+    return True
 
 
 def one_pass_ready(*tensors: torch.Tensor) -> bool:

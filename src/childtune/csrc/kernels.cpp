@@ -1,6 +1,6 @@
 // Hot loops of childtune's strategies in one pass over memory (CPU, float32): Child-Tuning_F's per-step
 // draw fused with what consumes it, ID3's ranking of the not-yet-chosen weights, and a Linear weight's
-// gradient at its child elements only (`child_dot`, at the end).
+// gradient at its child elements only (`child_dot_`, at the end).
 //
 // The draw is defined in childtune/kernels.py (`keep_bits`, the eager reference these loops must equal
 // bit for bit): element i of a parameter is kept iff hash(i) < threshold, with hash the 32-bit
@@ -208,9 +208,9 @@ std::tuple<torch::Tensor, torch::Tensor> top_unchosen(torch::Tensor grad, torch:
 }
 
 // A Linear weight's gradient at its child elements only (childtune/optim/child_grad.py), a sampled
-// dense-dense product (SDDMM): out[k] = sum_t rows[i_k, t] * cols[j_k, t], (i_k, j_k) = divmod(index[k], width),
-// with rows = dY^T (out_features x tokens) and cols = X^T (in_features x tokens), both made contiguous by
-// the caller so each dot product reads two contiguous runs. float32 or bfloat16 inputs, float32 sums in
+// dense-dense product (SDDMM): out[k] += sum_t rows[i_k, t] * cols[j_k, t], (i_k, j_k) = divmod(index[k], width),
+// with rows = dY^T (out_features x tokens) and cols = X^T (in_features x tokens) of one block of tokens,
+// made contiguous by the caller so each dot product reads two contiguous runs (the caller adds blocks). float32 or bfloat16 inputs, float32 sums in
 // a fixed order (LANES partial sums, lane l taking tokens t = l mod LANES, then combined pairwise, then
 // the tail): an element's value does not depend on the thread count. Sorted indices keep a row of dY^T
 // in cache for all child elements of that weight row.
@@ -245,7 +245,7 @@ inline void child_dot_range(const S* rows, const S* cols, const I* index, float*
                             int64_t width, int64_t tokens) {
   for (int64_t k = begin; k < end; ++k) {
     const int64_t flat = int64_t(index[k]);
-    out[k] = dot(rows + (flat / width) * tokens, cols + (flat % width) * tokens, tokens);
+    out[k] += dot(rows + (flat / width) * tokens, cols + (flat % width) * tokens, tokens);
   }
 }
 
@@ -269,7 +269,7 @@ void child_dot_run(void (*run)(const S*, const S*, const I*, float*, int64_t, in
   at::parallel_for(0, index.numel(), grain, [&](int64_t b, int64_t e) { run(rows, cols, ix, out, b, e, width, tokens); });
 }
 
-torch::Tensor child_dot(torch::Tensor rows, torch::Tensor cols, torch::Tensor index, int64_t width) {
+void child_dot_(torch::Tensor out, torch::Tensor rows, torch::Tensor cols, torch::Tensor index, int64_t width) {
   TORCH_CHECK(rows.dim() == 2 && cols.dim() == 2 && rows.size(1) == cols.size(1), "rows and cols: (n, tokens) each");
   TORCH_CHECK(cols.size(0) == width, "cols must have `width` rows");
   TORCH_CHECK(rows.scalar_type() == cols.scalar_type() &&
@@ -279,9 +279,10 @@ torch::Tensor child_dot(torch::Tensor rows, torch::Tensor cols, torch::Tensor in
   check(rows, "rows", rows.numel());
   check(cols, "cols", cols.numel());
   check(index, "index", index.numel());
+  TORCH_CHECK(out.scalar_type() == torch::kFloat, "out must be float32");
+  check(out, "out", index.numel());
   const int64_t n = index.numel(), tokens = rows.size(1);
-  auto out = torch::empty({n}, torch::kFloat);
-  if (n == 0) return out;
+  if (n == 0) return;
   const auto first = index[0].item<int64_t>(), last = index[n - 1].item<int64_t>();
   TORCH_CHECK(first >= 0 && last < rows.size(0) * width && first <= last, "index must be sorted flat indices into a (",
               rows.size(0), ", ", width, ") weight");
@@ -297,7 +298,6 @@ torch::Tensor child_dot(torch::Tensor rows, torch::Tensor cols, torch::Tensor in
     wide ? child_dot_run<uint16_t, int64_t>(child_dot_bf16_i64, r, c, index, o, width, tokens)
          : child_dot_run<uint16_t, int32_t>(child_dot_bf16_i32, r, c, index, o, width, tokens);
   }
-  return out;
 }
 
 }  // namespace
@@ -306,6 +306,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("keep", &keep, "out <- the draw's keep mask");
   module.def("mask_", &mask_, "grad <- keep ? grad * scale : 0");
   module.def("top_unchosen", &top_unchosen, "ID3: the k best not-yet-chosen elements by |g| / (|w| + eps)^exp");
-  module.def("child_dot", &child_dot, "out[k] = sum_t rows[index[k] / width, t] * cols[index[k] % width, t]");
+  module.def("child_dot_", &child_dot_, "out[k] += sum_t rows[index[k] / width, t] * cols[index[k] % width, t]");
   module.def("adamw_", &adamw_, "one AdamW step of param on the (masked, if `masked`) gradient, in one pass");
 }

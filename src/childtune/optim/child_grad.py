@@ -14,11 +14,11 @@ p * out * in * tokens multiply-adds and memory of p * out * in, in float32 for b
 sums of exact bfloat16 products: more accurate than autograd's bfloat16 dW, which is rounded). Bias
 gradients stay dense through autograd (out_features values: cheap).
 
-Two implementations: the compiled kernel `childtune.kernels.child_dot` (CPU, float32 or bfloat16 inputs,
+Two implementations: the compiled kernel `childtune.kernels.child_dot_` (CPU, float32 or bfloat16 inputs,
 threaded over the elements, fixed summation order) and torch ops for any device or dtype
-(`_child_dot_torch`: gather the child elements' columns of dY and X in chunks of bounded memory and take
-their column-wise dot products). They agree to float32 rounding (they sum in different orders);
-`CHILDTUNE_KERNELS=eager` forces the torch ops.
+(`_child_dot_torch`: gather the child elements' rows of dY^T and X^T in chunks and take their pairwise dot
+products). Both go through the tokens in blocks whose transposes are of bounded size (`BLOCK`). They
+agree to float32 rounding (they sum in different orders); `CHILDTUNE_KERNELS=eager` forces the torch ops.
 
 `ChildGrads(model, indices)` installs this on every nn.Linear whose weight has an index (a weight shared
 by several Linear modules, or one module called twice, is one entry): the weight's `.grad` stays None
@@ -53,8 +53,11 @@ from torch.autograd.function import once_differentiable
 from childtune import kernels
 from childtune.shards import is_sharded
 
-CHUNK = 1 << 22
-"""Elements of each gathered (tokens x elements) block in the torch-ops path: 16 MiB in float32."""
+BLOCK = 1 << 20
+"""Values per token block: the block's dY^T and X^T together, and each chunk of gathered rows in the
+torch-ops path, hold at most this many (4 MiB in float32), so the extra memory of a child-only weight
+gradient is bounded whatever the number of tokens, where transposing all of dY and X would exceed dense
+dW's own out x in once tokens > out * in / (out + in)."""
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -69,29 +72,32 @@ def child_index(mask: torch.Tensor) -> torch.Tensor:
 
 def child_weight_grad(dy: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """g[k] = sum_t dY[t, i_k] * X[t, j_k], (i_k, j_k) = divmod(index[k], in_features): the gradient of
-    `y = x @ W.T` at W's flat `index`, float32 (float64 for float64 inputs). The compiled kernel where it
-    takes the tensors, torch ops otherwise."""
+    `y = x @ W.T` at W's flat `index`, float32 (float64 for float64 inputs), summed block of tokens by
+    block of tokens (`BLOCK`), each block by the compiled kernel where it takes the tensors, else by torch ops."""
     width = x.shape[-1]
     dy, x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, width)
-    if dy.device.type == "cpu" and kernels.extension() is not None:
-        out = kernels.child_dot(dy.t().contiguous(), x.t().contiguous(), index, width)
-        if out is not None:
-            return out
-    return _child_dot_torch(dy, x, index, width)
-
-
-def _child_dot_torch(dy: torch.Tensor, x: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
-    """The SDDMM in torch ops, any device: for a chunk of elements, gather their columns of dY and of X
-    (tokens x chunk each, at most `CHUNK` elements) and take the column-wise dot products."""
-    acc = torch.promote_types(dy.dtype, torch.float32)
-    out = torch.empty(len(index), dtype=acc, device=dy.device)
-    step = max(1, CHUNK // max(1, dy.shape[0]))
-    for begin in range(0, len(index), step):
-        flat = index[begin:begin + step].long()
-        rows = dy.index_select(1, flat // width).to(acc)
-        cols = x.index_select(1, flat % width).to(acc)
-        torch.linalg.vecdot(rows, cols, dim=0, out=out[begin:begin + step])
+    out = torch.zeros(len(index), dtype=torch.promote_types(dy.dtype, torch.float32), device=dy.device)
+    tokens = max(1, BLOCK // (dy.shape[1] + width))
+    for begin in range(0, dy.shape[0], tokens):
+        rows, cols = dy[begin:begin + tokens].t(), x[begin:begin + tokens].t()
+        if not kernels.child_dot_(out, rows, cols, index, width):
+            _child_dot_torch(out, rows, cols, index, width)
     return out
+
+
+def _child_dot_torch(out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, index: torch.Tensor,
+                     width: int) -> None:
+    """`out[k] += sum_t rows[i_k, t] * cols[j_k, t]` in torch ops, any device: the rows made contiguous in
+    `out`'s dtype, then for a chunk of elements (at most `BLOCK` gathered values per operand) their rows
+    gathered and multiplied pairwise by one batched matmul. Rows of dY^T and X^T, not columns of dY and
+    X: each gathered row is one contiguous copy, which measured faster on a CPU."""
+    rows, cols = rows.to(out.dtype).contiguous(), cols.to(out.dtype).contiguous()
+    step = max(1, BLOCK // max(1, rows.shape[1]))
+    for begin in range(0, len(index), step):
+        flat = index[begin:begin + step]
+        a = rows.index_select(0, flat // width).unsqueeze(1)
+        b = cols.index_select(0, flat % width).unsqueeze(2)
+        out[begin:begin + len(flat)] += torch.bmm(a, b).view(-1)
 
 
 @dataclass(eq=False)
