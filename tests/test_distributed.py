@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the torchrun ranks run this file as a script
     sys.path.insert(0, str(HERE))
 from conftest import tiny_bert_config  # noqa: E402
-from test_resume import Final, needs_cli, write_task, write_tiny_model  # noqa: E402
+from test_resume import Final, write_task, write_tiny_model  # noqa: E402
 
 METHODS = ("child-f", "child-d", "id3")
 N, LENGTH, PER_RANK, WORLD, EPOCHS, LR, SEED = 32, 8, 4, 2, 2, 1e-2, 5
@@ -375,7 +375,6 @@ def test_launch_refuses_to_nest(monkeypatch):
 # -------------------------------------------------------------------------------- through the CLI
 
 
-@needs_cli
 def test_cli_nproc_2_trains_like_one_process(tmp_path, capfd):
     """`childtune train --nproc 2` re-runs itself under torchrun: DDP over the same global batches as one
     process, rank 0 alone writing the run folder and printing the result."""
@@ -405,7 +404,6 @@ def test_cli_nproc_2_trains_like_one_process(tmp_path, capfd):
         torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@needs_cli
 def test_cli_fsdp_trains_like_one_process_with_state_sharded(tmp_path, capfd):
     """`childtune train --nproc 2 --fsdp`: Fisher on every rank's same batches, each rank's rows of the masks
     and sparse state, the child network and weights gathered on rank 0 and saved: the one-process run's."""
@@ -441,7 +439,6 @@ def test_cli_fsdp_trains_like_one_process_with_state_sharded(tmp_path, capfd):
     assert_equal_params(weights[0], weights[1], rtol=1e-4, atol=1e-5)
 
 
-@needs_cli
 def test_cli_fsdp_with_bf16_weights_saves_its_delta(tmp_path, capfd):
     """docs/distributed.md's recipe (`--fsdp --dtype bf16 --optimizer-in-backward`): the gathered weights are
     bf16 like the base's, so the run saves its delta (it used to train to the end, then fail to save)."""
@@ -460,7 +457,6 @@ def test_cli_fsdp_with_bf16_weights_saves_its_delta(tmp_path, capfd):
             if t.is_floating_point()} == {torch.bfloat16}
 
 
-@needs_cli
 def test_cli_fsdp_refuses_what_it_cannot_shard(tmp_path, capfd):
     from childtune.cli import main
 
@@ -473,7 +469,6 @@ def test_cli_fsdp_refuses_what_it_cannot_shard(tmp_path, capfd):
     assert not (tmp_path / "run").exists()
 
 
-@needs_cli
 def test_cli_nproc_needs_a_batch_that_splits_evenly(tmp_path, capfd):
     """Found by both ranks before any work, said once: one `childtune: error:` line, exit 2, none of
     torchrun's SIGTERM notices, tracebacks or ChildFailedError report."""

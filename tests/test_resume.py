@@ -368,22 +368,6 @@ def test_rng_states_round_trip():
 # ------------------------------------------------------------------------------- through the CLI
 
 
-def cli_train_options() -> set[str]:
-    """Options of `childtune train`: the CLI-level tests below need --resume/--nproc, which cli.py gains
-    with the integration patch of train.py/cli.py/report.py (docs/distributed.md); until then they skip."""
-    import argparse
-
-    from childtune.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return set(sub.choices["train"]._option_string_actions)
-
-
-needs_cli = pytest.mark.skipif(not {"--resume", "--nproc"} <= cli_train_options(),
-                               reason="cli.py has no --resume/--nproc yet (integration patch pending)")
-
-
-@needs_cli
 def test_cli_resume_after_sigkill_matches_the_uninterrupted_run(tiny_run, tmp_path):
     """`childtune train` killed by SIGKILL once a checkpoint exists; `childtune train --resume` finishes it."""
     import safetensors.torch
@@ -424,7 +408,6 @@ def test_cli_resume_after_sigkill_matches_the_uninterrupted_run(tiny_run, tmp_pa
     assert_same_params({n: saved[n] for n in whole.params}, whole.params)
 
 
-@needs_cli
 def test_cli_resume_of_nothing_is_a_one_line_error(tmp_path, capsys):
     from childtune.cli import main
 
