@@ -34,32 +34,34 @@ class WriteError(OSError):
 _NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
-def _room_errno(err: BaseException) -> int | None:
-    """The no-room errno behind `err`, if that is what it is: an OSError's own, or the `os error N` that
-    safetensors' SafetensorError (not an OSError) quotes when `save_pretrained` cannot write."""
+def room_error(err: BaseException, what: str | os.PathLike[str]) -> WriteError | None:
+    """`err` as the one `WriteError` that names the file (the failing one when `err` knows it, else
+    `what`) and the cause, if it is a failure for want of room; else None. Such a failure is an OSError
+    with its errno, or safetensors' SafetensorError (not an OSError) quoting `os error N` when
+    `save_pretrained` cannot write; a WriteError already says it all and is not wrapped again."""
+    if isinstance(err, WriteError):
+        return None
     if isinstance(err, OSError):
         code = err.errno
     else:
-        found = type(err).__name__ == "SafetensorError" and re.search(r"os error (\d+)", str(err))
+        found = re.search(r"os error (\d+)", str(err)) if type(err).__name__ == "SafetensorError" else None
         code = int(found.group(1)) if found else None
-    return code if code in _NO_ROOM else None
+    if code not in _NO_ROOM:
+        return None
+    where = getattr(err, "filename", None) or what
+    return WriteError(code, f"disk full or file size limit while writing {where} ({os.strerror(code)})")
 
 
 @contextlib.contextmanager
 def no_room(what: str | os.PathLike[str]) -> Iterator[None]:
-    """Turn a failure for want of room while writing `what` into one `WriteError` that names the file
-    (the failing one when the error knows it, else `what`) and the cause; other errors pass unchanged."""
+    """Raise a failure for want of room while writing `what` as its `room_error`; others pass unchanged."""
     try:
         yield
-    except WriteError:
-        raise
     except Exception as err:
-        code = _room_errno(err)
-        if code is None:
+        error = room_error(err, what)
+        if error is None:
             raise
-        where = getattr(err, "filename", None) or what
-        raise WriteError(code, f"disk full or file size limit while writing {where} ({os.strerror(code)})") \
-            from err
+        raise error from err
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:

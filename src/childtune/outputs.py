@@ -18,7 +18,7 @@ hostile or mistaken `--output` is refused the same way by each of them, before a
 4. **Whole or nothing.** Files are written by `fileio.atomic_write`; folders are built under a hidden
    name and renamed into place when complete (`training.runfolder.RunFolder`, which applies 1-3 to
    runs, deltas, adapters, models and analyses). A write that fails for want of room becomes one
-   `fileio.WriteError` line naming the file and the cause (`fileio.no_room`).
+   `fileio.WriteError` line naming the file and the cause (`fileio.room_error`).
 
 Commands that resume into their folder (compare, study) apply 1-2 here and their own resume rule for 3.
 """

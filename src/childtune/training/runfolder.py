@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from childtune.fileio import ExclusiveLock, no_room
+from childtune.fileio import ExclusiveLock, room_error
 from childtune.outputs import OutputError, check_replace, check_target, write_manifest
 from childtune.training.checkpoint import checkpoint_dir
 
@@ -151,9 +151,9 @@ class RunFolder:
             self._finish(exc_type is not None)
         finally:
             self.release()
-        if isinstance(exc, Exception):  # whole models are saved straight into the folder: name it if the disk filled
-            with no_room(self.output):
-                raise exc
+        error = room_error(exc, self.output) if exc is not None else None
+        if error is not None:  # whole models are saved straight into the folder: name it if the disk filled
+            raise error from exc
 
     def _finish(self, failed: bool) -> None:
         if failed:
