@@ -146,6 +146,14 @@ def test_a_symbolic_link_as_output_is_refused_before_any_work(command, env, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]  # no .partial, no lock, nothing
 
 
+@EACH
+def test_an_output_under_a_file_is_refused_before_any_work(command, env, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, err = cli(capsys, command.argv(env, tmp_path / "notes.txt" / "out"))
+    assert code == 2 and "notes.txt is not a folder" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_generate_replaces_its_file_only_with_overwrite(env, tmp_path, capsys):
     out = tmp_path / "notes.jsonl"
     out.write_text("my notes\n")
