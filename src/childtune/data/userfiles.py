@@ -13,6 +13,7 @@ import io
 import json
 import math
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,18 +66,18 @@ def load_files(
         spec = TaskSpec(paths["train"].stem, "regression", 1, (), "pearson")
     else:
         keyed = {
-            role: [(text, _class_key(paths[role], line, raw)) for text, raw, line in r]
+            role: [(text, _class_key(paths[role], line, raw), line) for text, raw, line in r]
             for role, r in rows.items()
         }
-        names = _sorted_names({key for _text, key in keyed["train"]})
+        names = _class_names(paths["train"], keyed["train"])
         if len(names) < 2:
             raise DataError(f"{paths['train']}: classification needs at least 2 labels, found {names}")
         for role in ("dev", "test"):
-            unseen = sorted({key for _text, key in keyed.get(role, [])} - set(names))
+            unseen = sorted({key for _text, key, _line in keyed.get(role, [])} - set(names))
             if unseen:
                 raise DataError(f"{paths[role]}: labels not seen in train: {', '.join(map(repr, unseen))}")
         ids = {name: i for i, name in enumerate(names)}
-        splits = {role: [(text, ids[key]) for text, key in k] for role, k in keyed.items()}
+        splits = {role: [(text, ids[key]) for text, key, _line in k] for role, k in keyed.items()}
         spec = TaskSpec(paths["train"].stem, "classification", len(names), tuple(names), "accuracy")
     return TaskData(spec, splits["train"], splits["dev"], splits.get("test", []))
 
@@ -184,6 +185,8 @@ def _jsonl_records(path: Path, content: str) -> list[tuple[int, dict[str, Any]]]
             record = json.loads(text, object_pairs_hook=lambda pairs, line=line: _unique_keys(path, line, pairs))
         except json.JSONDecodeError as err:
             raise DataError(f"{path} line {line}: malformed JSON ({err.msg} at column {err.colno})") from None
+        except ValueError as err:  # an integer literal past Python's digit limit for int(str)
+            raise DataError(f"{path} line {line}: unreadable number ({str(err).split(';')[0]})") from None
         if not isinstance(record, dict):
             raise DataError(
                 f"{path} line {line}: malformed JSONL, expected an object, got {type(record).__name__}"
@@ -201,8 +204,11 @@ def _unique_keys(path: Path, line: int, pairs: list[tuple[str, Any]]) -> dict[st
 
 
 def _as_float(raw: Any) -> float | None:
+    """A number label as a float (an integer beyond float's range as +-inf, refused as not finite), else None."""
     if isinstance(raw, bool):
         return None
+    if isinstance(raw, int) and abs(raw) > sys.float_info.max:
+        return math.inf if raw > 0 else -math.inf
     if isinstance(raw, int | float):
         return float(raw)
     if isinstance(raw, str):
@@ -219,7 +225,7 @@ def _infer_kind(path: Path, rows: list[tuple[str, Any, int]]) -> Kind:
     for _text, raw, line in rows:
         value = _as_float(raw)
         if value is not None and not math.isfinite(value):
-            raise DataError(f"{path} line {line}: label {raw!r} is not a finite number or a class name")
+            raise DataError(f"{path} line {line}: label {_shown(raw)} is not a finite number or a class name")
         if value is None:
             names.append(line)
         elif value.is_integer():
@@ -240,26 +246,42 @@ def _lines(lines: list[int]) -> str:
     return ", ".join(map(str, lines[:3])) + (", ..." if len(lines) > 3 else "")
 
 
+def _shown(raw: Any) -> str:
+    """A label as an error message quotes it: its repr, cut short (a 400-digit number stays one short line)."""
+    text = repr(raw)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _number(path: Path, line: int, raw: Any) -> float:
     value = _as_float(raw)
     if value is None or not math.isfinite(value):
-        raise DataError(f"{path} line {line}: label {raw!r} is not a finite number, as regression needs")
+        raise DataError(f"{path} line {line}: label {_shown(raw)} is not a finite number, as regression needs")
     return value
 
 
 def _class_key(path: Path, line: int, raw: Any) -> str:
     """A class label as a string key: strings as written, whole numbers without a decimal point."""
+    value = _as_float(raw)
+    if value is not None and not math.isfinite(value):
+        raise DataError(f"{path} line {line}: label {_shown(raw)} is not a finite number or a class name")
     if isinstance(raw, str) and raw.strip():
-        value = _as_float(raw)
-        if value is not None and not math.isfinite(value):
-            raise DataError(f"{path} line {line}: label {raw!r} is not a finite number or a class name")
         return str(int(value)) if value is not None and value.is_integer() else raw.strip()
-    if isinstance(raw, int | float) and not isinstance(raw, bool) and float(raw).is_integer():
+    if value is not None and value.is_integer():
         return str(int(raw))
-    raise DataError(f"{path} line {line}: label {raw!r} is not a class name or a whole number")
+    raise DataError(f"{path} line {line}: label {_shown(raw)} is not a class name or a whole number")
 
 
-def _sorted_names(keys: set[str]) -> list[str]:
-    if all(re.fullmatch(r"-?\d+", k) for k in keys):
+def _class_names(path: Path, keyed: list[tuple[Any, str, int]]) -> list[str]:
+    """The train file's classes in id order: numeric order when all are whole numbers, else sorted. Numbers
+    beside names (`0`, `1`, `neg`, `pos`) are refused: two labelling schemes mixed up, not four classes."""
+    keys = {key for _text, key, _line in keyed}
+    numbers = {k for k in keys if re.fullmatch(r"-?\d+", k)}
+    if numbers == keys:
         return sorted(keys, key=int)
+    if numbers:
+        found = ", ".join(sorted(numbers, key=int) + sorted(keys - numbers))
+        number_lines = _lines([line for _text, key, line in keyed if key in numbers])
+        name_lines = _lines([line for _text, key, line in keyed if key not in numbers])
+        raise DataError(f"{path}: {len(keys)} classes found ({found}): whole numbers (lines {number_lines}) "
+                        f"beside names (lines {name_lines}); label every example the same way")
     return sorted(keys)

@@ -8,6 +8,7 @@ input: every key of a config is type- and range-checked here before any tensor i
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,7 +19,8 @@ from childtune.delta.errors import DeltaError
 from childtune.delta.indexcodec import ENCODINGS
 from childtune.layers import HEAD, matches
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2 added `base_files`; version 1 deltas still load, with no base files recorded (only weights checked)."""
 CONFIG_FILE = "delta_config.json"
 TENSORS_FILE = "delta.safetensors"
 DEFAULT_DENSE: tuple[str, ...] = HEAD
@@ -81,6 +83,10 @@ class DeltaConfig:
     num_dense: int = 0
     tensors_sha256: str = ""
     format_version: int = FORMAT_VERSION
+    base_files: dict[str, str] = field(default_factory=dict)
+    """sha256 of the base's files that change what its weights mean (its tokenizer and architecture settings),
+    by file name: recorded and checked by whoever knows the base as a folder (`childtune.training`), since
+    the fingerprint sees weights only."""
 
     def to_dict(self) -> dict[str, Any]:
         raw = asdict(self)
@@ -98,13 +104,19 @@ class DeltaConfig:
         for key in raw:
             if key not in known:
                 raise DeltaError(f"unknown config key {key!r}")
-        for key in known:
+        if "format_version" not in raw:
+            raise DeltaError("missing config key 'format_version'")
+        version = _int(raw, "format_version")
+        if version not in (1, FORMAT_VERSION):
+            raise DeltaError(f"delta format version {version} is not supported (this childtune reads 1 to "
+                             f"{FORMAT_VERSION})")
+        for key in known - ({"base_files"} if version == 1 else set()):
             if key not in raw:
                 raise DeltaError(f"missing config key {key!r}")
-        version = _int(raw, "format_version")
-        if version != FORMAT_VERSION:
-            raise DeltaError(f"delta format version {version} is not supported (this childtune reads "
-                             f"{FORMAT_VERSION})")
+        base_files = _obj(raw, "base_files") if version > 1 else {}
+        for name, digest in base_files.items():
+            if not (isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest)):
+                raise DeltaError(f"config 'base_files' entry {name!r} must be a sha256 hex digest, got {digest!r}")
         if not isinstance(raw["hparams"], dict):
             raise DeltaError("config key 'hparams' must be an object")
         patterns = raw["dense_patterns"]
@@ -134,6 +146,7 @@ class DeltaConfig:
             num_dense=_int(raw, "num_dense"),
             tensors_sha256=_str(raw, "tensors_sha256"),
             format_version=version,
+            base_files=base_files,
         )
 
 

@@ -25,7 +25,8 @@ def merge(
     from) is required and the merged delta is re-extracted from it, exceptions included.
     """
     a, b = first.config, second.config
-    if a.base_fingerprint != b.base_fingerprint or a.dense_patterns != b.dense_patterns:
+    files_differ = bool(a.base_files and b.base_files) and a.base_files != b.base_files  # {}: not recorded
+    if a.base_fingerprint != b.base_fingerprint or a.dense_patterns != b.dense_patterns or files_differ:
         raise DeltaError(f"cannot merge deltas on different bases: {a.base_model or 'unnamed'!r} "
                          f"({a.base_fingerprint[:12]}) and {b.base_model or 'unnamed'!r} ({b.base_fingerprint[:12]})")
     base_state = None
@@ -55,7 +56,8 @@ def merge(
     config = describe(
         entries, dense, method=f"merge({a.method},{b.method})", base_model=a.base_model,
         hparams={"first.method": a.method, "second.method": b.method, **hparams},
-        base_fingerprint=a.base_fingerprint, dense_patterns=a.dense_patterns, num_elements=a.num_elements,
+        base_fingerprint=a.base_fingerprint, base_files=a.base_files or b.base_files, dense_patterns=a.dense_patterns,
+        num_elements=a.num_elements,
     )
     return SparseDelta(config, entries, dense)
 

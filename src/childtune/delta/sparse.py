@@ -100,11 +100,13 @@ class SparseDelta:
         hparams: Mapping[str, Any] | None = None,
         base_model: str | None = None,
         dense: Iterable[str] = DEFAULT_DENSE,
+        base_files: Mapping[str, str] | None = None,
     ) -> SparseDelta:
         """Delta between `base_state` (pretrained values) and the tuned `model`.
 
         Parameters matching `dense` are stored whole; every other tensor must exist in the base with the
         same shape and dtype, and non-float tensors must be unchanged. Tied weights are stored once.
+        `base_files` (file name -> sha256) records what else defines the base (`DeltaConfig.base_files`).
         """
         dense = tuple(dense)
         hparams = dict(hparams or {})
@@ -143,6 +145,7 @@ class SparseDelta:
             hparams=hparams,
             base_model=base_model if base_model is not None else getattr(model, "name_or_path", "") or "",
             base_fingerprint=fingerprint(base_state, dense),
+            base_files=dict(base_files or {}),
             dense_patterns=dense,
             num_elements=sum(base_state[n].numel() for n in base_names if base_state[n].dtype in FLOATS),
         )

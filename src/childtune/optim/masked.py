@@ -132,7 +132,7 @@ class ChildOptimizer(Optimizer):
         step would use: for F, one draw (key) per step shared by all hooks, each computing its parameter's bits."""
         if self.accumulating or only_reading():  # autograd adds the next micro-batch's gradient to this one
             return
-        grad = local(param.grad)  # this rank's rows under FSDP2, where masks are rows too (childtune.shards)
+        grad = self._dense_grad(param)  # this rank's rows under FSDP2, where masks are rows too (childtune.shards)
         if not torch.isfinite(grad).all():
             raise RuntimeError(f"non-finite gradient for {self._names[id(param)]!r}: with the optimizer step in "
                                "backward, updates already made to other parameters cannot be undone")
@@ -172,8 +172,8 @@ class ChildOptimizer(Optimizer):
                 self.steps += 1
                 return loss
             if isinstance(self.strategy, ChildTuningF) and not self.strict:  # drawn where it is applied
-                self.strategy.mask_gradients_(self.steps, {n: local(p.grad) for n, p in self.strategy.maskable().items()
-                                                           if p.grad is not None})
+                self.strategy.mask_gradients_(self.steps, {n: self._dense_grad(p) for n, p in
+                                                           self.strategy.maskable().items() if p.grad is not None})
                 self.optimizer.step()
                 self.steps += 1
                 return loss
@@ -199,6 +199,16 @@ class ChildOptimizer(Optimizer):
         return (isinstance(self.strategy, ChildTuningF) and not self.strict and self.strategy.p != 1.0 and adamw
                 and plain and kernels.one_pass_ready(*(local(p) for p in self.named.values())))
 
+    def _dense_grad(self, param: torch.Tensor) -> torch.Tensor:
+        """`param`'s gradient (its local rows), to be masked element by element in place. A sparse gradient
+        (`nn.Embedding(sparse=True)`) has no such elements: refused by name here, where torch would fail with
+        a layout error. Construction cannot tell: a parameter's gradient is sparse only once backward ran."""
+        grad = local(param.grad)
+        if grad.layout != torch.strided:
+            raise ValueError(f"{self._names[id(param)]!r} has a sparse gradient ({grad.layout}), which ChildOptimizer "
+                             "cannot mask: build its module with sparse=False (e.g. nn.Embedding(..., sparse=False))")
+        return grad
+
     def _adamw_in_one_pass(self, param: torch.Tensor, group: dict[str, Any]) -> None:
         """`param`'s masked AdamW step with `kernels.adamw_`, its state kept as torch's fused AdamW keeps it."""
         state = self.state[param]
@@ -208,7 +218,7 @@ class ChildOptimizer(Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         state["step"] += 1
         draw = self.strategy.drawn(self._names[id(param)])
-        kernels.adamw_(local(param), local(param.grad).contiguous(), local(state["exp_avg"]),
+        kernels.adamw_(local(param), self._dense_grad(param).contiguous(), local(state["exp_avg"]),
                        local(state["exp_avg_sq"]), draw, self.strategy.scale, lr=float(group["lr"]),
                        betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
                        step=float(state["step"]))
@@ -245,7 +255,7 @@ class ChildOptimizer(Optimizer):
                 raise ValueError(f"strategy gave a mask for {name!r}, which is not in this optimizer")
             if param.grad is None:
                 continue
-            grads.append(local(param.grad))
+            grads.append(self._dense_grad(param))
             kept_masks.append(mask)
             if self.strict and not self._no_copy:
                 kept.append((local(param), mask, local(param).detach().clone()))

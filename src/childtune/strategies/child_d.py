@@ -54,6 +54,7 @@ class ChildTuningD(ChosenStrategy):
                 progress: bool = True) -> None:
         if model is None or batches is None:
             raise ValueError("Child-Tuning_D needs the model and training batches to estimate Fisher scores")
+        _check_bound(self.params, model)
         scores = fisher_information(
             model, batches, scored=list(self.scored()), num_samples=self.num_samples,
             per_example=self.per_example, train_mode=self.train_mode, clip=self.clip, progress=progress,
@@ -62,6 +63,20 @@ class ChildTuningD(ChosenStrategy):
         if self.random_within:
             chosen = _same_sizes_at_random(chosen, self.seed, self.params, self.group)
         self.chosen = self.complete(chosen)
+
+
+def _check_bound(params: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Refuse to score a model other than the one whose parameters the strategy was bound to (by the
+    optimizer): masks chosen on it would not fit, or would fit the wrong weights' shapes by chance."""
+    if not params:
+        raise ValueError("Child-Tuning_D is bound to no parameters: build the optimizer with it before prepare()")
+    given = dict(model.named_parameters())
+    for name, param in params.items():
+        other = given.get(name)
+        if other is None or other.shape != param.shape:
+            found = "has no such parameter" if other is None else f"has shape {tuple(other.shape)}"
+            raise ValueError(f"prepare() got another model than the optimizer's: {name!r} is {tuple(param.shape)} "
+                             f"in the optimizer, but the given model {found}")
 
 
 def _same_sizes_at_random(chosen: dict[str, torch.Tensor], seed: int, params: dict[str, torch.Tensor],

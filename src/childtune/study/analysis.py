@@ -15,6 +15,7 @@ overlap is only evidence of shared structure above that level.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -118,6 +119,53 @@ def base_shapes(model: str) -> dict[str, tuple[int, ...]] | None:
     with torch.device("meta"):
         net = AutoModelForSequenceClassification.from_config(config)
     return {n: tuple(t.shape) for n, t in net.state_dict().items()}
+
+
+def base_of(path: str | Path) -> tuple[str, str]:
+    """(name, weights fingerprint) of the base model a saved child network was chosen on, "" where its files do
+    not say: a delta records both, a run folder that kept masks only its config's model, a bare file neither."""
+    import json
+
+    from childtune.training.config import TrainConfig
+
+    path = Path(path)
+    delta_dir = _delta_dir(path)
+    try:
+        if delta_dir is not None:
+            raw = json.loads((delta_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+            return str(raw.get("base_model") or ""), str(raw.get("base_fingerprint") or "")
+        config = (path if path.is_dir() else path.parent) / "config.json"
+        return (TrainConfig.load_json(config).model, "") if config.is_file() else ("", "")
+    except (OSError, ValueError, AttributeError):  # unreadable: loading the masks says what is wrong
+        return "", ""
+
+
+def check_same_base(paths: Mapping[str, Path]) -> None:
+    """Refuse child networks chosen on different base models. Which weights a task relies on is a question
+    about one set of weights; across bases an overlap only counts positions that happen to coincide.
+    Fingerprints decide where both inputs have one, else model names (paths resolved); unknown bases pass."""
+    bases = {label: base_of(path) for label, path in paths.items()}
+    for a, b in itertools.combinations(bases, 2):
+        if _different(bases[a], bases[b]):
+            raise ValueError(f"{a!r} and {b!r} were chosen on different base models ({_base_label(*bases[a])} and "
+                             f"{_base_label(*bases[b])}): overlaps across bases are meaningless; analyse each "
+                             "base's child networks apart")
+
+
+def _different(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    (name_a, print_a), (name_b, print_b) = a, b
+    if print_a and print_b:
+        return print_a != print_b
+    return bool(name_a and name_b) and _model_key(name_a) != _model_key(name_b)
+
+
+def _model_key(name: str) -> str:
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def _base_label(name: str, fingerprint: str) -> str:
+    return (name or "unnamed") + (f", weights {fingerprint[:12]}" if fingerprint else "")
 
 
 def _delta_dir(path: Path) -> Path | None:
@@ -414,6 +462,7 @@ def analyze(inputs: Mapping[str, str | Path | MaskMap], output_dir: str | Path,
     if not inputs:
         raise ValueError("analyze needs at least one child network")
     exclude = tuple(exclude)
+    check_same_base({k: Path(v) for k, v in inputs.items() if not isinstance(v, Mapping)})
     named = {k: v if isinstance(v, Mapping) else load_masks(v) for k, v in inputs.items()}
     out = Path(output_dir)
     layers = {k: layer_share(m, exclude) for k, m in named.items()}
@@ -484,8 +533,10 @@ def describe(path: Path) -> str:
                 raw = json.loads(candidate.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 break
-            conf = raw.get(key, {}) if key else raw
-            task = conf.get("task") or Path(conf.get("train_file") or path.name).stem
+            conf = raw.get(key, {}) if key and isinstance(raw, dict) else raw
+            if not isinstance(conf, dict):  # a hand-edited file: the name falls back to the path's
+                break
+            task = conf.get("task") or Path(str(conf.get("train_file") or path.name)).stem
             if conf.get("method") is not None and conf.get("seed") is not None:
                 return f"{task} {conf['method']} s{conf['seed']}"
     return path.stem if path.is_file() else path.name

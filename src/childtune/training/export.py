@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from pathlib import Path
 
-from childtune.delta import DeltaError, SparseDelta
+from childtune.delta import CONFIG_FILE, DeltaError, SparseDelta
 from childtune.fileio import write_json
 from childtune.outputs import check_target
 from childtune.training.config import TrainConfig
-from childtune.training.models import model_folder, quiet_transformers
+from childtune.training.models import base_files, model_folder, quiet_transformers
 from childtune.training.runfolder import RunFolder
 
 
@@ -68,7 +69,8 @@ def _run_delta(run: Path) -> SparseDelta:
                     else "classification", "label_names": [tuned.config.id2label[i] for i in
                                                             range(tuned.config.num_labels)]}
         delta = SparseDelta.from_training(base.state_dict(), tuned, method=config.method,
-                                          hparams={**config.to_dict(), **head}, base_model=config.model)
+                                          hparams={**config.to_dict(), **head}, base_model=config.model,
+                                          base_files=base_files(model_folder(config.model)))
     else:
         raise FileNotFoundError(f"{run} holds no saved weights (neither delta/ nor model/); was it run with "
                                 "--save none?")
@@ -114,10 +116,12 @@ def run_kind(run: Path) -> str:
 
 def base_for(delta: SparseDelta, path: Path):
     """Tokenizer and the base model a delta applies to, built as its task needs: the causal LM for a
-    generation delta, else a classifier with the delta's head (labels, names, regression or not)."""
+    generation delta, else a classifier with the delta's head (labels, names, regression or not). The
+    folder must hold the tokenizer and settings the delta was made with (`check_base_files`)."""
     import transformers
 
-    hparams = delta.config.hparams
+    check_base_files(delta, path)
+    hparams = head_of(delta)
     with quiet_transformers():
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         if hparams.get("kind") == "generation":
@@ -132,3 +136,38 @@ def base_for(delta: SparseDelta, path: Path):
             labels["problem_type"] = "regression"
         return tokenizer, transformers.AutoModelForSequenceClassification.from_pretrained(
             path, **labels, local_files_only=True)
+
+
+def check_base_files(delta: SparseDelta, path: Path) -> None:
+    """Refuse a base folder whose tokenizer or architecture settings (`models.base_files`) differ from those
+    recorded in the delta: its weights can match the fingerprint exactly while its ids stand for other
+    tokens, and `apply` would ship that tokenizer with the tuned weights."""
+    recorded = delta.config.base_files
+    if not recorded:  # made by childtune before version 2, or from a bare state dict
+        warnings.warn(f"the delta records no tokenizer or settings of its base: only {path}'s weights are checked",
+                      stacklevel=3)
+        return
+    found = base_files(path)
+    for name in sorted(recorded.keys() | found.keys()):
+        if recorded.get(name) != found.get(name):
+            how = ("is missing" if name not in found else "is not in the delta's base" if name not in recorded
+                   else "differs from the delta's base")
+            raise DeltaError(f"wrong base model: {path / name} {how} (the delta was made on "
+                             f"{delta.config.base_model or 'an unnamed model'!r}); apply it to the model folder it "
+                             "was trained from")
+
+
+def head_of(delta: SparseDelta) -> dict:
+    """The delta's hparams, their task-head fields (`kind`, `num_labels`, `label_names`) type-checked: a
+    hand-edited delta_config.json fails as a DeltaError naming the field, not inside transformers."""
+    hparams = delta.config.hparams
+    kind, num, names = hparams.get("kind"), hparams.get("num_labels"), hparams.get("label_names")
+    if kind not in (None, "classification", "regression", "generation"):
+        raise DeltaError(f"{CONFIG_FILE} hparams.kind must be classification, regression or generation, got {kind!r}")
+    if num is not None and (type(num) is not int or num < 0):
+        raise DeltaError(f"{CONFIG_FILE} hparams.num_labels must be a non-negative integer, got {num!r}")
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+                              or (names and len(names) != num)):
+        raise DeltaError(f"{CONFIG_FILE} hparams.label_names must be a list of num_labels ({num!r}) texts, "
+                         f"got {names!r}")
+    return hparams

@@ -60,5 +60,8 @@ def complete(source: str, prompts: Sequence[str], config: TrainConfig) -> list[s
     """Greedy completions of `prompts` by the model `source` names (see `load_generator`)."""
     if not prompts:
         raise ValueError("give at least one prompt")
+    blank = next((i for i, p in enumerate(prompts, 1) if not p.strip()), None)
+    if blank is not None:  # nothing to condition on: the tokenizer gives no tokens and generation has no start
+        raise ValueError(f"prompt {blank} is empty: give a text to complete")
     collate, model, config = load_generator(source, config)
     return generate_answers(model, list(prompts), collate, config, "generate")

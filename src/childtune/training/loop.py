@@ -35,7 +35,14 @@ from childtune.training.config import ConfigError, TrainConfig, build_strategy, 
 from childtune.training.evaluate import count_elements, evaluate, peak_rss_mib, reset_peak_rss, to_device
 from childtune.training.inputs import batches, load_data, loader
 from childtune.training.methods import METHODS
-from childtune.training.models import add_lora, load_model, position_limit, quiet_transformers
+from childtune.training.models import (
+    add_lora,
+    base_files,
+    load_model,
+    model_folder,
+    position_limit,
+    quiet_transformers,
+)
 from childtune.training.params import freeze_unchosen, linear_schedule, make_optimizer, param_groups
 from childtune.training.runfolder import MetricsLog, RunFolder, run_reads
 
@@ -353,7 +360,7 @@ def _saves(config: TrainConfig) -> str:
 def _delta(config: TrainConfig, pretrained, model, spec) -> SparseDelta:
     head = {"num_labels": spec.num_labels, "label_names": list(spec.label_names), "kind": spec.kind}
     return SparseDelta.from_training(pretrained, model, method=config.method, hparams={**config.to_dict(), **head},
-                                     base_model=config.model)
+                                     base_model=config.model, base_files=base_files(model_folder(config.model)))
 
 
 def _save_weights(config: TrainConfig, workdir: Path, pretrained, model, tokenizer, spec) -> None:

@@ -33,6 +33,42 @@ def model_folder(name: str) -> Path:
     return path
 
 
+MEANING_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+                 "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
+"""Files of a model folder that change what its weights mean: the architecture settings and the tokenizer
+(which token each embedding row stands for). A delta records them (`base_files`), since its fingerprint
+covers the weights only and a base with two vocabulary ids swapped has the very same weights."""
+BOOKKEEPING = ("transformers_version", "_name_or_path", "architectures", "id2label", "label2id", "problem_type",
+               "torch_dtype", "dtype")
+"""config.json keys that leave the base's meaning alone: versions, names and the task head (a delta brings its
+own), so re-saving a base with another transformers or another head does not make it another base."""
+
+
+def base_files(folder: Path) -> dict[str, str]:
+    """sha256 of each of `MEANING_FILES` in `folder`: JSON files as canonical JSON (key order and spacing are
+    not meaning), config.json without `BOOKKEEPING`, any other file as its bytes."""
+    import hashlib
+    import json
+
+    out = {}
+    for name in MEANING_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        try:
+            content = json.loads(data) if path.suffix == ".json" else None
+        except ValueError:  # not JSON after all: its bytes are what the loader reads
+            content = None
+        if isinstance(content, dict):
+            if name == "config.json":
+                content = {k: v for k, v in content.items() if k not in BOOKKEEPING}
+            data = json.dumps(content, sort_keys=True).encode()
+        out[name] = hashlib.sha256(data).hexdigest()
+    return out
+
+
 def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
     """Tokenizer and model for the task: a sequence classifier with a fresh head for the task's labels,
     or, for a generation task, the causal LM itself (its own LM head, nothing new).
@@ -68,6 +104,12 @@ def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
         what = "a causal LM" if spec.kind == "generation" else "a sequence classifier"
         raise ModelError(f"cannot load {path} as {what} for a {spec.kind} task: {str(err).splitlines()[0]}") from None
     except Exception as err:  # a damaged weights file raises the reader's own error type
+        if "ignore_mismatched_sizes" in str(err):  # transformers' words for a saved head of another size
+            outputs = transformers.AutoConfig.from_pretrained(path, local_files_only=True).num_labels
+            classes = f" ({', '.join(spec.label_names)})" if spec.label_names else ""
+            raise ModelError(f"{path} has a task head with {outputs} outputs, but this {spec.kind} task has "
+                             f"{spec.num_labels}{classes}; start from a model without that head, or from data "
+                             "with as many labels") from None
         raise ModelError(f"cannot load model from {path}: {type(err).__name__}: "
                          f"{str(err).splitlines()[0][:200]}") from None
     return tokenizer, model
