@@ -154,6 +154,16 @@ def test_an_output_under_a_file_is_refused_before_any_work(command, env, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+def test_a_study_report_is_kept_apart_from_the_model_and_the_ledger(env, tmp_path, capsys):
+    study = next(c for c in COMMANDS if c.name == "study").argv(env, tmp_path / "study")
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text("")
+    for results in (env["bert"] / "README.md", ledger):
+        code, err = cli(capsys, [*study, "--ledger", str(ledger), "--results", str(results)])
+        assert code == 2 and "would overwrite the input" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.jsonl"] and ledger.read_text() == ""
+
+
 def test_generate_replaces_its_file_only_with_overwrite(env, tmp_path, capsys):
     out = tmp_path / "notes.jsonl"
     out.write_text("my notes\n")
