@@ -43,11 +43,22 @@ def masks_for(model: nn.Module, p: float = 0.4, seed: int = 1) -> dict[str, torc
     return {n: torch.rand(w.shape, generator=g) < p for n, w in model.named_parameters() if n.endswith("weight")}
 
 
-def twins(masks_p: float = 0.4, dtype=torch.float32, on_ready=None):
+def twins(masks_p: float = 0.4, dtype=torch.float32):
     """(model with child-only gradients, its ChildGrads, an identical dense model, the masks)."""
     child, dense = mlp(dtype=dtype), mlp(dtype=dtype)
     masks = masks_for(child, masks_p)
-    return child, ChildGrads(child, masks, on_ready=on_ready), dense, masks
+    return child, ChildGrads(child, masks), dense, masks
+
+
+def record_hooks(grads: ChildGrads) -> list[tuple[str, torch.Tensor | None, torch.Tensor | None]]:
+    """Each weight's post-accumulate-grad hook calls, with `.grad` and a copy of the child gradient then."""
+    calls = []
+    for name, site in grads.sites.items():
+        def hook(param, name=name):
+            child = grads.grad(name)
+            calls.append((name, param.grad, None if child is None else child.clone()))
+        site.param.register_post_accumulate_grad_hook(hook)
+    return calls
 
 
 def backward_both(child, dense, x, loss=lambda y: (y * torch.arange(y.shape[-1], dtype=y.dtype)).sum()):
@@ -118,17 +129,20 @@ def test_a_growing_index_keeps_what_was_accumulated_and_matches_dense_after_grow
     assert_matches_dense(child, grads, dense, grown, **FP32)
 
 
-def test_a_weight_used_twice_sums_both_uses_and_is_ready_once():
+def test_a_weight_used_twice_sums_both_uses_and_its_hook_runs_once_after_both():
     torch.manual_seed(0)
-    child, ready = nn.Linear(5, 5), []
+    child = nn.Linear(5, 5)
     dense = copy.deepcopy(child)
     mask = torch.rand(5, 5) < 0.5
-    grads = ChildGrads(child, {"weight": mask}, on_ready=lambda n, p: ready.append(n))
+    grads = ChildGrads(child, {"weight": mask})
+    calls = record_hooks(grads)
     twice = lambda m: (lambda x: m(torch.tanh(m(x))))  # noqa: E731
     dx, want = backward_both(twice(child), twice(dense), torch.randn(3, 5))
     torch.testing.assert_close(dx, want, **FP32)
+    [(name, grad, at_hook)] = calls  # once, with no dense gradient, both uses already in
+    assert name == "weight" and grad is None
+    torch.testing.assert_close(at_hook, dense.weight.grad[mask], **FP32)
     torch.testing.assert_close(grads.grad("weight"), dense.weight.grad[mask], **FP32)
-    assert ready == ["weight"]
 
 
 def test_a_weight_shared_by_two_modules_is_one_entry():
@@ -137,11 +151,13 @@ def test_a_weight_shared_by_two_modules_is_one_entry():
     child[2].weight = child[0].weight  # tied: named_parameters lists it once
     dense = copy.deepcopy(child)
     mask = torch.rand(4, 4) < 0.5
-    ready = []
-    grads = ChildGrads(child, {"0.weight": mask}, on_ready=lambda n, p: ready.append(n))
+    grads = ChildGrads(child, {"0.weight": mask})
+    calls = record_hooks(grads)
     backward_both(child, dense, torch.randn(6, 4))
     torch.testing.assert_close(grads.grad("0.weight"), dense[0].weight.grad[mask], **FP32)
-    assert ready == ["0.weight"] and child[0].weight.grad is None
+    [(_, grad, at_hook)] = calls
+    assert grad is None and child[0].weight.grad is None
+    torch.testing.assert_close(at_hook, dense[0].weight.grad[mask], **FP32)
 
 
 def test_bf16_cpu_autocast_casts_as_autocast_does(backend):
@@ -154,12 +170,14 @@ def test_bf16_cpu_autocast_casts_as_autocast_does(backend):
 
 
 def test_an_empty_index_gives_an_empty_gradient_and_dense_dx(backend):
-    child, dense, ready = mlp(), mlp(), []
+    child, dense = mlp(), mlp()
     empty = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in child.named_parameters() if n.endswith("weight")}
-    grads = ChildGrads(child, empty, on_ready=lambda n, p: ready.append(n))
+    grads = ChildGrads(child, empty)
+    calls = record_hooks(grads)
     dx, want = backward_both(child, dense, torch.randn(4, 7))
     torch.testing.assert_close(dx, want, rtol=0, atol=0)
-    assert all(grads.grad(n).shape == (0,) for n in empty) and sorted(ready) == sorted(empty)
+    assert all(grads.grad(n).shape == (0,) for n in empty)
+    assert sorted(name for name, _, at_hook in calls if at_hook is not None) == sorted(empty)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -207,35 +225,62 @@ def test_remove_restores_dense_weight_gradients():
         torch.testing.assert_close(child.get_parameter(name).grad, dense.get_parameter(name).grad, rtol=0, atol=0)
 
 
-def trained(child_only: bool, *, in_backward: bool = False, micro: int = 1, steps: int = 4) -> nn.Module:
-    """A 3-layer MLP after `steps` updates of SparseChildAdamW under a fixed random child network, with
-    `micro` micro-batches per update; dense weight gradients, or child-only ones (`child_only_grads`)."""
+class TiedLM(nn.Module):
+    """Token embedding tied to the output Linear: the weight is used in and outside nn.Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.mid, self.out = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 11, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.mid(self.embed(tokens))))
+
+
+def mlp3() -> nn.Module:
+    return nn.Sequential(nn.Linear(7, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3))
+
+
+MODELS = {  # name: (model, its child-only weights, a batch for step t)
+    "mlp": (mlp3, ["0.weight", "2.weight", "4.weight"],
+            lambda t: torch.randn(5, 7, generator=torch.Generator().manual_seed(t))),
+    "tied-embedding": (TiedLM, ["embed.weight", "mid.weight"],
+                       lambda t: torch.randint(11, (2, 4), generator=torch.Generator().manual_seed(t))),
+}
+
+
+def trained(model_name: str, child_only: bool, *, in_backward: bool = False, micro: int = 1,
+            steps: int = 4) -> nn.Module:
+    """A model after `steps` updates of SparseChildAdamW under a fixed random child network, with `micro`
+    micro-batches per update; dense weight gradients, or child-only ones (`child_only_grads`)."""
+    make, names, batch = MODELS[model_name]
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(7, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3))
+    model = make()
     opt = SparseChildAdamW(model.named_parameters(), RandomMasking(0.3, seed=2, always=()), lr=1e-2,
                            weight_decay=0.1, in_backward=in_backward)
     if child_only:
-        assert sorted(opt.child_only_grads(model).sites) == ["0.weight", "2.weight", "4.weight"]
+        assert sorted(opt.child_only_grads(model).sites) == names
     for step in range(steps):
         for m in range(micro):
             opt.accumulating = in_backward and m < micro - 1
-            x = torch.randn(5, 7, generator=torch.Generator().manual_seed(10 * step + m))
-            model(x).square().mean().backward()
-        if child_only:
-            assert all(model.get_parameter(n).grad is None for n in ("0.weight", "2.weight", "4.weight"))
+            model(batch(10 * step + m)).square().mean().backward()
+        if child_only and model_name == "mlp":
+            assert all(model.get_parameter(n).grad is None for n in names)
         opt.step()
         opt.zero_grad()
     return model
 
 
+@pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("in_backward", [False, True], ids=["step", "in-backward"])
 @pytest.mark.parametrize("micro", [1, 2], ids=["one-batch", "accumulated"])
-def test_sparse_adamw_steps_from_child_only_gradients_as_from_dense_ones(backend, in_backward, micro):
-    dense = trained(False, in_backward=in_backward, micro=micro)
-    child = trained(True, in_backward=in_backward, micro=micro)
+def test_sparse_adamw_steps_from_child_only_gradients_as_from_dense_ones(backend, model_name, in_backward, micro):
+    dense = trained(model_name, False, in_backward=in_backward, micro=micro)
+    child = trained(model_name, True, in_backward=in_backward, micro=micro)
     for (name, a), b in zip(dense.named_parameters(), child.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
-    assert not torch.equal(dense[0].weight, trained(False, steps=0)[0].weight)
+    before = trained(model_name, False, steps=0)
+    assert all(not torch.equal(a, b) for a, b in zip(dense.parameters(), before.parameters(), strict=True))
 
 
 def test_child_only_gradients_need_a_fixed_child_network():

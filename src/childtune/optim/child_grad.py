@@ -21,15 +21,15 @@ products). Both go through the tokens in blocks whose transposes are of bounded 
 agree to float32 rounding (they sum in different orders); `CHILDTUNE_KERNELS=eager` forces the torch ops.
 
 `ChildGrads(model, indices)` installs this on every nn.Linear whose weight has an index (a weight shared
-by several Linear modules, or one module called twice, is one entry): the weight's `.grad` stays None
-and `ChildGrads.grad(name)` holds the child gradient vector, summed over backwards (gradient
-accumulation) and over a weight's uses in one graph (tied weights), until taken. `on_ready(name, param)`
-is called once all of a weight's uses in a backward have delivered (a count of uses recorded in forward),
-so an optimizer can step there and free the vector, as `register_post_accumulate_grad_hook` would
-allow for a dense gradient. A forward whose graph is never backpropagated leaves its uses counted:
-`zero_grad()` forgets them. `set_index` moves a weight to a grown index set, carrying over what was
-accumulated. Not supported: FSDP2 shards (DTensor weights) and re-run forwards (activation
-checkpointing would count a use twice).
+by several Linear modules, or one module called twice, is one entry): autograd gets no gradient for the
+weight from them, and `ChildGrads.grad(name)` holds the child gradient vector, summed over backwards
+(gradient accumulation) and over the weight's uses in one graph (tied weights), until taken. The
+weight's post-accumulate-grad hooks still run once per backward, after all its uses have delivered
+(autograd runs a leaf's accumulation node once every path to it is done, a None gradient included), so
+an optimizer steps there from the vector as it would from a dense `.grad`; tests/test_child_grad.py pins
+that order. Uses outside nn.Linear modules (an embedding tied to the LM head) still accumulate a dense
+`.grad` through autograd, which the consumer adds. `set_index` moves a weight to a grown index set,
+carrying over what was accumulated. Not supported: FSDP2 shards (DTensor weights).
 
 Read before writing this (nothing copied): SpIEL (Ansell et al. 2024, github.com/AlanAnsell/peft,
 src/peft/tuners/sft/layer.py) keeps the same gather-and-dot backward for its sparse delta values
@@ -41,7 +41,7 @@ indices inside a custom autograd Function.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -102,15 +102,12 @@ def _child_dot_torch(out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, 
 
 @dataclass(eq=False)
 class _Site:
-    """One weight under child-only gradients: its child index, the gradient accumulated at it, and the
-    number of its uses in forward not yet backpropagated."""
+    """One weight under child-only gradients: its child index and the gradient accumulated at it."""
 
     name: str
     param: nn.Parameter
     index: torch.Tensor
-    on_ready: Callable[[str, nn.Parameter], None] | None
     grad: torch.Tensor | None = None
-    pending: int = 0
 
 
 class _ChildLinear(torch.autograd.Function):
@@ -145,13 +142,12 @@ class ChildGrads:
     """Child-only weight gradients for a model's Linear weights named in `indices` (name -> sorted flat
     index tensor, or a bool mask). See the module docstring; `remove()` restores the plain forwards."""
 
-    def __init__(self, model: nn.Module, indices: Mapping[str, torch.Tensor],
-                 on_ready: Callable[[str, nn.Parameter], None] | None = None) -> None:
+    def __init__(self, model: nn.Module, indices: Mapping[str, torch.Tensor]) -> None:
         params = dict(model.named_parameters())
         unknown = set(indices) - set(params)
         if unknown:
             raise ValueError(f"no parameters named {sorted(unknown)} in the model")
-        self.sites = {n: _Site(n, params[n], _checked(n, params[n], i), on_ready) for n, i in indices.items()}
+        self.sites = {n: _Site(n, params[n], _checked(n, params[n], i)) for n, i in indices.items()}
         by_param = {s.param: s for s in self.sites.values()}
         self._patched = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight in by_param]
         seen = {m.weight for m in self._patched}
@@ -172,9 +168,9 @@ class ChildGrads:
         return grad
 
     def zero_grad(self) -> None:
-        """Forget every accumulated child gradient and every use not backpropagated."""
+        """Forget every accumulated child gradient."""
         for site in self.sites.values():
-            site.grad, site.pending = None, 0
+            site.grad = None
 
     def set_index(self, name: str, index: torch.Tensor) -> None:
         """Move `name` to a new (grown) child index; a gradient accumulated at the old elements is kept
@@ -199,13 +195,10 @@ class ChildGrads:
 
     @staticmethod
     def deliver(site: _Site, values: torch.Tensor, index: torch.Tensor) -> None:
-        """Backward's part: add one use's child gradient; call `on_ready` once the weight's last use has."""
+        """Backward's part: add one use's child gradient."""
         if index is not site.index:
             raise RuntimeError(f"the child index of {site.name!r} changed between forward and backward")
         site.grad = values if site.grad is None else site.grad.add_(values)
-        site.pending = max(site.pending - 1, 0)
-        if site.pending == 0 and site.on_ready is not None:
-            site.on_ready(site.name, site.param)
 
 
 def _forward(module: nn.Linear, site: _Site, x: torch.Tensor) -> torch.Tensor:
@@ -214,7 +207,6 @@ def _forward(module: nn.Linear, site: _Site, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, module.weight, module.bias)
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    site.pending += 1
     return _ChildLinear.apply(x, module.weight, module.bias, site, dtype)
 
 

@@ -38,8 +38,9 @@ autograd would have formed. ID3 cannot accumulate in backward (it ranks the whol
 `child_only_grads(model)` (opt-in, fixed child networks) makes backward compute the gradient of a
 model's partially chosen Linear weights at their child elements only (`optim/child_grad.py`: no dense dW
 ever exists) and steps those weights from the delivered vectors, in `step()` or, with `in_backward`,
-as soon as a weight's last use in the graph has delivered. The update is the same arithmetic on the
-same child gradient values, summed in another order (float32 rounding).
+in the same post-accumulate-grad hook (autograd runs it once the weight's uses are all done, with
+`.grad` None). The update is the same arithmetic on the same child gradient values, summed in another
+order (float32 rounding).
 """
 
 from __future__ import annotations
@@ -146,14 +147,9 @@ class SparseChildAdamW(Optimizer):
             mask = masks.get(self.names.get(param, ""))
             if param in linear and param.requires_grad and mask is not None and not bool(mask.all()):
                 chosen[name] = mask
-        self._child = ChildGrads(model, chosen, on_ready=self._child_ready if self.in_backward else None)
+        self._child = ChildGrads(model, chosen)
         self._child_name = {site.param: name for name, site in self._child.sites.items()}
         return self._child
-
-    def _child_ready(self, name: str, param: torch.Tensor) -> None:
-        """`in_backward`: a weight's child-only gradient is complete, so its update runs now (what autograd's
-        post-accumulate-grad hook does for a dense gradient)."""
-        self._update_in_backward(param, self._delivered(param))
 
     def _delivered(self, param: torch.Tensor) -> torch.Tensor | None:
         """Take `param`'s child-only gradient (None where it has none: `.grad` holds its gradient)."""
@@ -175,15 +171,16 @@ class SparseChildAdamW(Optimizer):
             self.state[params[i]].update({k: v.to(params[i].device) for k, v in keys.items()})
 
     @torch.no_grad()
-    def _update_in_backward(self, param: torch.Tensor, delivered: torch.Tensor | None = None) -> None:
-        """The step for one parameter, as soon as backward has its gradient (`.grad`, or the `delivered`
-        child-only one); the gradient is then freed, so the whole model's gradients never exist at once
-        (peak memory: one parameter's gradient)."""
+    def _update_in_backward(self, param: torch.Tensor) -> None:
+        """The step for one parameter, as soon as backward has its gradient (`.grad`, the child-only one, or
+        both); the gradient is then freed, so the whole model's gradients never exist at once (peak
+        memory: one parameter's gradient)."""
         if only_reading():  # a sharded Fisher pass reading its gradients (childtune.shards)
             return
-        if delivered is None and param in self._child_name:
-            return  # autograd's hook, with no gradient: child_only_grads delivers this one (on_ready)
-        if not torch.isfinite(local(param.grad) if delivered is None else delivered).all():
+        delivered = self._delivered(param)
+        if param.grad is None and delivered is None:
+            return  # backward gave it no gradient (its every use returned None)
+        if not all(torch.isfinite(local(g)).all() for g in (param.grad, delivered) if g is not None):
             raise RuntimeError(f"non-finite gradient for {self.names[param]!r}: with the optimizer step in "
                                "backward, updates already made to other parameters cannot be undone")
         name = self.names[param]
@@ -201,7 +198,7 @@ class SparseChildAdamW(Optimizer):
             mask = self.strategy.masks(self.steps).get(name)
         state = self._sync(param, mask)
         if "exp_avg" in state:
-            grad = _child_grad(param, state) if delivered is None else delivered
+            grad = _child_grad(param, state, delivered)
             if param in self._buffers:  # earlier micro-batches' child gradients, then this one's: as autograd adds
                 grad = self._buffers.pop(param).add_(grad)
             if self.accumulating:
@@ -248,7 +245,7 @@ class SparseChildAdamW(Optimizer):
                 state["step"] += 1
                 if "exp_avg" in state:
                     live.append((p, state))
-                    grads.append(_child_grad(p, state) if delivered is None else delivered)
+                    grads.append(_child_grad(p, state, delivered))
             _adamw(group, live, grads)
         self.steps += 1
         return loss
@@ -325,12 +322,17 @@ def _append(state: dict[str, Any], param: torch.Tensor, added: torch.Tensor, joi
     _add_cohort(state, joined, len(added))
 
 
-def _child_grad(param: torch.Tensor, state: Mapping[str, Any]) -> torch.Tensor:
-    """`param`'s gradient at its child elements (all of it for dense state), fp32 for a master copy."""
+def _child_grad(param: torch.Tensor, state: Mapping[str, Any], delivered: torch.Tensor | None = None) -> torch.Tensor:
+    """`param`'s gradient at its child elements (all of it for dense state), fp32 for a master copy: from
+    `.grad`, plus the child-only gradient `delivered` by backward (`child_only_grads`; alone where the
+    weight has no use outside its Linear layers, so `.grad` is None)."""
+    if param.grad is None:
+        return delivered
     index = state.get("index")
     grad = local(param.grad)
     grad = grad if index is None else grad.reshape(-1).index_select(0, index)
-    return grad.float() if "master" in state else grad
+    grad = grad.float() if "master" in state else grad
+    return grad if delivered is None else grad + delivered
 
 
 def _add_cohort(state: dict[str, Any], joined: int, count: int) -> None:
