@@ -209,8 +209,9 @@ def model_path(name: str = "all-MiniLM-L6-v2") -> Path:
     dependency. The folder loads with `from_pretrained(path)` under HF_HUB_OFFLINE=1. Every call checks
     each of its files against the sha256 recorded when it was made (`RECORD`), as `fetch` checks the
     wheel: a cached file that rotted or was edited must not train silently. Hashing is cheap next to
-    loading: 0.06 s for MiniLM's 91 MB model.safetensors and 0.5 s for SmolLM2's 538 MB one (about
-    1 GB/s with the file in the page cache, measured on the 2-core development CPU), once per process.
+    loading, so every file is hashed in full, once per process: 0.06-0.16 s for MiniLM's 91 MB
+    model.safetensors, 0.45-0.6 s for a file of SmolLM2's 538 MB (0.6-1.5 GB/s from the page cache on
+    the busy 2-core development CPU, measured 2026-12-05).
     """
     try:
         asset_name, prefix = MODELS[name]
