@@ -12,7 +12,7 @@ Files (a directory, like peft's adapter layout):
   element changed), `values/<name>` (tuned minus base, in the parameter dtype), the exactness
   exceptions below (`exc_base/`, `exc_tuned/` and their positions among the changed elements, encoded
   the same way as `exc_bitmap/` etc.); and the dense head, stored absolute (`dense/<name>`).
-* `delta_config.json`: a `DeltaConfig` (method, hyper-parameters, base model name and fingerprint,
+* `delta_config.json`: a `DeltaConfig` (method, hyper-parameters, base model name, fingerprint and files,
   format version, counts, per-tensor shape and encodings, sha256 of the tensor file).
 
 Size. Values cost what the child network costs (`p` of the model). Indices come on top, each tensor's in
