@@ -217,6 +217,14 @@ def test_bad_indices_and_non_linear_weights_are_refused():
         ChildGrads(model, {"0.bias": torch.tensor([0])})
 
 
+def test_an_index_changed_between_forward_and_backward_is_refused():
+    child, grads, _, masks = twins()
+    y = child(torch.randn(3, 7)).sum()
+    grads.set_index("2.weight", torch.ones_like(masks["2.weight"]))
+    with pytest.raises(RuntimeError, match="changed between forward and backward"):
+        y.backward()
+
+
 def test_remove_restores_dense_weight_gradients():
     child, grads, dense, masks = twins()
     grads.remove()

@@ -109,6 +109,12 @@ class _Site:
     index: torch.Tensor
     grad: torch.Tensor | None = None
 
+    def add(self, values: torch.Tensor, index: torch.Tensor) -> None:
+        """Backward's part: add one use's child gradient, computed at `index` (the index of its forward)."""
+        if index is not self.index:
+            raise RuntimeError(f"the child index of {self.name!r} changed between forward and backward")
+        self.grad = values if self.grad is None else self.grad.add_(values)
+
 
 class _ChildLinear(torch.autograd.Function):
     """y = x @ W.T + b, whose backward gives dX and db densely and W's gradient at its child index only
@@ -134,7 +140,7 @@ class _ChildLinear(torch.autograd.Function):
         w = weight if ctx.dtype is None else weight.to(ctx.dtype)
         dx = dy @ w if ctx.needs_input_grad[0] else None
         db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
-        ChildGrads.deliver(ctx.site, child_weight_grad(dy, x, ctx.index), ctx.index)
+        ctx.site.add(child_weight_grad(dy, x, ctx.index), ctx.index)
         return dx, None, db, None, None
 
 
@@ -178,12 +184,10 @@ class ChildGrads:
         site = self.sites[name]
         index = _checked(name, site.param, index)
         if site.grad is not None:
-            where = torch.searchsorted(index, site.index)
-            if not bool((where < len(index)).all()) or not torch.equal(index[where.clamp(max=len(index) - 1)],
-                                                                       site.index):
+            if not bool(torch.isin(site.index, index).all()):
                 raise ValueError(f"the new child index of {name!r} drops elements holding an accumulated gradient")
             grad = site.grad.new_zeros(len(index))
-            grad[where] = site.grad
+            grad[torch.searchsorted(index, site.index)] = site.grad
             site.grad = grad
         site.index = index
 
@@ -192,13 +196,6 @@ class ChildGrads:
         for module in self._patched:
             del module.forward
         self._patched = []
-
-    @staticmethod
-    def deliver(site: _Site, values: torch.Tensor, index: torch.Tensor) -> None:
-        """Backward's part: add one use's child gradient."""
-        if index is not site.index:
-            raise RuntimeError(f"the child index of {site.name!r} changed between forward and backward")
-        site.grad = values if site.grad is None else site.grad.add_(values)
 
 
 def _forward(module: nn.Linear, site: _Site, x: torch.Tensor) -> torch.Tensor:
