@@ -81,6 +81,8 @@ def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
     import transformers
 
     path = model_folder(config.model)
+    auto: type[transformers.AutoModelForCausalLM] | type[transformers.AutoModelForSequenceClassification]
+    labels: dict[str, Any]
     if spec.kind == "generation":
         auto, labels = transformers.AutoModelForCausalLM, {}
     else:
@@ -119,11 +121,12 @@ def position_limit(model: torch.nn.Module) -> int:
     """Longest input the model can place: its position table, less the slots RoBERTa-style models
     reserve below their first position (pad_token_id + 1). Tokenizers do not always state this limit,
     and a text past it fails deep inside the embedding lookup instead of being truncated."""
-    config = model.config
+    config = model.config  # a PretrainedConfig (a plain attribute, though nn.Module types attributes as modules)
     table = getattr(config, "max_position_embeddings", None)
     if not isinstance(table, int) or table <= 0:
         return 1_000_000
-    reserved = (config.pad_token_id or 0) + 1 if "roberta" in getattr(config, "model_type", "") else 0
+    pad = getattr(config, "pad_token_id", None)
+    reserved = (pad if isinstance(pad, int) else 0) + 1 if "roberta" in getattr(config, "model_type", "") else 0
     return table - reserved
 
 
