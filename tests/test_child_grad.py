@@ -196,14 +196,25 @@ def test_the_compiled_kernel_and_the_torch_ops_agree(monkeypatch, dtype, index_d
     torch.testing.assert_close(compiled.double(), exact, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("block", [16, 40], ids=["one-token-blocks", "two-element-chunks"])
-def test_blocks_of_tokens_and_chunks_of_elements_give_the_same_result(backend, monkeypatch, block):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_dtypes_the_kernel_does_not_take_go_through_torch_ops(dtype):
+    g = torch.Generator().manual_seed(4)
+    dy, x = torch.randn(6, 3, 9, generator=g).to(dtype), torch.randn(6, 3, 5, generator=g).to(dtype)
+    index = torch.tensor([0, 4, 5, 17, 44], dtype=torch.int32)
+    exact = (dy.double().reshape(-1, 9).t() @ x.double().reshape(-1, 5)).reshape(-1)[index.long()]
+    got = child_weight_grad(dy, x, index)
+    assert got.dtype == torch.promote_types(dtype, torch.float32)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [16, 66], ids=["one-token-blocks", "three-token-blocks"])
+def test_blocks_of_tokens_give_the_same_result(backend, monkeypatch, block):
     from childtune.optim import child_grad
 
     dy, x = torch.randn(8, 10), torch.randn(8, 12)
     index = torch.arange(0, 120, 7, dtype=torch.int32)
     whole = child_weight_grad(dy, x, index)
-    monkeypatch.setattr(child_grad, "BLOCK", block)  # 16: blocks of one token (and one-element chunks)
+    monkeypatch.setattr(child_grad, "BLOCK", block)  # (10 + 12) values a token: blocks of 1, or 3, 3, 2 tokens
     torch.testing.assert_close(child_weight_grad(dy, x, index), whole, **FP32)
 
 

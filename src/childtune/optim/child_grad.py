@@ -16,9 +16,9 @@ gradients stay dense through autograd (out_features values: cheap).
 
 Two implementations: the compiled kernel `childtune.kernels.child_dot_` (CPU, float32 or bfloat16 inputs,
 threaded over the elements, fixed summation order) and torch ops for any device or dtype
-(`_child_dot_torch`: gather the child elements' rows of dY^T and X^T in chunks and take their pairwise dot
-products). Both go through the tokens in blocks whose transposes are of bounded size (`BLOCK`). They
-agree to float32 rounding (they sum in different orders); `CHILDTUNE_KERNELS=eager` forces the torch ops.
+(`_child_dot_torch`: torch.sparse.sampled_addmm on the child elements as a CSR pattern, as RoSA uses spops'
+`sddmm`). Both go through the tokens in blocks of bounded size (`BLOCK`). They agree to float32 rounding
+(they sum in different orders); `CHILDTUNE_KERNELS=eager` forces the torch ops.
 
 `ChildGrads(model, indices)` installs this on every nn.Linear whose weight has an index (a weight shared
 by several Linear modules, or one module called twice, is one entry): autograd gets no gradient for the
@@ -41,6 +41,7 @@ indices inside a custom autograd Function.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -54,10 +55,10 @@ from childtune import kernels
 from childtune.shards import is_sharded
 
 BLOCK = 1 << 20
-"""Values per token block: the block's dY^T and X^T together, and each chunk of gathered rows in the
-torch-ops path, hold at most this many (4 MiB in float32), so the extra memory of a child-only weight
-gradient is bounded whatever the number of tokens, where transposing all of dY and X would exceed dense
-dW's own out x in once tokens > out * in / (out + in)."""
+"""Values per token block: the block's dY^T and X^T together (as the kernel's contiguous copies or the
+torch path's float32 casts) hold at most this many (4 MiB in float32), so the extra memory of a child-only
+weight gradient is bounded whatever the number of tokens, where copying all of dY and X would exceed
+dense dW's own out x in once tokens > out * in / (out + in)."""
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -78,26 +79,32 @@ def child_weight_grad(dy: torch.Tensor, x: torch.Tensor, index: torch.Tensor) ->
     dy, x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, width)
     out = torch.zeros(len(index), dtype=torch.promote_types(dy.dtype, torch.float32), device=dy.device)
     tokens = max(1, BLOCK // (dy.shape[1] + width))
+    pattern = None
     for begin in range(0, dy.shape[0], tokens):
         rows, cols = dy[begin:begin + tokens].t(), x[begin:begin + tokens].t()
         if not kernels.child_dot_(out, rows, cols, index, width):
-            _child_dot_torch(out, rows, cols, index, width)
+            pattern = _csr_pattern(index, dy.shape[1], width) if pattern is None else pattern
+            _child_dot_torch(out, rows, cols, pattern)
     return out
 
 
-def _child_dot_torch(out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, index: torch.Tensor,
-                     width: int) -> None:
-    """`out[k] += sum_t rows[i_k, t] * cols[j_k, t]` in torch ops, any device: the rows made contiguous in
-    `out`'s dtype, then for a chunk of elements (at most `BLOCK` gathered values per operand) their rows
-    gathered and multiplied pairwise by one batched matmul. Rows of dY^T and X^T, not columns of dY and
-    X: each gathered row is one contiguous copy, which measured faster on a CPU."""
-    rows, cols = rows.to(out.dtype).contiguous(), cols.to(out.dtype).contiguous()
-    step = max(1, BLOCK // max(1, rows.shape[1]))
-    for begin in range(0, len(index), step):
-        flat = index[begin:begin + step]
-        a = rows.index_select(0, flat // width).unsqueeze(1)
-        b = cols.index_select(0, flat % width).unsqueeze(2)
-        out[begin:begin + len(flat)] += torch.bmm(a, b).view(-1)
+def _csr_pattern(index: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The child elements as a CSR pattern of the (height x width) weight: row offsets and column indices."""
+    crow = torch.zeros(height + 1, dtype=index.dtype, device=index.device)
+    crow[1:] = torch.bincount(index // width, minlength=height).cumsum(0)
+    return crow, index % width
+
+
+def _child_dot_torch(out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                     pattern: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """`out[k] += sum_t rows[i_k, t] * cols[j_k, t]` in torch ops, any device: torch.sparse.sampled_addmm,
+    torch's own SDDMM (cuSPARSE on CUDA), with `out` as the values of the sampled matrix it adds to, the
+    inputs cast to `out`'s dtype (it takes no bfloat16 on a CPU). Measured about 30x faster on a CPU
+    (2048 x 2048, 512 tokens, 1%) than gathering the rows of dY^T and X^T for a batched dot product."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta", once per process: not the user's concern
+        warnings.simplefilter("ignore", UserWarning)
+        sampled = torch.sparse_csr_tensor(*pattern, out, (rows.shape[0], cols.shape[0]), check_invariants=False)
+    out.copy_(torch.sparse.sampled_addmm(sampled, rows.to(out.dtype), cols.to(out.dtype).t()).values())
 
 
 @dataclass(eq=False)
