@@ -170,13 +170,75 @@ def test_a_tiny_llama_learns_a_generation_task(llama, tmp_path, method):
     assert metrics["truncated_prompts"] == 0
 
 
-def test_generation_runs_export_apply_and_generate(tmp_path, capsys):
-    llama = write_tiny_llama(tmp_path / "tied", tied=True)  # embeddings and LM head one tensor, as SmolLM2's
-    train, dev = write_generation_task(tmp_path)
-    run = tmp_path / "run"
+SHIPPED_DECODING = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 1, "min_new_tokens": 3}
+"""Decoding defaults a model folder may ship in generation_config.json, which `generate` applies even to
+greedy decoding: with them the answer "good" (one word, then EOS) could never be produced."""
+
+
+@pytest.fixture(scope="module")
+def tied_run(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A finished child-d generation run on a tiny tied Llama whose folder ships `SHIPPED_DECODING`:
+    (model folder, dev file, run folder)."""
+    root = tmp_path_factory.mktemp("tied")
+    llama = write_tiny_llama(root / "tied", tied=True)  # embeddings and LM head one tensor, as SmolLM2's
+    transformers.GenerationConfig(**SHIPPED_DECODING).save_pretrained(llama)
+    train, dev = write_generation_task(root)
+    run = root / "run"
     assert main(["train", "--model", str(llama), "--train", str(train), "--dev", str(dev), "--kind", "generation",
                  "--method", "child-d", "--reserve-p", "0.5", "--lr", "1e-2", "--epochs", "6", "--batch-size", "8",
                  "--max-new-tokens", "3", "--no-progress", "--checkpoint-every", "0", "--output", str(run)]) == 0
+    return llama, dev, run
+
+
+def greedy_by_hand(model, prompts, collate: LMCollate, max_new_tokens: int) -> list[str]:
+    """Each prompt decoded alone, without `generate`, padding or a cache: the argmax of the last position's
+    logits appended until EOS or `max_new_tokens`, the prompt cut as `LMCollate.for_generation` cuts it."""
+    tok, answers = collate.tokenizer, []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids, new = collate.prompt_ids(prompt)[-(collate.max_length - 1):], []
+            for _ in range(max_new_tokens):
+                token = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+                if token == tok.eos_token_id:
+                    break
+                new.append(token)
+            answers.append(tok.decode(new, skip_special_tokens=True))
+    return answers
+
+
+def test_the_stored_exact_match_is_the_models_own_greedy_answers(tied_run):
+    """metrics.json's dev exact match, recomputed from the trained model's greedy answers decoded one by
+    one (the model rebuilt as base + delta), whatever decoding defaults its folder ships."""
+    from childtune.delta import SparseDelta
+
+    llama, dev, run = tied_run
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama).eval()
+    SparseDelta.load(run / "delta").apply(model)
+    examples = [(r["prompt"], r["target"]) for r in map(json.loads, dev.read_text().splitlines())]
+    answers = greedy_by_hand(model, [p for p, _ in examples], collate_for(llama, 128), max_new_tokens=3)
+    recomputed = exact_match(answers, [t for _, t in examples])["exact_match"]
+    assert json.loads((run / "metrics.json").read_text())["dev"]["exact_match"] == recomputed > 0
+
+
+def test_batched_left_padded_greedy_decoding_equals_one_prompt_at_a_time(llama):
+    """Prompts of different lengths share a batch padded on the left; each answer must be the one the
+    prompt gets decoded alone (`generate` one at a time, and by hand)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # weights large enough that the answers vary from token to token
+        for param in model.parameters():
+            param.copy_(0.5 * torch.randn(param.shape, generator=g))
+    collate = collate_for(llama)
+    prompts = ["good", "the film was very", "a", "plot was not fun and the movie is", "dull silly", "moving smart fine"]
+    alone = greedy_by_hand(model, prompts, collate, max_new_tokens=6)
+    assert len({len(collate.prompt_ids(p)) for p in prompts}) == 5 and len(set(alone)) == len(prompts)
+    for batch_size in (len(prompts), 4, 1):
+        config = TrainConfig(max_new_tokens=6, eval_batch_size=batch_size, progress=False)
+        assert generate_answers(model, prompts, collate, config) == alone, batch_size
+
+
+def test_generation_runs_export_apply_and_generate(tmp_path, capsys, tied_run):
+    llama, dev, run = tied_run
     assert (run / "delta").is_dir() and (run / "masks.safetensors").is_file()
     # the delta round trip: base + delta is the tuned causal LM, tied embedding/LM head and all, bit for bit
     assert main(["apply", str(run), "--output", str(tmp_path / "applied")]) == 0

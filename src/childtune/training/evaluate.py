@@ -115,13 +115,32 @@ def evaluate_generation(model, examples, collate, config: TrainConfig, desc: str
 
 @torch.no_grad()
 def generate_answers(model, prompts, collate, config: TrainConfig, desc: str = "generate") -> list[str]:
-    """Greedy continuations of `prompts`, batched with left padding, cut at EOS or `max_new_tokens`."""
+    """Greedy continuations of `prompts`, batched with left padding, cut at EOS or `max_new_tokens`: each
+    the argmax token at every step, as the same prompt decoded alone would give."""
     model.eval()
     tokenizer, out = collate.tokenizer, []
-    for start in tqdm(range(0, len(prompts), config.eval_batch_size), desc=desc, unit="batch", leave=False,
-                      disable=not config.progress):
-        batch = to_device(collate.for_generation(prompts[start:start + config.eval_batch_size]), model)
-        generated = model.generate(**batch, max_new_tokens=config.max_new_tokens, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        out += tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
+    with _plain_greedy(model):
+        for start in tqdm(range(0, len(prompts), config.eval_batch_size), desc=desc, unit="batch", leave=False,
+                          disable=not config.progress):
+            batch = to_device(collate.for_generation(prompts[start:start + config.eval_batch_size]), model)
+            generated = model.generate(**batch, max_new_tokens=config.max_new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            out += tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
     return out
+
+
+@contextlib.contextmanager
+def _plain_greedy(model):
+    """Sets aside the decoding defaults a model folder ships (`generation_config.json`: repetition
+    penalties, banned n-grams, minimum lengths), which `generate` applies even to greedy decoding and
+    even under an explicit `GenerationConfig` (it fills every unset field from the model's). Exact match
+    then scores the model's own argmax answers, whatever folder it came from."""
+    from transformers import GenerationConfig
+
+    owner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft generates with its base
+    saved = owner.generation_config
+    owner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        owner.generation_config = saved
