@@ -11,7 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from childtune.cli.commands import (
+from childtune import openmp
+
+openmp.prefer_passive_wait()  # before the imports below load torch, and with it OpenMP
+
+from childtune.cli.commands import (  # noqa: E402
     COMPARE_OWN,
     RESUME_SAFE,
     STUDY_OWN,
@@ -23,8 +27,8 @@ from childtune.cli.commands import (
     cmd_study,
     cmd_train,
 )
-from childtune.cli.options import add_config_options, at_least, comma_list, flag, grid, seed_list
-from childtune.training.methods import METHODS
+from childtune.cli.options import add_config_options, at_least, comma_list, flag, grid, seed_list  # noqa: E402
+from childtune.training.methods import METHODS  # noqa: E402
 
 EXIT_USAGE = 2
 
