@@ -160,6 +160,17 @@ def test_a_weight_shared_by_two_modules_is_one_entry():
     torch.testing.assert_close(at_hook, dense[0].weight.grad[mask], **FP32)
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_delivers_each_use_once(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    child, grads, dense, masks = twins()
+    wrapped = lambda m: (lambda x: checkpoint(m, x, use_reentrant=reentrant))  # noqa: E731
+    dx, want = backward_both(wrapped(child), wrapped(dense), torch.randn(4, 7))
+    torch.testing.assert_close(dx, want, rtol=0, atol=0)
+    assert_matches_dense(child, grads, dense, masks, **FP32)
+
+
 def test_bf16_cpu_autocast_casts_as_autocast_does(backend):
     child, grads, dense, masks = twins()
     x = torch.randn(2, 6, 7)
@@ -269,12 +280,12 @@ MODELS = {  # name: (model, its child-only weights, a batch for step t)
 
 
 def trained(model_name: str, child_only: bool, *, in_backward: bool = False, micro: int = 1,
-            steps: int = 4) -> nn.Module:
+            steps: int = 4, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A model after `steps` updates of SparseChildAdamW under a fixed random child network, with `micro`
     micro-batches per update; dense weight gradients, or child-only ones (`child_only_grads`)."""
     make, names, batch = MODELS[model_name]
     torch.manual_seed(0)
-    model = make()
+    model = make().to(dtype)
     opt = SparseChildAdamW(model.named_parameters(), RandomMasking(0.3, seed=2, always=()), lr=1e-2,
                            weight_decay=0.1, in_backward=in_backward)
     if child_only:
@@ -282,7 +293,8 @@ def trained(model_name: str, child_only: bool, *, in_backward: bool = False, mic
     for step in range(steps):
         for m in range(micro):
             opt.accumulating = in_backward and m < micro - 1
-            model(batch(10 * step + m)).square().mean().backward()
+            inputs = batch(10 * step + m)
+            model(inputs.to(dtype) if inputs.is_floating_point() else inputs).float().square().mean().backward()
         if child_only and model_name == "mlp":
             assert all(model.get_parameter(n).grad is None for n in names)
         opt.step()
@@ -300,6 +312,16 @@ def test_sparse_adamw_steps_from_child_only_gradients_as_from_dense_ones(backend
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
     before = trained(model_name, False, steps=0)
     assert all(not torch.equal(a, b) for a, b in zip(dense.parameters(), before.parameters(), strict=True))
+
+
+def test_bf16_weights_step_their_fp32_masters_from_fp32_child_gradients(backend):
+    """The child-only gradient is the float32 sum (the dense path's is rounded to bfloat16 first), so the
+    two agree to a bfloat16 step's rounding, not bit for bit."""
+    dense = trained("mlp", False, dtype=torch.bfloat16)
+    child = trained("mlp", True, dtype=torch.bfloat16)
+    for a, b in zip(dense.parameters(), child.parameters(), strict=True):
+        assert b.dtype == torch.bfloat16
+        torch.testing.assert_close(b, a, rtol=2**-7, atol=2e-3)
 
 
 def test_child_only_gradients_need_a_fixed_child_network():
