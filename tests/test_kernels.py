@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -217,10 +216,28 @@ def test_id3_grows_the_same_child_network_compiled_and_eager(tiny_bert, monkeypa
     assert sum(int(m.sum()) for m in compiled.values()) == 200
 
 
-def _probe(wait_seconds: float) -> subprocess.CompletedProcess:
-    """`kernels.extension()` in a fresh process (nothing cached in memory), allowed `wait_seconds` for a lock."""
-    code = (f"from childtune import kernels; kernels.BUILD_WAIT_SECONDS = {wait_seconds}; "
-            "print('compiled' if kernels.extension() is not None else 'eager')")
+FAKE_CLOCK = """
+import os, types
+now = [0.0]
+def sleep(seconds):
+    now[0] += seconds
+    if now[0] > 600:  # a wait that never gives up ends here, at once, not at the subprocess's timeout
+        print("still-waiting", flush=True)
+        os._exit(3)
+kernels.time = types.SimpleNamespace(sleep=sleep, perf_counter=lambda: now[0], monotonic=lambda: now[0],
+                                     time=lambda: now[0])
+"""
+"""The kernels' clock in a probe: time passes only when they sleep, so how long they waited is exact
+however loaded the machine is."""
+
+
+def _probe(wait_seconds: float, fake_clock: bool = False) -> subprocess.CompletedProcess:
+    """`kernels.extension()` in a fresh process (nothing cached in memory), allowed `wait_seconds` for a lock;
+    with `fake_clock` it also prints the seconds it waited by `FAKE_CLOCK`."""
+    code = (f"from childtune import kernels\nkernels.BUILD_WAIT_SECONDS = {wait_seconds}\n"
+            + (FAKE_CLOCK if fake_clock else "")
+            + "print('compiled' if kernels.extension() is not None else 'eager')\n"
+            + ("print(now[0])\n" if fake_clock else ""))
     env = {k: v for k, v in os.environ.items() if k != "CHILDTUNE_KERNELS"}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
@@ -241,9 +258,8 @@ def test_a_build_held_by_a_live_process_is_waited_for_then_the_eager_kernels_ans
     assert kernels.extension() is not None
     with open(kernels.build_directory() / "build.flock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        started = time.perf_counter()
-        done = _probe(1.0)
-        waited = time.perf_counter() - started
-    assert done.stdout.split() == ["eager"]
-    assert "could not be built" in done.stderr and "held" in done.stderr
-    assert 1.0 <= waited < 60
+        done = _probe(1.0, fake_clock=True)
+    assert done.returncode == 0, (done.stdout, done.stderr[-2000:])  # 3 and still-waiting: it never gave up
+    answer, waited = done.stdout.split()
+    assert answer == "eager" and "could not be built" in done.stderr and "held" in done.stderr, done.stdout
+    assert 1.0 <= float(waited) <= 2.0  # its BUILD_WAIT_SECONDS (and a poll), not forever and not at once
