@@ -148,6 +148,7 @@ def test_full_run_learns_and_writes_its_files(tiny_task, tmp_path):
     assert [r["eval"] for r in log if "eval" in r] == ["dev", "test"]
     assert metrics["steps"] == 8 * math.ceil(192 / 16)
     assert metrics["total_params"] == metrics["trainable_params"] == metrics["child_params"]
+    assert metrics["torch_threads"] == torch.get_num_threads()  # what its times were measured with
     # everything moves except what no example reaches: the second token-type embedding row (16 weights)
     assert metrics["changed_params"] == metrics["total_params"] - 16
     reloaded = AutoModelForSequenceClassification.from_pretrained(out / "model")

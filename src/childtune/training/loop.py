@@ -215,6 +215,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
             "eval_time_s": round(eval_time, 3), "peak_rss_mib": peak_rss_mib(),
             "truncated_prompts": getattr(collate, "truncated", 0),
             "optimizer_state_bytes": state_bytes(optimizer), "device": str(next(model.parameters()).device),
+            "torch_threads": torch.get_num_threads(),  # the times above depend on it
             "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
             **(count_elements(pretrained, tuned, params, masks) if tuned is not None else {}),
         }
