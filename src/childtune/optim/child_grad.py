@@ -29,7 +29,9 @@ weight's post-accumulate-grad hooks still run once per backward, after all its u
 an optimizer steps there from the vector as it would from a dense `.grad`; tests/test_child_grad.py pins
 that order. Uses outside nn.Linear modules (an embedding tied to the LM head) still accumulate a dense
 `.grad` through autograd, which the consumer adds. `set_index` moves a weight to a grown index set,
-carrying over what was accumulated. Not supported: FSDP2 shards (DTensor weights).
+carrying over what was accumulated. Install once the model is on its device (the indices are put on the
+weights' device then). Not supported: FSDP2 shards (DTensor weights), which would need every rank's
+child index and a reduce-scatter of the vectors.
 
 Read before writing this (nothing copied): SpIEL (Ansell et al. 2024, github.com/AlanAnsell/peft,
 src/peft/tuners/sft/layer.py) keeps the same gather-and-dot backward for its sparse delta values
