@@ -36,6 +36,8 @@ import transformers
 from fisher_ways import fisher_ways_section
 from llm import llm_fisher_section, llm_section
 from memory import memory_section
+from shared_cpu import TITLE as SHARED_CPU
+from shared_cpu import shared_cpu_section
 from timing import Row, Section, interleaved, ratio, timing_rows, verdict
 from tqdm.auto import tqdm
 
@@ -535,13 +537,54 @@ def render(sections: list[Section], command: str, started: float, load: tuple, m
         "",
     ]
     for s in sections:
-        lines += [f"## {s.title}", "", s.intro, "", "| " + " | ".join([*s.header, "result"]) + " |",
-                  "|" + "---|" * (len(s.header) + 1)]
-        lines += ["| " + " | ".join([r.label, *r.cells, r.verdict]) + " |" for r in s.rows]
-        lines += [""] + [f"{n}\n" for n in s.notes]
-    lines += ["## Targets missed, and why", ""]
+        lines.append(render_section(s))
+    lines += [MISSES, ""]
     lines += misses or ["None."]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def render_section(s: Section) -> str:
+    lines = [f"## {s.title}", "", s.intro, "", "| " + " | ".join([*s.header, "result"]) + " |",
+             "|" + "---|" * (len(s.header) + 1)]
+    lines += ["| " + " | ".join([r.label, *r.cells, r.verdict]) + " |" for r in s.rows]
+    lines += [""] + [f"{n}\n" for n in s.notes]
+    return "\n".join(lines)
+
+
+MISSES = "## Targets missed, and why"
+
+
+def section_text(report: str, title: str) -> str | None:
+    """The section `## title` of a rendered report, up to the next section, or None."""
+    start = report.find(f"## {title}\n")
+    if start < 0:
+        return None
+    end = report.find("\n## ", start + 1)
+    return report[start: end + 1 if end >= 0 else len(report)]
+
+
+def with_section(report: str, text: str, title: str) -> str:
+    """`report` with its section `title` replaced by `text`, or `text` put before the missed targets."""
+    old = section_text(report, title)
+    if old is not None:
+        return report.replace(old, text)
+    at = report.find(MISSES)
+    return report[:at] + text + report[at:] if at >= 0 else report + "\n" + text
+
+
+def previous(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8") if Path(path).exists() else ""
+
+
+def shared_cpu_only(args, command: str) -> None:
+    """`--only-shared-cpu`: measure that table alone and put it in place in --output, keeping the rest
+    (the table takes minutes of mostly slow runs, so `make bench` carries the last one over)."""
+    started = time.time()
+    section = shared_cpu_section(args.shared_cpu_repeats)
+    section.notes.append(f"Measured by `{command}` on {datetime.date.today().isoformat()}, in "
+                         f"{time.time() - started:.0f} s; `make bench` keeps this section as it was.")
+    atomic_write(args.output, with_section(previous(args.output), render_section(section) + "\n", SHARED_CPU))
+    print(render_section(section))
 
 
 def explain_misses(sections: list[Section]) -> list[str]:
@@ -640,6 +683,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="add the memory table: Llama shapes up to 0.67B, each setting in its own process "
                              "(about 15 minutes on this CPU)")
     parser.add_argument("--only-llm", action="store_true", help="only the SmolLM2 table")
+    parser.add_argument("--only-shared-cpu", action="store_true",
+                        help="only the shared-CPU table (training steps/s with a core busy, OpenMP's wait policy "
+                             "before and after; ~10 minutes here), put in place in --output, the rest kept")
+    parser.add_argument("--shared-cpu-repeats", type=int, default=3, help="repeats of each shared-CPU run")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run with few repeats and examples")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     parser.add_argument("--d-masks", help=argparse.SUPPRESS)
@@ -658,12 +705,17 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(THREADS)
     started = time.time()
     command = shlex.join(["python", os.path.relpath(__file__, Path.cwd()), *(argv or sys.argv[1:])])
+    if args.only_shared_cpu:
+        return shared_cpu_only(args, command)
     sections = [] if args.only_llm else minilm_sections(args)
     if not args.no_llm:
         sections += [llm_section(args.llm_repeats), llm_fisher_section(args.fisher_repeats)]
     if args.memory_scale:
         sections.append(memory_section(THREADS))
     text = render(sections, command, started, load, explain_misses(sections))
+    kept = section_text(previous(args.output), SHARED_CPU)
+    if kept:  # measured on its own (--only-shared-cpu)
+        text = with_section(text, kept, SHARED_CPU)
     atomic_write(args.output, text)
     print(text)
 
