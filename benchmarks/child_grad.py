@@ -4,8 +4,9 @@ One process per dtype builds nn.Linear(2048, 2048) four times (a frozen weight: 
 dW; child-only gradients at a fixed random 1% of the weight through the compiled kernel; the same through
 torch ops, `CHILDTUNE_KERNELS=eager`) and a (512 tokens x 2048) input that needs its gradient (a hidden
 state). Each repeat runs the four backwards in turn (forwards untimed), so load on a shared machine hits
-them alike; reported: the median backward time, its excess over the floor (the weight gradient's cost),
-and the backward's peak resident memory above what was resident before it (VmHWM reset through
+them alike; reported: the median backward time, its excess over the floor (the weight gradient's cost
+inside backward), the weight gradient alone (dY^T X by torch.mm, or `child_weight_grad`) and the
+backward's peak resident memory above what was resident before it (VmHWM reset through
 /proc/self/clear_refs, Linux; glibc's mmap threshold fixed at 64 KiB, so every large buffer is mapped
 when allocated and unmapped when freed instead of reused from the heap unseen). One thread, so the
 numbers compare work rather than how well each path threads.
@@ -51,8 +52,23 @@ def _backward(layer, grads, x, dy) -> tuple[float, float]:
     return time.perf_counter() - start, (_status_kib("VmHWM") - before) / 1024
 
 
+def _alone(weight_grad: str, grads, dy, x) -> float:
+    """Seconds of the weight gradient by itself: dense dY^T X, or the child-only vector."""
+    import torch
+
+    from childtune.optim.child_grad import child_weight_grad
+
+    start = time.perf_counter()
+    if weight_grad == "dense":
+        torch.mm(dy.t(), x)
+    elif weight_grad == "child":
+        child_weight_grad(dy, x, grads.sites["weight"].index)
+    return time.perf_counter() - start
+
+
 def measure(dtype_name: str) -> dict[str, dict[str, float]]:
-    """Per mode: the median backward seconds and peak MiB (the first repeat, a warm-up, left out)."""
+    """Per mode: the median backward and weight-gradient-alone seconds, and the median peak MiB (the first
+    repeat, a warm-up, left out)."""
     import torch
 
     from childtune.optim.child_grad import ChildGrads
@@ -65,22 +81,24 @@ def measure(dtype_name: str) -> dict[str, dict[str, float]]:
         layer = torch.nn.Linear(SIZE, SIZE).to(dtype)
         layer.weight.requires_grad_(weight_grad != "none")
         grads = ChildGrads(layer, {"weight": torch.rand(SIZE, SIZE) < P}) if weight_grad == "child" else None
-        runs[label] = (layer, grads, kernels)
+        runs[label] = (layer, grads, kernels, weight_grad)
     x = torch.randn(TOKENS, SIZE, dtype=dtype, requires_grad=True)
     dy = torch.randn(TOKENS, SIZE, dtype=dtype)
     samples = {label: [] for label in MODES}
     for _ in range(REPEATS + 1):
-        for label, (layer, grads, kernels) in runs.items():
+        for label, (layer, grads, kernels, weight_grad) in runs.items():
             os.environ["CHILDTUNE_KERNELS"] = kernels
-            samples[label].append(_backward(layer, grads, x, dy))
-    return {label: {"seconds": statistics.median(s for s, _ in rows[1:]),
-                    "peak_mib": statistics.median(m for _, m in rows[1:])}
+            alone = _alone(weight_grad, grads, dy, x.detach())
+            samples[label].append((*_backward(layer, grads, x, dy), alone))
+    return {label: {"seconds": statistics.median(r[0] for r in rows[1:]),
+                    "peak_mib": statistics.median(r[1] for r in rows[1:]),
+                    "alone": statistics.median(r[2] for r in rows[1:])}
             for label, rows in samples.items()}
 
 
 def main() -> None:
     print(f"nn.Linear({SIZE}, {SIZE}), {TOKENS} tokens, child {P:.0%} of the weight, 1 thread; backward only")
-    print(f"{'dtype':6s} {'setting':32s} {'backward ms':>12s} {'over floor':>11s} {'peak MiB':>9s}")
+    print(f"{'dtype':6s} {'setting':32s} {'backward ms':>12s} {'over floor':>11s} {'dW alone':>9s} {'peak MiB':>9s}")
     for dtype, short in (("float32", "fp32"), ("bfloat16", "bf16")):
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         code = f"import json, child_grad; print(json.dumps(child_grad.measure({dtype!r})))"
@@ -90,7 +108,7 @@ def main() -> None:
         floor = next(iter(rows.values()))["seconds"]
         for label, row in rows.items():
             print(f"{short:6s} {label:32s} {row['seconds'] * 1e3:12.1f} {(row['seconds'] - floor) * 1e3:11.1f} "
-                  f"{row['peak_mib']:9.1f}")
+                  f"{row['alone'] * 1e3:9.1f} {row['peak_mib']:9.1f}")
 
 
 if __name__ == "__main__":
