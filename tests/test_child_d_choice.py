@@ -4,6 +4,8 @@
 them, for every option that changes the scores (per_example, train_mode, clip) or the cut (per_layer,
 scope, rest). The reference is plain autograd on a tiny BERT whose scores have no ties near the cut, and
 each option is first shown to change the reference's choice, so a strategy that ignored it would fail.
+Every test runs with the scores in one pass and in three (a group of blocks per pass, `passes=3`), whose
+choice must be the same.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from childtune import ChildOptimizer, ChildTuningD
 from childtune.fisher import PerExampleFallbackWarning
+from childtune.masks import top_fraction, top_fraction_in_parts
 
 P = 0.3
 CLIP = 0.5  # the model's per-tensor gradient norms run from 0 to about 3: this clip bites on about half
@@ -131,27 +134,50 @@ OPTIONS = {
 }
 
 
-def test_default_choice_is_exactly_the_top_p_of_per_batch_fisher():
+PASSES = pytest.mark.parametrize("passes", [1, 3])  # three groups of the four blocks: {0, 3}, {1}, {2}
+
+
+@PASSES
+def test_default_choice_is_exactly_the_top_p_of_per_batch_fisher(passes):
     net, data = model(), batches()
     want = reference_choice(net, data)
-    assert_same_masks(strategy_choice(net, data, ChildTuningD(P)), want)
+    assert_same_masks(strategy_choice(net, data, ChildTuningD(P, passes=passes)), want)
 
 
+@PASSES
 @pytest.mark.parametrize("option", OPTIONS)
-def test_each_option_chooses_exactly_the_top_p_of_its_reference(option):
+def test_each_option_chooses_exactly_the_top_p_of_its_reference(option, passes):
     net, data = model(), batches()
     settings = OPTIONS[option]
     want = reference_choice(net, data, **settings)
     plain = reference_choice(net, data)
     assert sorted(want) != sorted(plain) or any(not torch.equal(want[n], plain[n]) for n in want), \
         "the option does not change the reference's choice, so this test could not see it ignored"
-    assert_same_masks(strategy_choice(net, data, ChildTuningD(P, **settings)), want)
+    assert_same_masks(strategy_choice(net, data, ChildTuningD(P, passes=passes, **settings)), want)
 
 
-def test_authors_choose_exactly_the_top_p_of_train_mode_fisher_clipped_at_one():
+@PASSES
+def test_authors_choose_exactly_the_top_p_of_train_mode_fisher_clipped_at_one(passes):
     net, data = model(), batches()
     want = reference_choice(net, data, train_mode=True, clip=1.0)
     for partial in ({"train_mode": True}, {"clip": 1.0}):  # both parts of the authors' pass move the choice
         other = reference_choice(net, data, **partial)
         assert any(not torch.equal(want[n], other[n]) for n in want), partial
-    assert_same_masks(strategy_choice(net, data, ChildTuningD.authors(P)), want)
+    assert_same_masks(strategy_choice(net, data, ChildTuningD.authors(P, passes=passes)), want)
+
+
+def test_the_cut_in_parts_is_the_cut_of_all_the_scores_ties_included():
+    """Scores a part at a time, in any grouping of blocks and in any order, keep the exact top p of them
+    all, ties at the threshold broken by position as one cut over everything breaks them."""
+    g = torch.Generator().manual_seed(0)
+    scores = {f"h.{b}.{t}": torch.randint(0, 4, (5, 3), generator=g).float() for b in range(4) for t in "wv"}
+    scores["embed"] = torch.randint(0, 4, (7,), generator=g).float()  # outside the blocks: a block of its own
+    sizes = {n: s.numel() for n, s in scores.items()}
+    blocks = {n: n.split(".")[1] if "." in n else None for n in scores}
+    groupings = [[None, "0"], ["1", "2", "3"]], [["3"], ["1"], [None, "2", "0"]], [["2"], ["0"], ["1"], ["3", None]]
+    for grouping in groupings:
+        parts = [{n: s for n, s in scores.items() if blocks[n] in group} for group in grouping]
+        for p in (0.05, 0.3, 0.5, 1.0):
+            for per_layer in (False, True):
+                want = top_fraction(scores, p, per_layer)
+                assert_same_masks(top_fraction_in_parts(iter(parts), sizes, p, per_layer), want)

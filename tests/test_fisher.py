@@ -16,8 +16,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import BertForSequenceClassification
 
-from childtune.fisher import PerExampleFallbackWarning, VmapFallbackWarning, fisher_information, per_example
-from childtune.layers import in_layer
+from childtune.fisher import (
+    PerExampleFallbackWarning,
+    VmapFallbackWarning,
+    fisher_in_passes,
+    fisher_information,
+    per_example,
+)
+from childtune.layers import in_layer, layer_index
 
 LENGTHS = [5, 2, 7, 3, 3, 6, 4, 1]  # batches of 3 pad to 7, 6 and 4 tokens
 
@@ -459,3 +465,60 @@ def test_models_the_by_layer_way_cannot_take_fall_back_exactly(arrangement, why)
         got = fisher_information(model, loader(examples), scored=lambda n: True, per_example=True, progress=False)
     assert not [w for w in caught if issubclass(w.category, VmapFallbackWarning)]  # vmap took them
     assert_scores_close(got, each_alone(model, examples))
+
+
+def test_each_gradient_is_squared_and_freed_before_the_next_is_accumulated(tiny_bert):
+    """The per-batch pass never holds the scored weights' dense gradients together: when backward has
+    accumulated any one of them, no other scored weight has a gradient."""
+    params = scored_params(tiny_bert)
+    alive = []
+    for p in params.values():  # registered first, so each runs before the pass's own hook frees the gradient
+        p.register_post_accumulate_grad_hook(lambda _: alive.append(sum(q.grad is not None for q in params.values())))
+    fisher_information(tiny_bert, loader(make_examples()), progress=False)
+    assert len(alive) == 3 * len(params) and set(alive) == {1}  # 3 batches, each weight's gradient alone
+
+
+def dropout_bert(layers: int = 4) -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = tiny_bert_config()
+    config.num_hidden_layers, config.hidden_dropout_prob = layers, 0.3
+    return BertForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("by_example", [False, True])
+def test_passes_score_groups_of_whole_blocks_as_one_pass_does(by_example):
+    """Three passes over a shuffling DataLoader in train mode: each group is whole blocks, and every score
+    is the one pass's, because each pass starts from the same random state (dropout, the shuffle). Per
+    example the blocks alone are scored: embeddings leave the by-layer way, and the slower ways draw dropout
+    per example, so a group without them would not draw as a pass with them does."""
+    model = dropout_bert()
+    data = DataLoader(make_examples(), batch_size=3, shuffle=True, collate_fn=pad_collate)
+    # per batch, everything but the head's bias: the embeddings and pooler are a block of their own
+    scored = in_layer if by_example else (lambda n: n != "classifier.bias")
+    torch.manual_seed(5)
+    one = quiet(fisher_information, model, data, scored=scored, per_example=by_example, train_mode=True)
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerExampleFallbackWarning)
+        parts = list(fisher_in_passes(model, data, 3, scored=scored, per_example=by_example, train_mode=True,
+                                      progress=False))
+    assert len(parts) == 3
+    blocks = [{layer_index(n) for n in part} for part in parts]
+    assert sorted(b for bs in blocks for b in bs if b is not None) == [0, 1, 2, 3]  # each block in one part
+    assert all(blocks)
+    merged = {n: s for part in parts for n, s in part.items()}
+    assert sorted(merged) == sorted(one)
+    assert_scores_close({n: merged[n] for n in one}, one)
+
+
+def test_passes_refuse_batches_that_do_not_repeat(tiny_bert):
+    examples = make_examples()
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        list(fisher_in_passes(tiny_bert, iter(loader(examples)), 2, progress=False))
+    reshuffled = DataLoader(examples, batch_size=3, shuffle=True, collate_fn=pad_collate,
+                            generator=torch.Generator().manual_seed(0))  # its own generator: a new order each pass
+    with pytest.raises(ValueError, match="read different batches"):
+        list(fisher_in_passes(tiny_bert, reshuffled, 2, progress=False))
+    for passes in (0, 3, 1.0):  # tiny_bert scores two blocks
+        with pytest.raises(ValueError, match="passes must be"):
+            list(fisher_in_passes(tiny_bert, loader(examples), passes, progress=False))

@@ -7,7 +7,7 @@ the top-k elements of a score spread over many tensors (Fisher, ID3's importance
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -134,15 +134,54 @@ def top_fraction(scores: Mapping[str, torch.Tensor], p: float, per_layer: bool =
     Global ranking lets important layers take more of the budget (the authors' choice); per-layer
     ranking guarantees every block some capacity. `group`: row shards, as in `top_k`.
     """
+    return top_fraction_in_parts([scores], {n: s.numel() for n, s in scores.items()}, p, per_layer, group)
+
+
+def top_fraction_in_parts(parts: Iterable[Mapping[str, torch.Tensor]], sizes: Mapping[str, int], p: float,
+                          per_layer: bool = False, group: dist.ProcessGroup | None = None) -> Masks:
+    """`top_fraction` of scores that come a part at a time (`fisher.fisher_in_passes`), never all at once.
+
+    `sizes` names every scored tensor, in the order ties are broken by, with its (local) element count;
+    `parts` are disjoint dicts of those scores, each holding whole blocks. Per block, each block's cut is
+    made in its part. Globally, the top k of everything is the top k of (the top k so far, plus the next
+    part), so the only scores kept between parts are those k candidates, in their tensors' order: the
+    choice, ties included, is the one `top_fraction` makes on all the scores together. Memory: the part,
+    k float32 candidates and the masks (a bool per element), where all the scores take 4 bytes per element.
+    """
     check_probability("p", p)
-    if not per_layer:
-        total = shards.total([sum(s.numel() for s in scores.values())], group)[0]
-        return top_k(scores, round(p * total), group)
-    groups: dict[int | None, dict[str, torch.Tensor]] = {}
-    for name, s in scores.items():  # every rank holds a shard of every tensor: the blocks agree
-        groups.setdefault(layer_index(name), {})[name] = s
     out: Masks = {}
-    for block in groups.values():
-        size = shards.total([sum(s.numel() for s in block.values())], group)[0]
-        out.update(top_k(block, round(p * size), group))
-    return out
+    if per_layer:
+        seen: set = set()
+        for part in parts:
+            blocks = _blocks(part)
+            if seen & blocks.keys():
+                raise ValueError("a block's scores are split over several parts: per-layer cuts need whole blocks")
+            seen |= blocks.keys()
+            out.update({n: m for block in blocks.values() for n, m in top_k(
+                block, round(p * shards.total([sum(s.numel() for s in block.values())], group)[0]), group).items()})
+            del part, blocks  # before the next part is made: only the masks stay
+        return {n: out[n] for n in sizes}
+    k = round(p * shards.total([sum(sizes.values())], group)[0])
+    kept: dict[str, torch.Tensor] = {}  # the candidates' scores, in the order of their masks' elements
+    for part in parts:
+        pool = {n: kept[n] if n in kept else part[n] for n in sizes if n in kept or n in part}
+        last = len(pool) == len(sizes)  # the part that completes `sizes`: no candidates to keep after it
+        available = shards.total([sum(s.numel() for s in pool.values())], group)[0]
+        for n, chosen in top_k(pool, min(k, available), group).items():
+            if n in part:
+                out[n] = chosen
+            else:
+                flat = out[n].view(-1)
+                flat[flat.nonzero().squeeze(1)[~chosen]] = False
+            if not last:
+                kept[n] = pool[n][chosen]
+        del part, pool  # before the next part is made (a pass, in `fisher_in_passes`): only the candidates stay
+    return {n: out[n] for n in sizes}
+
+
+def _blocks(scores: Mapping[str, torch.Tensor]) -> dict[int | None, dict[str, torch.Tensor]]:
+    """Scores by transformer block (`layer_index`); every rank holds a shard of every tensor, so they agree."""
+    blocks: dict[int | None, dict[str, torch.Tensor]] = {}
+    for name, s in scores.items():
+        blocks.setdefault(layer_index(name), {})[name] = s
+    return blocks

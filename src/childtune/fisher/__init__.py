@@ -19,10 +19,11 @@ train mode, so dropout is on (`train_mode=True`), and each scored tensor's gradi
 top-p ranking: clipping caps the contribution of batches with large gradients tensor by tensor.
 
 Modules: `likelihood` (log p(y|x) per example, batch slicing), `squares` (clip and square), `per_example`
-(the three ways), `estimate` (the pass: batches, counts, ranks, shards).
+(the three ways), `estimate` (the pass: batches, counts, ranks, shards; `fisher_in_passes` scores a group
+of blocks per pass when all the scores at once would not fit).
 """
 
-from childtune.fisher.estimate import fisher_information
+from childtune.fisher.estimate import fisher_in_passes, fisher_information
 from childtune.fisher.per_example import PerExampleFallbackWarning, VmapFallbackWarning
 
-__all__ = ["PerExampleFallbackWarning", "VmapFallbackWarning", "fisher_information"]
+__all__ = ["PerExampleFallbackWarning", "VmapFallbackWarning", "fisher_in_passes", "fisher_information"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -12,8 +13,8 @@ from tqdm.auto import tqdm
 from childtune import shards
 from childtune.fisher.likelihood import log_likelihood, rows, split
 from childtune.fisher.per_example import Ways, add_per_example
-from childtune.fisher.squares import add_squares, clipped, grads
-from childtune.layers import in_layer
+from childtune.fisher.squares import add_squares, add_squares_in_backward, clipped
+from childtune.layers import in_layer, layer_index
 
 
 def fisher_information(
@@ -38,77 +39,202 @@ def fisher_information(
     L2 norm before squaring, as `torch.nn.utils.clip_grad_norm_` on that tensor alone would. The model's
     modes and its parameters' `.grad` are left as they were.
 
+    Memory: the weights, the float32 scores, the activations of one batch, and the gradient of one tensor
+    at a time (each is squared and freed as backward accumulates it, `squares.add_squares_in_backward`).
+    Where the scores themselves are too many, `fisher_in_passes` holds a group of blocks' at a time.
+
     Sharded by FSDP2 (`childtune.shards`), each rank returns the scores of its rows, and every rank must
     be given the *same* batches: FSDP averages the ranks' gradients as it shards them, so only identical
     batches make a rank's gradient shard the batch's own gradient, whose square is the score (checked at
     the end). The pass then costs every rank the whole pass, in sharded memory. Per-example scoring needs
     whole gradients of each example and is refused there.
     """
+    (scores,) = fisher_in_passes(model, batches, 1, scored=scored, num_samples=num_samples,
+                                 per_example=per_example, train_mode=train_mode, clip=clip, progress=progress)
+    return scores
+
+
+def fisher_in_passes(
+    model: nn.Module,
+    batches: Iterable[Mapping],
+    passes: int,
+    *,
+    scored: Callable[[str], bool] | Iterable[str] | None = None,
+    num_samples: int | None = None,
+    per_example: bool = False,
+    train_mode: bool = False,
+    clip: float | None = None,
+    progress: bool = True,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """`fisher_information`'s scores a group of whole blocks at a time, each group from its own pass over
+    `batches`: the scored blocks (`layers.layer_index`; everything outside them is one more) are split
+    into `passes` groups of about equal size, and one group's float32 sums exist at a time. Memory falls
+    with `passes`, time grows with it; every score is the one a single pass gives.
+
+    Each pass starts from the random state the first started from, so dropout (`train_mode`) and a
+    DataLoader that shuffles from torch's generator draw alike, and the passes are checked to have read
+    the same batches in the same order. `batches` must be re-iterable (a DataLoader, a list) when
+    passes > 1. Yields each group's scores (names in model order), groups in model order.
+
+    Per example in train mode, dropout is drawn as the way taken draws it (`per_example`): the batch's
+    draw by layer, each example's own in the slower ways. A group that must leave the by-layer way
+    (PerExampleFallbackWarning) therefore draws other dropout than a single pass that need not, and the
+    reverse; every other setting scores exactly as one pass does.
+    """
     if clip is not None and not (isinstance(clip, int | float) and clip > 0 and clip < float("inf")):
         raise ValueError(f"clip must be a positive finite norm or None, got {clip!r}")
-    params = _scored_parameters(model, scored)
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                     or num_samples < 1):
         raise ValueError(f"num_samples must be a positive int or None, got {num_samples!r}")
-    group = shards.group_of(params.values())
-    if group is not None and per_example:
+    params = _scored_parameters(model, scored)
+    groups = _blocks_in_groups(params, passes)
+    if passes > 1 and isinstance(batches, Iterator):  # (iter() would start a DataLoader, drawing its seed)
+        raise ValueError("several Fisher passes read the batches once each: give a DataLoader or a list, "
+                         "not a one-shot iterator")
+    sharded = shards.group_of(params.values())
+    if sharded is not None and per_example:
         raise ValueError("per-example Fisher needs each example's whole gradient, which FSDP2 never forms on "
                          "one rank; score per batch (per_example=False) when the model is sharded")
+    device = next(model.parameters()).device
+    how = _Pass(num_samples, per_example, train_mode, clip, watch=sharded is not None or passes > 1)
+    expected = _expected(batches, num_samples)
+    distributed = dist.is_available() and dist.is_initialized()
+    bar = tqdm(total=None if expected is None else expected * passes, unit="ex", desc="Fisher information",
+               disable=not progress or (distributed and dist.get_rank() != 0))
+    start = _random_state(device)
+    first = None
+    try:
+        for i, group in enumerate(groups):
+            if i:
+                _set_random_state(device, start)
+            scores, read = _one_pass(model, batches, group, how, bar)
+            if first is None:
+                first = read
+            elif not torch.equal(read, first):
+                raise ValueError("the Fisher passes read different batches (another order, or a DataLoader "
+                                 "shuffling from its own generator): give batches that repeat, or passes=1")
+            yield scores
+            del scores  # the caller keeps what it needs of them: the next pass must not hold them too
+    finally:
+        bar.close()
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """How a pass scores (see `fisher_information`); `watch`: fingerprint the batches read, which sharded
+    ranks and repeated passes compare."""
+
+    num_samples: int | None
+    per_example: bool
+    train_mode: bool
+    clip: float | None
+    watch: bool
+
+
+def _one_pass(model: nn.Module, batches, params: dict[str, nn.Parameter], how: _Pass,
+              bar) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One pass over `batches`: the scores of `params`, and what was read (examples, steps, fingerprint)."""
+    group = shards.group_of(params.values())
     # FSDP2 registers its unsharded parameters on the modules between a forward and its backward, so the
     # sharded ones (whose .grad backward fills) are taken now, before any forward
     trainable = [p for p in model.parameters() if p.requires_grad] if group is not None else []
     device = next(model.parameters()).device
     sums = {n: torch.zeros(shards.local(p).shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
-    labelled = 0.0  # a checksum of the labels read: ranks of a sharded pass must all read the same ones
+    fingerprint = torch.zeros((), dtype=torch.float64)
     examples = steps = 0
     ways = Ways()  # the per-example ways this model allows, learned as the pass goes
-    distributed = dist.is_available() and dist.is_initialized()
-    bar = tqdm(total=_expected(batches, num_samples), unit="ex", desc="Fisher information",
-               disable=not progress or (distributed and dist.get_rank() != 0))
     modes = {m: m.training for m in model.modules()}
-    model.train(train_mode)
+    model.train(how.train_mode)
     try:
         with torch.enable_grad():
             for batch in batches:
                 inputs, labels = split(batch, device)
                 if len(labels) == 0:
                     continue
-                if num_samples is not None and len(labels) > num_samples - examples:
-                    keep = num_samples - examples
+                if how.num_samples is not None and len(labels) > how.num_samples - examples:
+                    keep = how.num_samples - examples
                     inputs, labels = rows(inputs, len(labels), 0, keep), labels[:keep]
-                if per_example:
-                    add_per_example(model, params, inputs, labels, sums, ways, clip)
+                if how.watch:
+                    fingerprint += (steps + 1) * _fingerprint([labels, *inputs.values()])
+                if how.per_example:
+                    add_per_example(model, params, inputs, labels, sums, ways, how.clip)
                 else:
                     # the batch-mean loss, as the authors backpropagated it
                     loss = -log_likelihood(model(**inputs), labels).mean()
                     if group is None:
-                        gradients = grads(loss, params)
+                        add_squares_in_backward(loss, params, sums, how.clip)
                     else:
-                        gradients = _sharded_grads(trainable, loss, params)
-                        labelled += float(labels.float().sum())  # (a device sync: only where it is checked)
-                    add_squares(sums, clipped(gradients, clip, group=group))
+                        add_squares(sums, clipped(_sharded_grads(trainable, loss, params), how.clip, group=group))
                 examples, steps = examples + len(labels), steps + 1
                 bar.update(len(labels))
-                if num_samples is not None and examples >= num_samples:
+                if how.num_samples is not None and examples >= how.num_samples:
                     break
     finally:
         for module, training in modes.items():
             module.training = training
-        bar.close()
+    read = torch.tensor([examples, steps, float(fingerprint)], dtype=torch.float64)
     # Per example the mean is over examples; the authors average squared batch gradients over batches.
-    counts = torch.tensor([examples, examples if per_example else steps], dtype=torch.float64, device=device)
+    counts = torch.tensor([examples, examples if how.per_example else steps], dtype=torch.float64, device=device)
     if group is not None:
-        seen = shards.gather_values(torch.tensor([examples, steps, labelled], dtype=torch.float64), group)
+        seen = shards.gather_values(read, group)
         if any(not torch.equal(s, seen[0]) for s in seen):
             raise ValueError("ranks of a sharded (FSDP2) Fisher pass read different batches: give every rank the "
                              "same ones (see fisher_information)")
-    elif distributed:
+    elif dist.is_available() and dist.is_initialized():
         for s in sums.values():
             dist.all_reduce(s)
         dist.all_reduce(counts)
     if counts[0] == 0:
         raise ValueError("the data loader yielded no examples; Fisher information needs at least one")
-    return {n: s / float(counts[1]) for n, s in sums.items()}
+    for s in sums.values():
+        s.div_(float(counts[1]))  # in place: a second copy of every score would double the pass's peak
+    return sums, read
+
+
+def _blocks_in_groups(params: dict[str, nn.Parameter], passes: int) -> list[dict[str, nn.Parameter]]:
+    """`params` as `passes` groups of whole blocks of about equal size (largest block first into the
+    emptiest group), each in model order, the groups in model order. Whole blocks, so that a cut within
+    each block (`per_layer`) is made within one group."""
+    blocks: dict[int | None, list[str]] = {}
+    for name in params:
+        blocks.setdefault(layer_index(name), []).append(name)
+    if isinstance(passes, bool) or not isinstance(passes, int) or not 1 <= passes <= len(blocks):
+        raise ValueError(f"passes must be an int from 1 to the {len(blocks)} blocks scored, got {passes!r}")
+    size = {b: sum(params[n].numel() for n in names) for b, names in blocks.items()}
+    members: list[list] = [[] for _ in range(passes)]
+    load = [0] * passes
+    for b in sorted(blocks, key=size.__getitem__, reverse=True):
+        emptiest = min(range(passes), key=lambda i: (load[i], len(members[i])))
+        members[emptiest].append(b)
+        load[emptiest] += size[b]
+    groups = [{n: p for n, p in params.items() if layer_index(n) in chosen} for chosen in members]
+    order = list(params)
+    return sorted(groups, key=lambda g: order.index(next(iter(g))))
+
+
+def _fingerprint(tensors: list) -> torch.Tensor:
+    """A number that moves when a batch's contents, their order or the batch's place in the pass change:
+    each tensor's values weighted by their positions, in float64 on the CPU."""
+    total = torch.zeros((), dtype=torch.float64)
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            flat = t.detach().reshape(-1).to("cpu", torch.float64)
+            total += flat @ torch.arange(1, len(flat) + 1, dtype=torch.float64)
+    return total
+
+
+def _random_state(device: torch.device) -> list[torch.Tensor]:
+    """torch's generator states that dropout and samplers draw from: the CPU's, and the device's if CUDA."""
+    state = [torch.get_rng_state()]
+    if device.type == "cuda":
+        state.append(torch.cuda.get_rng_state(device))
+    return state
+
+
+def _set_random_state(device: torch.device, state: list[torch.Tensor]) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _scored_parameters(model: nn.Module, scored) -> dict[str, nn.Parameter]:

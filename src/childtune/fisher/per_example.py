@@ -36,7 +36,7 @@ from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 
 from childtune.fisher.likelihood import batched, log_likelihood, rows
-from childtune.fisher.squares import add_squares, clip_factor, clipped, grads
+from childtune.fisher.squares import add_squares, add_squares_in_backward, clip_factor, clipped
 
 ORDER = ("layers", "vmap", "loop")
 """The ways tried, fastest first; a way that fails once is not tried again in that pass."""
@@ -78,7 +78,7 @@ def add_per_example(model, params, inputs, labels, sums, ways: Ways, clip: float
         try:
             if ways.owners is None:
                 owners = _owners(model, params)
-                problem = _layers_disagree(model, params, owners, inputs, labels, clip)
+                problem = _layers_disagree(model, params, owners, inputs, labels, clip, sums)
                 if problem:
                     raise _Refused(problem)
                 ways.owners = owners
@@ -107,7 +107,7 @@ def add_per_example(model, params, inputs, labels, sums, ways: Ways, clip: float
                               VmapFallbackWarning, stacklevel=4)
         for i in range(len(ys)):
             ll = log_likelihood(model(**rows(part, len(ys), i, i + 1)), ys[i : i + 1])
-            add_squares(sums, clipped(grads(-ll[0], params), clip))
+            add_squares_in_backward(-ll[0], params, sums, clip)
 
 
 # ------------------------------------------------------------------------------------------ by layer
@@ -212,34 +212,37 @@ def _module_grads(module: nn.Module, calls) -> dict[str, torch.Tensor]:
     return total
 
 
-def _layers_disagree(model, params, owners, inputs, labels, clip: float | None) -> str | None:
+def _layers_disagree(model, params, owners, inputs, labels, clip: float | None, scratch: dict) -> str | None:
     """None if the by-layer scores of two examples of the batch (the most and the least padded) equal
-    those of each example run alone, in eval mode; else which tensor differs. Once per pass."""
+    those of each example run alone, in eval mode; else which tensor differs. Once per pass, before its
+    first batch: the by-layer side is written into the pass's sums (`scratch`, zero until then, and zeroed
+    again), so the check costs one more set of scores, not two."""
     n = len(labels)
     mask = inputs.get("attention_mask")
     order = mask.reshape(n, -1).sum(1).argsort() if isinstance(mask, torch.Tensor) else torch.arange(n)
     picked = sorted({int(order[0]), int(order[-1])})
     sub = {k: v[picked] if k in batched(inputs, n) else v for k, v in inputs.items()}
     ys = labels[picked]
-    got = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
-    want = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
+    got, want = scratch, {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
     modes = {m: m.training for m in model.modules()}
     model.eval()  # dropout would make the two runs differ
     try:
         _by_layers(model, owners, sub, ys, got, clip, {})
         for i in range(len(ys)):
             ll = log_likelihood(model(**rows(sub, len(ys), i, i + 1)), ys[i : i + 1])
-            add_squares(want, clipped(grads(-ll[0], params), clip))
+            add_squares_in_backward(-ll[0], params, want, clip)
+        scale = max(float(w.max()) for w in want.values())
+        low = any(p.dtype in (torch.bfloat16, torch.float16) for p in params.values())
+        rtol, atol = (6e-2, 1e-4 * scale) if low else (2e-3, 1e-8 * scale)
+        for name, w in want.items():  # |got - want| <= atol + rtol |want|, in two passes over each tensor
+            if float(torch.sub(got[name], w).abs_().sub_(w.mul(rtol)).max()) > atol:
+                return f"{name}'s score from a batch of two differs from its examples' own"
+        return None
     finally:
         for module, training in modes.items():
             module.training = training
-    scale = max(float(w.max()) for w in want.values())
-    low = any(p.dtype in (torch.bfloat16, torch.float16) for p in params.values())
-    rtol, atol = (6e-2, 1e-4 * scale) if low else (2e-3, 1e-8 * scale)
-    for name, w in want.items():  # |got - want| <= atol + rtol |want|, in two passes over each tensor
-        if float(torch.sub(got[name], w).abs_().sub_(w.mul(rtol)).max()) > atol:
-            return f"{name}'s score from a batch of two differs from its examples' own"
-    return None
+        for s in got.values():
+            s.zero_()
 
 
 # ------------------------------------------------------------------------------------------ vmap

@@ -6,10 +6,38 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from childtune import shards
 
-def grads(loss: torch.Tensor, params: dict[str, nn.Parameter]):
-    """Gradients without touching `.grad`: the caller's accumulated gradients must survive scoring."""
-    return torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+
+def add_squares_in_backward(loss: torch.Tensor, params: dict[str, nn.Parameter], sums: dict[str, torch.Tensor],
+                            clip: float | None) -> None:
+    """Backward of `loss`, each parameter's gradient squared into its sum (clipped first) and freed the moment
+    autograd has accumulated it. `autograd.grad` would hand back every dense gradient together, which with
+    the float32 sums made the pass bigger than a training step; this way at most the gradients backward is
+    still summing exist at once, as in a training step that frees each gradient as it comes.
+
+    Only `params` get a gradient (backward's `inputs`, so no other weight's is computed); their `.grad` are
+    put back afterwards, and optimizers stepping in backward leave this backward alone
+    (`shards.reading_gradients`).
+    """
+    def square(name: str):
+        def hook(param: nn.Parameter) -> None:
+            add_squares({name: sums[name]}, clipped([param.grad], clip))
+            param.grad = None
+        return hook
+
+    saved = [p.grad for p in params.values()]
+    handles = [p.register_post_accumulate_grad_hook(square(n)) for n, p in params.items()]
+    try:
+        for p in params.values():
+            p.grad = None
+        with shards.reading_gradients():
+            torch.autograd.backward(loss, inputs=list(params.values()))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, g in zip(params.values(), saved, strict=True):
+            p.grad = g
 
 
 def add_squares(sums: dict[str, torch.Tensor], gradients, stacked: bool = False) -> None:

@@ -4,6 +4,11 @@ Chosen once, before training, from the task's own data: the parameters whose sma
 log p(y|x) are the ones worth updating. Scoring defaults to the transformer blocks only, as the authors
 did on BERT; `per_layer` ranks within each block instead of globally.
 
+`passes` bounds the Fisher pass's memory where the float32 scores of every weight are what exceeds
+training's: the blocks are scored a group at a time, one pass over the batches each, keeping only each
+group's candidates for the top p (`fisher.fisher_in_passes`, `masks.top_fraction_in_parts`). The choice
+is the same for every number of passes; only memory (down) and time (up) change.
+
 `random_within=True` is the paper's "task-driven or not" control: Fisher still decides how many
 elements each tensor gets, but which ones is drawn uniformly at random from `seed`, so the control has
 exactly Child-Tuning_D's per-tensor sizes (and its learning rate and strictness) and differs only in
@@ -19,8 +24,8 @@ from typing import ClassVar
 import torch
 
 from childtune import shards
-from childtune.fisher import fisher_information
-from childtune.masks import check_probability, top_fraction
+from childtune.fisher import fisher_in_passes
+from childtune.masks import check_probability, top_fraction_in_parts
 from childtune.strategies.chosen import ChosenStrategy
 
 
@@ -35,6 +40,7 @@ class ChildTuningD(ChosenStrategy):
     seed: int = field(default=0, kw_only=True)
     train_mode: bool = field(default=False, kw_only=True)
     clip: float | None = field(default=None, kw_only=True)
+    passes: int = field(default=1, kw_only=True)
 
     needs_data: ClassVar[bool] = True
 
@@ -55,11 +61,15 @@ class ChildTuningD(ChosenStrategy):
         if model is None or batches is None:
             raise ValueError("Child-Tuning_D needs the model and training batches to estimate Fisher scores")
         _check_bound(self.params, model)
-        scores = fisher_information(
-            model, batches, scored=list(self.scored()), num_samples=self.num_samples,
+        scored = self.scored()
+        parts = fisher_in_passes(
+            model, batches, self.passes, scored=list(scored), num_samples=self.num_samples,
             per_example=self.per_example, train_mode=self.train_mode, clip=self.clip, progress=progress,
         )
-        chosen = top_fraction(scores, self.p, self.per_layer, self.group)
+        # in model order, as the passes give the scores: ties are then broken alike however the optimizer
+        # grouped the parameters
+        sizes = {n: shards.local(scored[n]).numel() for n, _ in model.named_parameters() if n in scored}
+        chosen = top_fraction_in_parts(parts, sizes, self.p, self.per_layer, self.group)
         if self.random_within:
             chosen = _same_sizes_at_random(chosen, self.seed, self.params, self.group)
         self.chosen = self.complete(chosen)
