@@ -151,7 +151,7 @@ def top_fraction_in_parts(parts: Iterable[Mapping[str, torch.Tensor]], sizes: Ma
     check_probability("p", p)
     out: Masks = {}
     if per_layer:
-        seen: set = set()
+        seen: set[int | None] = set()
         for part in parts:
             blocks = _blocks(part)
             if seen & blocks.keys():
