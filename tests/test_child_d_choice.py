@@ -181,3 +181,16 @@ def test_the_cut_in_parts_is_the_cut_of_all_the_scores_ties_included():
             for per_layer in (False, True):
                 want = top_fraction(scores, p, per_layer)
                 assert_same_masks(top_fraction_in_parts(iter(parts), sizes, p, per_layer), want)
+
+
+def test_fisher_passes_reach_the_strategy_and_are_not_a_setting():
+    """`--fisher-passes` builds ChildTuningD(passes=...); the child network does not depend on it, so it is
+    not part of what a run computes: a resumed run or a ledger cell may differ in it."""
+    from childtune.training.config import NOT_SETTINGS, ConfigError, TrainConfig, build_strategy
+
+    names = [n for n, _ in model().named_parameters()]
+    assert build_strategy(TrainConfig(method="child-d").resolved(), 10, names).passes == 1
+    assert build_strategy(TrainConfig(method="child-d-random", fisher_passes=3).resolved(), 10, names).passes == 3
+    assert "fisher_passes" in NOT_SETTINGS
+    with pytest.raises(ConfigError, match="fisher_passes"):
+        TrainConfig(method="child-d", fisher_passes=0).resolved()

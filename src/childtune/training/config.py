@@ -34,9 +34,10 @@ _PATHS = ("train_file", "dev_file", "test_file", "model")
 """Fields that may hold a path (`model` may instead name a pinned model, which is no path on disk)."""
 
 
-NOT_SETTINGS = frozenset({"output", "overwrite", "progress", "log_every", "report_to", "device"})
+NOT_SETTINGS = frozenset({"output", "overwrite", "progress", "log_every", "report_to", "device", "fisher_passes"})
 """Fields about where and how a run is written or shown, not what it computes: a resumed run, a reused
-study cell and a ledger record may differ in these and still be the same run."""
+study cell and a ledger record may differ in these and still be the same run. (`fisher_passes` trades
+memory for time and gives the same child network.)"""
 
 _CHOICES = {"id3_head": ("outside", "inside"), "id3_schedule": ("ramp", "authors"),
             "bias_correction": ("element", "tensor"), "random_targets": ("all", "qv"),
@@ -105,6 +106,9 @@ class TrainConfig:
         "child-d: Fisher pass with dropout on (train mode), as the authors ran it"))
     fisher_clip: float | None = field(default=None, metadata=_opt(
         "child-d: clip each tensor's gradient to this norm before squaring (0: no clipping)"))
+    fisher_passes: int | None = field(default=None, metadata=_opt(
+        "child-d: score the blocks in this many groups, one Fisher pass each: less memory, more time, the same "
+        "child network (none: 1)"))
     id3_budget: float = field(default=0.005, metadata=_opt("id3: final child network, fraction of scored weights"))
     id3_eps: float | None = field(default=None, metadata=_opt("id3: eps in |g| / (|w| + eps)^exp"))
     id3_exp: float | None = field(default=None, metadata=_opt("id3: exponent in |g| / (|w| + eps)^exp"))
@@ -286,7 +290,7 @@ class TrainConfig:
                     "max_new_tokens", "grad_accum"):
             _check(getattr(self, key) >= 1, key, getattr(self, key), "at least 1")
         _check(self.max_length >= 2, "max_length", self.max_length, "at least 2")
-        for key in ("train_size", "fisher_samples", "gradual_every", "eval_size"):
+        for key in ("train_size", "fisher_samples", "fisher_passes", "gradual_every", "eval_size"):
             value = getattr(self, key)
             _check(value is None or value >= 1, key, value, "at least 1")
         _check(0 <= self.warmup < 1, "warmup", self.warmup, "in [0, 1)")

@@ -56,6 +56,7 @@ class Settings(Protocol):
     fisher_per_example: bool
     fisher_train_mode: bool | None
     fisher_clip: float | None
+    fisher_passes: int | None
     id3_budget: float
     id3_eps: float | None
     id3_exp: float | None
@@ -115,7 +116,7 @@ def _gradual(config: Settings, total_steps: int, names: list[str]) -> Strategy:
 def _child_d(random_within: bool) -> Builder:
     def build(c: Settings, total_steps: int, names: list[str]) -> Strategy:
         return ChildTuningD(c.reserve_p, rest=c.rest, num_samples=c.fisher_samples, per_example=c.fisher_per_example,
-                            train_mode=c.fisher_train_mode, clip=c.fisher_clip or None,
+                            train_mode=c.fisher_train_mode, clip=c.fisher_clip or None, passes=c.fisher_passes or 1,
                             random_within=random_within, seed=c.seed)
     return build
 
