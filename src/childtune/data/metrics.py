@@ -36,7 +36,9 @@ def compute_metrics(
     """Scores of predictions (class ids or logits; regression values) against gold labels.
 
     Classification: accuracy, macro F1 and, for binary tasks, F1 of class 1; `extra=("mcc",)` adds
-    Matthews correlation. Regression: Pearson and Spearman correlation, NaN for constant predictions.
+    Matthews correlation. Regression: Pearson and Spearman correlation, 0.0 where either side is constant
+    (scipy's NaN): a model that predicts one value tells nothing about the label, which is how sklearn's
+    `matthews_corrcoef` scores a constant classifier too, and a NaN score is a run the ledger cannot record.
     """
     from scipy.stats import ConstantInputWarning, pearsonr, spearmanr
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
@@ -58,10 +60,9 @@ def compute_metrics(
     if spec.kind == "regression":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConstantInputWarning)
-            return {
-                "pearson": float(pearsonr(preds, gold).statistic),
-                "spearman": float(spearmanr(preds, gold).statistic),
-            }
+            scores = {"pearson": float(pearsonr(preds, gold).statistic),
+                      "spearman": float(spearmanr(preds, gold).statistic)}
+        return {name: 0.0 if math.isnan(value) else value for name, value in scores.items()}
     classes = list(range(spec.num_labels))
     out = {
         "accuracy": float(accuracy_score(gold, preds)),
