@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -56,7 +57,7 @@ def fisher_information(
 
 def fisher_in_passes(
     model: nn.Module,
-    batches: Iterable[Mapping],
+    batches: Iterable[Mapping[str, Any]],
     passes: int,
     *,
     scored: Callable[[str], bool] | Iterable[str] | None = None,
@@ -131,8 +132,8 @@ class _Pass:
     watch: bool
 
 
-def _one_pass(model: nn.Module, batches, params: dict[str, nn.Parameter], how: _Pass,
-              bar) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _one_pass(model: nn.Module, batches: Iterable[Mapping[str, Any]], params: dict[str, nn.Parameter], how: _Pass,
+              bar: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One pass over `batches`: the scores of `params`, and what was read (examples, steps, fingerprint)."""
     group = shards.group_of(params.values())
     # FSDP2 registers its unsharded parameters on the modules between a forward and its backward, so the
@@ -201,7 +202,7 @@ def _blocks_in_groups(params: dict[str, nn.Parameter], passes: int) -> list[dict
     if isinstance(passes, bool) or not isinstance(passes, int) or not 1 <= passes <= len(blocks):
         raise ValueError(f"passes must be an int from 1 to the {len(blocks)} blocks scored, got {passes!r}")
     size = {b: sum(params[n].numel() for n in names) for b, names in blocks.items()}
-    members: list[list] = [[] for _ in range(passes)]
+    members: list[list[int | None]] = [[] for _ in range(passes)]
     load = [0] * passes
     for b in sorted(blocks, key=size.__getitem__, reverse=True):
         emptiest = min(range(passes), key=lambda i: (load[i], len(members[i])))
@@ -212,7 +213,7 @@ def _blocks_in_groups(params: dict[str, nn.Parameter], passes: int) -> list[dict
     return sorted(groups, key=lambda g: order.index(next(iter(g))))
 
 
-def _fingerprint(tensors: list) -> torch.Tensor:
+def _fingerprint(tensors: list[Any]) -> torch.Tensor:
     """A number that moves when a batch's contents, their order or the batch's place in the pass change:
     each tensor's values weighted by their positions, in float64 on the CPU."""
     total = torch.zeros((), dtype=torch.float64)

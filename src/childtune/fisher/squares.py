@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -20,7 +22,7 @@ def add_squares_in_backward(loss: torch.Tensor, params: dict[str, nn.Parameter],
     put back afterwards, and optimizers stepping in backward leave this backward alone
     (`shards.reading_gradients`).
     """
-    def square(name: str):
+    def square(name: str) -> Callable[[nn.Parameter], None]:
         def hook(param: nn.Parameter) -> None:
             add_squares({name: sums[name]}, clipped([param.grad], clip))
             param.grad = None
