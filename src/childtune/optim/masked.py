@@ -36,8 +36,8 @@ bf16, `amsgrad`, `maximize`, `strict`) masks the gradients in place and runs the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, overload
 
 import torch
 from torch.optim import Optimizer
@@ -69,7 +69,7 @@ class ChildOptimizer(Optimizer):
 
     def __init__(
         self,
-        named_params: Iterable,
+        named_params: Iterable[Any],
         strategy: Strategy,
         optimizer: type[Optimizer] = torch.optim.AdamW,
         *,
@@ -142,7 +142,7 @@ class ChildOptimizer(Optimizer):
                 self.strategy.draw(self.steps)
                 self._drawn = self.steps
             if self._one_pass:
-                self._adamw_in_one_pass(param, self._group_of[id(param)])
+                self._adamw_in_one_pass(self.strategy, param, self._group_of[id(param)])
             else:
                 if self.strategy.drawn(name) is not None:
                     self.strategy.apply_drawn_(name, grad)
@@ -157,18 +157,25 @@ class ChildOptimizer(Optimizer):
                 self.optimizer.step()
         param.grad = None
 
-    def step(self, closure=None):
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = evaluate_closure(closure)
         if self.in_backward:  # the parameters were updated during backward; the next masks see the next step
             self.steps += 1
             return loss
         with torch.no_grad():
-            if self._one_pass:  # F: draw, mask and AdamW in one pass per tensor (module docstring)
+            # F: draw, mask and AdamW in one pass per tensor (module docstring); `_one_pass` implies F
+            if self._one_pass and isinstance(self.strategy, ChildTuningF):
                 self.strategy.draw(self.steps)
                 for group in self.param_groups:
                     for param in group["params"]:
                         if param.grad is not None:
-                            self._adamw_in_one_pass(param, group)
+                            self._adamw_in_one_pass(self.strategy, param, group)
                 self.steps += 1
                 return loss
             if isinstance(self.strategy, ChildTuningF) and not self.strict:  # drawn where it is applied
@@ -203,23 +210,26 @@ class ChildOptimizer(Optimizer):
         """`param`'s gradient (its local rows), to be masked element by element in place. A sparse gradient
         (`nn.Embedding(sparse=True)`) has no such elements: refused by name here, where torch would fail with
         a layout error. Construction cannot tell: a parameter's gradient is sparse only once backward ran."""
+        if param.grad is None:
+            raise RuntimeError(f"{self._names[id(param)]!r} has no gradient to mask")
         grad = local(param.grad)
         if grad.layout != torch.strided:
             raise ValueError(f"{self._names[id(param)]!r} has a sparse gradient ({grad.layout}), which ChildOptimizer "
                              "cannot mask: build its module with sparse=False (e.g. nn.Embedding(..., sparse=False))")
         return grad
 
-    def _adamw_in_one_pass(self, param: torch.Tensor, group: dict[str, Any]) -> None:
-        """`param`'s masked AdamW step with `kernels.adamw_`, its state kept as torch's fused AdamW keeps it."""
+    def _adamw_in_one_pass(self, f: ChildTuningF, param: torch.Tensor, group: dict[str, Any]) -> None:
+        """`param`'s masked AdamW step with `kernels.adamw_` under the last draw of `f` (the strategy), its
+        state kept as torch's fused AdamW keeps it."""
         state = self.state[param]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         state["step"] += 1
-        draw = self.strategy.drawn(self._names[id(param)])
+        draw = f.drawn(self._names[id(param)])
         kernels.adamw_(local(param), self._dense_grad(param).contiguous(), local(state["exp_avg"]),
-                       local(state["exp_avg_sq"]), draw, self.strategy.scale, lr=float(group["lr"]),
+                       local(state["exp_avg_sq"]), draw, f.scale, lr=float(group["lr"]),
                        betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
                        step=float(state["step"]))
 

@@ -45,8 +45,8 @@ order (float32 rounding).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -84,7 +84,7 @@ class SparseChildAdamW(Optimizer):
 
     def __init__(
         self,
-        named_params: Iterable,
+        named_params: Iterable[Any],
         strategy: Strategy,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -153,6 +153,8 @@ class SparseChildAdamW(Optimizer):
 
     def _delivered(self, param: torch.Tensor) -> torch.Tensor | None:
         """Take `param`'s child-only gradient (None where it has none: `.grad` holds its gradient)."""
+        if self._child is None:  # none installed (then `_child_name` is empty too)
+            return None
         name = self._child_name.get(param)
         return None if name is None else self._child.pop(name)
 
@@ -188,12 +190,14 @@ class SparseChildAdamW(Optimizer):
             if self.accumulating or self._buffers:
                 raise RuntimeError("ID3 ranks the whole update's gradient, which is not known until the last "
                                    "micro-batch: it cannot accumulate gradients with the step in backward")
+            if param.grad is None:  # child-only gradients, the one other source, are for fixed child networks only
+                raise RuntimeError(f"ID3 ranks {name!r}'s dense gradient, but backward left .grad None")
             if self._grow is None:
                 self._grow = self.strategy.growth(self.steps)
             offer = self.strategy.candidates(name, param.grad, self._grow)
             if offer is not None:
                 self._offers[name] = (*offer, local(param.grad).reshape(-1)[offer[1]].clone())
-            mask = self.strategy.chosen.get(name)
+            mask = self.strategy.require_chosen().get(name)
         else:
             mask = self.strategy.masks(self.steps).get(name)
         state = self._sync(param, mask)
@@ -211,15 +215,23 @@ class SparseChildAdamW(Optimizer):
             state["step"] += 1
         param.grad = None
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One update; with `in_backward` the parameters were already updated during backward, and this
         only advances the step count (so the next masks and LR schedule see the next step)."""
         loss = evaluate_closure(closure)
         if self.in_backward:
-            if self._offers:
-                joined = self.strategy.admit({n: o[:2] for n, o in self._offers.items()}, self._grow)
-                for name, indices in joined.items():
+            if self._offers:  # made by ID3's hooks alone, each after setting `_grow`
+                if not isinstance(self.strategy, ID3) or self._grow is None:
+                    raise RuntimeError("candidate offers without ID3's growth for this step")
+                admitted = self.strategy.admit({n: o[:2] for n, o in self._offers.items()}, self._grow)
+                for name, indices in admitted.items():
                     self._join(name, indices)
             self._offers, self._grow = {}, None
             self.steps += 1
@@ -268,14 +280,14 @@ class SparseChildAdamW(Optimizer):
     def _take_joined(self, param: torch.Tensor, indices: torch.Tensor | None) -> dict[str, Any]:
         """ID3 after its first step: append the elements its last growth admitted (`ID3.joined`), which is
         what `_sync` would find by counting and comparing the whole mask."""
-        state = self.state[param]
+        state: dict[str, Any] = self.state[param]
         if indices is not None and len(indices):
             _append(state, param, indices, state["step"] if self.bias_correction == "element" else 0)
         return state
 
     def _sync(self, param: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
         """Bring `param`'s state in line with its mask (None: all of it), appending elements that joined."""
-        state = self.state[param]
+        state: dict[str, Any] = self.state[param]
         if not state:
             state["step"] = 0
         elif self.strategy.kind == "fixed" and param in self._seen and self._seen[param] is mask:
@@ -327,6 +339,8 @@ def _child_grad(param: torch.Tensor, state: Mapping[str, Any], delivered: torch.
     `.grad`, plus the child-only gradient `delivered` by backward (`child_only_grads`; alone where the
     weight has no use outside its Linear layers, so `.grad` is None)."""
     if param.grad is None:
+        if delivered is None:
+            raise RuntimeError("a parameter with neither .grad nor a child-only gradient has no child gradient")
         return delivered
     index = state.get("index")
     grad = local(param.grad)
