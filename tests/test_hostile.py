@@ -249,7 +249,7 @@ def extra_key(config: dict, tensors: dict) -> None:
 @pytest.mark.parametrize(
     ("tamper", "message"),
     [
-        (shrink, "packed bits|out of range|indices for"),
+        (shrink, "packed bits|padding bits|out of range|indices for"),
         (transpose, "delta is for shape"),
         (rename, "has no tensor 'bert.no.such.weight'"),
         (future, "format version 99"),

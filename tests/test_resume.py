@@ -41,7 +41,12 @@ def write_tiny_model(folder: Path, dropout: float = 0.1) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=32).save_pretrained(folder)
+    # the vocabulary file is positional: transformers 5 renamed the keyword `vocab_file` to `vocab` and ignores the
+    # old one, which gave a tokenizer of the 5 special tokens alone (every word [UNK], nothing to learn from)
+    tokenizer = BertTokenizerFast(str(folder / "vocab.txt"), model_max_length=32)
+    if len(tokenizer) != len(vocab):
+        raise AssertionError(f"the tiny tokenizer has {len(tokenizer)} tokens, not the {len(vocab)} of its vocab.txt")
+    tokenizer.save_pretrained(folder)
     config = tiny_bert_config()
     config.vocab_size = len(vocab)
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
