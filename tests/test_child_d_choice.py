@@ -194,3 +194,27 @@ def test_fisher_passes_reach_the_strategy_and_are_not_a_setting():
     assert "fisher_passes" in NOT_SETTINGS
     with pytest.raises(ConfigError, match="fisher_passes"):
         TrainConfig(method="child-d", fisher_passes=0).resolved()
+
+
+def test_a_run_with_fisher_passes_chooses_the_child_network_of_one_pass(tmp_path):
+    """Through the CLI (the training loop's Fisher loader, dropout on in the authors' preset), two passes
+    save the same masks as one."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_resume import write_task, write_tiny_model
+
+    from childtune.cli import main
+    from childtune.study.analysis import load_masks
+
+    train_file, dev_file = write_task(tmp_path)
+    tiny = write_tiny_model(tmp_path / "model", dropout=0.1)
+    masks = []
+    for passes in ("1", "2"):
+        out = tmp_path / f"run{passes}"
+        assert main(["train", "--model", str(tiny), "--train", str(train_file), "--dev", str(dev_file),
+                     "--epochs", "1", "--batch-size", "4", "--method", "child-d", "--preset", "authors",
+                     "--fisher-passes", passes, "--no-progress", "--checkpoint-every", "0", "--output", str(out)]) == 0
+        masks.append(load_masks(out))
+    assert_same_masks(masks[1], masks[0])
