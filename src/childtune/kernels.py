@@ -44,9 +44,10 @@ import sys
 import time
 import warnings
 import zlib
+from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -67,6 +68,24 @@ class Draw(NamedTuple):
     k1: int
     k2: int
     threshold: int
+
+
+class Compiled(Protocol):
+    """The functions csrc/kernels.cpp binds (its PYBIND11_MODULE block), as Python calls them."""
+
+    def keep(self, out: torch.Tensor, start: int, k1: int, k2: int, threshold: int) -> None: ...
+
+    def mask_(self, grad: torch.Tensor, start: int, k1: int, k2: int, threshold: int, scale: float) -> None: ...
+
+    def adamw_(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+               start: int, k1: int, k2: int, threshold: int, scale: float, lr: float, beta1: float, beta2: float,
+               eps: float, weight_decay: float, step: float, masked: bool) -> None: ...
+
+    def top_unchosen(self, grad: torch.Tensor, weight: torch.Tensor, chosen: torch.Tensor, k: int, eps: float,
+                     exponent: float) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def child_dot_(self, out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, index: torch.Tensor,
+                   width: int) -> None: ...
 
 
 def splitmix64(x: int) -> int:
@@ -100,7 +119,7 @@ def keep_bits(positions: torch.Tensor, k1: int, k2: int) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def _keep_blocks(flat: torch.Tensor, draw: Draw):
+def _keep_blocks(flat: torch.Tensor, draw: Draw) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(block of `flat`, its keep mask) for cache-sized blocks: the compiled keep mask on a CPU where it was
     built, `keep_bits` otherwise."""
     ext = extension() if flat.device.type == "cpu" else None
@@ -150,8 +169,11 @@ def adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_a
     """One AdamW step of `param` on the gradient masked by `draw` (unmasked if None) in one pass, torch's
     fused AdamW formula; `grad` is read, not written. For callers that found `one_pass_ready` true."""
     masked = draw is not None
-    start, k1, k2, threshold = draw if masked else (0, 0, 0, 0)
-    _build().adamw_(param, grad, exp_avg, exp_avg_sq, start, k1, k2, threshold, scale if masked else 1.0, lr,
+    start, k1, k2, threshold = (0, 0, 0, 0) if draw is None else draw
+    ext = _build()
+    if ext is None:
+        raise RuntimeError("kernels.adamw_ needs the compiled kernels: call it only where one_pass_ready() is true")
+    ext.adamw_(param, grad, exp_avg, exp_avg_sq, start, k1, k2, threshold, scale if masked else 1.0, lr,
                     betas[0], betas[1], eps, weight_decay, step, masked)
 
 
@@ -186,14 +208,14 @@ def one_pass_ready(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and extension() is not None
 
 
-def _for(t: torch.Tensor, dtype: torch.dtype):
+def _for(t: torch.Tensor, dtype: torch.dtype) -> Compiled | None:
     """The compiled kernels when they take `t` (contiguous, `dtype`, on a CPU), else None."""
     if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
         return None
     return extension()
 
 
-def extension():
+def extension() -> Compiled | None:
     """The compiled kernels of csrc/kernels.cpp, built on first use, or None (`CHILDTUNE_KERNELS=eager`, or
     they could not be built here: a warning says why, once)."""
     if os.environ.get("CHILDTUNE_KERNELS", "").lower() == "eager":
@@ -221,7 +243,7 @@ def build_directory() -> Path:
 
 
 @cache
-def _build():
+def _build() -> Compiled | None:
     started = time.perf_counter()
     path = os.environ.get("PATH", "")
     try:
@@ -248,7 +270,7 @@ def _build():
             copy = directory / SOURCE.name  # compiled from here, so the build does not depend on the checkout's path
             if not copy.exists() or copy.read_bytes() != _CODE:
                 copy.write_bytes(_CODE)
-            module = load(name="childtune_kernels", sources=[str(copy)], build_directory=str(directory),
+            module: Compiled = load(name="childtune_kernels", sources=[str(copy)], build_directory=str(directory),
                           verbose=False, extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, no flock, a stuck build: the eager code is correct
         warnings.warn(f"childtune: the compiled kernels (csrc/kernels.cpp) could not be built ({error}); the eager "
@@ -266,7 +288,7 @@ def _build():
 build_seconds = [0.0]  # how long the first `extension()` call took in this process (build, or load from cache)
 
 
-def _blocks(*tensors: torch.Tensor):
+def _blocks(*tensors: torch.Tensor) -> Iterable[tuple[torch.Tensor, ...]]:
     """Matching flat blocks of equally sized tensors (whole tensors where one is not contiguous)."""
     if not all(t.is_contiguous() for t in tensors):
         return [tensors]

@@ -47,6 +47,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +132,8 @@ class _ChildLinear(torch.autograd.Function):
     to (None outside autocast), as autocast's own linear would."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, site: _Site, dtype: torch.dtype | None):
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, site: _Site,
+                dtype: torch.dtype | None) -> torch.Tensor:  # ctx: Any, as torch types it (attributes set freely)
         w, b = weight, bias
         if dtype is not None:
             x, w = x.to(dtype), w.to(dtype)
@@ -144,7 +146,7 @@ class _ChildLinear(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy):
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None, None]:
         x, weight = ctx.saved_tensors
         w = weight if ctx.dtype is None else weight.to(ctx.dtype)
         dx = dy @ w if ctx.needs_input_grad[0] else None
@@ -163,14 +165,15 @@ class ChildGrads:
         if unknown:
             raise ValueError(f"no parameters named {sorted(unknown)} in the model")
         self.sites = {n: _Site(n, params[n], _checked(n, params[n], i)) for n, i in indices.items()}
-        by_param = {s.param: s for s in self.sites.values()}
+        by_param: dict[torch.Tensor, _Site] = {s.param: s for s in self.sites.values()}
         self._patched = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight in by_param]
         seen = {m.weight for m in self._patched}
         if len(seen) < len(by_param):
             raise ValueError("child-only gradients are for nn.Linear weights; "
                              f"{sorted(s.name for p, s in by_param.items() if p not in seen)} are not")
         for module in self._patched:
-            module.forward = partial(_forward, module, by_param[module.weight])
+            # an instance attribute over nn.Linear.forward (as `module.forward = ...` sets; `remove()` deletes it)
+            vars(module)["forward"] = partial(_forward, module, by_param[module.weight])
 
     def grad(self, name: str) -> torch.Tensor | None:
         """The child gradient of `name` accumulated so far (None before any backward reached it)."""
@@ -213,7 +216,9 @@ def _forward(module: nn.Linear, site: _Site, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, module.weight, module.bias)
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    return _ChildLinear.apply(x, module.weight, module.bias, site, dtype)
+    # torch leaves Function.apply unannotated; it returns what forward returns
+    y: torch.Tensor = _ChildLinear.apply(x, module.weight, module.bias, site, dtype)  # type: ignore[no-untyped-call]
+    return y
 
 
 def _checked(name: str, param: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
