@@ -15,10 +15,11 @@ import math
 import re
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from childtune.data.types import DataError, Kind, TaskData, TaskSpec
+from childtune.data.types import DataError, Example, Kind, TaskData, TaskSpec
 
 
 def load_files(
@@ -58,6 +59,7 @@ def load_files(
     rows = {role: _read_rows(role, path, text_col, label_col, text_pair_col) for role, path in paths.items()}
     if kind is None:
         kind = _infer_kind(paths["train"], rows["train"])
+    splits: dict[str, list[Example]]
     if kind == "regression":
         splits = {
             role: [(text, _number(paths[role], line, raw)) for text, raw, line in r]
@@ -82,12 +84,13 @@ def load_files(
     return TaskData(spec, splits["train"], splits["dev"], splits.get("test", []))
 
 
-def _generation_files(train, dev, test, prompt_col: str, target_col: str) -> TaskData:
+def _generation_files(train: str | Path, dev: str | Path, test: str | Path | None, prompt_col: str,
+                      target_col: str) -> TaskData:
     """Prompt -> target pairs for a causal LM; every target a non-empty text (numbers are read as text)."""
     paths = {"train": Path(train), "dev": Path(dev)} | ({"test": Path(test)} if test is not None else {})
-    splits = {}
+    splits: dict[str, list[Example]] = {}
     for role, path in paths.items():
-        examples = []
+        examples: list[Example] = []
         for prompt, raw, line in _read_rows(role, path, prompt_col, target_col):
             target = raw if isinstance(raw, str) else json.dumps(raw) if not isinstance(raw, bool | type(None)) else ""
             if isinstance(raw, bool) or raw is None or not target.strip():
@@ -182,7 +185,7 @@ def _jsonl_records(path: Path, content: str) -> list[tuple[int, dict[str, Any]]]
         if not text.strip():
             continue
         try:
-            record = json.loads(text, object_pairs_hook=lambda pairs, line=line: _unique_keys(path, line, pairs))
+            record = json.loads(text, object_pairs_hook=partial(_unique_keys, path, line))
         except json.JSONDecodeError as err:
             raise DataError(f"{path} line {line}: malformed JSON ({err.msg} at column {err.colno})") from None
         except ValueError as err:  # an integer literal past Python's digit limit for int(str)

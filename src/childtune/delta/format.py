@@ -150,23 +150,25 @@ class DeltaConfig:
         )
 
 
-def _int(raw: dict, key: str) -> int:
+def _int(raw: Mapping[str, Any], key: str) -> int:
     value = raw[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise DeltaError(f"config key {key!r} must be a non-negative integer, got {value!r}")
     return value
 
 
-def _str(raw: dict, key: str) -> str:
-    if not isinstance(raw[key], str):
-        raise DeltaError(f"config key {key!r} must be a string, got {raw[key]!r}")
-    return raw[key]
+def _str(raw: Mapping[str, Any], key: str) -> str:
+    value = raw[key]
+    if not isinstance(value, str):
+        raise DeltaError(f"config key {key!r} must be a string, got {value!r}")
+    return value
 
 
-def _obj(raw: dict, key: str) -> dict:
-    if not isinstance(raw[key], dict):
+def _obj(raw: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = raw[key]
+    if not isinstance(value, dict):
         raise DeltaError(f"config key {key!r} must be an object")
-    return raw[key]
+    return value
 
 
 def _shape(where: str, value: Any) -> tuple[int, ...]:

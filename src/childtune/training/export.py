@@ -8,6 +8,7 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 from childtune.delta import CONFIG_FILE, DeltaError, SparseDelta
 from childtune.fileio import write_json
@@ -128,7 +129,7 @@ def base_for(delta: SparseDelta, path: Path):
             return tokenizer, transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
         if not hparams.get("num_labels") and not delta.dense:
             raise DeltaError("the delta records no task head (num_labels) to build a classifier with")
-        labels = {"num_labels": hparams.get("num_labels") or next(iter(delta.dense.values())).shape[0]}
+        labels: dict[str, Any] = {"num_labels": hparams.get("num_labels") or next(iter(delta.dense.values())).shape[0]}
         if hparams.get("label_names"):
             labels["id2label"] = dict(enumerate(hparams["label_names"]))
             labels["label2id"] = {n: i for i, n in enumerate(hparams["label_names"])}
