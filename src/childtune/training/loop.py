@@ -28,7 +28,7 @@ from childtune.data.batching import LMCollate, make_collate
 from childtune.delta import DeltaError, SparseDelta
 from childtune.fileio import write_json
 from childtune.masks import MASKS_FILE, save_masks
-from childtune.optim import state_bytes
+from childtune.optim import ChildOptimizer, SparseChildAdamW, state_bytes
 from childtune.strategies import Strategy
 from childtune.training import distributed
 from childtune.training.config import ConfigError, TrainConfig, build_strategy, updates_per_epoch
@@ -126,10 +126,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
         torch.cuda.reset_peak_memory_stats()
     model = _in_weight_dtype(config, model)
     if config.gradient_checkpointing:  # recompute activations in backward: memory for compute
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name for it
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpoint_activations(model)
     length = min(config.max_length, position_limit(model))
     collate = LMCollate(tokenizer, length, config.chat_template) if task.spec.kind == "generation" else make_collate(
         tokenizer, length, task.spec.kind)
@@ -235,6 +232,8 @@ def setup(config: TrainConfig, model: torch.nn.Module, total_steps: int):
     and the learning-rate schedule. The strategy is not prepared yet (Child-Tuning_D's Fisher pass)."""
     if METHODS[config.method].adapter == "lora":
         model = add_lora(model, config)
+    if config.weight_decay is None:
+        raise ConfigError("setup needs a resolved config (TrainConfig.resolved() fills the method's weight_decay)")
     groups = param_groups(model, config.weight_decay)
     params = {n: p for g in groups for n, p in g["params"]}
     strategy = build_strategy(config, total_steps, params)
@@ -267,14 +266,15 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> float | Non
     autocast = (torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16) if config.bf16
                 else contextlib.nullcontext())
     loss, finite_loss = torch.zeros((), device=next(model.parameters()).device), True
+    ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None  # `distributed.wrap`
     for i, (part, share) in enumerate(parts):
-        sync = contextlib.nullcontext() if i == len(parts) - 1 or not hasattr(model, "no_sync") else model.no_sync()
+        sync = ddp.no_sync() if ddp is not None and i < len(parts) - 1 else contextlib.nullcontext()
         with sync:
             with autocast:
                 micro = model(**to_device(part, model)).loss * share
             finite_loss = finite_loss and bool(torch.isfinite(micro))
             if config.optimizer_in_backward:  # hooks buffer child gradients until the update's last micro-batch
-                optimizer.accumulating = i < len(parts) - 1
+                _stepping_in_backward(optimizer).accumulating = i < len(parts) - 1
             if not finite_loss and config.optimizer_in_backward:  # backward would already update weights
                 raise TrainError(f"non-finite loss at epoch {state.epoch}, batch {state.batch} (after {state.step} "
                                  "updates); the weights were not updated. Lower --lr")
@@ -305,6 +305,25 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> float | Non
                          f"non-finite, e.g. in {broken[0] if broken else 'another rank rows'!r}: the run diverged. "
                          "Lower --lr")
     return float(loss.detach())
+
+
+def _checkpoint_activations(model: torch.nn.Module) -> None:
+    """Recompute `model`'s activations in backward (non-reentrant), by the name its transformers gives it."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise ConfigError(f"--gradient-checkpointing needs a transformers model, got {type(model).__name__}")
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name for it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _stepping_in_backward(optimizer: torch.optim.Optimizer) -> ChildOptimizer | SparseChildAdamW:
+    """`optimizer` as one that steps inside backward (`make_optimizer` builds one of these two for it)."""
+    if not isinstance(optimizer, ChildOptimizer | SparseChildAdamW):
+        raise TypeError(f"{type(optimizer).__name__} cannot step in backward (--optimizer-in-backward)")
+    return optimizer
 
 
 def _in_weight_dtype(config: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
