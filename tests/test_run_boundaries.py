@@ -69,6 +69,12 @@ def test_resume_takes_display_and_logging_options(interrupted, capsys):
     assert [r["step"] for r in logged if "loss" in r][-3:] == [3, 4, 5]  # every step after the resume
 
 
+def test_resuming_a_finished_run_says_it_finished(interrupted, capsys):
+    assert cli(capsys, "train", "--resume", interrupted, "--no-progress")[0] == 0
+    code, err = cli(capsys, "train", "--resume", interrupted)
+    assert code == 2 and "is a finished run: nothing to resume" in err, err
+
+
 # ------------------------------------------------------------------------------------------ config files
 
 

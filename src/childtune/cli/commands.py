@@ -38,7 +38,10 @@ def _resumed(args: argparse.Namespace) -> TrainConfig:
                           "--checkpoint-every or --nproc")
     saved = partial_dir(args.resume) / "config.json"
     if not saved.is_file():
-        raise FileNotFoundError(f"no interrupted run to resume at {args.resume}: {saved} does not exist")
+        finished = (Path(args.resume) / "metrics.json").is_file()
+        raise FileNotFoundError(f"{args.resume} is a finished run: nothing to resume (train again with --overwrite "
+                                "to replace it)" if finished else
+                                f"no interrupted run to resume at {args.resume}: {saved} does not exist")
     return replace(TrainConfig.load_json(saved), **given)
 
 
@@ -85,8 +88,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     split = "test" if metrics["test"] else "dev"
     primary = metrics["primary_metric"]
-    print(f"{metrics['method']} on {metrics['task']}: {split} {primary} {metrics[split][primary]:.4f}, "
-          f"dev {primary} {metrics['dev'][primary]:.4f}; changed {metrics['changed_params']:,} of "
+    dev = f", dev {primary} {metrics['dev'][primary]:.4f}" if split == "test" else ""
+    print(f"{metrics['method']} on {metrics['task']}: {split} {primary} {metrics[split][primary]:.4f}{dev}; "
+          f"changed {metrics['changed_params']:,} of "
           f"{metrics['total_params']:,} weights"
           + (f"; skipped {metrics['skipped_steps']} of {metrics['steps'] + metrics['skipped_steps']} steps "
              "(non-finite loss or gradient)" if metrics["skipped_steps"] else "")
