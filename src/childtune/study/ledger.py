@@ -103,7 +103,7 @@ def make_record(key: Mapping[str, Any], config: TrainConfig, metrics: Mapping[st
         "version": VERSION, "hash": settings_hash(config, context), **key, "config": settings(config),
         "context": dict(context or {}),
         "metrics": dict(metrics), "code_version": code_version(), "device": metrics.get("device", "cpu"),
-        "recorded_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
