@@ -101,10 +101,15 @@ def results_table(records: Sequence[Record], split: str = "test", baseline: str 
         common = sorted(set(row.seeds) & set(base.seeds))
         mine, theirs = dict(zip(row.seeds, row.scores, strict=True)), dict(zip(base.seeds, base.scores, strict=True))
         row.paired = paired_test([mine[s] for s in common], [theirs[s] for s in common])
-    tested = [row for row in rows if row.paired is not None]
-    for row, p in zip(tested, holm([row.paired.p_t for row in tested]), strict=True):
-        row.p_holm = p
+    _holm_over(rows)
     return rows
+
+
+def _holm_over(rows: Sequence[Row]) -> None:
+    """Holm's correction over every row with a paired test: sets each one's `p_holm`."""
+    tested = [(row, paired) for row in rows if (paired := row.paired) is not None]
+    for (row, _), p in zip(tested, holm([paired.p_t for _, paired in tested]), strict=True):
+        row.p_holm = p
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -191,9 +196,7 @@ def transfer_table(study: StudyConfig, records: Sequence[Record]) -> list[Row]:
         for row in results_table(records, split, study.baseline):
             target = Path(split).stem if Path(split).suffix in (".csv", ".jsonl") else split
             rows.append(replace(row, task=row.task if split == "test" else f"{row.task} → {target}", split="test"))
-    tested = [row for row in rows if row.paired is not None]
-    for row, p in zip(tested, holm([row.paired.p_t for row in tested]), strict=True):
-        row.p_holm = p
+    _holm_over(rows)
     return rows
 
 

@@ -13,7 +13,7 @@ import csv
 import io
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,11 +80,11 @@ class Stat:
         return f"{self.mean:.4f}" if self.n < 2 else f"{self.mean:.4f} ± {self.std:.4f}"
 
 
-def _stat(values: Sequence[float]) -> Stat:
-    values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    if not values:
+def _stat(values: Sequence[float | None]) -> Stat:
+    kept = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not kept:
         return Stat(math.nan, math.nan, 0)
-    return Stat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values))
+    return Stat(statistics.fmean(kept), statistics.stdev(kept) if len(kept) > 1 else math.nan, len(kept))
 
 
 def primary_split(runs: Sequence[dict[str, Any]]) -> str:
@@ -110,6 +110,11 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _cell(key: str) -> Callable[[dict[str, Any]], str]:
+    """A table column's cell: the summary row's `key` as text, or n/a."""
+    return lambda r: str(r.get(key, "n/a"))
+
+
 def format_table(runs: Sequence[dict[str, Any]]) -> str:
     """A plain-text table: the primary metric first, then the other metrics, sizes and time."""
     if not runs:
@@ -117,11 +122,12 @@ def format_table(runs: Sequence[dict[str, Any]]) -> str:
     rows = summarize(runs)
     split, primary = primary_split(runs), runs[0]["primary_metric"]
     others = sorted({k[len(split) + 1 :] for row in rows for k in row if k.startswith(f"{split}_")} - {primary})
-    columns = [("method", lambda r: r["method"]), ("seeds", lambda r: str(r["n"])),
-               (f"{split} {primary}", lambda r: str(r.get(f"{split}_{primary}", "n/a")))]
-    columns += [(f"{split} {m}", lambda r, m=m: str(r.get(f"{split}_{m}", "n/a"))) for m in others]
+    columns: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+        ("method", lambda r: r["method"]), ("seeds", lambda r: str(r["n"])),
+        (f"{split} {primary}", _cell(f"{split}_{primary}"))]
+    columns += [(f"{split} {m}", _cell(f"{split}_{m}")) for m in others]
     if split == "test":
-        columns.append((f"dev {primary}", lambda r: str(r.get(f"dev_{primary}", "n/a"))))
+        columns.append((f"dev {primary}", _cell(f"dev_{primary}")))
     columns += [("changed params", lambda r: _count(r["changed_params"].mean)),
                 ("train time (s)", lambda r: f"{r['train_time_s'].mean:.0f}")]
     cells = [[name for name, _ in columns]] + [[get(r) for _, get in columns] for r in rows]
@@ -188,7 +194,7 @@ def plot(runs: Sequence[dict[str, Any]], path: str | Path) -> Path:
     total = runs[0]["total_params"]
     shares = [100 * r["changed_params"].mean / total for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(rows), 4.2), dpi=120)
-    colors = plt.get_cmap("tab10").colors
+    colors = [plt.get_cmap("tab10")(i) for i in range(10)]  # its ten colours (RGBA)
     xs = range(len(rows))
     left.bar(xs, means, yerr=stds, capsize=6, color=[colors[i % 10] for i in xs], edgecolor="black")
     low = min(m - s for m, s in zip(means, stds, strict=True))
@@ -289,7 +295,7 @@ def plot_rows(rows: Sequence[Row], path: Path, title: str, baseline: str = BASEL
     cols = min(len(panels), 2)
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(6.4 * cols, 3.8 * nrows), squeeze=False, constrained_layout=True)
-    colors = plt.get_cmap("tab10").colors
+    colors = [plt.get_cmap("tab10")(i) for i in range(10)]  # its ten colours (RGBA)
     for ax, (name, group) in zip(axes.ravel(), panels.items(), strict=False):
         for x, row in enumerate(group):
             if not row.scores:
@@ -349,7 +355,7 @@ def plot_curve(rows: Sequence[Row], sizes: dict[str, int], path: Path, baseline:
     import matplotlib.pyplot as plt
 
     methods = list(dict.fromkeys(r.method for r in rows))
-    colors = plt.get_cmap("tab10").colors
+    colors = [plt.get_cmap("tab10")(i) for i in range(10)]  # its ten colours (RGBA)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     base = {sizes[r.task]: r for r in rows if r.method == baseline}
     for i, method in enumerate(methods):
