@@ -132,6 +132,27 @@ def test_command_line_counts_out_of_range_are_refused(tmp_path, capsys, argv):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("argv", [["--batch-size", "0"], ["--max-new-tokens", "0"], ["--max-new-tokens", "-3"]])
+def test_generate_counts_out_of_range_are_refused_by_their_flag(capsys, argv):
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", "smollm2-135m", "--prompt", "hi", *argv])
+    assert stop.value.code == 2 and f"argument {argv[0]}: must be at least 1" in capsys.readouterr().err
+
+
+def test_generate_input_must_be_utf8_text_and_may_start_with_a_bom(tmp_path, capsys, monkeypatch):
+    binary = tmp_path / "p.txt"
+    binary.write_bytes(b"ok\n\xf0\x28\x8c\x28\n")
+    code, err = cli(capsys, "generate", "smollm2-135m", "--input", binary)
+    assert code == 2 and err == f"childtune: error: {binary} is not UTF-8 text (byte 3 cannot be decoded)", err
+    seen: list[list[str]] = []
+    monkeypatch.setattr("childtune.training.generate.complete", lambda source, prompts, settings: seen.append(
+        prompts) or ["x"] * len(prompts))
+    bom = tmp_path / "b.txt"
+    bom.write_bytes("\ufeffwhat is 2+2\n".encode())
+    assert cli(capsys, "generate", "smollm2-135m", "--input", bom)[0] == 0
+    assert seen == [["what is 2+2"]]
+
+
 # ------------------------------------------------------------------------------- the end, checked first
 
 

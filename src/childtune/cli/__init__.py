@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--input", default=None, help="prompts: a text file (one a line) or JSONL with 'prompt'")
     generate.add_argument("--output", default=None, help="write JSONL {prompt, completion} here [print]")
     generate.add_argument("--overwrite", action="store_true", help="replace the file already at --output")
-    generate.add_argument("--max-new-tokens", type=int, default=32, help="longest completion [32]")
-    generate.add_argument("--batch-size", type=int, default=16, help="prompts decoded together [16]")
+    generate.add_argument("--max-new-tokens", type=at_least(1), default=32, help="longest completion [32]")
+    generate.add_argument("--batch-size", type=at_least(1), default=16, help="prompts decoded together [16]")
     generate.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=False,
                           help="wrap prompts in the tokenizer's chat template (a run's own setting wins if on)")
     generate.set_defaults(func=cmd_generate)

@@ -207,7 +207,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         path = Path(args.input)
         if not path.is_file():
             raise FileNotFoundError(f"input file not found: {path}")
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the first prompt
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text (byte {err.start} cannot be decoded)") from None
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             if path.suffix == ".jsonl":
