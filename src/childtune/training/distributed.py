@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -68,19 +68,19 @@ class DistInfo:
     def from_env(cls, env: Mapping[str, str] | None = None) -> DistInfo:
         """Read torchrun's (and Accelerate's, which uses torchrun) RANK, WORLD_SIZE and LOCAL_RANK."""
         env = os.environ if env is None else env
-        values = {}
+        values: dict[str, int] = {}
         for key, field_name, default in (("RANK", "rank", 0), ("WORLD_SIZE", "world_size", 1),
                                          ("LOCAL_RANK", "local_rank", None)):
             raw = env.get(key)
             if raw is None or raw == "":
-                values[field_name] = default
+                if default is not None:
+                    values[field_name] = default
                 continue
             try:
                 values[field_name] = int(raw)
             except ValueError:
                 raise DistributedError(f"environment variable {key}={raw!r} is not an integer") from None
-        if values["local_rank"] is None:
-            values["local_rank"] = values["rank"]
+        values.setdefault("local_rank", values["rank"])  # LOCAL_RANK unset: a single node's rank
         return cls(**values)
 
 
@@ -210,7 +210,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return state if info().is_main else None
+    # a module's state dict holds its parameters and buffers, each gathered whole into a plain tensor here
+    return cast(dict[str, torch.Tensor], state) if info().is_main else None
 
 
 def check_accelerator(accelerator: Any) -> None:
