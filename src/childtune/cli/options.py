@@ -57,9 +57,15 @@ def add_config_options(parser: argparse.ArgumentParser, skip: frozenset[str] | s
         options = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(
             hint, types.UnionType) else [hint]
         kind = options[0]
-        default = f.default if f.default is not MISSING else f.default_factory()
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            raise TypeError(f"TrainConfig.{f.name} needs a default: an option left unset takes it")
         shown = _METHOD_DEFAULTS[f.name]() if f.name in _METHOD_DEFAULTS else default
-        common = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{f.metadata['help']} [{shown}]"}
+        common: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                  "help": f"{f.metadata['help']} [{shown}]"}
         if kind is bool:
             parser.add_argument(_flag(f), action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(kind) is tuple:

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -263,7 +264,8 @@ def _convert_gguf(wheel: Path, member: str, dest: Path) -> None:
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         except ImportError as err:
             raise AssetError(f"reading {name} needs the 'gguf' package (pip install gguf): {err}") from None
-    model.hf_quantizer = None
+    # a plain attribute from_pretrained set (nn.Module's __setattr__ is typed for tensors and modules only)
+    vars(model)["hf_quantizer"] = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(dest)
@@ -332,7 +334,7 @@ def _wheel_digests(wheel: Path, prefix: str) -> dict[str, str]:
         for relative, member in _members(zf, wheel, prefix):
             digest = hashlib.sha256()
             with zf.open(member) as src:
-                for block in iter(lambda src=src: src.read(1 << 20), b""):
+                for block in iter(partial(src.read, 1 << 20), b""):
                     digest.update(block)
             out[relative] = digest.hexdigest()
         return out
