@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -31,7 +32,13 @@ from childtune.masks import MASKS_FILE, save_masks
 from childtune.optim import ChildOptimizer, SparseChildAdamW, state_bytes
 from childtune.strategies import Strategy
 from childtune.training import distributed
-from childtune.training.config import ConfigError, TrainConfig, build_strategy, updates_per_epoch
+from childtune.training.config import (
+    ConfigError,
+    TrainConfig,
+    build_strategy,
+    causal_lm_notice,
+    updates_per_epoch,
+)
 from childtune.training.evaluate import count_elements, evaluate, peak_rss_mib, reset_peak_rss, to_device
 from childtune.training.inputs import batches, load_data, loader
 from childtune.training.methods import METHODS
@@ -54,18 +61,22 @@ class TrainError(RuntimeError):
 # ---------------------------------------------------------------------------------------- the state
 
 
-class Callback:
-    """Hooks around the loop (checkpointing, resuming, distributed logging). Every hook is optional.
+class Callback(Protocol):
+    """Hooks around the loop (checkpointing, resuming, distributed logging). Every hook is optional: a
+    subclass inherits these no-ops; a class with all three needs no import of this module (`Checkpointer`).
 
     `on_start` runs before any work: a resume callback restores `state` there and sets
     `state.resumed`, which skips the child network's preparation (its masks come from the optimizer state).
     """
 
-    def on_start(self, state: TrainState) -> None: ...
+    def on_start(self, state: TrainState) -> None:
+        return None
 
-    def on_step(self, state: TrainState) -> None: ...
+    def on_step(self, state: TrainState) -> None:
+        return None
 
-    def on_end(self, state: TrainState, metrics: dict[str, Any]) -> None: ...
+    def on_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
+        return None
 
 
 @dataclass
@@ -96,12 +107,18 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *, resume: bo
     Under torchrun every rank calls this: DDP, the data sharded by rank, files written by rank 0 only.
     `resume` reopens the interrupted run's working folder (and its checkpoint) instead of a fresh one.
     """
-    config = config.resolved()
+    given, config = config, config.resolved(processes=distributed.info().world_size)
     reset_peak_rss()
     me = distributed.init()
     if config.optimizer_in_backward and me.world_size > 1 and not config.fsdp:
         raise ConfigError("--optimizer-in-backward runs on one process or sharded (--fsdp): DDP averages "
                           "gradients in its own hooks, after the step would have used them")
+    if config.child_only_grads and me.world_size > 1:
+        raise ConfigError("--child-only-grads runs on one process: DDP averages the weights' .grad in its own "
+                          "hooks, and a child-only gradient is no .grad (pass --no-child-only-grads)")
+    notice = causal_lm_notice(given, config)
+    if notice and me.is_main:
+        print(notice, file=sys.stderr)
     if config.fsdp and me.world_size < 2:
         raise ConfigError("--fsdp shards over processes: run it with --nproc N (N >= 2) or under torchrun")
     if config.batch_size % me.world_size:
@@ -159,6 +176,9 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
         prepare_time = time.perf_counter() - started
         if config.strict and not config.fsdp:  # (FSDP2 fixed which parameters need gradients when it sharded)
             freeze_unchosen(strategy, params)  # before any DDP wrapping: DDP fixes its params
+        # after the Fisher pass (dense gradients) and a resume (the masks then come from the checkpoint)
+        child_grads = optimizer.child_only_grads(model) if config.child_only_grads and isinstance(
+            optimizer, SparseChildAdamW) else None
         state.model = distributed.wrap(model)  # DDP under torchrun; the model itself for one process
 
         started = time.perf_counter()
@@ -188,6 +208,8 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
                 log.write(eval="dev", epoch=state.epoch, step=state.step, **dev)
         bar.close()
         train_time = time.perf_counter() - started
+        if child_grads is not None:  # evaluation, counting and saving see the plain Linear modules
+            child_grads.remove()
 
         started = time.perf_counter()
         dev = evaluate(model, task.dev, task.spec, collate, config, "eval dev")
@@ -282,9 +304,7 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> float | Non
             loss = loss + micro.detach().float()
     finite = not distributed.any_rank(not finite_loss)  # every rank skips together, or DDP hangs
     if finite and not config.optimizer_in_backward:  # the gradient is whole: clip it, and check it too
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
-        finite = bool(torch.isfinite(norm))
+        finite = bool(torch.isfinite(_clip(optimizer, config.max_grad_norm)))
     if not finite:
         optimizer.zero_grad(set_to_none=True)
         what = "loss" if not torch.isfinite(loss) else "gradient"
@@ -324,6 +344,23 @@ def _stepping_in_backward(optimizer: torch.optim.Optimizer) -> ChildOptimizer | 
     if not isinstance(optimizer, ChildOptimizer | SparseChildAdamW):
         raise TypeError(f"{type(optimizer).__name__} cannot step in backward (--optimizer-in-backward)")
     return optimizer
+
+
+def _clip(optimizer: torch.optim.Optimizer, max_norm: float | None) -> torch.Tensor:
+    """Clip the update's gradient to `max_norm` (None: measure it only) and return its norm: torch's
+    `clip_grad_norm_` over the optimizer's parameters, with the child-only gradients that backward
+    delivered (`SparseChildAdamW.child_only_grads`, no `.grad`) counted and scaled as part of it."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    vectors = optimizer.child_gradients() if isinstance(optimizer, SparseChildAdamW) else []
+    if not vectors:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
+    grads = [p.grad for p in params if p.grad is not None] + vectors
+    norm = torch.nn.utils.get_total_norm(grads)
+    if max_norm is not None:  # clip_grads_with_norm_'s arithmetic
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for grad in grads:
+            grad.mul_(coef)
+    return norm
 
 
 def _in_weight_dtype(config: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
