@@ -72,14 +72,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         from childtune.training.launch import launch
 
         return launch(args.argv, args.nproc)
-    if config.output is None:
+    output = config.output
+    if output is None:
         name = config.task or Path(config.train_file or "data").stem
-        config = replace(config, output=str(Path("runs") / f"{name}-{config.method}-seed{config.seed}"))
-    apart_from_config_file(args, config.output)
+        output = str(Path("runs") / f"{name}-{config.method}-seed{config.seed}")
+        config = replace(config, output=output)
+    apart_from_config_file(args, output)
     checkpoints = []
     if args.checkpoint_every or args.resume:
         checkpoints.append(Checkpointer(args.checkpoint_every or sys.maxsize, resume=bool(args.resume),
-                                        directory=partial_dir(config.output)))
+                                        directory=partial_dir(output)))
     try:
         metrics = train(config, checkpoints, resume=bool(args.resume))
     finally:
