@@ -184,9 +184,12 @@ def tied_run(tmp_path_factory) -> tuple[Path, Path, Path]:
     transformers.GenerationConfig(**SHIPPED_DECODING).save_pretrained(llama)
     train, dev = write_generation_task(root)
     run = root / "run"
+    # fp32 weights (a causal LM's default is bf16): the tests below recompute its answers one prompt at a time
+    # and compare base + delta bit for bit with models read as transformers reads them (fp32)
     assert main(["train", "--model", str(llama), "--train", str(train), "--dev", str(dev), "--kind", "generation",
                  "--method", "child-d", "--reserve-p", "0.5", "--lr", "1e-2", "--epochs", "6", "--batch-size", "8",
-                 "--max-new-tokens", "3", "--no-progress", "--checkpoint-every", "0", "--output", str(run)]) == 0
+                 "--dtype", "fp32", "--max-new-tokens", "3", "--no-progress", "--checkpoint-every", "0",
+                 "--output", str(run)]) == 0
     return llama, dev, run
 
 

@@ -68,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("--checkpoint-every / --resume with --fsdp: checkpoints save one process's state, and a "
                           "sharded run's is spread over all of them; run without checkpoints, or with DDP")
     if args.nproc > 1 and not distributed.info().distributed:  # re-run this command as N ranks under torchrun
-        config.resolved()  # a bad value fails here, once, before any rank starts
+        config.resolved(processes=args.nproc)  # a bad value fails here, once, before any rank starts
         from childtune.training.launch import launch
 
         return launch(args.argv, args.nproc)

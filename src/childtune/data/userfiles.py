@@ -50,8 +50,7 @@ def load_files(
         raise DataError(f"text_pair_col {text_pair_col!r} must differ from the text and label columns")
     if kind not in (None, "classification", "regression", "generation"):
         raise DataError(f"kind must be 'classification', 'regression', 'generation' or None, got {kind!r}")
-    columns = _columns(Path(train)) if kind is None else set()
-    if {prompt_col, target_col} <= columns and text_col not in columns:
+    if kind is None and generation_columns(train, text_col, prompt_col, target_col):
         kind = "generation"
     if kind == "generation":
         return _generation_files(train, dev, test, prompt_col, target_col)
@@ -133,6 +132,13 @@ def _read_rows(role: str, path: Path, text_col: str, label_col: str,
     if not rows:
         raise DataError(f"{path} has no examples")
     return rows
+
+
+def generation_columns(train: str | Path, text_col: str, prompt_col: str, target_col: str) -> bool:
+    """Whether `load_files` without a `kind` reads `train` as a generation task: it has the prompt and target
+    columns and no text column. (`TrainConfig.resolved` asks it too: a causal LM's run settings differ.)"""
+    columns = _columns(Path(train))
+    return {prompt_col, target_col} <= columns and text_col not in columns
 
 
 def _columns(path: Path) -> set[str]:

@@ -151,6 +151,19 @@ class SparseChildAdamW(Optimizer):
         self._child_name = {site.param: name for name, site in self._child.sites.items()}
         return self._child
 
+    def child_gradients(self) -> list[torch.Tensor]:
+        """The child-only gradients backward delivered and no update has taken yet (none without
+        `child_only_grads`): the rest of the update's gradient, beside `.grad`, for clipping it."""
+        if self._child is None:
+            return []
+        return [g for g in map(self._child.grad, self._child.sites) if g is not None]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget the gradients, the child-only ones too (a skipped step must not pass them to the next)."""
+        super().zero_grad(set_to_none)
+        if self._child is not None:
+            self._child.zero_grad()
+
     def _delivered(self, param: torch.Tensor) -> torch.Tensor | None:
         """Take `param`'s child-only gradient (None where it has none: `.grad` holds its gradient)."""
         if self._child is None:  # none installed (then `_child_name` is empty too)
@@ -171,6 +184,8 @@ class SparseChildAdamW(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for i, keys in layout.items():
             self.state[params[i]].update({k: v.to(params[i].device) for k, v in keys.items()})
+        if self.in_backward:  # torch made new group dicts: the hooks must read those the scheduler sets the lr in
+            self._group_of = {p: g for g in self.param_groups for p in g["params"]}
 
     @torch.no_grad()
     def _update_in_backward(self, param: torch.Tensor) -> None:

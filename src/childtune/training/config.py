@@ -19,9 +19,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from childtune.data.tasks import TASKS
+from childtune.data.userfiles import generation_columns
 from childtune.fileio import write_json
 from childtune.strategies import Strategy
-from childtune.training.methods import METHODS, PRESET_FIELDS, PRESETS
+from childtune.training.methods import CAUSAL_LM, DENSE_RUN, METHODS, PRESET_FIELDS, PRESETS, Method
 
 
 @functools.cache
@@ -142,11 +144,21 @@ class TrainConfig:
         "recompute activations in backward instead of keeping them (less memory, more time)"))
     bf16: bool = field(default=False, metadata=_opt("forward and backward under bfloat16 autocast, fp32 weights"))
     device: str = field(default="auto", metadata=_opt("'cuda', 'cpu', or 'auto' (a GPU when torch sees one)"))
-    dtype: str = field(default="fp32", metadata=_opt(
-        "weights in 'fp32', or 'bf16' with fp32 masters for the child elements only (strict sparse runs)"))
-    optimizer_in_backward: bool = field(default=False, metadata=_opt(
+    dtype: str | None = field(default=None, metadata=_opt(
+        "weights in 'fp32', or 'bf16' with fp32 masters for the child elements only (strict sparse runs) or "
+        "fp32 LoRA adapters (none: bf16 for a causal LM trained with a strict child network, e.g. child-d, "
+        "random, id3, else fp32)"))
+    optimizer_in_backward: bool | None = field(default=None, metadata=_opt(
         "update each parameter inside backward and free its gradient at once (every method but the authors' "
-        "AdamW runs; turns off global-norm clipping, which needs every gradient first)"))
+        "AdamW runs; turns off global-norm clipping, which needs every gradient first) (none: on for a causal "
+        "LM trained with a strict child network on one process or with --fsdp, else off)"))
+    child_only_grads: bool | None = field(default=None, metadata=_opt(
+        "compute the gradient of each partially chosen Linear weight at its child elements only, never the "
+        "dense dW: the same update, less memory and work. Fixed child networks only (child-d, child-d-random, "
+        "random, strict); id3 and gradual rank or unfreeze from dense gradients; not with --fsdp or DDP, where "
+        "the gradients are reduced by hooks it bypasses. With the step after backward, clipping measures the "
+        "child elements' gradient, not the whole dW's (none: on for a causal LM with a fixed child network on "
+        "one process, else off)"))
     fsdp: bool = field(default=False, metadata=_opt(
         "with --nproc N: shard weights, gradients, masks and optimizer state over the processes (FSDP2) "
         "instead of replicating them (DDP)"))
@@ -234,8 +246,24 @@ class TrainConfig:
             raise ConfigError("--fsdp with --fisher-per-example: an example's gradient is never whole on one rank "
                               "when sharded; score per batch")
 
-    def resolved(self) -> TrainConfig:
-        """A copy with the method's defaults filled in and everything checked: what a run really uses."""
+    def _check_child_only(self) -> None:
+        """Where child-only gradients cannot run, refused in one line that says why."""
+        spec = METHODS[self.method]
+        if spec.network != "fixed" or spec.adapter or not self.strict:
+            why = (f"{self.method}'s child network {'grows' if spec.network == 'growing' else 'changes every step'}"
+                   " and is chosen from dense gradients" if spec.network != "fixed" else
+                   f"{self.method} here is not a strict child network of the base's weights")
+            raise ConfigError(f"child_only_grads needs a fixed, strict child network (child-d, child-d-random, "
+                              f"random): {why}")
+        if self.fsdp:
+            raise ConfigError("child_only_grads with --fsdp: a sharded weight's child gradient would need every "
+                              "rank's child index and a reduce-scatter of the vectors, which childtune does not do")
+
+    def resolved(self, processes: int = 1) -> TrainConfig:
+        """A copy with the method's defaults filled in and everything checked: what a run really uses.
+
+        `processes`: how many ranks will run it (DDP, or FSDP2 with `fsdp`), which the run settings of a
+        causal LM depend on (`causal_lm_run`)."""
         check_method(self.method)
         spec = METHODS[self.method]
         raw = self.to_dict()
@@ -246,12 +274,33 @@ class TrainConfig:
         if done.preset not in PRESETS:
             raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {done.preset!r}")
         defaults = spec.defaults(done.preset)
+        causal = done.causal_lm_run(defaults["strict"] if done.strict is None else done.strict)
+        if causal and done.preset == "childtune":
+            defaults = {**defaults, **spec.causal_lm}
         done = replace(done, metric_extra=tuple(self.metric_extra),
                        **{key: defaults[key] for key in PRESET_FIELDS if getattr(done, key) is None})
+        done = replace(done, **{key: value for key, value in _run_settings(done, spec, causal, processes).items()
+                                if getattr(done, key) is None})
         if done.optimizer_in_backward:  # no global norm before the first parameter is updated
             done = replace(done, max_grad_norm=None)
         done.validate()
         return done
+
+    def causal_lm_run(self, strict: bool) -> bool:
+        """Whether this run trains a causal LM (a generation task) with a strict child network that the
+        sparse optimizer steps (every method but full, child-f and the LoRA ones), so that its unset run
+        settings resolve to `CAUSAL_LM` (and its p to the method's `causal_lm`). Reads the train file's
+        columns only when one of those settings is unset and `kind` does not say."""
+        spec = METHODS[self.method]
+        unset = any(getattr(self, key) is None for key in (*CAUSAL_LM, *spec.causal_lm))
+        if not unset or not strict or spec.adapter or spec.network == "per_step":
+            return False
+        if self.train_file is None:
+            task = TASKS.get(self.task or "")
+            return task is not None and task.kind == "generation"
+        if self.kind is not None:
+            return self.kind == "generation"
+        return generation_columns(self.train_file, self.text_col, self.prompt_col, self.target_col)
 
     def validate(self) -> None:
         """Refuse, in one line naming the field, any value of the wrong type (from the field's hint), out
@@ -282,6 +331,8 @@ class TrainConfig:
                               "(nonfinite must be 'stop')")
         if self.fsdp:
             self._check_fsdp()
+        if self.child_only_grads:
+            self._check_child_only()
         if files and self.text_col == self.label_col:
             raise ConfigError(f"text_col and label_col are both {self.text_col!r}: the model would read the label")
         _check(self.reserve_p is None or 0 < self.reserve_p <= 1, "reserve_p", self.reserve_p, "in (0, 1]")
@@ -304,6 +355,39 @@ class TrainConfig:
         _check(not unknown, "metric_extra", ",".join(unknown), "only 'mcc'")
         if self.method == "lora" and self.save == "delta":
             raise ConfigError("save='delta' is for masking methods; a LoRA run saves its merged model")
+
+
+def _run_settings(config: TrainConfig, spec: Method, causal: bool, processes: int) -> dict[str, Any]:
+    """`CAUSAL_LM` for a causal LM's selective run (`causal`), less what this run cannot use, else
+    `DENSE_RUN`. The step in backward needs one process or FSDP2 (DDP reduces gradients in its own hooks),
+    a non-finite step that stops the run, and, for a growing child network, one micro-batch per update (ID3
+    ranks the whole update's gradient); child-only gradients need a fixed child network on one process."""
+    if not causal:
+        return DENSE_RUN
+    ddp = processes > 1 and not config.fsdp
+    in_backward = not ddp and config.nonfinite == "stop" and (config.grad_accum == 1 or spec.network == "fixed")
+    child_only = spec.network == "fixed" and processes == 1 and not config.fsdp
+    return {**CAUSAL_LM, "optimizer_in_backward": in_backward, "child_only_grads": child_only}
+
+
+def causal_lm_notice(given: TrainConfig, done: TrainConfig) -> str | None:
+    """The one line a run prints when `given` left a causal LM's run settings (`CAUSAL_LM`) to `resolved`
+    and `done` took the lean ones: what it runs, and how to opt out. None otherwise."""
+    lean = {key: getattr(done, key) for key in CAUSAL_LM if getattr(given, key) is None}
+    if not lean or lean == {key: DENSE_RUN[key] for key in lean}:
+        return None
+    parts = ["bf16 weights, fp32 child masters" if done.dtype == "bf16" else "fp32 weights"]
+    if given.reserve_p is None and done.preset == "childtune" and "reserve_p" in METHODS[done.method].causal_lm:
+        parts.insert(0, f"p {done.reserve_p:g}")
+    parts.append("step in backward (no gradient clipping)" if done.optimizer_in_backward else "step after backward")
+    kind = METHODS[done.method].network
+    parts.append("child-only gradients" if done.child_only_grads else
+                 f"dense gradients ({done.method}'s child network grows from them)" if kind == "growing" else
+                 "dense gradients")
+    outs = {"dtype": "--dtype fp32", "optimizer_in_backward": "--no-optimizer-in-backward",
+            "child_only_grads": "--no-child-only-grads"}
+    opt_out = ", ".join(outs[key] for key, value in lean.items() if value != DENSE_RUN[key])
+    return f"causal LM: {', '.join(parts)} (opt out: {opt_out})"
 
 
 def check_method(method: str) -> None:

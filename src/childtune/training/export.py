@@ -14,7 +14,7 @@ from childtune.delta import CONFIG_FILE, DeltaError, SparseDelta
 from childtune.fileio import write_json
 from childtune.outputs import check_target
 from childtune.training.config import TrainConfig
-from childtune.training.models import base_files, model_folder, quiet_transformers
+from childtune.training.models import base_files, model_folder, quiet_transformers, weights_dtype
 from childtune.training.runfolder import RunFolder
 
 
@@ -57,15 +57,16 @@ def _run_delta(run: Path) -> SparseDelta:
         if run_kind(run) == "generation":  # a causal LM: its own head, tied to the embeddings, no labels
             with quiet_transformers():
                 tuned = transformers.AutoModelForCausalLM.from_pretrained(run / "model", local_files_only=True)
-                base = transformers.AutoModelForCausalLM.from_pretrained(model_folder(config.model),
-                                                                         local_files_only=True)
+                base = transformers.AutoModelForCausalLM.from_pretrained(
+                    model_folder(config.model), **weights_dtype(config.dtype), local_files_only=True)
             head = {"num_labels": 0, "kind": "generation", "label_names": []}
         else:
             with quiet_transformers():
                 tuned = transformers.AutoModelForSequenceClassification.from_pretrained(run / "model",
                                                                                         local_files_only=True)
                 base = transformers.AutoModelForSequenceClassification.from_pretrained(
-                    model_folder(config.model), num_labels=tuned.config.num_labels, local_files_only=True)
+                    model_folder(config.model), num_labels=tuned.config.num_labels, **weights_dtype(config.dtype),
+                    local_files_only=True)
             head = {"num_labels": tuned.config.num_labels, "kind": "regression" if tuned.config.num_labels == 1
                     else "classification", "label_names": [tuned.config.id2label[i] for i in
                                                             range(tuned.config.num_labels)]}
@@ -126,7 +127,8 @@ def base_for(delta: SparseDelta, path: Path):
     with quiet_transformers():
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         if hparams.get("kind") == "generation":
-            return tokenizer, transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            return tokenizer, transformers.AutoModelForCausalLM.from_pretrained(
+                path, **weights_dtype(hparams.get("dtype")), local_files_only=True)
         if not hparams.get("num_labels") and not delta.dense:
             raise DeltaError("the delta records no task head (num_labels) to build a classifier with")
         labels: dict[str, Any] = {"num_labels": hparams.get("num_labels") or next(iter(delta.dense.values())).shape[0]}
@@ -136,7 +138,7 @@ def base_for(delta: SparseDelta, path: Path):
         if hparams.get("kind") == "regression":
             labels["problem_type"] = "regression"
         return tokenizer, transformers.AutoModelForSequenceClassification.from_pretrained(
-            path, **labels, local_files_only=True)
+            path, **labels, **weights_dtype(hparams.get("dtype")), local_files_only=True)
 
 
 def check_base_files(delta: SparseDelta, path: Path) -> None:

@@ -26,6 +26,7 @@ from childtune.strategies import (
     ChildTuningF,
     FullFineTuning,
     GradualUnfreezing,
+    NetworkKind,
     RandomMasking,
     Strategy,
 )
@@ -42,6 +43,18 @@ BASE: dict[str, Any] = {
 
 PRESET_FIELDS = ("lr", "reserve_p", *BASE)
 """The `TrainConfig` fields a preset decides when they are not given."""
+
+CAUSAL_LM: dict[str, Any] = {"dtype": "bf16", "optimizer_in_backward": True, "child_only_grads": True}
+"""How a causal LM (a generation task) trained with a strict child network resolves these fields when
+they are not given: the cheapest exact setting. bf16 weights with fp32 masters of the child elements
+only (the sparse optimizer's), each parameter stepped inside backward so the model's gradients never
+coexist, and the gradient of a fixed child network's Linear weights computed at its elements only (no
+dense dW). The trained child elements see the same fp32 arithmetic as on fp32 weights; what changes is
+that the frozen weights (and the tuned ones once written back) are rounded to bf16, and that the step in
+backward has no global-norm clipping. Any other run, encoders included, resolves them to `DENSE_RUN`."""
+
+DENSE_RUN: dict[str, Any] = {"dtype": "fp32", "optimizer_in_backward": False, "child_only_grads": False}
+"""The same fields for every other run: fp32 weights, a step after backward, dense weight gradients."""
 
 
 class Settings(Protocol):
@@ -86,12 +99,18 @@ class Method:
     is fixed, so the run changes exactly that network and can be saved as a sparse delta. Against the
     `authors` preset on mr and subj (5 seeds each, mean dev accuracy over seeds and both tasks) ours is
     ahead for child-d, id3 and random (docs/RESULTS.md, "Choosing the `childtune` preset").
+
+    `network` is how the strategy's child network changes (`Strategy.kind`: a test checks they agree),
+    known before any strategy is built: only a fixed one can have child-only gradients. `causal_lm`
+    overrides the `childtune` preset for causal LMs (see `CAUSAL_LM`).
     """
 
     build: Builder
     childtune: Mapping[str, Any]
     authors: Mapping[str, Any] | None = None
     adapter: str | None = None
+    network: NetworkKind = "fixed"
+    causal_lm: Mapping[str, Any] = field(default_factory=dict)
     defaults_by_preset: dict[str, dict[str, Any]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -135,13 +154,28 @@ def _id3(c: Settings, total_steps: int, names: list[str]) -> Strategy:
 _CHILD_TUNING = {"lr": 4e-5, "reserve_p": 0.3, "strict": False, "optimizer": "authors"}
 _CHILD_D = {**_CHILD_TUNING, "rest": "train", "fisher_train_mode": True, "fisher_clip": 1.0}
 
+# Child-Tuning_D's p on causal LMs. Its 0.3 was the paper's choice for BERT-size encoders; on a causal LM
+# in bf16 it costs more optimizer state than full fine-tuning: SparseChildAdamW keeps an fp32 master, two
+# fp32 moments and an int32 index per child element (16 bytes), so p = 0.3 is 4.8 bytes per weight, above
+# the 4 bytes of torch's AdamW over bf16 weights (moments in the weights' dtype) and 60% of its 8 with fp32
+# moments; break-even is p = 0.25 and 0.5. The evidence on an LLM is thin: SmolLM2-135M on math (96
+# questions, 12 updates, 3 seeds; docs/RESULTS.md, issue 16d) has child-d only at 0.3 (+2.5 exact-match
+# points over full, one question, n.s., 382 MB of state) but random masking at 1% level with full and ID3
+# at 0.5% within 1.7 points, i.e. a few percent of the weights suffice at these sizes. 0.05 is 0.8 bytes
+# per weight (a fifth of bf16 AdamW's), inside the densities of sparse fine-tuning of LLMs (SpIEL,
+# Ansell et al. 2024, about 1-5%), and nearer the 0.3 that child-d's lr 2e-4 was tuned at than 1% is;
+# child-d at 0.05 on an LLM has not been measured here (neither has its lr there).
+_CAUSAL_CHILD_D = {"reserve_p": 0.05}
+
 METHODS: dict[str, Method] = {
     "full": Method(lambda c, t, n: FullFineTuning(), {"lr": 1e-4}),
     "child-f": Method(lambda c, t, n: ChildTuningF(c.reserve_p, seed=c.seed), {"lr": 1e-4, "reserve_p": 0.3},
-                      _CHILD_TUNING),
-    "child-d": Method(_child_d(False), {"lr": 2e-4, "reserve_p": 0.3, "strict": True}, _CHILD_D),
+                      _CHILD_TUNING, network="per_step"),
+    "child-d": Method(_child_d(False), {"lr": 2e-4, "reserve_p": 0.3, "strict": True}, _CHILD_D,
+                      causal_lm=_CAUSAL_CHILD_D),
     # The Child-Tuning paper's ablation: child-d's per-tensor sizes, lr and strictness, elements at random.
-    "child-d-random": Method(_child_d(True), {"lr": 2e-4, "reserve_p": 0.3, "strict": True}, _CHILD_D),
+    "child-d-random": Method(_child_d(True), {"lr": 2e-4, "reserve_p": 0.3, "strict": True}, _CHILD_D,
+                             causal_lm=_CAUSAL_CHILD_D),
     # 1% of the weights need a 10x larger step (Xu & Zhang, 2024); measured on mr (1,000 examples, dev
     # accuracy, seeds 1 and 2): 0.797 / 0.776 at lr 1e-2 against 0.590 / 0.600 at 1e-3.
     "random": Method(_random, {"lr": 1e-2, "reserve_p": 0.01, "strict": True},
@@ -150,10 +184,10 @@ METHODS: dict[str, Method] = {
     # mr dev accuracy, seeds 1 and 2, budget 0.5%: 0.758 / 0.754 at lr 5e-3 against 0.750 / 0.746 at 1e-3.
     "id3": Method(_id3, {"lr": 5e-3, "strict": True},
                   {"lr": 1e-4, "strict": False, "bias_correction": "tensor", "id3_exp": 0.0, "id3_eps": 1e-3,
-                   "id3_head": "inside", "id3_schedule": "authors"}),
-    "gradual": Method(_gradual, {"lr": 1e-4, "strict": True}),
+                   "id3_head": "inside", "id3_schedule": "authors"}, network="growing"),
+    "gradual": Method(_gradual, {"lr": 1e-4, "strict": True}, network="growing"),
     "lora": Method(lambda c, t, n: FullFineTuning(), {"lr": 1e-3}, adapter="lora"),
     # ID3's dynamic sparsification of LoRA (Agarwal et al., 2024): the budget is a share of the adapter
     # parameters, which are all the optimizer sees once peft has frozen the base; lr as LoRA's.
-    "id3-lora": Method(_id3, {"lr": 1e-3, "strict": True}, adapter="lora"),
+    "id3-lora": Method(_id3, {"lr": 1e-3, "strict": True}, adapter="lora", network="growing"),
 }

@@ -99,7 +99,8 @@ def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
                 if tokenizer.eos_token is None:
                     raise ModelError(f"the tokenizer of {path} has neither a pad nor an EOS token to pad with")
                 tokenizer.pad_token = tokenizer.eos_token
-            model = auto.from_pretrained(path, **labels, pad_token_id=tokenizer.pad_token_id, local_files_only=True)
+            model = auto.from_pretrained(path, **labels, **weights_dtype(config.dtype),
+                                         pad_token_id=tokenizer.pad_token_id, local_files_only=True)
     except ModelError:
         raise
     except (OSError, ValueError, KeyError) as err:
@@ -115,6 +116,13 @@ def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
         raise ModelError(f"cannot load model from {path}: {type(err).__name__}: "
                          f"{str(err).splitlines()[0][:200]}") from None
     return tokenizer, model
+
+
+def weights_dtype(dtype: Any) -> dict[str, Any]:
+    """`from_pretrained`'s keywords for weights in a run's `dtype` ('bf16' or 'fp32', as a run's config and
+    a delta's hparams record it): a bf16 model is read as bf16, never held in fp32 first (a third of the
+    peak), and a bf16 delta's exceptions apply only to the base in bf16."""
+    return {"dtype": torch.bfloat16} if dtype == "bf16" else {}
 
 
 def position_limit(model: torch.nn.Module) -> int:

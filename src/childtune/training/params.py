@@ -82,9 +82,11 @@ def make_optimizer(groups: list[dict[str, Any]], strategy: Strategy, config: Tra
                           f"lr, strict and bias_correction), got lr={lr}, strict={strict}, "
                           f"bias_correction={bias_correction}")
     sparse = strict and strategy.kind != "per_step"
-    if config.dtype == "bf16" and not sparse:
+    low = [n for g in groups for n, p in g["params"] if p.dtype in (torch.bfloat16, torch.float16)]
+    if config.dtype == "bf16" and not sparse and low:  # LoRA adapters: peft keeps them fp32 over a bf16 base
         raise ConfigError(f"--dtype bf16 keeps fp32 masters for child elements in the sparse optimizer, which "
-                          f"needs a strict fixed or growing child network; {config.method} here is not one "
+                          f"needs a strict fixed or growing child network; {config.method} here is not one, and "
+                          f"torch's AdamW would step {low[0]!r} in bf16, losing updates below its precision "
                           "(use --bf16 autocast with fp32 weights instead)")
     if config.optimizer_in_backward:
         if not sparse:  # Child-Tuning_F, non-strict runs: torch's AdamW stepped parameter by parameter
