@@ -1,5 +1,6 @@
-"""`bench.py --only-shared-cpu`: how fast `childtune train` trains on a CPU another job keeps busy, with
-OpenMP's default wait policy (the CLI before issue 28) and with the passive one the CLI now sets.
+"""`bench.py --only-shared-cpu`: how fast `childtune train` trains on a CPU other jobs share, with OpenMP's
+default wait policy (the CLI before issue 28), with the one the CLI now chooses from the load at start
+(childtune/openmp.py), and with the alternatives it was chosen over.
 
 OpenMP reads its wait policy once, when torch loads it, so every measurement is its own process: a
 Child-Tuning_F run on `mr` configured as the CLI configures it (`TrainConfig`'s defaults), timed from the
@@ -26,10 +27,11 @@ from timing import Row, Section
 from childtune import openmp
 
 TITLE = "Training on a shared CPU: OpenMP's wait policy"
-TRAIN_SIZE = 80  # 5 steps of 16: 4 timed
-POLICIES = {  # label: (environment for the process, whether it sets the CLI's policy as the CLI does)
-    "before: OpenMP's default wait, torch's default threads": ({}, False),
-    "after: passive wait (the CLI's default now), torch's default threads": ({}, True),
+TRAIN_SIZE = 64  # 4 steps of 16: 3 timed
+POLICIES = {  # label: (environment for the process, whether it chooses the policy as the CLI does)
+    "before: OpenMP's default wait": ({}, False),
+    "after: passive wait if other jobs keep >= 0.5 CPU busy at start (the CLI now)": ({}, True),
+    "passive wait always": ({openmp.WAIT_POLICY: "passive"}, False),
     "1 thread, default wait (what bench.py --threads auto picks under load)": ({"OMP_NUM_THREADS": "1"}, False),
 }
 AS_FOUND, BUSY = "as found", "one core busy"
@@ -38,7 +40,7 @@ AS_FOUND, BUSY = "as found", "one core busy"
 def child(policy: str) -> dict[str, float]:
     """One timed run in this process, which nothing has yet loaded torch into."""
     if POLICIES[policy][1]:
-        openmp.prefer_passive_wait()  # what `import childtune.cli` does, before anything loads torch
+        openmp.choose_wait_policy()  # what `import childtune.cli` does, before anything loads torch
     import torch
 
     from childtune.training.config import TrainConfig
@@ -55,7 +57,8 @@ def child(policy: str) -> dict[str, float]:
     train(TrainConfig(task="mr", method="child-f", train_size=TRAIN_SIZE, epochs=1, eval_size=16, save="none",
                       progress=False), [clock])
     ends = clock.ends
-    return {"steps_per_s": (len(ends) - 1) / (ends[-1] - ends[0]), "threads": torch.get_num_threads()}
+    return {"steps_per_s": (len(ends) - 1) / (ends[-1] - ends[0]), "threads": torch.get_num_threads(),
+            "passive": os.environ.get(openmp.WAIT_POLICY) == "passive"}
 
 
 @contextlib.contextmanager
@@ -107,19 +110,24 @@ def shared_cpu_section(repeats: int) -> Section:
     section = Section(
         TITLE,
         f"`childtune train --task mr --method child-f` as the CLI runs it ({TRAIN_SIZE} examples, batches of 16, "
-        f"steps 2-5 timed), each run its own process on this machine's {os.cpu_count()} CPUs, {repeats} repeats "
+        f"steps 2-4 timed, torch's default threads unless the row says otherwise), each run its own process on "
+        f"this machine's {os.cpu_count()} CPUs, {repeats} repeats "
         "interleaved (benchmarks/shared_cpu.py says how). Steps/s: median over repeats; vs before: median of "
         "same-repeat ratios to the first row.",
         ["policy", f"{AS_FOUND}: steps/s", f"{BUSY}: steps/s", f"{AS_FOUND}: vs before", f"{BUSY}: vs before",
-         "threads"])
+         "threads", "passive waits (as found, busy)"])
     for policy in POLICIES:
         cells = [f"{statistics.median(speed(c, policy)):.3f}" for c in (AS_FOUND, BUSY)]
         cells += [f"{vs_before(c, policy):.2f}" for c in (AS_FOUND, BUSY)]
         cells.append(str(results[AS_FOUND, policy][0]["threads"]))
+        cells.append(", ".join(f"{sum(r['passive'] for r in results[c, policy])}/{repeats}" for c in (AS_FOUND, BUSY)))
         section.rows.append(Row(policy, cells))
     section.notes.append(
-        f"Load average (1 min) before each run: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs, so "
-        f"'{AS_FOUND}' was not an idle machine: other jobs shared it throughout, and the spinner added one more.")
+        f"Load average (1 min) before each run: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs: "
+        f"'{AS_FOUND}' is whatever else ran at the time, not an idle machine, and '{BUSY}' that plus the spinner. "
+        "Each run's steps/s, in repeat order: " + "; ".join(
+            f"{policy.split(':')[0]}: " + ", ".join(f"{c} " + " ".join(f"{v:.2f}" for v in speed(c, policy))
+                                                    for c in (AS_FOUND, BUSY)) for policy in POLICIES) + ".")
     return section
 
 

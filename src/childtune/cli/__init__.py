@@ -13,7 +13,7 @@ import sys
 
 from childtune import openmp
 
-openmp.prefer_passive_wait()  # before the imports below load torch, and with it OpenMP
+openmp.choose_wait_policy()  # before the imports below load torch, and with it OpenMP
 
 from childtune.cli.commands import (  # noqa: E402
     COMPARE_OWN,
