@@ -17,11 +17,12 @@ the choice of elements.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 
 from childtune import shards
 from childtune.fisher import fisher_in_passes
@@ -49,14 +50,14 @@ class ChildTuningD(ChosenStrategy):
         self.p = check_probability("reserve_p", self.p)
 
     @classmethod
-    def authors(cls, p: float, **kw) -> ChildTuningD:
+    def authors(cls, p: float, **kw: Any) -> ChildTuningD:
         """Child-Tuning_D as the authors' code chooses it (AliceMind `ChildTuning/ChildTuningD.py`):
         Fisher in train mode with each tensor's gradient clipped to 1.0 before squaring, per-batch
         squares, blocks scored, embeddings/pooler/head trained in full (`rest="train"`). The run-level
         parts (non-strict, lr 4e-5, their AdamW) are the `authors` preset of the CLI's method table."""
         return cls(p, **{"rest": "train", "train_mode": True, "clip": 1.0, **kw})
 
-    def prepare(self, model: torch.nn.Module | None = None, batches: Iterable | None = None, *,
+    def prepare(self, model: torch.nn.Module | None = None, batches: Iterable[Mapping[str, Any]] | None = None, *,
                 progress: bool = True) -> None:
         if model is None or batches is None:
             raise ValueError("Child-Tuning_D needs the model and training batches to estimate Fisher scores")
@@ -90,7 +91,7 @@ def _check_bound(params: dict[str, torch.Tensor], model: torch.nn.Module) -> Non
 
 
 def _same_sizes_at_random(chosen: dict[str, torch.Tensor], seed: int, params: dict[str, torch.Tensor],
-                          group) -> dict[str, torch.Tensor]:
+                          group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
     """Each tensor's mask replaced by one with as many elements, drawn uniformly from `seed` (in name order).
     Row shards (`group`): every rank draws the whole tensor's mask from the whole tensor's count, and keeps
     its rows, so the draw is the single-process one."""

@@ -8,7 +8,6 @@ or mistyped key is an error that names it, never a value quietly ignored.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -25,12 +24,18 @@ from childtune.fileio import write_json
 from childtune.strategies import Strategy
 from childtune.training.methods import CAUSAL_LM, DENSE_RUN, METHODS, PRESET_FIELDS, PRESETS, Method
 
+_HINTS: dict[type, dict[str, Any]] = {}
 
-@functools.cache
+
 def _type_hints(cls: type) -> dict[str, Any]:
     """The fields' types, evaluated once: `get_type_hints` compiles every annotation string each call,
-    which made reading a ledger of a few hundred records take seconds."""
-    return typing.get_type_hints(cls)
+    which made reading a ledger of a few hundred records take seconds. (A dict, not functools.cache, whose
+    Hashable argument mypy cannot match with a class whose instances are unhashable.)"""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
 
 _PATHS = ("train_file", "dev_file", "test_file", "model")
 """Fields that may hold a path (`model` may instead name a pinned model, which is no path on disk)."""
@@ -96,7 +101,8 @@ class TrainConfig:
         "full, child-f, child-d, child-d-random, random, id3, gradual, lora, id3-lora"))
     preset: str = field(default="childtune", metadata=_opt(
         "every unset method setting from 'childtune' (ours, chosen on evidence) or 'authors' (their code)"))
-    reserve_p: float | None = field(default=None, metadata=_opt("child network share (child-f/child-d/random)"))
+    reserve_p: float | None = field(default=None, metadata=_opt(
+        "child network share (child-f/child-d/random; child-d and child-d-random on a causal LM: 0.05)"))
     lr: float | None = field(default=None, metadata=_opt("peak learning rate"))
     strict: bool | None = field(default=None, metadata=_opt(
         "change nothing outside the child network, weight decay included"))

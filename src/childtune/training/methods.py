@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from childtune.layers import blocks
 from childtune.strategies import (
@@ -81,6 +81,17 @@ class Settings(Protocol):
     gradual_every: int | None
 
 
+T = TypeVar("T")
+
+
+def _resolved(value: T | None, name: str) -> T:
+    """Setting `name`, which `TrainConfig.resolved()` fills from the method table: a clear error for a
+    config that was not resolved."""
+    if value is None:
+        raise ValueError(f"{name} is unset: strategies are built from a resolved config (TrainConfig.resolved())")
+    return value
+
+
 Builder = Callable[[Settings, int, list[str]], Strategy]
 """(resolved settings, optimizer steps, trainable parameter names) -> the method's strategy."""
 
@@ -134,19 +145,24 @@ def _gradual(config: Settings, total_steps: int, names: list[str]) -> Strategy:
 
 def _child_d(random_within: bool) -> Builder:
     def build(c: Settings, total_steps: int, names: list[str]) -> Strategy:
-        return ChildTuningD(c.reserve_p, rest=c.rest, num_samples=c.fisher_samples, per_example=c.fisher_per_example,
-                            train_mode=c.fisher_train_mode, clip=c.fisher_clip or None, passes=c.fisher_passes or 1,
+        return ChildTuningD(_resolved(c.reserve_p, "reserve_p"), rest=_resolved(c.rest, "rest"),
+                            num_samples=c.fisher_samples, per_example=c.fisher_per_example,
+                            train_mode=_resolved(c.fisher_train_mode, "fisher_train_mode"),
+                            clip=c.fisher_clip or None, passes=c.fisher_passes or 1,
                             random_within=random_within, seed=c.seed)
     return build
 
 
 def _random(c: Settings, total_steps: int, names: list[str]) -> Strategy:
-    return RandomMasking(c.reserve_p, seed=c.seed, targets=QV if c.random_targets == "qv" else (),
-                         sampling=c.random_sampling, budget=c.random_budget)
+    return RandomMasking(_resolved(c.reserve_p, "reserve_p"), seed=c.seed,
+                         targets=QV if c.random_targets == "qv" else (),
+                         sampling=_resolved(c.random_sampling, "random_sampling"),
+                         budget=_resolved(c.random_budget, "random_budget"))
 
 
 def _id3(c: Settings, total_steps: int, names: list[str]) -> Strategy:
-    return ID3(c.id3_budget, total_steps, eps=c.id3_eps, exp=c.id3_exp, head=c.id3_head, schedule=c.id3_schedule)
+    return ID3(c.id3_budget, total_steps, eps=_resolved(c.id3_eps, "id3_eps"), exp=_resolved(c.id3_exp, "id3_exp"),
+               head=_resolved(c.id3_head, "id3_head"), schedule=_resolved(c.id3_schedule, "id3_schedule"))
 
 
 # Child-Tuning's run script, shared by D and F: lr 4e-5, p 0.3, wd 0.01, their AdamW (eps 1e-8), non-strict;
@@ -169,8 +185,8 @@ _CAUSAL_CHILD_D = {"reserve_p": 0.05}
 
 METHODS: dict[str, Method] = {
     "full": Method(lambda c, t, n: FullFineTuning(), {"lr": 1e-4}),
-    "child-f": Method(lambda c, t, n: ChildTuningF(c.reserve_p, seed=c.seed), {"lr": 1e-4, "reserve_p": 0.3},
-                      _CHILD_TUNING, network="per_step"),
+    "child-f": Method(lambda c, t, n: ChildTuningF(_resolved(c.reserve_p, "reserve_p"), seed=c.seed),
+                      {"lr": 1e-4, "reserve_p": 0.3}, _CHILD_TUNING, network="per_step"),
     "child-d": Method(_child_d(False), {"lr": 2e-4, "reserve_p": 0.3, "strict": True}, _CHILD_D,
                       causal_lm=_CAUSAL_CHILD_D),
     # The Child-Tuning paper's ablation: child-d's per-tensor sizes, lr and strictness, elements at random.
