@@ -20,7 +20,7 @@ from childtune.layers import in_layer, layer_index
 
 def fisher_information(
     model: nn.Module,
-    batches: Iterable[Mapping],
+    batches: Iterable[Mapping[str, Any]],
     *,
     scored: Callable[[str], bool] | Iterable[str] | None = None,
     num_samples: int | None = None,
@@ -238,7 +238,8 @@ def _set_random_state(device: torch.device, state: list[torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _scored_parameters(model: nn.Module, scored) -> dict[str, nn.Parameter]:
+def _scored_parameters(model: nn.Module,
+                       scored: Callable[[str], bool] | Iterable[str] | None) -> dict[str, nn.Parameter]:
     """Resolve `scored` to trainable parameters in model order, refusing a choice that scores nothing."""
     named = dict(model.named_parameters())
     if scored is None or callable(scored):
@@ -260,7 +261,8 @@ def _scored_parameters(model: nn.Module, scored) -> dict[str, nn.Parameter]:
     return chosen
 
 
-def _sharded_grads(trainable: list[nn.Parameter], loss: torch.Tensor, params: dict[str, nn.Parameter]) -> list:
+def _sharded_grads(trainable: list[nn.Parameter], loss: torch.Tensor,
+                   params: dict[str, nn.Parameter]) -> list[torch.Tensor | None]:
     """This rank's rows of the gradients, for FSDP2: its parameters sit outside the autograd graph (FSDP
     all-gathers them into fresh leaves), so `autograd.grad` cannot reach them and only backward's
     reduce-scatter into `.grad` gives the shards. The `.grad` of `trainable` (the model's sharded
@@ -277,7 +279,7 @@ def _sharded_grads(trainable: list[nn.Parameter], loss: torch.Tensor, params: di
             p.grad = g
 
 
-def _expected(batches, num_samples: int | None) -> int | None:
+def _expected(batches: Iterable[Mapping[str, Any]], num_samples: int | None) -> int | None:
     """Examples the progress bar expects: num_samples, else the size of a batching DataLoader's sampler."""
     sampler = getattr(batches, "sampler", None) if getattr(batches, "batch_size", None) else None
     total = len(sampler) if isinstance(sampler, Sized) else None

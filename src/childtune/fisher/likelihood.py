@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 
-def split(batch: Mapping, device: torch.device) -> tuple[dict, torch.Tensor]:
+def split(batch: Mapping[str, Any], device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
     """Model inputs (moved to the model's device) and labels; Fisher needs the labels' log-likelihood."""
     if not isinstance(batch, Mapping):
         raise TypeError(f"batches must yield dicts of model inputs, got {type(batch).__name__}")
@@ -21,18 +22,18 @@ def split(batch: Mapping, device: torch.device) -> tuple[dict, torch.Tensor]:
     return inputs, labels
 
 
-def batched(inputs: dict, n: int) -> list[str]:
+def batched(inputs: Mapping[str, Any], n: int) -> list[str]:
     """Keys whose tensors carry one row per example (everything else is shared by the batch)."""
     return [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n]
 
 
-def rows(inputs: dict, n: int, start: int, stop: int) -> dict:
+def rows(inputs: Mapping[str, Any], n: int, start: int, stop: int) -> dict[str, Any]:
     """Examples start..stop-1 with their own padding and attention mask, so their logits match the batch's."""
     keys = batched(inputs, n)
     return {k: v[start:stop] if k in keys else v for k, v in inputs.items()}
 
 
-def log_likelihood(output, labels: torch.Tensor) -> torch.Tensor:
+def log_likelihood(output: Any, labels: torch.Tensor) -> torch.Tensor:
     """log p(y|x) per example, from the logits rather than the model's loss (whose scale varies by model).
 
     One output means regression: a unit-variance Gaussian, -(y - f)^2 / 2 up to a constant, which is
@@ -40,7 +41,8 @@ def log_likelihood(output, labels: torch.Tensor) -> torch.Tensor:
     per position, labels per position) it is the sum of the target tokens' log-probabilities, each
     predicted from the positions before it; prompt and padding positions (-100) add nothing.
     """
-    logits = getattr(output, "logits", None)
+    # a model's output: a ModelOutput with logits, the logits themselves, or a tuple that starts with them
+    logits: torch.Tensor | None = getattr(output, "logits", None)
     if logits is None:
         logits = output if isinstance(output, torch.Tensor) else output[0]
     if logits.dim() == 3 and labels.dim() == 2:  # a causal LM: labels are the inputs' ids, -100 where ignored

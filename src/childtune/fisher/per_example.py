@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -44,6 +46,11 @@ ORDER = ("layers", "vmap", "loop")
 # One vmap call materialises chunk x (scored parameters) gradients at once; chunks are sized to keep
 # that under this many bytes, so per-example scoring of a full BERT does not need batch x 340 MB.
 _VMAP_BYTES = 1 << 30
+
+Calls = list[tuple[torch.Tensor, torch.Tensor]]
+"""A module's calls in one forward: (its input, its output or the gradient at it) per call."""
+Buffers = dict[tuple[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
+"""Per-example weight-gradient buffers by (shape, dtype, device), reused across batches."""
 
 class PerExampleFallbackWarning(UserWarning):
     """Per-example gradients cannot be taken layer by layer for this model: a slower way computes them."""
@@ -68,10 +75,11 @@ class Ways:
     owners: dict[nn.Module, dict[str, str]] | None = None
     causal: bool | None = None
     probed: bool = False
-    buffers: dict = field(default_factory=dict)
+    buffers: Buffers = field(default_factory=dict)
 
 
-def add_per_example(model, params, inputs, labels, sums, ways: Ways, clip: float | None = None) -> None:
+def add_per_example(model: nn.Module, params: dict[str, nn.Parameter], inputs: Mapping[str, Any],
+                    labels: torch.Tensor, sums: dict[str, torch.Tensor], ways: Ways, clip: float | None = None) -> None:
     """Add every example's squared gradient of its log-likelihood to `sums` (each example's gradient of each
     tensor clipped to norm `clip` first), by the fastest way still open in `ways` (updated)."""
     if ways.open[0] == "layers":
@@ -130,13 +138,14 @@ def _owners(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[nn.Module
     return owners
 
 
-def _by_layers(model, owners, inputs, labels, sums, clip: float | None, buffers: dict) -> None:
+def _by_layers(model: nn.Module, owners: dict[nn.Module, dict[str, str]], inputs: Mapping[str, Any],
+               labels: torch.Tensor, sums: dict[str, torch.Tensor], clip: float | None, buffers: Buffers) -> None:
     """Add each example's squared gradient of each scored parameter to `sums` (module docstring, way 1).
     Everything that can refuse the model runs before the first addition."""
     n = len(labels)
-    calls: dict[nn.Module, list] = defaultdict(list)
+    calls: dict[nn.Module, Calls] = defaultdict(list)
 
-    def record(module, args, kwargs, out):
+    def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
             raise _Refused(f"a {type(module).__name__} is called with other than one tensor")
         if args[0].shape[:1] != (n,) or out.shape[:1] != (n,):
@@ -151,25 +160,26 @@ def _by_layers(model, owners, inputs, labels, sums, clip: float | None, buffers:
             handle.remove()
     made = [(m, x, out) for m, cs in calls.items() for x, out in cs]
     outputs = torch.autograd.grad(-ll.sum(), [out for _, _, out in made], allow_unused=True)
-    seen: dict[nn.Module, list] = defaultdict(list)  # (input, gradient at the output) of each call that matters
+    seen: dict[nn.Module, Calls] = defaultdict(list)  # (input, gradient at the output) of each call that matters
     for (m, x, _), g in zip(made, outputs, strict=True):
         if g is not None:
             seen[m].append((x, g))
     others = {m: _module_grads(m, cs) for m, cs in seen.items() if not _plain_linear(m)}
     for m, cs in seen.items():
         names = owners[m]
-        if m in others:
+        if _plain_linear(m):  # not in `others`
+            _add_linear(m, cs, names, sums, clip, buffers)
+        else:
             mine = [(names[k], g) for k, g in others[m].items() if k in names]
             add_squares({k: sums[k] for k, _ in mine}, clipped([g for _, g in mine], clip, stacked=True), stacked=True)
-        else:
-            _add_linear(m, cs, names, sums, clip, buffers)
 
 
-def _plain_linear(module: nn.Module) -> bool:
+def _plain_linear(module: nn.Module) -> TypeGuard[nn.Linear]:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
-def _add_linear(module: nn.Linear, calls, names: dict[str, str], sums, clip: float | None, buffers: dict) -> None:
+def _add_linear(module: nn.Linear, calls: Calls, names: dict[str, str], sums: dict[str, torch.Tensor],
+                clip: float | None, buffers: Buffers) -> None:
     """A Linear's per-example squared gradients: weight g_i^T x_i over example i's positions (a module
     called more than once has its calls' positions side by side), bias the sum of g_i; the weight's one
     example at a time into a buffer reused across batches. With `clip`, each example's weight-gradient norm
@@ -197,13 +207,14 @@ def _add_linear(module: nn.Linear, calls, names: dict[str, str], sums, clip: flo
         total.addcmul_(one, one)
 
 
-def _module_grads(module: nn.Module, calls) -> dict[str, torch.Tensor]:
+def _module_grads(module: nn.Module, calls: Calls) -> dict[str, torch.Tensor]:
     """Per-example gradients (stacked on dim 0) of a module's own parameters, by torch.func on it alone."""
     own = {k: p.detach() for k, p in module.named_parameters(recurse=False)}
 
-    def one(x, g):
-        _, back = vjp(lambda p: functional_call(module, p, (x.unsqueeze(0),)), own)
-        return back(g.unsqueeze(0))[0]
+    def one(x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        back = vjp(lambda p: functional_call(module, p, (x.unsqueeze(0),)), own)[1]  # (output, vjp_fn): no aux
+        grads: dict[str, torch.Tensor] = back(g.unsqueeze(0))[0]
+        return grads
 
     total: dict[str, torch.Tensor] = {}
     for x, g in calls:
@@ -212,7 +223,9 @@ def _module_grads(module: nn.Module, calls) -> dict[str, torch.Tensor]:
     return total
 
 
-def _layers_disagree(model, params, owners, inputs, labels, clip: float | None, scratch: dict) -> str | None:
+def _layers_disagree(model: nn.Module, params: dict[str, nn.Parameter], owners: dict[nn.Module, dict[str, str]],
+                     inputs: Mapping[str, Any], labels: torch.Tensor, clip: float | None,
+                     scratch: dict[str, torch.Tensor]) -> str | None:
     """None if the by-layer scores of two examples of the batch (the most and the least padded) equal
     those of each example run alone, in eval mode; else which tensor differs. Once per pass, before its
     first batch: the by-layer side is written into the pass's sums (`scratch`, zero until then, and zeroed
@@ -258,7 +271,7 @@ def _additive_mask(mask: torch.Tensor, causal: bool, dtype: torch.dtype) -> torc
                        torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device))
 
 
-def _probe_mask(model, part: dict, labels: torch.Tensor) -> bool | None:
+def _probe_mask(model: nn.Module, part: dict[str, Any], labels: torch.Tensor) -> bool | None:
     """Which 4D mask gives the model's own log-likelihood of the chunk's most padded example: False
     (bidirectional), True (causal), or None (neither, or the model refuses a 4D mask: pass 2D through)."""
     i = int(part["attention_mask"].sum(-1).argmin())
@@ -277,7 +290,8 @@ def _probe_mask(model, part: dict, labels: torch.Tensor) -> bool | None:
     return None
 
 
-def _vmap_grads(model, params, inputs, labels, causal: bool | None = None) -> list[torch.Tensor]:
+def _vmap_grads(model: nn.Module, params: dict[str, nn.Parameter], inputs: Mapping[str, Any], labels: torch.Tensor,
+                causal: bool | None = None) -> list[torch.Tensor]:
     """Per-example gradients, stacked on dim 0: each example is run alone as a batch of one, its padding
     mask made a 4D attention mask (`causal`) when the probe found one that the model reads as its own."""
     keys = batched(inputs, len(labels))
@@ -285,7 +299,7 @@ def _vmap_grads(model, params, inputs, labels, causal: bool | None = None) -> li
     others = {n: p.detach() for n, p in model.named_parameters() if n not in params}
     dtype = next(model.parameters()).dtype
 
-    def loss(trainable, one_row, label):
+    def loss(trainable: dict[str, torch.Tensor], one_row: dict[str, torch.Tensor], label: torch.Tensor) -> torch.Tensor:
         one = {k: v.unsqueeze(0) for k, v in one_row.items()}
         if causal is not None and "attention_mask" in one:
             one["attention_mask"] = _additive_mask(one["attention_mask"], causal, dtype)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,7 @@ def add_squares_in_backward(loss: torch.Tensor, params: dict[str, nn.Parameter],
             p.grad = g
 
 
-def add_squares(sums: dict[str, torch.Tensor], gradients, stacked: bool = False) -> None:
+def add_squares(sums: dict[str, torch.Tensor], gradients: Iterable[torch.Tensor | None], stacked: bool = False) -> None:
     """Accumulate squared gradients in float32, where half-precision squares would underflow.
 
     `stacked` gradients carry one row per example, each squared before summing.
@@ -57,7 +57,8 @@ def clip_factor(norms: torch.Tensor, clip: float) -> torch.Tensor:
     return (clip / (norms + 1e-6)).clamp(max=1.0)
 
 
-def clipped(gradients, clip: float | None, stacked: bool = False, group=None):
+def clipped(gradients: Sequence[torch.Tensor | None], clip: float | None, stacked: bool = False,
+            group: dist.ProcessGroup | None = None) -> Sequence[torch.Tensor | None]:
     """Each gradient scaled to L2 norm at most `clip` (per example row when `stacked`), by `clip_factor`.
     Row shards (`group`): a tensor's norm is summed over its ranks' rows first."""
     if clip is None:
@@ -67,7 +68,7 @@ def clipped(gradients, clip: float | None, stacked: bool = False, group=None):
         whole = torch.stack([torch.zeros(()) if g is None else g.float().pow(2).sum() for g in gradients])
         dist.all_reduce(whole, group=group)
         whole = whole.sqrt()
-    out = []
+    out: list[torch.Tensor | None] = []
     for i, g in enumerate(gradients):
         if g is None:
             out.append(g)
