@@ -18,10 +18,12 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-# ruff for the code, lint-imports for the architecture (the contracts in pyproject.toml).
+# ruff for the code, lint-imports for the architecture (the contracts in pyproject.toml), mypy for the
+# types ([tool.mypy] there: src/childtune, the core strictly).
 lint: install
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 # pytest exits 5 when it collects nothing: that is a failure here too.
 test: install lint
