@@ -174,7 +174,7 @@ def adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_a
     if ext is None:
         raise RuntimeError("kernels.adamw_ needs the compiled kernels: call it only where one_pass_ready() is true")
     ext.adamw_(param, grad, exp_avg, exp_avg_sq, start, k1, k2, threshold, scale if masked else 1.0, lr,
-                    betas[0], betas[1], eps, weight_decay, step, masked)
+               betas[0], betas[1], eps, weight_decay, step, masked)
 
 
 def top_unchosen(grad: torch.Tensor, weight: torch.Tensor, chosen: torch.Tensor, k: int, eps: float,
@@ -271,7 +271,7 @@ def _build() -> Compiled | None:
             if not copy.exists() or copy.read_bytes() != _CODE:
                 copy.write_bytes(_CODE)
             module: Compiled = load(name="childtune_kernels", sources=[str(copy)], build_directory=str(directory),
-                          verbose=False, extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
+                                    verbose=False, extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, no flock, a stuck build: the eager code is correct
         warnings.warn(f"childtune: the compiled kernels (csrc/kernels.cpp) could not be built ({error}); the eager "
                       "ones compute the same bits, slower", RuntimeWarning, stacklevel=3)
