@@ -5,12 +5,13 @@ torch's CPU kernels split every op evenly over a team of OpenMP threads and join
 op takes as long as its slowest thread. When another process keeps a core busy, the OS shares that core
 between it and one of the team, and under GNU OpenMP's default wait policy the threads already done spin
 at the barrier meanwhile, holding the cores the late one could move to. On the 2-core machine of
-benchmarks/RESULTS.md ("Training on a shared CPU") a MiniLM training step then ran about 10x slower; with
-the passive policy (waiting threads sleep at once) the same two threads kept most of their speed. On a
-free CPU, though, passive waits cost a sleep and a wake-up per op, and the step ran up to 3x slower than
-with the default. So the CLI measures, before anything loads torch (OpenMP reads the policy once, when
+benchmarks/RESULTS.md ("Training on a shared CPU") a MiniLM training step then ran several times slower;
+with the passive policy (waiting threads sleep at once) the same two threads kept most of their speed. On
+a free CPU, though, a passive wait costs a sleep and a wake-up per op, which the default's short spin
+saves. So the CLI measures, before anything loads torch (OpenMP reads the policy once, when
 torch loads it), how busy other jobs keep the CPUs it may use, and asks for passive waits only when
-they are busy. A library user's process is theirs to configure.
+they are busy. Jobs that start later still slow a run that found the CPU free: where that is likely,
+set OMP_WAIT_POLICY=passive yourself. A library user's process is theirs to configure.
 """
 
 from __future__ import annotations
