@@ -190,25 +190,28 @@ def test_the_default_run_prints_one_notice_and_its_delta_applies(generation, tmp
                  "--output", str(tmp_path / "out.jsonl")]) == 0
 
 
-def test_a_resumed_run_with_child_only_gradients_ends_as_an_uninterrupted_one(generation, tmp_path):
-    from test_resume import Crash, CrashAt, Final
+def test_a_resumed_run_with_child_only_gradients_ends_as_an_uninterrupted_one(generation, tmp_path, capsys):
+    """Interrupted after its checkpoint at update 3 of 6 and resumed by `childtune train --resume`, a run at
+    the defaults (bf16, step in backward, child-only gradients) ends with the uninterrupted run's weights."""
+    from test_resume import Crash, CrashAt
 
     from childtune.training.checkpoint import Checkpointer
     from childtune.training.loop import train
+    from childtune.training.runfolder import partial_dir
 
-    config = TrainConfig(model=str(generation["model"]), task=None, train_file=str(generation["train"]),
-                         dev_file=str(generation["dev"]), method="child-d", reserve_p=0.3, lr=1e-2, epochs=2,
-                         batch_size=8, eval_batch_size=4, max_new_tokens=2, progress=False)
-    whole = Final()
-    train(config, [whole])
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    cli_run(generation, whole, "--method", "child-d", "--reserve-p", "0.3", "--lr", "1e-2")
+    config = TrainConfig.load_json(whole / "config.json")
+    assert (config.dtype, config.optimizer_in_backward, config.child_only_grads) == LEAN
     with pytest.raises(Crash):
-        train(config, [Checkpointer(1, directory=tmp_path), CrashAt(3)])
-    resumed = Final()
-    train(config, [Checkpointer(2, resume=True, directory=tmp_path), resumed])
-    assert resumed.metrics["steps"] == whole.metrics["steps"] == 6
-    for name, tensor in whole.params.items():
-        assert torch.equal(resumed.params[name], tensor), name
-    assert resumed.metrics["changed_outside_child"] == 0
+        train(replace(config, output=str(run)), [Checkpointer(3, directory=partial_dir(run)), CrashAt(3)])
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "causal LM:" not in capsys.readouterr().err  # its config.json holds the resolved settings
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 6
+    resumed, uninterrupted = weights(run), weights(whole)
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name
 
 
 def test_lora_trains_fp32_adapters_over_a_bf16_base(generation, tmp_path):
