@@ -39,6 +39,8 @@ SETTINGS = {  # label: (method, weights dtype, TrainConfig overrides)
     "child-d p=0.01, sparse, in backward": ("child-d", "fp32", {"optimizer_in_backward": True}),
     "child-d p=0.01, sparse, bf16 + fp32 masters": ("child-d", "bf16", {}),
     "child-d p=0.01, bf16 + in backward": ("child-d", "bf16", {"optimizer_in_backward": True}),
+    "child-d p=0.01, bf16 + in backward + child-only grads (causal-LM default)": (
+        "child-d", "bf16", {"optimizer_in_backward": True, "child_only_grads": True}),
     "id3 budget 0.01, sparse": ("id3", "fp32", {}),
     "id3 budget 0.01, bf16 + in backward": ("id3", "bf16", {"optimizer_in_backward": True}),
 }
@@ -82,8 +84,9 @@ def child(size: str, setting: str) -> dict:
         return {"params": params, "peak_mib": peak_rss_mib(), "prepare_peak_mib": None,
                 "step_s": statistics.median(times)}
     extra = {"reserve_p": 0.01} if method == "child-d" else {"id3_budget": 0.01} if method == "id3" else {}
-    run = TrainConfig(task="math", method=method, progress=False, fisher_samples=BATCH,
-                      dtype=dtype if method != "lora" else "fp32", **extra, **overrides).resolved()
+    # each setting says every run setting a causal LM would otherwise take from the defaults (CAUSAL_LM)
+    run = TrainConfig(task="math", method=method, progress=False, fisher_samples=BATCH, dtype=dtype, **extra,
+                      **{"optimizer_in_backward": False, "child_only_grads": False, **overrides}).resolved()
     model, trained, strategy, optimizer, scheduler = setup(run, model, 1000)
     _release()
     reset_peak_rss()
@@ -91,6 +94,8 @@ def child(size: str, setting: str) -> dict:
     prepare_peak = peak_rss_mib() if strategy.needs_data else None
     if run.strict:
         freeze_unchosen(strategy, trained)
+    if run.child_only_grads:  # after the Fisher pass, as the training loop installs them
+        optimizer.child_only_grads(model)
     state = TrainState(model, optimizer, scheduler, strategy, run, None)
     _release()
     reset_peak_rss()
