@@ -22,7 +22,14 @@ print(f"{sys.argv[2]:28s} dev exact_match {m['dev']['exact_match']:.3f} loss {m[
       f"train {m['train_time_s']:.0f}s peak CUDA {m['peak_cuda_mib']} MiB state {m['optimizer_state_bytes']/1e6:.1f} MB")
 PY
 }
-for method in full child-f child-d random id3 gradual lora id3-lora; do run "$method-bf16autocast" --method "$method" --bf16; done
+# fp32 weights under autocast, step after backward, dense gradients (a causal LM's selective runs default to
+# bf16 weights, the step in backward and child-only gradients: the *-causal-defaults runs below)
+for method in full child-f child-d random id3 gradual lora id3-lora; do
+  run "$method-bf16autocast" --method "$method" --bf16 --dtype fp32 --no-optimizer-in-backward --no-child-only-grads
+done
+run child-d-causal-defaults --method child-d
+run random-causal-defaults --method random
+run lora-bf16-base --method lora --dtype bf16
 run child-d-bf16-masters --method child-d --dtype bf16
 run random-bf16-masters --method random --dtype bf16
 run child-d-in-backward --method child-d --dtype bf16 --optimizer-in-backward

@@ -60,7 +60,10 @@ def llm_section(repeats: int, fisher_batches: int = 2) -> Section:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     steps, configs = {}, {}
     for method in LLM_METHODS:
-        config = TrainConfig(task="math", model="smollm2-135m", method=method, progress=False).resolved()
+        # the float32 step of every method: a causal LM's selective runs default to bf16 weights, the step in
+        # backward and child-only gradients (benchmarks/memory.py measures those), pinned off here
+        config = TrainConfig(task="math", model="smollm2-135m", method=method, progress=False, dtype="fp32",
+                             optimizer_in_backward=False, child_only_grads=False).resolved()
         model, params, strategy, optimizer, scheduler = setup(config, copy.deepcopy(base), RUN_STEPS)
         model.train()
         strategy.prepare(model, [batch] * fisher_batches)
@@ -78,7 +81,8 @@ def llm_section(repeats: int, fisher_batches: int = 2) -> Section:
     section = Section(
         "SmolLM2-135M training step, every method",
         f"One update on a batch of {BATCH} x {LENGTH} tokens through SmolLM2-135M-Instruct (float32, causal-LM "
-        "loss on every token), each method set up as `childtune train --model smollm2-135m` sets it up "
+        "loss on every token), each method set up as `childtune train --model smollm2-135m --dtype fp32 "
+        "--no-optimizer-in-backward --no-child-only-grads` sets it up "
         f"(benchmarks/llm.py). Median of {repeats} interleaved repeats after 1 warm-up step; ratio to full "
         f"fine-tuning within each repeat. Settings (the childtune preset's defaults): {settings}.",
         ["method", "median ms", "ratio vs full", "spread", "target"],
