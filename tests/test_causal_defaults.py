@@ -153,8 +153,9 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("setting", [("--dtype", "fp32"), ("--dtype", "fp32", "--no-optimizer-in-backward",
-                                                          "--max-grad-norm", "1e9"), ()],
-                         ids=["fp32", "fp32-step-after-backward", "defaults-bf16"])
+                                                          "--max-grad-norm", "1e9"), (),
+                                     ("--dtype", "fp32", "--gradient-checkpointing")],
+                         ids=["fp32", "fp32-step-after-backward", "defaults-bf16", "fp32-checkpointed"])
 def test_child_only_gradients_train_the_same_weights_as_dense_ones(generation, tmp_path, capsys, setting):
     common = ("--method", "child-d", "--reserve-p", "0.3", "--lr", "1e-2", *setting)
     cli_run(generation, tmp_path / "child", *common)
