@@ -41,10 +41,14 @@ _PATHS = ("train_file", "dev_file", "test_file", "model")
 """Fields that may hold a path (`model` may instead name a pinned model, which is no path on disk)."""
 
 
-NOT_SETTINGS = frozenset({"output", "overwrite", "progress", "log_every", "report_to", "device", "fisher_passes"})
+NOT_SETTINGS = frozenset({"output", "overwrite", "progress", "log_every", "report_to", "device", "fisher_passes",
+                          "child_only_grads"})
 """Fields about where and how a run is written or shown, not what it computes: a resumed run, a reused
 study cell and a ledger record may differ in these and still be the same run. (`fisher_passes` trades
-memory for time and gives the same child network.)"""
+memory for time and gives the same child network; `child_only_grads` gives the same update from the same
+child gradient values, summed in another order, so a checkpoint or ledger record from before it existed
+still matches; only a step after backward whose clipping bites differs, its norm then measured over the
+child elements.)"""
 
 _CHOICES = {"id3_head": ("outside", "inside"), "id3_schedule": ("ramp", "authors"),
             "bias_correction": ("element", "tensor"), "random_targets": ("all", "qv"),
