@@ -163,6 +163,8 @@ def test_child_only_gradients_train_the_same_weights_as_dense_ones(generation, t
     assert len(notices) == 1, notices  # something was left to the causal-LM defaults each time
     cli_run(generation, tmp_path / "dense", *common, "--no-child-only-grads")
     child, dense = weights(tmp_path / "child"), weights(tmp_path / "dense")
+    metrics = json.loads((tmp_path / "child" / "metrics.json").read_text())
+    assert metrics["changed_outside_child"] == 0 and (tmp_path / "child" / "masks.safetensors").is_file()
     saved = json.loads((tmp_path / "child" / "config.json").read_text())
     assert saved["child_only_grads"] is True and json.loads(
         (tmp_path / "dense" / "config.json").read_text())["child_only_grads"] is False
