@@ -98,3 +98,16 @@ def py_keep_bits(position: int, base: int, name: str) -> int:
     x ^= x >> 15
     x = (x * 0x735A2D97) & M32
     return x ^ (x >> 15)
+
+
+@pytest.fixture(params=["compiled", "eager"])
+def backend(request, monkeypatch):
+    """Run a test with the compiled kernels (which must build here) and with the eager torch code."""
+    from childtune import kernels
+
+    if request.param == "eager":
+        monkeypatch.setenv("CHILDTUNE_KERNELS", "eager")
+    else:
+        monkeypatch.delenv("CHILDTUNE_KERNELS", raising=False)
+        assert kernels.extension() is not None, "the compiled kernels did not build (see the warning)"
+    return request.param

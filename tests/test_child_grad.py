@@ -22,17 +22,6 @@ from childtune.strategies import GradualUnfreezing, RandomMasking
 FP32 = dict(rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(params=["compiled", "eager"])
-def backend(request, monkeypatch):
-    """Run a test with the compiled kernel (which must build here) and with the torch ops."""
-    if request.param == "eager":
-        monkeypatch.setenv("CHILDTUNE_KERNELS", "eager")
-    else:
-        monkeypatch.delenv("CHILDTUNE_KERNELS", raising=False)
-        assert kernels.extension() is not None, "the compiled kernels did not build (see the warning)"
-    return request.param
-
-
 def mlp(seed: int = 0, dtype=torch.float32) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 4, bias=False)).to(dtype)

@@ -30,15 +30,12 @@ from childtune.training.loop import train
 from childtune.training.runfolder import lock_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_resume import write_task, write_tiny_model
+from test_resume import tiny_cli_files
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("hostile-runs")
-    train_file, dev_file = write_task(root)
-    return {"model": str(write_tiny_model(root / "model", dropout=0.0)), "train": str(train_file),
-            "dev": str(dev_file)}
+    return tiny_cli_files(tmp_path_factory.mktemp("hostile-runs"))
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:

@@ -19,17 +19,6 @@ from childtune.kernels import Draw
 BUILD_WAIT_SECONDS_IN_TESTS = 120.0  # a probe that finds the build done needs none of it
 
 
-@pytest.fixture(params=["compiled", "eager"])
-def backend(request, monkeypatch):
-    """Run a test with the compiled kernels (which must build here) and with the eager reference."""
-    if request.param == "eager":
-        monkeypatch.setenv("CHILDTUNE_KERNELS", "eager")
-    else:
-        monkeypatch.delenv("CHILDTUNE_KERNELS", raising=False)
-        assert kernels.extension() is not None, "the compiled kernels did not build (see the warning)"
-    return request.param
-
-
 def test_the_draw_is_the_documented_function_of_seed_step_name_and_position(backend):
     strategy = ChildTuningF(0.3, seed=11)
     strategy.bind({"enc.w": torch.zeros(3, 50), "head": torch.zeros(7)})

@@ -74,6 +74,13 @@ def write_task(folder: Path, n_train: int = 20, n_dev: int = 6) -> tuple[Path, P
     return train, dev
 
 
+def tiny_cli_files(root: Path) -> dict:
+    """A dropout-free tiny model and a task's files under `root`, keyed as the CLI options name them."""
+    train_file, dev_file = write_task(root)
+    return {"model": str(write_tiny_model(root / "model", dropout=0.0)), "train": str(train_file),
+            "dev": str(dev_file)}
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> dict:
     """Files of a tiny run, with dropout on: a resume must restore each RNG stream where it was."""

@@ -19,15 +19,12 @@ from childtune.training.runfolder import partial_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_families import write_tiny_llama
-from test_resume import Crash, CrashAt, write_task, write_tiny_model
+from test_resume import Crash, CrashAt, tiny_cli_files
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("boundaries")
-    train_file, dev_file = write_task(root)
-    return {"model": str(write_tiny_model(root / "model", dropout=0.0)), "train": str(train_file),
-            "dev": str(dev_file)}
+    return tiny_cli_files(tmp_path_factory.mktemp("boundaries"))
 
 
 def cli(capsys, *argv) -> tuple[int, str]:
