@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from childtune import ID3, ChildOptimizer, ChildTuningD, ChildTuningF, GradualUnfreezing, RandomMasking
+from childtune.strategies import BitFit, PaFi
 from childtune.layers import blocks, layer_index, parameter_type
 from childtune.masks import count, top_fraction, top_k
 
@@ -269,3 +270,35 @@ def test_id3_candidates_in_blocks_are_the_tensors_top_k(monkeypatch, tiny_bert):
     assert sorted(blocked[1].tolist()) == sorted(whole[1].tolist())
     score = grad.abs() / (param.detach().abs() + strategy.eps) ** strategy.exp
     assert sorted(blocked[1].tolist()) == sorted(torch.topk(score.reshape(-1), 9).indices.tolist())
+
+
+@pytest.mark.parametrize("p", [0.01, 0.2, 0.6])
+def test_pafi_chooses_exactly_the_budgets_smallest_magnitudes(tiny_bert, p):
+    # the reference: every maskable element in model order, a stable sort by |w|, the first round(p * n); so
+    # ties (the zero-initialised biases: p=0.01 cuts among them) go to the earlier tensor, then the earlier element
+    maskable = {n: w.detach() for n, w in tiny_bert.named_parameters() if "classifier" not in n}
+    flat = torch.cat([w.reshape(-1) for w in maskable.values()])
+    k = round(p * len(flat))
+    reference = torch.zeros(len(flat), dtype=torch.bool)
+    reference[torch.sort(flat.abs(), stable=True).indices[:k]] = True
+    strategy = PaFi(p)
+    ChildOptimizer(tiny_bert.named_parameters(), strategy)
+    got = strategy.final_masks(1)
+    assert list(got) == list(maskable)  # the head is outside the budget, trained in full
+    assert torch.equal(torch.cat([got[n].reshape(-1) for n in maskable]), reference)
+    if p == 0.01:
+        assert (flat == 0).sum() > k  # the cut fell among exact ties, which position broke
+
+
+def test_bitfit_chooses_exactly_the_biases(tiny_bert):
+    strategy = BitFit()
+    ChildOptimizer(tiny_bert.named_parameters(), strategy)
+    got = strategy.final_masks(1)
+    names = [n for n, _ in tiny_bert.named_parameters() if "classifier" not in n]
+    assert sorted(got) == sorted(names)
+    biases = [n for n in names if n.endswith(".bias")]
+    assert biases and all(bool(got[n].all()) for n in biases)
+    assert all(not got[n].any() for n in names if n not in biases)
+    assert sorted(strategy.untouched()) == sorted(set(names) - set(biases))  # no gradient for them in a strict run
+    with pytest.raises(ValueError, match="no bias"):
+        ChildOptimizer(nn.Linear(4, 3, bias=False).named_parameters(), BitFit())
