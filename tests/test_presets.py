@@ -22,6 +22,7 @@ from childtune import ID3, ChildOptimizer, ChildTuningD, RandomMasking
 from childtune.cli import main
 from childtune.layers import in_layer
 from childtune.masks import MASKS_FILE
+from childtune.strategies import BitFit, PaFi
 from childtune.study.analysis import load_masks
 from childtune.training.config import TrainConfig, build_strategy
 
@@ -196,3 +197,58 @@ def test_an_authors_run_keeps_its_child_network_and_records_its_preset(tmp_path,
         main(["train", "--help"])
     shown = capsys.readouterr().out
     assert "authors:" in shown and "childtune:" in shown and "4e-05" in shown
+
+
+def test_pafi_and_bitfit_presets_resolve():
+    names = [n for n, _ in tiny().named_parameters()]
+    for preset, lr, decay in (("childtune", 5e-3, 0.01), ("authors", 1e-4, 0.0)):  # the toolkit forces decay 0
+        c = TrainConfig(method="pafi", preset=preset).resolved()
+        assert (c.lr, c.reserve_p, c.strict, c.weight_decay) == (lr, 0.005, True, decay)
+        assert isinstance(build_strategy(c, 10, names), PaFi)
+    for preset in ("childtune", "authors"):  # no evidence of ours: the toolkit's settings under both
+        b = TrainConfig(method="bitfit", preset=preset).resolved()
+        assert (b.lr, b.strict, b.weight_decay) == (1e-4, True, 0.0)
+        assert isinstance(build_strategy(b, 10, names), BitFit)
+
+
+@pytest.mark.parametrize(("method", "preset"), [("pafi", "childtune"), ("bitfit", "authors")])
+def test_pafi_and_bitfit_train_strict_and_their_delta_applies_back_bit_for_bit(tmp_path, monkeypatch, capsys,
+                                                                              method, preset):
+    import childtune.training.params as params
+    from childtune.optim.sparse import SparseChildAdamW
+
+    built: list[SparseChildAdamW] = []
+
+    class Spy(SparseChildAdamW):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            built.append(self)
+
+    monkeypatch.setattr(params, "SparseChildAdamW", Spy)
+    train_file, dev_file = write_task(tmp_path)
+    model = write_tiny_model(tmp_path / "model", dropout=0.0)
+    run = tmp_path / "run"
+    # the whole model kept too (--save model), so the exported delta has something to be checked against
+    assert main(["train", "--model", str(model), "--train", str(train_file), "--dev", str(dev_file), "--epochs", "1",
+                 "--batch-size", "4", "--method", method, "--preset", preset, "--lr", "1e-2", "--save", "model",
+                 "--no-progress", "--checkpoint-every", "0", "--output", str(run)]) == 0
+    assert [type(o.strategy) for o in built] == [{"pafi": PaFi, "bitfit": BitFit}[method]]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["changed_outside_child"] == 0 and metrics["changed_params"] > 0
+    masks = load_masks(run)
+    if method == "bitfit":
+        assert all(bool(m.all()) == n.endswith(".bias") for n, m in masks.items())
+    assert main(["export", str(run), "--output", str(tmp_path / "delta")]) == 0
+    assert main(["apply", str(tmp_path / "delta"), "--output", str(tmp_path / "applied")]) == 0
+    from safetensors.torch import load_file
+
+    tuned, applied = (load_file(d / "model.safetensors") for d in (run / "model", tmp_path / "applied"))
+    assert tuned.keys() == applied.keys()
+    assert all(torch.equal(tuned[k].view(torch.uint8), applied[k].view(torch.uint8)) for k in tuned)
+    assert main(["analyze", f"{method}={run}", "--output", str(tmp_path / "analysis")]) == 0
+    assert list((tmp_path / "analysis").glob("*.png"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert f"{method} " in shown and "pafi, bitfit" in shown

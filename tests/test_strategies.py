@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from childtune import ID3, ChildOptimizer, ChildTuningD, ChildTuningF, GradualUnfreezing, RandomMasking
-from childtune.strategies import BitFit, PaFi
 from childtune.layers import blocks, layer_index, parameter_type
 from childtune.masks import count, top_fraction, top_k
+from childtune.strategies import BitFit, PaFi
 
 
 def batches(n_batches: int = 3, batch: int = 4, seed: int = 0):

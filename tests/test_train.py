@@ -24,7 +24,16 @@ from childtune.data.userfiles import load_files
 from childtune.delta import SparseDelta
 from childtune.optim.masked import ChildOptimizer
 from childtune.outputs import OutputError
-from childtune.strategies import ID3, ChildTuningD, ChildTuningF, FullFineTuning, GradualUnfreezing, RandomMasking
+from childtune.strategies import (
+    ID3,
+    BitFit,
+    ChildTuningD,
+    ChildTuningF,
+    FullFineTuning,
+    GradualUnfreezing,
+    PaFi,
+    RandomMasking,
+)
 from childtune.training.config import ConfigError, TrainConfig, build_strategy
 from childtune.training.evaluate import evaluate
 from childtune.training.export import apply_delta, export_delta
@@ -111,7 +120,7 @@ def test_build_strategy_maps_every_method(tiny_bert):
     names = [n for n, _ in tiny_bert.named_parameters()]
     expected = {"full": FullFineTuning, "child-f": ChildTuningF, "child-d": ChildTuningD,
                 "child-d-random": ChildTuningD, "random": RandomMasking, "id3": ID3, "gradual": GradualUnfreezing,
-                "lora": FullFineTuning, "id3-lora": ID3}
+                "lora": FullFineTuning, "id3-lora": ID3, "pafi": PaFi, "bitfit": BitFit}
     assert set(expected) == set(METHODS)
     for method, kind in expected.items():
         strategy = build_strategy(TrainConfig(method=method, seed=3).resolved(), 40, names)
@@ -155,7 +164,7 @@ def test_full_run_learns_and_writes_its_files(tiny_task, tmp_path):
     assert reloaded.config.id2label == {0: "neg", 1: "pos"}
 
 
-@pytest.mark.parametrize("method", ["child-d", "random", "id3", "gradual"])
+@pytest.mark.parametrize("method", ["child-d", "random", "id3", "gradual", "pafi", "bitfit"])
 def test_strict_methods_change_only_their_child_network(tiny_task, tmp_path, method):
     out = tmp_path / method
     config = tiny_config(tiny_task, method=method, epochs=2, output=str(out), gradual_every=10,  # 24 steps:
@@ -174,6 +183,11 @@ def test_strict_methods_change_only_their_child_network(tiny_task, tmp_path, met
     if method == "gradual":  # head, pooler and the top two blocks unfrozen in turn; embeddings never
         assert not any("embeddings" in n for n in delta.entries)
         assert any("layer.0." in n for n in delta.entries)
+    if method == "bitfit":  # biases only
+        assert delta.entries and all(n.endswith(".bias") for n in delta.entries)
+    if method == "pafi":  # exactly its p of the maskable weights, at most
+        assert delta.config.num_changed <= round(0.005 * sum(
+            p.numel() for n, p in base.named_parameters() if "classifier" not in n))
     if method == "id3":
         assert delta.config.num_changed <= round(config.id3_budget * sum(
             p.numel() for n, p in base.named_parameters() if "classifier" not in n))

@@ -50,6 +50,12 @@ child gradient values, summed in another order, so a checkpoint or ledger record
 still matches; only a step after backward whose clipping bites differs, its norm then measured over the
 child elements.)"""
 
+_WITH_P = "/".join(n for n, m in METHODS.items() if "reserve_p" in m.childtune)
+_FIXED = ", ".join(n for n, m in METHODS.items()
+                   if m.network == "fixed" and m.childtune.get("strict") and not m.adapter)
+"""Methods named in help texts and errors, read from the method table so that a new method joins them:
+those sized by p, and those whose strict child network is fixed (child-only gradients can apply)."""
+
 _CHOICES = {"id3_head": ("outside", "inside"), "id3_schedule": ("ramp", "authors"),
             "bias_correction": ("element", "tensor"), "random_targets": ("all", "qv"),
             "random_sampling": ("exact", "bernoulli"), "random_budget": ("scored", "model"),
@@ -101,12 +107,11 @@ class TrainConfig:
     eval_size: int | None = field(default=None, metadata=_opt(
         "evaluate on at most this many dev and test examples (a fixed sample, the same for every run)"))
     # -- method
-    method: str = field(default="child-d", metadata=_opt(
-        "full, child-f, child-d, child-d-random, random, id3, gradual, lora, id3-lora"))
+    method: str = field(default="child-d", metadata=_opt(", ".join(METHODS)))
     preset: str = field(default="childtune", metadata=_opt(
         "every unset method setting from 'childtune' (ours, chosen on evidence) or 'authors' (their code)"))
     reserve_p: float | None = field(default=None, metadata=_opt(
-        "child network share (child-f/child-d/random; child-d and child-d-random on a causal LM: 0.05)"))
+        f"child network share ({_WITH_P}; child-d and child-d-random on a causal LM: 0.05)"))
     lr: float | None = field(default=None, metadata=_opt("peak learning rate"))
     strict: bool | None = field(default=None, metadata=_opt(
         "change nothing outside the child network, weight decay included"))
@@ -164,8 +169,8 @@ class TrainConfig:
         "LM trained with a strict child network on one process or with --fsdp, else off)"))
     child_only_grads: bool | None = field(default=None, metadata=_opt(
         "compute the gradient of each partially chosen Linear weight at its child elements only, never the "
-        "dense dW: the same update, less memory and work. Fixed child networks only (child-d, child-d-random, "
-        "random, strict); id3 and gradual rank or unfreeze from dense gradients; not with --fsdp or DDP, where "
+        f"dense dW: the same update, less memory and work. Fixed child networks only ({_FIXED}; "
+        "strict); id3 and gradual rank or unfreeze from dense gradients; not with --fsdp or DDP, where "
         "the gradients are reduced by hooks it bypasses. With the step after backward, clipping measures the "
         "child elements' gradient, not the whole dW's (none: on for a causal LM with a fixed child network on "
         "one process, else off)"))
@@ -263,8 +268,7 @@ class TrainConfig:
             why = (f"{self.method}'s child network {'grows' if spec.network == 'growing' else 'changes every step'}"
                    " and is chosen from dense gradients" if spec.network != "fixed" else
                    f"{self.method} here is not a strict child network of the base's weights")
-            raise ConfigError(f"child_only_grads needs a fixed, strict child network (child-d, child-d-random, "
-                              f"random): {why}")
+            raise ConfigError(f"child_only_grads needs a fixed, strict child network ({_FIXED}): {why}")
         if self.fsdp:
             raise ConfigError("child_only_grads with --fsdp: a sharded weight's child gradient would need every "
                               "rank's child index and a reduce-scatter of the vectors, which childtune does not do")
