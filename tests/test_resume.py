@@ -173,10 +173,12 @@ def test_resumed_runs_log_has_each_step_once(tiny_run, tmp_path):
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 11))
 
 
-@pytest.mark.parametrize(("method", "crash_at"), [("child-f", 3), ("child-d", 5), ("id3", 4), ("full", 7)])
+@pytest.mark.parametrize(("method", "crash_at"), [("child-f", 3), ("child-d", 5), ("id3", 4), ("full", 7),
+                                               ("pafi", 4)])
 def test_interrupted_run_resumes_bit_identical(tiny_run, tmp_path, method, crash_at):
     """Mid-epoch (3, 4, 7) and at an epoch boundary (5): weights, optimizer, strategy state, scheduler,
-    data position and the dropout RNG all continue where they stopped."""
+    data position and the dropout RNG all continue where they stopped. PaFi chooses from the weights it is
+    bound to: a resume binds it to the base's before restoring the checkpoint, so its network is the same."""
     interrupt_and_resume(tiny_run, tmp_path, method, crash_at)
 
 
