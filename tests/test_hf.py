@@ -45,7 +45,7 @@ def test_trainer_with_child_tuning_d_strict_changes_only_the_child_network(tiny_
                                  strategy=strategy, strict=True)
     trainer.train()
     assert isinstance(trainer.optimizer.optimizer, ChildOptimizer)  # unwrapped from Accelerate's wrapper
-    chosen = strategy.chosen  # Fisher ran on the Trainer's own dataloader before the first step
+    chosen = strategy.final_masks(0)  # Fisher ran on the Trainer's own dataloader before the first step
     scored = {n: p for n, p in tiny_bert.named_parameters() if ".layer." in n}
     assert set(scored) <= set(chosen)
     assert not any(chosen[n].any() for n in set(chosen) - set(scored))  # frozen: embeddings, pooler
@@ -67,7 +67,7 @@ def test_without_strict_weight_decay_moves_weights_outside_the_child(tiny_bert, 
                        strategy=strategy, strict=False).train()
     moved = changed(tiny_bert, before)
     name = "bert.encoder.layer.0.intermediate.dense.weight"
-    assert (moved[name] & ~strategy.chosen[name]).any()
+    assert (moved[name] & ~strategy.final_masks(0)[name]).any()
 
 
 def test_trainer_keeps_its_weight_decay_groups_and_hyperparameters(tiny_bert, tmp_path):
@@ -90,8 +90,8 @@ def test_plain_trainer_takes_create_optimizer_in_one_line(tiny_bert, tmp_path):
     opt = create_optimizer(tiny_bert, strategy, lr=1e-2, strict=True, batches=loader)
     Trainer(model=tiny_bert, args=args(tmp_path), train_dataset=data, optimizers=(opt, None)).train()
     moved = changed(tiny_bert, before)
-    assert all(not (moved[n] & ~m).any() for n, m in strategy.chosen.items())
-    assert any((moved[n] & m).any() for n, m in strategy.chosen.items())
+    assert all(not (moved[n] & ~m).any() for n, m in strategy.final_masks(0).items())
+    assert any((moved[n] & m).any() for n, m in strategy.final_masks(0).items())
 
 
 def test_create_optimizer_needs_batches_for_child_tuning_d(tiny_bert):
@@ -127,8 +127,8 @@ def test_trainer_child_tunes_a_causal_lm_with_fisher_on_its_tokens(tmp_path):
                                  strict=True)
     trainer.train()
     for name, diff in changed(model, before).items():
-        assert not (diff & ~strategy.chosen[name]).any(), f"{name} changed outside its child network"
-    assert any(changed(model, before)[n].any() for n in strategy.chosen)
+        assert not (diff & ~strategy.final_masks(0)[name]).any(), f"{name} changed outside its child network"
+    assert any(changed(model, before)[n].any() for n in strategy.final_masks(0))
 
 
 def test_sft_trainer_with_strict_child_tuning_changes_only_child_elements(tmp_path):
@@ -162,6 +162,6 @@ def test_sft_trainer_with_strict_child_tuning_changes_only_child_elements(tmp_pa
     trainer.train()
     moved = changed(model, before)
     for name, diff in moved.items():
-        if name in strategy.chosen:
-            assert not (diff & ~strategy.chosen[name]).any(), f"{name} changed outside its child network"
-    assert sum(int((moved[n] & m).sum()) for n, m in strategy.chosen.items()) > 0
+        if name in strategy.final_masks(0):
+            assert not (diff & ~strategy.final_masks(0)[name]).any(), f"{name} changed outside its child network"
+    assert sum(int((moved[n] & m).sum()) for n, m in strategy.final_masks(0).items()) > 0

@@ -11,6 +11,7 @@ import torch
 from conftest import mlp_names, step_side_by_side, twin_mlps
 
 from childtune import ChildOptimizer
+from childtune.masks import to_indices
 from childtune.optim.sparse import SparseChildAdamW, state_bytes
 from childtune.strategies import ID3, ChildTuningD, ChildTuningF, GradualUnfreezing, RandomMasking
 from childtune.strategies.chosen import ChosenStrategy
@@ -25,17 +26,17 @@ class Given(ChosenStrategy):
 
     given: dict = field(default_factory=dict, repr=False)
 
-    def masks(self, step: int):
-        return self.given
+    def network(self, step: int):
+        return to_indices(self.given)
 
 
 @dataclass
 class Shrinking(ChosenStrategy):
     kind = "growing"
 
-    def masks(self, step: int):
+    def network(self, step: int):
         keep = step == 0
-        return {n: torch.full_like(p, keep, dtype=torch.bool) for n, p in self.maskable().items()}
+        return to_indices({n: torch.full_like(p, keep, dtype=torch.bool) for n, p in self.maskable().items()})
 
 
 def make_named(seed: int = 0) -> dict[str, torch.nn.Parameter]:
@@ -155,7 +156,7 @@ def test_id3_new_elements_get_their_own_bias_correction():
     for step in range(6):
         set_grads(named, step)
         opt.step()
-        history.append({n: mk.clone() for n, mk in strategy.chosen.items()})
+        history.append(strategy.final_masks(step + 1))  # a fresh dense view of the grown index
     assert len(history[0]) and history[0]["layer.0.w"].sum() < history[-1]["layer.0.w"].sum()  # it did grow
     expected = per_element_reference(reference_start, history, steps=6)
     for n, q in named.items():
@@ -245,7 +246,7 @@ def test_schedulers_drive_it_like_any_optimizer():
     # Adam's first step moves each updated element by the learning rate: here the scheduled one
     for n, p in named.items():
         moved = (p.detach() - before[n]).abs()
-        inside = strategy.chosen.get(n, torch.ones_like(moved, dtype=torch.bool))
+        inside = strategy.final_masks(1).get(n, torch.ones_like(moved, dtype=torch.bool))
         torch.testing.assert_close(moved[inside], torch.full_like(moved[inside], 0.25 * LR), rtol=1e-4, atol=0)
         assert not moved[~inside].any()
 
@@ -277,8 +278,8 @@ def test_bias_correction_of_a_late_joiner_starts_at_one():
     class Late(ChosenStrategy):
         kind = "growing"
 
-        def masks(self, step):
-            return {"layer.0.w": torch.tensor([True, step >= 20])}
+        def network(self, step):
+            return to_indices({"layer.0.w": torch.tensor([True, step >= 20])})
 
     opt = SparseChildAdamW(named, Late(), lr=LR, weight_decay=0.0)
     for _ in range(21):
@@ -309,7 +310,7 @@ def test_the_step_in_backward_equals_the_ordinary_step_and_frees_gradients(make,
 
     step_side_by_side(model, twin, ordinary, hooked, 5, same)
     if isinstance(ordinary.strategy, ID3):
-        chosen = sum(int(m.sum()) for n, m in ordinary.strategy.chosen.items() if n in ordinary.strategy.scored())
+        chosen = sum(len(i) for n, i in ordinary.strategy.chosen.items() if n in ordinary.strategy.scored())
         assert chosen == ordinary.strategy.size  # grown to its budget, in backward as ordinarily
 
 
@@ -319,7 +320,7 @@ def test_a_strategy_ranking_the_whole_steps_gradients_cannot_step_in_backward():
         kind = "growing"
         needs_gradients = True
 
-        def masks(self, step):
+        def network(self, step):
             return {}
 
     with pytest.raises(ValueError, match="cannot run inside backward"):

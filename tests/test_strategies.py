@@ -108,7 +108,8 @@ def test_random_control_keeps_child_d_sizes_per_tensor_and_draws_other_elements(
     for name, index in fisher.chosen.items():
         assert len(control.chosen[name]) == len(index), name
     big = max(fisher.chosen, key=lambda n: fisher.params[n].numel())
-    overlap = len(set(fisher.chosen[big].tolist()) & set(control.chosen[big].tolist())) / max(1, len(fisher.chosen[big]))
+    both = set(fisher.chosen[big].tolist()) & set(control.chosen[big].tolist())
+    overlap = len(both) / max(1, len(fisher.chosen[big]))
     assert overlap < 0.5  # chance is the tensor's density (~0.2); Fisher's own choice would be 1.0
     again = ChildTuningD(0.2, rest="freeze", random_within=True, seed=3)
     ChildOptimizer(tiny_bert.named_parameters(), again)

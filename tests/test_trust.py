@@ -149,7 +149,7 @@ def test_child_d_prepare_refuses_a_model_other_than_the_bound_one(tiny_bert):
 def sparse_embedding_step(strategy, optimizer) -> None:
     embedding = torch.nn.Embedding(10, 4, sparse=True)
     opt = ChildOptimizer({"layer.0.embed": embedding.weight}, strategy, optimizer, lr=0.1)
-    strategy.chosen = {"layer.0.embed": torch.ones(10, 4, dtype=torch.bool)}  # a fixed child network, for D
+    strategy.chosen = {"layer.0.embed": torch.arange(40, dtype=torch.int32)}  # a fixed child network, for D
     embedding(torch.tensor([1, 2])).sum().backward()
     opt.step()
 

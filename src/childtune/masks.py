@@ -1,8 +1,13 @@
-"""Child networks as data: a dict from parameter name to a boolean tensor of the parameter's shape.
+"""Child networks as data, in two forms: indices (name -> sorted flat int index tensor) and masks (name ->
+bool tensor of the parameter's shape).
 
-Every strategy produces, and the optimizers, delta files and analysis consume, this one form. The
-helpers here are the few operations they share: validating a mask against its parameter, and picking
-the top-k elements of a score spread over many tensors (Fisher, ID3's importance, random scores).
+A fixed or growing child network is held as `Indices` while a run trains (strategies, `SparseChildAdamW`,
+child-only gradients, checkpoints): 4 bytes per child element, where a mask costs a byte per weight
+whatever p is (half of a bfloat16 model's weights' size). Masks are the dense view, made from indices
+only where an element-by-element product needs one (a dense masked optimizer, Child-Tuning_F's per-step
+draw, counting and saving a finished run's network) and dropped after. The helpers here are the few
+operations they share: converting and validating both forms, growing an index, and picking the top-k
+elements of a score spread over many tensors (Fisher, ID3's importance, random scores).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from childtune.fileio import atomic_write
 from childtune.layers import layer_index
 
 Masks = dict[str, torch.Tensor]
+Indices = dict[str, torch.Tensor]
+"""Per parameter, the sorted, distinct flat indices of its child elements (`index_dtype` of its size)."""
 
 MASKS_FILE = "masks.safetensors"
 """A run's child network, saved in its folder by every method with a fixed or growing one."""
@@ -54,6 +61,64 @@ def check_mask(name: str, param: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 def count(masks: Mapping[str, torch.Tensor]) -> int:
     """Number of elements in the child network."""
     return int(sum(int(m.sum()) for m in masks.values()))
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 flat indices where they fit (half the memory), int64 for tensors of 2^31 elements or more."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def empty_index(param: torch.Tensor) -> torch.Tensor:
+    """The index of no element of `param` (a frozen parameter), on its device."""
+    return torch.zeros(0, dtype=index_dtype(param.numel()), device=param.device)
+
+
+def to_index(mask: torch.Tensor) -> torch.Tensor:
+    """The sorted flat indices of a bool mask's True elements, in `index_dtype`, on its device."""
+    return mask.reshape(-1).nonzero().squeeze(1).to(index_dtype(mask.numel()))
+
+
+def to_indices(masks: Mapping[str, torch.Tensor]) -> Indices:
+    return {n: to_index(m) for n, m in masks.items()}
+
+
+def to_mask(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The dense view of `index`: a bool tensor shaped like `like` (its parameter), on the index's device."""
+    mask = torch.zeros(like.shape, dtype=torch.bool, device=index.device)
+    mask.view(-1)[index] = True
+    return mask
+
+
+def to_masks(indices: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> Masks:
+    """Dense views of `indices` over their parameters (`params`: name -> tensor of the indices' shape)."""
+    return {n: to_mask(i, params[n]) for n, i in indices.items()}
+
+
+def union(index: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
+    """A grown index: `index` and `added` (flat indices in any order) as one sorted, distinct index of
+    `index`'s dtype (a new tensor: an optimizer or a checkpoint may still hold the old one)."""
+    grown: torch.Tensor = torch.unique(torch.cat([index, added.to(index.device, index.dtype)]))  # sorted
+    return grown
+
+
+def size(indices: Mapping[str, torch.Tensor]) -> int:
+    """Number of elements in the child network held as indices."""
+    return sum(len(i) for i in indices.values())
+
+
+def check_index(name: str, param: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`index` as sorted, distinct flat indices into `param`, in `index_dtype`, on its device; a bool mask
+    (a checkpoint from before child networks were saved as indices) is converted."""
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"the child index of {name!r} must be a torch.Tensor, got {type(index).__name__}")
+    if index.dtype == torch.bool:
+        return to_index(check_mask(name, param, index))
+    if index.dim() != 1 or index.is_floating_point() or index.is_complex():
+        raise ValueError(f"the child index of {name!r} must be a 1-D integer tensor")
+    in_range = not len(index) or (int(index[0]) >= 0 and int(index[-1]) < param.numel())
+    if not in_range or not bool((index[1:] > index[:-1]).all()):
+        raise ValueError(f"the child index of {name!r} must be sorted, distinct flat indices in [0, {param.numel()})")
+    return index.to(param.device, index_dtype(param.numel()))
 
 
 def top_k(scores: Mapping[str, torch.Tensor], k: int, group: dist.ProcessGroup | None = None) -> Masks:

@@ -55,6 +55,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from childtune import kernels
+from childtune.masks import check_index
 from childtune.shards import is_sharded
 
 BLOCK = 1 << 20
@@ -62,16 +63,6 @@ BLOCK = 1 << 20
 torch path's float32 casts) hold at most this many (4 MiB in float32), so the extra memory of a child-only
 weight gradient is bounded whatever the number of tokens, where copying all of dY and X would exceed
 dense dW's own out x in once tokens > out * in / (out + in)."""
-
-
-def index_dtype(numel: int) -> torch.dtype:
-    """int32 flat indices where they fit (half the memory), int64 for weights of 2^31 elements or more."""
-    return torch.int32 if numel < 2**31 else torch.int64
-
-
-def child_index(mask: torch.Tensor) -> torch.Tensor:
-    """The sorted flat indices of a bool mask's True elements, in `index_dtype`."""
-    return mask.reshape(-1).nonzero().squeeze(1).to(index_dtype(mask.numel()))
 
 
 def child_weight_grad(dy: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -222,16 +213,7 @@ def _forward(module: nn.Linear, site: _Site, x: torch.Tensor) -> torch.Tensor:
 
 
 def _checked(name: str, param: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`index` (or a bool mask's) as sorted, distinct flat indices into `param`, `index_dtype`, on its device."""
+    """`index` (or a bool mask's) as sorted, distinct flat indices into `param` (`masks.check_index`)."""
     if is_sharded(param):
         raise ValueError(f"{name!r} is an FSDP2 shard: child-only gradients do not support sharded weights yet")
-    if index.dtype == torch.bool:
-        if index.shape != param.shape:
-            raise ValueError(f"mask for {name!r} has shape {tuple(index.shape)}, parameter has {tuple(param.shape)}")
-        return child_index(index.to(param.device))
-    if index.dim() != 1 or index.is_floating_point() or index.is_complex():
-        raise ValueError(f"the child index of {name!r} must be a 1-D integer tensor")
-    in_range = not len(index) or (int(index[0]) >= 0 and int(index[-1]) < param.numel())
-    if not in_range or not bool((index[1:] > index[:-1]).all()):
-        raise ValueError(f"the child index of {name!r} must be sorted, distinct flat indices in [0, {param.numel()})")
-    return index.to(param.device, index_dtype(param.numel()))
+    return check_index(name, param, index)

@@ -148,7 +148,8 @@ class ChildOptimizer(Optimizer):
                     self.strategy.apply_drawn_(name, grad)
                 self.optimizer.step()
         else:
-            mask = self.strategy.masks(self.steps).get(name)
+            index = self.strategy.network(self.steps).get(name)  # this parameter's dense view alone
+            mask = None if index is None else self.strategy.dense({name: index})[name]
             if mask is not None:
                 mask_gradients_([grad], [mask], self.strategy.scale)
             if self._no_copy:

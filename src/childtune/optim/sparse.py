@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from childtune.masks import index_dtype
 from childtune.optim.child_grad import ChildGrads
 from childtune.optim.common import (
     by_name,
@@ -126,27 +127,27 @@ class SparseChildAdamW(Optimizer):
                 if p.requires_grad:
                     p.register_post_accumulate_grad_hook(self._update_in_backward)
         self.steps = 0
-        self._seen: dict[torch.Tensor, torch.Tensor | None] = {}  # mask each parameter was last synced to
+        self._seen: dict[torch.Tensor, torch.Tensor | None] = {}  # index each parameter was last synced to
         strategy.bind(self.named)
 
     def child_only_grads(self, model: nn.Module) -> ChildGrads:
         """Opt-in: `model`'s Linear weights whose child network is not the whole weight (where dense dW is
         the cheaper way to the same numbers) get their gradient at the child elements only
         (`optim/child_grad.py`), which this optimizer steps from. Fixed child networks only: their index
-        never changes, and `_sync` builds the state's index as the sorted nonzero of the same mask, so the
-        delivered vector and the moments are in one order. Call it once the strategy has its masks."""
+        never changes, and the state's index is the strategy's own (sorted) index, so the delivered vector
+        and the moments are in one order. Call it once the strategy has its child network."""
         if self.strategy.kind != "fixed":
             raise ValueError(f"child-only gradients need a fixed child network; {type(self.strategy).__name__}'s "
                              "changes, and the index it is computed at would have to follow it")
         if self._child is not None:
             raise RuntimeError("child-only gradients are already installed")
-        masks = self.strategy.masks(self.steps)
+        network = self.strategy.network(self.steps)
         linear = {m.weight for m in model.modules() if isinstance(m, nn.Linear)}
         chosen = {}
         for name, param in model.named_parameters():
-            mask = masks.get(self.names.get(param, ""))
-            if param in linear and param.requires_grad and mask is not None and not bool(mask.all()):
-                chosen[name] = mask
+            index = network.get(self.names.get(param, ""))
+            if param in linear and param.requires_grad and index is not None and len(index) < param.numel():
+                chosen[name] = index
         self._child = ChildGrads(model, chosen)
         self._child_name = {site.param: name for name, site in self._child.sites.items()}
         return self._child
@@ -212,10 +213,10 @@ class SparseChildAdamW(Optimizer):
             offer = self.strategy.candidates(name, param.grad, self._grow)
             if offer is not None:
                 self._offers[name] = (*offer, local(param.grad).reshape(-1)[offer[1]].clone())
-            mask = self.strategy.require_chosen().get(name)
+            index = self.strategy.require_chosen().get(name)
         else:
-            mask = self.strategy.masks(self.steps).get(name)
-        state = self._sync(param, mask)
+            index = self.strategy.network(self.steps).get(name)
+        state = self._sync(param, index)
         if "exp_avg" in state:
             grad = _child_grad(param, state, delivered)
             if param in self._buffers:  # earlier micro-batches' child gradients, then this one's: as autograd adds
@@ -251,11 +252,11 @@ class SparseChildAdamW(Optimizer):
             self._offers, self._grow = {}, None
             self.steps += 1
             return loss
-        masks = self.strategy.masks(self.steps)
+        network = self.strategy.network(self.steps)
         joined = self.strategy.joined if isinstance(self.strategy, ID3) else None
-        unknown = set(masks) - set(self.named)
+        unknown = set(network) - set(self.named)
         if unknown:
-            raise ValueError(f"strategy gave masks for {sorted(unknown)}, which are not in this optimizer")
+            raise ValueError(f"strategy gave a child network for {sorted(unknown)}, which are not in this optimizer")
         for group in self.param_groups:
             live, grads = [], []
             for p in group["params"]:
@@ -268,7 +269,7 @@ class SparseChildAdamW(Optimizer):
                 if joined is not None and self.state[p]:  # ID3 after its first step
                     state = self._take_joined(p, joined.get(name))
                 else:
-                    state = self._sync(p, masks.get(name))
+                    state = self._sync(p, network.get(name))
                 state["step"] += 1
                 if "exp_avg" in state:
                     live.append((p, state))
@@ -294,27 +295,26 @@ class SparseChildAdamW(Optimizer):
 
     def _take_joined(self, param: torch.Tensor, indices: torch.Tensor | None) -> dict[str, Any]:
         """ID3 after its first step: append the elements its last growth admitted (`ID3.joined`), which is
-        what `_sync` would find by counting and comparing the whole mask."""
+        what `_sync` would find by comparing the whole index."""
         state: dict[str, Any] = self.state[param]
         if indices is not None and len(indices):
             _append(state, param, indices, state["step"] if self.bias_correction == "element" else 0)
         return state
 
-    def _sync(self, param: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
-        """Bring `param`'s state in line with its mask (None: all of it), appending elements that joined."""
+    def _sync(self, param: torch.Tensor, index: torch.Tensor | None) -> dict[str, Any]:
+        """Bring `param`'s state in line with its child index (None: all of it), appending elements that joined."""
         state: dict[str, Any] = self.state[param]
         if not state:
             state["step"] = 0
-        elif self.strategy.kind == "fixed" and param in self._seen and self._seen[param] is mask:
-            return state  # a fixed strategy's masks never change in place: nothing to check
-        self._seen[param] = mask
+        elif self.strategy.kind == "fixed" and param in self._seen and self._seen[param] is index:
+            return state  # a fixed strategy's index never changes: nothing to check
+        self._seen[param] = index
         had = _size(param, state)
-        flat = None if mask is None else mask.reshape(-1)
-        param = local(param)  # the rank's rows under FSDP2: its mask, state and indices are of those alone
-        now = param.numel() if flat is None else int(flat.count_nonzero())
+        param = local(param)  # the rank's rows under FSDP2: its index and state are of those alone
+        now = param.numel() if index is None else len(index)
         if now == had:
             return state  # a set that only grows is unchanged iff its size is
-        if now < had or (flat is not None and "index" in state and not bool(flat[state["index"]].all())):
+        if now < had or (index is not None and "index" in state and not bool(torch.isin(state["index"], index).all())):
             raise RuntimeError(f"the child network of {self.names[param]!r} lost elements; SparseChildAdamW "
                                "supports only fixed or growing child networks")
         joined = state["step"] if self.bias_correction == "element" else 0  # "tensor": counted from its first step
@@ -327,10 +327,10 @@ class SparseChildAdamW(Optimizer):
                 state["master"] = param.detach().float().clone()
             _add_cohort(state, joined, now)
         else:  # `had` is 0 or a partial index here: dense state is already whole, so it cannot have grown
-            fresh = torch.ones(param.numel(), dtype=torch.bool, device=param.device) if flat is None else flat.clone()
-            if "index" in state:
-                fresh[state["index"]] = False
-            _append(state, param, fresh.nonzero().squeeze(1), joined)
+            fresh = torch.arange(param.numel(), device=param.device) if index is None else index
+            if "index" in state:  # the joiners, in index order (sorted, as the strategy's index is)
+                fresh = fresh[~torch.isin(fresh, state["index"])]
+            _append(state, param, fresh, joined)
         return state
 
 
@@ -339,13 +339,16 @@ def _append(state: dict[str, Any], param: torch.Tensor, added: torch.Tensor, joi
     low-precision weights, and their cohort (tensor step `joined`)."""
     param = local(param)
     low = param.dtype in _LOW_PRECISION  # keep fp32 masters of the child elements, and fp32 moments
-    added = added.to(torch.int32 if param.numel() < 2**31 else torch.int64)
+    added = added.to(param.device, index_dtype(param.numel()))
     new = torch.zeros(len(added), dtype=torch.float32 if low else param.dtype, device=param.device)
-    tails = [("index", added), ("exp_avg", new), ("exp_avg_sq", new)]
+    tails = [("exp_avg", new), ("exp_avg_sq", new)]
     if low:
         tails.append(("master", param.detach().view(-1).index_select(0, added.long()).float()))
     for key, tail in tails:
         state[key] = torch.cat([state[key], tail]) if key in state else tail.clone()
+    # the first index is the strategy's own tensor (a fixed network's whole index): shared, not copied,
+    # since neither side changes an index in place (a grown one is always a new tensor)
+    state["index"] = torch.cat([state["index"], added]) if "index" in state else added
     _add_cohort(state, joined, len(added))
 
 

@@ -9,15 +9,18 @@ module outside `childtune.strategies` ever tests a strategy's type:
   unfreezing) or `"per_step"` (a fresh draw every step: Child-Tuning_F). Fixed and growing child
   networks are what a sparse optimizer can keep moments for, and what a sparse delta stores exactly.
 * `needs_data`: whether `prepare(model, batches)` must run on training data first (Fisher scores);
-  `needs_gradients`: whether `masks(step)` reads the step's gradients (ID3's importance).
+  `needs_gradients`: whether `network(step)` (and so `masks(step)`) reads the step's gradients (ID3's importance).
+* `network(step)`: the child network at `step` as sorted flat indices per parameter
+  (`childtune.masks.Indices`), the form a fixed or growing one is held in while it trains; `masks(step)`
+  is its dense view (bool tensors), made where an element-by-element product needs one.
 * `final_masks(steps)`: the run's child network once training is done (None for a per-step draw),
   which the training loop counts, saves and analyses.
 * `budget_scope()`: the parameters a size such as p or ID3's budget is a share of.
 * `untouched()`: parameters a fixed child network leaves out entirely, which need no gradient at all.
 
-Keeping the answer itself in one form (`childtune.masks`: name -> bool tensor) is what lets any strategy
-drive any optimizer, save as a sparse delta, and feed the analysis. Adding a method is one module here
-and one line in `childtune.training.methods.METHODS` (see docs/architecture.md).
+Keeping the answer itself in one form (`childtune.masks`: indices, with masks as their dense view) is
+what lets any strategy drive any optimizer, save as a sparse delta, and feed the analysis. Adding a
+method is one module here and one line in `childtune.training.methods.METHODS` (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch.distributed as dist
 
 from childtune import shards
 from childtune.layers import HEAD, in_layer, matches
-from childtune.masks import Masks
+from childtune.masks import Indices, Masks, to_indices, to_masks
 
 NetworkKind = Literal["fixed", "growing", "per_step"]
 
@@ -67,7 +70,7 @@ class Strategy:
     needs_data: ClassVar[bool] = False
     """True when `prepare(model, batches)` must see training data before the first step."""
     needs_gradients: ClassVar[bool] = False
-    """True when `masks(step)` reads the step's gradients (ID3): an optimizer cannot then update one
+    """True when `network(step)` reads the step's gradients (ID3): an optimizer cannot then update one
     parameter before backward has produced them all."""
 
     def bind(self, named_params: Mapping[str, torch.Tensor]) -> None:
@@ -89,6 +92,17 @@ class Strategy:
         """
         raise NotImplementedError
 
+    def network(self, step: int) -> Indices:
+        """The child network at `step` as indices (names absent train in full), what a sparse optimizer
+        keeps state for. Strategies that hold their network override this (and derive `masks` from it);
+        the default converts `masks(step)`, which a per-step draw has no cheaper form of."""
+        return to_indices(self.masks(step))
+
+    def dense(self, indices: Indices) -> Masks:
+        """Masks of `indices` over the bound parameters (each rank's rows under FSDP2): new bool tensors
+        each call, which a caller keeps only as long as it needs the dense view."""
+        return to_masks(indices, {n: shards.local(self.params[n]) for n in indices})
+
     def final_masks(self, steps: int) -> Masks | None:
         """The child network a run of `steps` updates ended with; None when there is no single one
         (a per-step draw). Names absent from it were trained in full."""
@@ -97,13 +111,13 @@ class Strategy:
         return self.masks(max(steps - 1, 0))
 
     def untouched(self) -> list[str]:
-        """Parameters a fixed child network leaves out entirely (all-False masks): with strict masking
+        """Parameters a fixed child network leaves out entirely (empty indices): with strict masking
         they never change, so they need no gradient. Empty for any other kind."""
         if self.kind != "fixed":
             return []
-        masks = self.masks(0)
-        anywhere = shards.total([bool(m.any()) for m in masks.values()], self.group)  # row shards: ask every rank
-        return [n for n, hit in zip(masks, anywhere, strict=True) if not hit]
+        network = self.network(0)
+        anywhere = shards.total([len(i) > 0 for i in network.values()], self.group)  # row shards: ask every rank
+        return [n for n, hit in zip(network, anywhere, strict=True) if not hit]
 
     def maskable(self) -> dict[str, torch.Tensor]:
         """The bound parameters that are not in `always`."""

@@ -16,7 +16,7 @@ import torch
 
 from childtune import shards
 from childtune.layers import blocks
-from childtune.masks import Masks
+from childtune.masks import Indices, Masks, empty_index
 from childtune.strategies.base import NetworkKind, Strategy
 
 
@@ -39,7 +39,7 @@ class GradualUnfreezing(Strategy):
             steps = self.schedule
             if any(b <= a for a, b in pairwise(steps)) or min(steps, default=0) < 0:
                 raise ValueError(f"schedule must be increasing non-negative steps, got {self.schedule}")
-        self._frozen: dict[int, Masks] = {}
+        self._frozen: dict[int, Indices] = {}
 
     def bind(self, named_params: Mapping[str, torch.Tensor]) -> None:
         super().bind(named_params)
@@ -51,11 +51,15 @@ class GradualUnfreezing(Strategy):
         below = step // self.schedule if isinstance(self.schedule, int) else sum(step >= s for s in self.schedule)
         return min(len(self.order), 1 + below)
 
-    def masks(self, step: int) -> Masks:
+    def network(self, step: int) -> Indices:
+        """Empty indices for the blocks still frozen; the unfrozen ones are absent (trained in full)."""
         stage = self.unfrozen(step)
         if stage not in self._frozen:  # one dict per stage, so optimizers see a stable object
             self._frozen = {stage: {
-                name: torch.zeros_like(shards.local(self.params[name]), dtype=torch.bool)
+                name: empty_index(shards.local(self.params[name]))
                 for block in self.order[stage:] for name in block
             }}
         return self._frozen[stage]
+
+    def masks(self, step: int) -> Masks:
+        return self.dense(self.network(step))

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from childtune import kernels, shards
-from childtune.masks import Masks
+from childtune.masks import Indices, empty_index, to_mask, union
 from childtune.strategies.base import NetworkKind
 from childtune.strategies.chosen import ChosenStrategy
 
@@ -83,8 +83,7 @@ class ID3(ChosenStrategy):
         if self.size > available:
             raise ValueError(f"budget {self.size} exceeds the {available} parameters it can choose from")
         self._scored = self.scored()  # looked up per tensor per step: matching name patterns each time is O(params^2)
-        empty = {n: torch.zeros_like(shards.local(p), dtype=torch.bool) for n, p in self._scored.items()}
-        self.chosen = self.complete(empty)
+        self.chosen = self.complete({n: empty_index(shards.local(p)) for n, p in self._scored.items()})
         self._counts = None
         self.joined = {}
 
@@ -104,7 +103,7 @@ class ID3(ChosenStrategy):
         super().load_state_dict(state)
         self._counts = None
 
-    def masks(self, step: int) -> Masks:
+    def network(self, step: int) -> Indices:
         """Grow the child network to `target(step)` elements by the importance of the not-yet-chosen.
 
         Only `grow` elements join, so the global top-`grow` is found without ranking every weight: each
@@ -113,7 +112,8 @@ class ID3(ChosenStrategy):
         top-k; `admit`). This replaces one top-k over all scored weights (a copy of them all) by per-tensor
         ones, and lets the optimizer step in backward rank each tensor as its gradient arrives.
         `joined` holds, per tensor, the flat indices that joined at this step (a sparse optimizer appends
-        them to its state instead of re-deriving them from the masks).
+        them to its state instead of re-deriving them from the whole index). `masks(step)` (a dense
+        optimizer's view) grows the same way.
         """
         grow = self.growth(step)
         self.joined = {}
@@ -132,10 +132,10 @@ class ID3(ChosenStrategy):
 
     def counts(self) -> dict[str, int]:
         """This rank's number of chosen elements per scored tensor (its rows, when sharded), kept up to date
-        by `admit` once derived from the masks."""
+        by `admit` once derived from the index."""
         if self._counts is None:
             chosen = self.require_chosen()
-            self._counts = {n: int(chosen[n].sum()) for n in self.scored()}
+            self._counts = {n: len(chosen[n]) for n in self.scored()}
         return self._counts
 
     def candidates(self, name: str, grad: torch.Tensor | None, grow: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -144,10 +144,11 @@ class ID3(ChosenStrategy):
         param = self._scored.get(name)
         if param is None or grow <= 0 or not param.requires_grad:
             return None
-        weights, chosen = shards.local(param).detach().reshape(-1), self.require_chosen()[name].reshape(-1)
+        weights = shards.local(param).detach().reshape(-1)
         k = min(grow, len(weights) - self.counts()[name])
         if k <= 0:
             return None
+        chosen = to_mask(self.require_chosen()[name], weights)  # this tensor's dense view, while it is ranked
         grads = None if grad is None else shards.local(grad).detach().reshape(-1)
         fused = None if grads is None else kernels.top_unchosen(grads, weights, chosen, k, self.eps, self.exp)
         if fused is not None:  # one compiled pass (childtune.kernels)
@@ -178,13 +179,13 @@ class ID3(ChosenStrategy):
         start = sum(len(v) for v in everyone[: 0 if self.group is None else dist.get_rank(self.group)])
         best = torch.topk(torch.cat(everyone), grow, sorted=False).indices - start
         offsets = torch.tensor([0, *map(len, values)]).cumsum(0)
-        chosen, counts = self.require_chosen(), self.counts()
+        chosen, counts = self.require_chosen(), self.counts()  # `chosen` gets grown indices: none is changed in place
         joined: dict[str, torch.Tensor] = {}
         for i, name in enumerate(names):
             mine = best[(best >= offsets[i]) & (best < offsets[i + 1])] - offsets[i]
             if len(mine):
                 indices = offers[name][1][mine.to(offers[name][1].device)]
-                chosen[name].view(-1)[indices] = True
+                chosen[name] = union(chosen[name], indices)
                 counts[name] += len(mine)
                 joined[name] = indices
         return joined
