@@ -305,3 +305,46 @@ def test_bitfit_chooses_exactly_the_biases(tiny_bert):
     assert sorted(strategy.untouched()) == sorted(set(names) - set(biases))  # no gradient for them in a strict run
     with pytest.raises(ValueError, match="no bias"):
         ChildOptimizer(nn.Linear(4, 3, bias=False).named_parameters(), BitFit())
+
+
+@pytest.mark.parametrize("schedule", ["ramp", "authors"])
+def test_id3_every_one_is_the_authors_per_step_schedule(schedule):
+    """`every=1` (the default) keeps each step's count as before: the schedule's closed form at that step."""
+    strategy = ID3(23, total_steps=7, schedule=schedule)
+    strategy.size, strategy._available = 23, 1000  # (set by bind; the schedule needs nothing else)
+    for step in range(12):
+        want = (min(23, math.ceil(23 * (step + 1) / 7)) if schedule == "ramp" else
+                (step + 1) * (23 // 7) + min(step + 1, 23 % 7))
+        assert strategy.target(step) == want
+        assert strategy.grows_at(step) == (want > (strategy.target(step - 1) if step else 0))
+
+
+@pytest.mark.parametrize("schedule", ["ramp", "authors"])
+def test_id3_every_k_grows_at_multiples_of_k_by_the_authors_rule_on_that_steps_gradient(tiny_bert, schedule):
+    """With every=4 over 10 steps, elements join at steps 0, 4 and 8 only, each time the top of
+    |g| / (|w| + eps)^exp over the unchosen from that step's gradient, as many as the every-step schedule
+    adds over the window (steps 0-3, 4-7, 8-9), so the budget is reached exactly at the last step."""
+    every, steps, budget = 4, 10, 301
+    strategy = ID3(budget, total_steps=steps, every=every, schedule=schedule)
+    per_step = ID3(budget, total_steps=steps, schedule=schedule)
+    ChildOptimizer(tiny_bert.named_parameters(), strategy)
+    per_step.bind(dict(tiny_bert.named_parameters()))
+    g = torch.Generator().manual_seed(5)
+    reference = {n: torch.zeros_like(m) for n, m in strategy.final_masks(0).items()}
+    for step in range(steps):
+        for p in strategy.params.values():
+            p.grad = torch.randn(p.shape, generator=g)
+        scored = strategy.scored()
+        had = sum(int(reference[n].sum()) for n in scored)
+        grow = per_step.target(min(step + every - 1, steps - 1)) - had if step % every == 0 else 0
+        assert strategy.grows_at(step) == (grow > 0)
+        if grow:
+            importance = {n: (p.grad.abs() / (p.detach().abs() + strategy.eps) ** strategy.exp).masked_fill(
+                reference[n], -math.inf) for n, p in scored.items()}
+            for n, new in top_k(importance, grow).items():
+                reference[n] |= new
+        got = strategy.masks(step)
+        assert all(torch.equal(got[n], reference[n]) for n in reference), step
+        assert sum(int(m.sum()) for n, m in got.items() if n in scored) == (
+            per_step.target(step) if (step + 1) % every == 0 or step == steps - 1 else had + grow)
+    assert sum(int(m.sum()) for n, m in got.items() if n in scored) == budget

@@ -15,6 +15,20 @@ never add elements. The authors score every parameter the optimizer holds, the t
 budget (`head="outside"`). Parameters that do not require gradients are never scored, nor counted in
 a fractional budget. Their README example uses exp=0 (the score is plain |g|), eps=1e-3, lr 1e-4.
 
+`every` = K > 1 (ours; K = 1, the default, is the rule above) grows only at steps that are multiples of
+K: at step mK the not-yet-chosen are ranked by H from that step's gradient alone and the elements the
+schedule adds over the window of steps mK .. mK+K-1 (capped at step T-1, so the budget is still reached
+exactly at step T-1) join at once; the other K-1 steps admit nothing and read no unchosen gradient, so
+their backward can compute the weight gradient at the chosen elements only (`SparseChildAdamW.
+child_only_grads`). Against the authors' rule: the same budget, the same final size and the same count at
+every multiple of K (the schedule's count at the window's end, admitted at its start), but the scores are
+one step's gradient every K steps instead of each step's, and an element joins up to K-1 steps earlier
+than its place on the schedule, so it is trained that much longer. This is SpIEL's way of avoiding dense
+gradients (Ansell et al. 2024, github.com/AlanAnsell/peft, src/peft/tuners/sft/trainer.py, read at commit
+076d920: `SftSelector` hooks dense gradients only in a selection window before every `reselection_steps`-th
+step and picks growth there), with ID3's score and growth-only schedule instead of SpIEL's drop-and-regrow
+and accumulated |g| statistics; nothing of it is copied.
+
 Applied to a peft model's LoRA/adapter parameters instead of the base weights, the same rule gives the
 paper's dynamic sparsification of adapters: bind the optimizer to those parameters only.
 """
@@ -48,6 +62,7 @@ class ID3(ChosenStrategy):
     rest: str = field(default="freeze", kw_only=True)
     head: str = field(default="outside", kw_only=True)
     schedule: str = field(default="ramp", kw_only=True)
+    every: int = field(default=1, kw_only=True)
 
     kind: ClassVar[NetworkKind] = "growing"
     needs_gradients: ClassVar[bool] = True
@@ -69,6 +84,8 @@ class ID3(ChosenStrategy):
             self.always = ()  # the head competes for the budget like any other weight
         if not isinstance(self.total_steps, int) or self.total_steps < 1:
             raise ValueError(f"total_steps must be a positive integer, got {self.total_steps!r}")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"every must be a positive integer, got {self.every!r}")
         if isinstance(self.budget, bool) or not isinstance(self.budget, int | float) or self.budget <= 0:
             raise ValueError(f"budget must be a positive count or a fraction in (0, 1), got {self.budget!r}")
         if isinstance(self.budget, float) and self.budget >= 1:
@@ -93,11 +110,21 @@ class ID3(ChosenStrategy):
     def target(self, step: int) -> int:
         """Elements chosen once `step` (0-based) has run: a linear ramp reaching the budget exactly
         (`ramp`), or the authors' budget // T per step plus one in the first budget % T steps, uncapped
-        after T (`authors`), at most every scored element."""
+        after T (`authors`), at most every scored element. With `every` = K, the count the schedule
+        reaches at the last step of `step`'s window of K steps (at most step T-1 while the run is
+        within its T steps): it changes only at multiples of K (module docstring)."""
+        end = step - step % self.every + self.every - 1
+        if step < self.total_steps:
+            end = min(end, self.total_steps - 1)
         if self.schedule == "ramp":
-            return min(self.size, math.ceil(self.size * (step + 1) / self.total_steps))
+            return min(self.size, math.ceil(self.size * (end + 1) / self.total_steps))
         base, extra = divmod(self.size, self.total_steps)
-        return min(self._available, (step + 1) * base + min(step + 1, extra))
+        return min(self._available, (end + 1) * base + min(end + 1, extra))
+
+    def grows_at(self, step: int) -> bool:
+        """Whether elements join at `step` (so it ranks the unchosen, from dense gradients): the schedule's
+        count rises there. Known from the schedule alone, before the step's forward pass."""
+        return self.target(step) > (self.target(step - 1) if step else 0)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
