@@ -9,6 +9,7 @@ bfloat16 products to float32 rounding (rtol 1e-5), and autograd's bfloat16 dW to
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from childtune import kernels
 from childtune.masks import to_index
 from childtune.optim import SparseChildAdamW
 from childtune.optim.child_grad import ChildGrads, child_weight_grad
-from childtune.strategies import GradualUnfreezing, RandomMasking
+from childtune.strategies import ID3, GradualUnfreezing, RandomMasking, Strategy
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 
@@ -270,14 +271,15 @@ MODELS = {  # name: (model, its child-only weights, a batch for step t)
 
 
 def trained(model_name: str, child_only: bool, *, in_backward: bool = False, micro: int = 1,
-            steps: int = 4, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A model after `steps` updates of SparseChildAdamW under a fixed random child network, with `micro`
-    micro-batches per update; dense weight gradients, or child-only ones (`child_only_grads`)."""
+            steps: int = 4, dtype: torch.dtype = torch.float32,
+            strategy: Callable[[], Strategy] = lambda: RandomMasking(0.3, seed=2, always=())) -> nn.Module:
+    """A model after `steps` updates of SparseChildAdamW under `strategy`'s child network (by default a
+    fixed random one), with `micro` micro-batches per update; dense weight gradients, or child-only ones
+    (`child_only_grads`; dense on an ID3 growth step)."""
     make, names, batch = MODELS[model_name]
     torch.manual_seed(0)
     model = make().to(dtype)
-    opt = SparseChildAdamW(model.named_parameters(), RandomMasking(0.3, seed=2, always=()), lr=1e-2,
-                           weight_decay=0.1, in_backward=in_backward)
+    opt = SparseChildAdamW(model.named_parameters(), strategy(), lr=1e-2, weight_decay=0.1, in_backward=in_backward)
     if child_only:
         assert sorted(opt.child_only_grads(model).sites) == names
     for step in range(steps):
@@ -285,7 +287,8 @@ def trained(model_name: str, child_only: bool, *, in_backward: bool = False, mic
             opt.accumulating = in_backward and m < micro - 1
             inputs = batch(10 * step + m)
             model(inputs.to(dtype) if inputs.is_floating_point() else inputs).float().square().mean().backward()
-        if child_only and model_name == "mlp":
+        grows = isinstance(opt.strategy, ID3) and opt.strategy.grows_at(step)
+        if child_only and model_name == "mlp" and not grows:
             assert all(model.get_parameter(n).grad is None for n in names)
         opt.step()
         opt.zero_grad()
@@ -302,6 +305,25 @@ def test_sparse_adamw_steps_from_child_only_gradients_as_from_dense_ones(backend
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
     before = trained(model_name, False, steps=0)
     assert all(not torch.equal(a, b) for a, b in zip(dense.parameters(), before.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize(("in_backward", "micro"), [(False, 1), (False, 2), (True, 1)],
+                         ids=["step", "step-accumulated", "in-backward"])
+@pytest.mark.parametrize("every", [3, 1])
+def test_id3_growing_every_k_steps_trains_from_child_only_gradients_as_from_dense_ones(
+        backend, model_name, in_backward, micro, every):
+    """ID3 grows at steps 0, 3 and 6 of 7 (every=3): those steps run with dense gradients, the others with
+    child-only ones at the grown index, read in the state's join order; the same growth and the same
+    updates as the run with dense gradients on every step, to float32 rounding (every=1: dense throughout)."""
+    def id3() -> ID3:
+        return ID3(30, total_steps=7, every=every)
+    dense = trained(model_name, False, in_backward=in_backward, micro=micro, steps=7, strategy=id3)
+    child = trained(model_name, True, in_backward=in_backward, micro=micro, steps=7, strategy=id3)
+    before = trained(model_name, False, steps=0)
+    for (name, a), b, c in zip(dense.named_parameters(), child.parameters(), before.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(a != c, b != c), name  # the same elements moved: the same growth
 
 
 def test_bf16_weights_step_their_fp32_masters_from_fp32_child_gradients(backend):

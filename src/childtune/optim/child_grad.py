@@ -29,9 +29,11 @@ weight's post-accumulate-grad hooks still run once per backward, after all its u
 an optimizer steps there from the vector as it would from a dense `.grad`; tests/test_child_grad.py pins
 that order. Uses outside nn.Linear modules (an embedding tied to the LM head) still accumulate a dense
 `.grad` through autograd, which the consumer adds. `set_index` moves a weight to a grown index set,
-carrying over what was accumulated. Install once the model is on its device (the indices are put on the
-weights' device then). Not supported: FSDP2 shards (DTensor weights), which would need every rank's
-child index and a reduce-scatter of the vectors.
+carrying over what was accumulated, and `set_dense(True)` gives the following passes autograd's own dense
+dW in `.grad` (a step that ranks whole gradients, such as ID3's growth steps) until `set_dense(False)`.
+Install once the model is on its device (the indices are put on the weights' device then). Not
+supported: FSDP2 shards (DTensor weights), which would need every rank's child index and a
+reduce-scatter of the vectors.
 
 Read before writing this (nothing copied): SpIEL (Ansell et al. 2024, github.com/AlanAnsell/peft,
 src/peft/tuners/sft/layer.py) keeps the same gather-and-dot backward for its sparse delta values
@@ -109,6 +111,7 @@ class _Site:
     param: nn.Parameter
     index: torch.Tensor
     grad: torch.Tensor | None = None
+    dense: bool = False  # forward as plain nn.Linear: autograd's dense dW in `.grad` (`ChildGrads.set_dense`)
 
     def add(self, values: torch.Tensor, index: torch.Tensor) -> None:
         """Backward's part: add one use's child gradient, computed at `index` (the index of its forward)."""
@@ -194,6 +197,11 @@ class ChildGrads:
             site.grad = grad
         site.index = index
 
+    def set_dense(self, dense: bool) -> None:
+        """From the next forward on, dense weight gradients in `.grad` (True) or child-only ones (False)."""
+        for site in self.sites.values():
+            site.dense = dense
+
     def remove(self) -> None:
         """Give the Linear modules back their own forward (weight gradients dense again)."""
         for module in self._patched:
@@ -203,7 +211,7 @@ class ChildGrads:
 
 def _forward(module: nn.Linear, site: _Site, x: torch.Tensor) -> torch.Tensor:
     """The patched nn.Linear forward: the child-only Function where a gradient will be taken."""
-    if not (torch.is_grad_enabled() and site.param.requires_grad):
+    if site.dense or not (torch.is_grad_enabled() and site.param.requires_grad):
         return F.linear(x, module.weight, module.bias)
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None

@@ -35,12 +35,16 @@ update's last), a hook adds its parameter's child-element gradient to a buffer o
 and frees the full gradient; the last micro-batch's hook adds its own and updates, the same sums
 autograd would have formed. ID3 cannot accumulate in backward (it ranks the whole update's gradient).
 
-`child_only_grads(model)` (opt-in, fixed child networks) makes backward compute the gradient of a
-model's partially chosen Linear weights at their child elements only (`optim/child_grad.py`: no dense dW
+`child_only_grads(model)` (opt-in; fixed child networks, and ID3) makes backward compute the gradient of
+a model's partially chosen Linear weights at their child elements only (`optim/child_grad.py`: no dense dW
 ever exists) and steps those weights from the delivered vectors, in `step()` or, with `in_backward`,
 in the same post-accumulate-grad hook (autograd runs it once the weight's uses are all done, with
 `.grad` None). The update is the same arithmetic on the same child gradient values, summed in another
-order (float32 rounding).
+order (float32 rounding). ID3 grows only at the steps `ID3.grows_at` names (every step unless its `every`
+is K > 1): those steps run with dense gradients (`ChildGrads.set_dense`), which it ranks; after the step
+the grown index goes to `ChildGrads.set_index`, and since the state appends joiners in the order they
+joined while the delivered vector follows the sorted index, each weight keeps the positions of its
+state's elements in that index (`_order`) to read the vector in the state's order.
 """
 
 from __future__ import annotations
@@ -121,6 +125,7 @@ class SparseChildAdamW(Optimizer):
         self._buffers: dict[torch.Tensor, torch.Tensor] = {}  # child gradients accumulated so far, per parameter
         self._child: ChildGrads | None = None  # child-only weight gradients (`child_only_grads`)
         self._child_name: dict[torch.Tensor, str] = {}  # their parameters' names in the model
+        self._order: dict[torch.Tensor, torch.Tensor] = {}  # a growing state's elements' places in the sorted index
         if in_backward:
             self._group_of = {p: g for g in self.param_groups for p in g["params"]}
             for p in self.names:
@@ -133,15 +138,18 @@ class SparseChildAdamW(Optimizer):
     def child_only_grads(self, model: nn.Module) -> ChildGrads:
         """Opt-in: `model`'s Linear weights whose child network is not the whole weight (where dense dW is
         the cheaper way to the same numbers) get their gradient at the child elements only
-        (`optim/child_grad.py`), which this optimizer steps from. Fixed child networks only: their index
-        never changes, and the state's index is the strategy's own (sorted) index, so the delivered vector
-        and the moments are in one order. Call it once the strategy has its child network."""
-        if self.strategy.kind != "fixed":
-            raise ValueError(f"child-only gradients need a fixed child network; {type(self.strategy).__name__}'s "
-                             "changes, and the index it is computed at would have to follow it")
+        (`optim/child_grad.py`), which this optimizer steps from. Fixed child networks, whose index never
+        changes and is the state's own, so the delivered vector and the moments are in one order; or ID3,
+        whose index changes only at its growth steps, which run with dense gradients (module docstring).
+        Call it once the strategy has its child network."""
+        if self.strategy.kind != "fixed" and not isinstance(self.strategy, ID3):
+            raise ValueError(f"child-only gradients need a fixed child network or ID3; {type(self.strategy).__name__}"
+                             "'s changes at steps it does not announce, and the index would have to follow it")
         if self._child is not None:
             raise RuntimeError("child-only gradients are already installed")
-        network = self.strategy.network(self.steps)
+        # ID3's `network(step)` would grow it (from no gradient yet): its index so far instead
+        network = (self.strategy.require_chosen() if isinstance(self.strategy, ID3)
+                   else self.strategy.network(self.steps))
         linear = {m.weight for m in model.modules() if isinstance(m, nn.Linear)}
         chosen = {}
         for name, param in model.named_parameters():
@@ -150,7 +158,24 @@ class SparseChildAdamW(Optimizer):
                 chosen[name] = index
         self._child = ChildGrads(model, chosen)
         self._child_name = {site.param: name for name, site in self._child.sites.items()}
+        self._follow_growth()
         return self._child
+
+    def _follow_growth(self) -> None:
+        """ID3 with child-only gradients, after a step (or at install): give each weight's grown index to
+        `ChildGrads`, record where its state's elements sit in it (`_order`: a growing state only grows,
+        so a changed length is a changed index), and make the next step dense iff ID3 grows there."""
+        if self._child is None or not isinstance(self.strategy, ID3):
+            return
+        chosen = self.strategy.require_chosen()
+        for param, name in self._child_name.items():
+            index = chosen[self.names[param]]
+            if index is not self._child.sites[name].index:
+                self._child.set_index(name, index)
+            held = self.state[param].get("index")
+            if held is not None and len(self._order.get(param, ())) != len(held):
+                self._order[param] = torch.searchsorted(index, held)
+        self._child.set_dense(self.strategy.grows_at(self.steps))
 
     def child_gradients(self) -> list[torch.Tensor]:
         """The child-only gradients backward delivered and no update has taken yet (none without
@@ -170,7 +195,9 @@ class SparseChildAdamW(Optimizer):
         if self._child is None:  # none installed (then `_child_name` is empty too)
             return None
         name = self._child_name.get(param)
-        return None if name is None else self._child.pop(name)
+        grad = None if name is None else self._child.pop(name)
+        order = self._order.get(param)  # a grown state's order (`_follow_growth`)
+        return grad if grad is None or order is None else grad.index_select(0, order)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "child_tuning": child_block(self.steps, self.strategy)}
@@ -206,12 +233,12 @@ class SparseChildAdamW(Optimizer):
             if self.accumulating or self._buffers:
                 raise RuntimeError("ID3 ranks the whole update's gradient, which is not known until the last "
                                    "micro-batch: it cannot accumulate gradients with the step in backward")
-            if param.grad is None:  # child-only gradients, the one other source, are for fixed child networks only
-                raise RuntimeError(f"ID3 ranks {name!r}'s dense gradient, but backward left .grad None")
             if self._grow is None:
                 self._grow = self.strategy.growth(self.steps)
+            if param.grad is None and self._grow:  # child-only gradients are dense on growth steps
+                raise RuntimeError(f"ID3 ranks {name!r}'s dense gradient, but backward left .grad None")
             offer = self.strategy.candidates(name, param.grad, self._grow)
-            if offer is not None:
+            if offer is not None and param.grad is not None:  # (an offer is made from .grad alone)
                 self._offers[name] = (*offer, local(param.grad).reshape(-1)[offer[1]].clone())
             index = self.strategy.require_chosen().get(name)
         else:
@@ -251,6 +278,7 @@ class SparseChildAdamW(Optimizer):
                     self._join(name, indices)
             self._offers, self._grow = {}, None
             self.steps += 1
+            self._follow_growth()
             return loss
         network = self.strategy.network(self.steps)
         joined = self.strategy.joined if isinstance(self.strategy, ID3) else None
@@ -276,6 +304,7 @@ class SparseChildAdamW(Optimizer):
                     grads.append(_child_grad(p, state, delivered))
             _adamw(group, live, grads)
         self.steps += 1
+        self._follow_growth()
         return loss
 
     def _join(self, name: str, indices: torch.Tensor) -> None:
