@@ -85,6 +85,23 @@ def test_what_a_run_cannot_use_is_left_off_or_refused():
         TrainConfig(model="x", task="math", method="child-d", fsdp=True, child_only_grads=True).resolved()
 
 
+def test_id3_growing_every_k_steps_resolves_to_child_only_gradients():
+    """id3_every is 1 (the authors' per-step rule) under both presets, for causal LMs too; at K > 1 a causal
+    LM's id3 run takes child-only gradients between its growth steps, and says so."""
+    for preset in ("childtune", "authors"):
+        assert TrainConfig(model="x", task="math", method="id3", preset=preset).resolved().id3_every == 1
+    assert run_settings(task="math", method="id3", id3_every=10) == LEAN
+    assert run_settings(task="math", method="id3-lora", id3_every=10) == DENSE
+    with pytest.raises(ConfigError, match="or id3 with id3_every > 1"):
+        TrainConfig(model="x", task="math", method="id3", child_only_grads=True).resolved()
+    with pytest.raises(ConfigError, match="id3_every"):
+        TrainConfig(model="x", task="math", method="id3", id3_every=0).resolved()
+    assert run_settings(task="mr", method="id3", id3_every=10, child_only_grads=True) == ("fp32", False, True)
+    given = TrainConfig(model="x", task="math", method="id3", id3_every=10)
+    assert "child-only gradients (dense every 10 steps, where id3 grows)" in causal_lm_notice(given, given.resolved())
+    assert build_strategy(given.resolved(), 100, ["layer.0.weight"]).every == 10
+
+
 def test_resolved_settings_are_saved_and_stable():
     done = TrainConfig(model="x", task="math", method="random").resolved()
     assert done.resolved() == done
@@ -175,6 +192,20 @@ def test_child_only_gradients_train_the_same_weights_as_dense_ones(generation, t
         torch.testing.assert_close(child[name], tensor, **tol, msg=name)
         changed += int((tensor.float() != base[name].to(tensor.dtype).float()).sum())
     assert changed > 0
+
+
+@pytest.mark.parametrize("setting", [("--dtype", "fp32"), ("--dtype", "fp32", "--no-optimizer-in-backward",
+                                                          "--max-grad-norm", "1e9")],
+                         ids=["in-backward", "step-after-backward"])  # (clipping would measure other norms)
+def test_id3_every_k_with_child_only_gradients_trains_the_same_weights_as_dense_ones(generation, tmp_path, setting):
+    """6 updates, id3 growing at 0, 2 and 4 (--id3-every 2): child-only gradients between, dense throughout."""
+    common = ("--method", "id3", "--id3-every", "2", "--id3-budget", "0.01", "--lr", "1e-2", *setting)
+    cli_run(generation, tmp_path / "child", *common)
+    cli_run(generation, tmp_path / "dense", *common, "--no-child-only-grads")
+    assert json.loads((tmp_path / "child" / "config.json").read_text())["child_only_grads"] is True
+    child, dense = weights(tmp_path / "child"), weights(tmp_path / "dense")
+    for name, tensor in dense.items():
+        torch.testing.assert_close(child[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_the_default_run_prints_one_notice_and_its_delta_applies(generation, tmp_path, capsys):

@@ -133,6 +133,11 @@ class TrainConfig:
         "id3: the task head 'outside' the budget (trained in full) or 'inside' it (competing for it)"))
     id3_schedule: str | None = field(default=None, metadata=_opt(
         "id3: 'ramp' (linear, capped at the budget) or 'authors' (budget // steps per step, uncapped)"))
+    id3_every: int = field(default=1, metadata=_opt(
+        "id3: grow every K steps, admitting K steps' share of the schedule at once, ranked by that step's "
+        "gradient alone (1: the authors' rule, every step). K > 1 trades the per-step scores for dense "
+        "weight gradients on one step in K only (with child-only gradients between: the default for a "
+        "causal LM when K > 1); the same budget and final size; its effect on quality is unmeasured"))
     bias_correction: str | None = field(default=None, metadata=_opt(
         "sparse AdamW on growing child networks: Adam's bias correction per 'element' (from when it joined) "
         "or per 'tensor' (its steps, as dense AdamW counts)"))
@@ -169,11 +174,12 @@ class TrainConfig:
         "LM trained with a strict child network on one process or with --fsdp, else off)"))
     child_only_grads: bool | None = field(default=None, metadata=_opt(
         "compute the gradient of each partially chosen Linear weight at its child elements only, never the "
-        f"dense dW: the same update, less memory and work. Fixed child networks only ({_FIXED}; "
-        "strict); id3 and gradual rank or unfreeze from dense gradients; not with --fsdp or DDP, where "
+        f"dense dW: the same update, less memory and work. Fixed child networks ({_FIXED}; strict), and "
+        "id3 with --id3-every K > 1 (dense on its growth steps); not gradual or id3 growing every step; "
+        "not with --fsdp or DDP, where "
         "the gradients are reduced by hooks it bypasses. With the step after backward, clipping measures the "
-        "child elements' gradient, not the whole dW's (none: on for a causal LM with a fixed child network on "
-        "one process, else off)"))
+        "child elements' gradient, not the whole dW's (none: on for a causal LM with a fixed child network, or "
+        "id3 with --id3-every > 1, on one process, else off)"))
     fsdp: bool = field(default=False, metadata=_opt(
         "with --nproc N: shard weights, gradients, masks and optimizer state over the processes (FSDP2) "
         "instead of replicating them (DDP)"))
@@ -264,11 +270,12 @@ class TrainConfig:
     def _check_child_only(self) -> None:
         """Where child-only gradients cannot run, refused in one line that says why."""
         spec = METHODS[self.method]
-        if spec.network != "fixed" or spec.adapter or not self.strict:
+        if not spec.child_only(self) or spec.adapter or not self.strict:
             why = (f"{self.method}'s child network {'grows' if spec.network == 'growing' else 'changes every step'}"
-                   " and is chosen from dense gradients" if spec.network != "fixed" else
+                   " and is chosen from dense gradients" if not spec.child_only(self) else
                    f"{self.method} here is not a strict child network of the base's weights")
-            raise ConfigError(f"child_only_grads needs a fixed, strict child network ({_FIXED}): {why}")
+            raise ConfigError(f"child_only_grads needs a fixed, strict child network ({_FIXED}) or id3 with "
+                              f"id3_every > 1: {why}")
         if self.fsdp:
             raise ConfigError("child_only_grads with --fsdp: a sharded weight's child gradient would need every "
                               "rank's child index and a reduce-scatter of the vectors, which childtune does not do")
@@ -352,7 +359,7 @@ class TrainConfig:
         _check(self.reserve_p is None or 0 < self.reserve_p <= 1, "reserve_p", self.reserve_p, "in (0, 1]")
         _check(0 < self.id3_budget < 1, "id3_budget", self.id3_budget, "a fraction in (0, 1)")
         for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "lora_rank", "lora_alpha",
-                    "max_new_tokens", "grad_accum"):
+                    "max_new_tokens", "grad_accum", "id3_every"):
             _check(getattr(self, key) >= 1, key, getattr(self, key), "at least 1")
         _check(self.max_length >= 2, "max_length", self.max_length, "at least 2")
         for key in ("train_size", "fisher_samples", "fisher_passes", "gradual_every", "eval_size"):
@@ -375,12 +382,13 @@ def _run_settings(config: TrainConfig, spec: Method, causal: bool, processes: in
     """`CAUSAL_LM` for a causal LM's selective run (`causal`), less what this run cannot use, else
     `DENSE_RUN`. The step in backward needs one process or FSDP2 (DDP reduces gradients in its own hooks),
     a non-finite step that stops the run, and, for a growing child network, one micro-batch per update (ID3
-    ranks the whole update's gradient); child-only gradients need a fixed child network on one process."""
+    ranks the whole update's gradient); child-only gradients need a fixed child network, or ID3 growing every
+    K > 1 steps (`Method.child_only`), on one process."""
     if not causal:
         return DENSE_RUN
     ddp = processes > 1 and not config.fsdp
     in_backward = not ddp and config.nonfinite == "stop" and (config.grad_accum == 1 or spec.network == "fixed")
-    child_only = spec.network == "fixed" and processes == 1 and not config.fsdp
+    child_only = spec.child_only(config) and processes == 1 and not config.fsdp
     return {**CAUSAL_LM, "optimizer_in_backward": in_backward, "child_only_grads": child_only}
 
 
@@ -395,7 +403,8 @@ def causal_lm_notice(given: TrainConfig, done: TrainConfig) -> str | None:
         parts.insert(0, f"p {done.reserve_p:g}")
     parts.append("step in backward (no gradient clipping)" if done.optimizer_in_backward else "step after backward")
     kind = METHODS[done.method].network
-    parts.append("child-only gradients" if done.child_only_grads else
+    grows = f" (dense every {done.id3_every} steps, where {done.method} grows)" if kind == "growing" else ""
+    parts.append(f"child-only gradients{grows}" if done.child_only_grads else
                  f"dense gradients ({done.method}'s child network grows from them)" if kind == "growing" else
                  "dense gradients")
     outs = {"dtype": "--dtype fp32", "optimizer_in_backward": "--no-optimizer-in-backward",

@@ -52,9 +52,10 @@ CAUSAL_LM: dict[str, Any] = {"dtype": "bf16", "optimizer_in_backward": True, "ch
 they are not given: the cheapest exact setting. bf16 weights with fp32 masters of the child elements
 only (the sparse optimizer's), each parameter stepped inside backward so the model's gradients never
 coexist, and the gradient of a fixed child network's Linear weights computed at its elements only (no
-dense dW). The trained child elements see the same fp32 arithmetic as on fp32 weights; what changes is
-that the frozen weights (and the tuned ones once written back) are rounded to bf16, and that the step in
-backward has no global-norm clipping. Any other run, encoders included, resolves them to `DENSE_RUN`."""
+dense dW; for ID3 only where it grows every K > 1 steps, `id3_every`: dense on its growth steps). The
+trained child elements see the same fp32 arithmetic as on fp32 weights; what changes is that the frozen
+weights (and the tuned ones once written back) are rounded to bf16, and that the step in backward has no
+global-norm clipping. Any other run, encoders included, resolves them to `DENSE_RUN`."""
 
 DENSE_RUN: dict[str, Any] = {"dtype": "fp32", "optimizer_in_backward": False, "child_only_grads": False}
 """The same fields for every other run: fp32 weights, a step after backward, dense weight gradients."""
@@ -78,6 +79,7 @@ class Settings(Protocol):
     id3_exp: float | None
     id3_head: str | None
     id3_schedule: str | None
+    id3_every: int
     random_targets: str | None
     random_sampling: str | None
     random_budget: str | None
@@ -115,7 +117,8 @@ class Method:
     ahead for child-d, id3 and random (docs/RESULTS.md, "Choosing the `childtune` preset").
 
     `network` is how the strategy's child network changes (`Strategy.kind`: a test checks they agree),
-    known before any strategy is built: only a fixed one can have child-only gradients. `causal_lm`
+    known before any strategy is built: a fixed one can have child-only gradients, and ID3's growing one
+    when it grows every K > 1 steps (`child_only`). `causal_lm`
     overrides the `childtune` preset for causal LMs (see `CAUSAL_LM`).
     """
 
@@ -139,6 +142,12 @@ class Method:
     @property
     def lr(self) -> float:
         return self.childtune["lr"]
+
+    def child_only(self, c: Settings) -> bool:
+        """Whether child-only gradients can apply to this method's child network under `c`: it is fixed,
+        or it is ID3's growing every `id3_every` > 1 steps (dense gradients on those steps only; at 1 every
+        step ranks dense gradients, so there is nothing to save)."""
+        return self.network == "fixed" or (self.build is _id3 and c.id3_every > 1)
 
 
 def _gradual(config: Settings, total_steps: int, names: list[str]) -> Strategy:
@@ -165,7 +174,8 @@ def _random(c: Settings, total_steps: int, names: list[str]) -> Strategy:
 
 def _id3(c: Settings, total_steps: int, names: list[str]) -> Strategy:
     return ID3(c.id3_budget, total_steps, eps=_resolved(c.id3_eps, "id3_eps"), exp=_resolved(c.id3_exp, "id3_exp"),
-               head=_resolved(c.id3_head, "id3_head"), schedule=_resolved(c.id3_schedule, "id3_schedule"))
+               head=_resolved(c.id3_head, "id3_head"), schedule=_resolved(c.id3_schedule, "id3_schedule"),
+               every=c.id3_every)
 
 
 # Child-Tuning's run script, shared by D and F: lr 4e-5, p 0.3, wd 0.01, their AdamW (eps 1e-8), non-strict;
