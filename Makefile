@@ -57,5 +57,10 @@ evidence: install
 	$(STUDY) --name llm-math --model smollm2-135m --tasks math --seeds 1-3 --train-size 96 --epochs 2 \
 		--eval-size 40 --max-length 64 --max-new-tokens 8 --chat-template \
 		--methods full,child-f,child-d,id3,random,lora,id3-lora --output runs/evidence/llm-math
+	# the selective methods again at the causal-LM defaults of issue 29 (bf16, fp32 child masters, step in backward,
+	# child-only gradients, child-d p 0.05), beside the fp32 cells above
+	$(STUDY) --name llm-math-lean --model smollm2-135m --tasks math --seeds 1-3 --train-size 96 --epochs 2 \
+		--eval-size 40 --max-length 64 --max-new-tokens 8 --chat-template \
+		--methods child-d,random,id3 --output runs/evidence/llm-math-lean
 	$(STUDY) --name llm-snli --model smollm2-135m --tasks snli --seeds 1-3 --train-size 200 --epochs 2 \
 		--eval-size 200 --max-length 96 --methods full,child-f,child-d,lora --output runs/evidence/llm-snli
