@@ -20,14 +20,16 @@ K: at step mK the not-yet-chosen are ranked by H from that step's gradient alone
 schedule adds over the window of steps mK .. mK+K-1 (capped at step T-1, so the budget is still reached
 exactly at step T-1) join at once; the other K-1 steps admit nothing and read no unchosen gradient, so
 their backward can compute the weight gradient at the chosen elements only (`SparseChildAdamW.
-child_only_grads`). Against the authors' rule: the same budget, the same final size and the same count at
-every multiple of K (the schedule's count at the window's end, admitted at its start), but the scores are
-one step's gradient every K steps instead of each step's, and an element joins up to K-1 steps earlier
-than its place on the schedule, so it is trained that much longer. This is SpIEL's way of avoiding dense
-gradients (Ansell et al. 2024, github.com/AlanAnsell/peft, src/peft/tuners/sft/trainer.py, read at commit
-076d920: `SftSelector` hooks dense gradients only in a selection window before every `reselection_steps`-th
-step and picks growth there), with ID3's score and growth-only schedule instead of SpIEL's drop-and-regrow
-and accumulated |g| statistics; nothing of it is copied.
+child_only_grads`). Against the authors' rule: the same score, budget, final size and schedule at the
+end of every window (after steps K-1, 2K-1, ... and T-1 the count is the per-step rule's), but the
+elements of K steps are one top-k of one step's gradient, every K steps, where the authors take K
+successive top-(budget/T) cuts, each from its own step's gradient on the weights that step has; and an
+element joins up to K-1 steps before its place on the schedule, so it trains that much longer. This is
+SpIEL's way of avoiding dense gradients (Ansell et al. 2024, github.com/AlanAnsell/peft,
+src/peft/tuners/sft/trainer.py, read at commit 076d920: `SftSelector` hooks dense gradients only during a
+selection window of `selection_accumulation_steps` steps once every `reselection_steps` steps and regrows
+from the |g| statistics accumulated there), with ID3's score and growth-only schedule instead of SpIEL's
+drop-and-regrow, and one step's gradient instead of statistics over several; nothing of it is copied.
 
 Applied to a peft model's LoRA/adapter parameters instead of the base weights, the same rule gives the
 paper's dynamic sparsification of adapters: bind the optimizer to those parameters only.
