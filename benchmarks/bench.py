@@ -93,7 +93,7 @@ def training_method(method: str, named: dict, d_masks, total_steps: int) -> torc
         strategy = ChildTuningD(P_D, rest="freeze")
         opt = (SparseChildAdamW(named, strategy, lr=LR) if method.endswith("sparse") else
                ChildOptimizer(named, strategy, torch.optim.AdamW, strict=True, **adamw))
-        strategy.chosen = {n: m for n, m in d_masks.items()}
+        strategy.chosen = strategy.complete(d_masks)
         return opt
     if method == "random p=0.01":
         return ChildOptimizer(named, RandomMasking(0.01), torch.optim.AdamW, strict=True, **adamw)
@@ -171,7 +171,7 @@ def optimizer_section(model, d_masks, args) -> tuple[Section, dict]:
         return ChildOptimizer(named, strategy, torch.optim.AdamW, strict=strict, lr=LR, **kw)
 
     def with_d(opt):
-        opt.strategy.chosen = fixed
+        opt.strategy.chosen = opt.strategy.complete(fixed)
         return opt
 
     def two_pass():  # built with the one-pass path off: the compiled mask (at step time), then torch's fused step
@@ -440,7 +440,7 @@ def delta_section(model) -> Section:
             strategy.bind(named)
             g = torch.Generator().manual_seed(3)
             tuned = {n: t.clone() for n, t in base.items()}
-            for n, mask in strategy.chosen.items():
+            for n, mask in strategy.final_masks(0).items():
                 noise = torch.randn(mask.shape, generator=g) * 1e-3
                 tuned[n] = torch.where(mask, tuned[n] + noise, tuned[n])
             for n in tuned:
@@ -660,7 +660,7 @@ def minilm_sections(args) -> list[Section]:
     fisher, scores = fisher_section(model, args)
     d = ChildTuningD(P_D, rest="freeze")  # embeddings and pooler stay as they were
     d.bind(dict(model.named_parameters()))
-    d_masks = d.complete(top_fraction(scores, P_D, d.per_layer))
+    d_masks = d.dense(d.complete(top_fraction(scores, P_D, d.per_layer)))  # masks: the authors' optimizer takes them
     opt_section, opts = optimizer_section(model, d_masks, args)
     sections = [opt_section, draw_section(model, args), state_section(model, opts)]
     opts.clear()
