@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_bert_config
+from test_resume import run_config, write_task, write_tiny_model
 from transformers import BertForSequenceClassification
 
 from childtune.masks import check_index, index_dtype, to_index, to_indices, to_mask, union
@@ -142,3 +143,34 @@ def test_checkpoints_hold_indices_and_old_ones_with_masks_still_load():
     again.load_state_dict({"chosen": strategy.final_masks(0)})  # as a checkpoint from before indices saved it
     assert again.chosen.keys() == saved.keys()
     assert all(torch.equal(again.chosen[n], saved[n]) for n in saved)
+
+
+class NoMasksHeld:
+    """A training-loop callback that looks, after every step, for bool tensors the strategy or the
+    optimizer holds (the loop's own state: parameters and their gradients left out)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.found: list[tuple[int, ...]] = []
+
+    def on_start(self, state) -> None: ...
+
+    def on_step(self, state) -> None:
+        self.steps += 1
+        params = {id(p) for p in state.model.parameters()}
+        held = reachable_tensors(state.optimizer, params) + reachable_tensors(state.strategy, params)
+        self.found += [tuple(t.shape) for t in held if t.dtype == torch.bool]
+
+    def on_end(self, state, metrics) -> None: ...
+
+
+@pytest.mark.parametrize("method", ["child-d", "random", "id3", "pafi", "gradual"])
+def test_a_strict_training_run_holds_no_mask_while_it_trains(tmp_path, method):
+    from childtune.training.loop import train
+
+    train_file, dev_file = write_task(tmp_path)
+    files = {"model": str(write_tiny_model(tmp_path / "model")), "train_file": str(train_file),
+             "dev_file": str(dev_file)}
+    watch = NoMasksHeld()
+    train(run_config(files, method, epochs=1, strict=True), [watch])
+    assert watch.steps and not watch.found
