@@ -177,11 +177,16 @@ def adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_a
                betas[0], betas[1], eps, weight_decay, step, masked)
 
 
+def ranks_unchosen(grad: torch.Tensor, weight: torch.Tensor, exp: float) -> bool:
+    """Whether `top_unchosen` takes these gradients and weights (its bool `chosen` is then worth making)."""
+    return exp in (0.0, 1.0) and _for(grad, torch.float32) is not None and _for(weight, torch.float32) is not None
+
+
 def top_unchosen(grad: torch.Tensor, weight: torch.Tensor, chosen: torch.Tensor, k: int, eps: float,
                  exp: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(scores, flat indices) of the `k` best elements not in `chosen` by |g| / (|w| + eps)^exp, ties to the
     lower index; None where the compiled kernel does not apply (the caller ranks with torch ops)."""
-    if exp not in (0.0, 1.0) or _for(grad, torch.float32) is None or _for(weight, torch.float32) is None:
+    if not ranks_unchosen(grad, weight, exp):
         return None
     ext = _for(chosen, torch.bool)
     return None if ext is None else ext.top_unchosen(grad, weight, chosen, k, eps, exp)

@@ -177,18 +177,22 @@ class ID3(ChosenStrategy):
         k = min(grow, len(weights) - self.counts()[name])
         if k <= 0:
             return None
-        chosen = to_mask(self.require_chosen()[name], weights)  # this tensor's dense view, while it is ranked
+        chosen = self.require_chosen()[name]
         grads = None if grad is None else shards.local(grad).detach().reshape(-1)
-        fused = None if grads is None else kernels.top_unchosen(grads, weights, chosen, k, self.eps, self.exp)
-        if fused is not None:  # one compiled pass (childtune.kernels)
-            return fused
+        if grads is not None and kernels.ranks_unchosen(grads, weights, self.exp):
+            # one compiled pass (childtune.kernels), which reads a bool `chosen`: this tensor's dense view, made for it
+            fused = kernels.top_unchosen(grads, weights, to_mask(chosen, weights), k, self.eps, self.exp)
+            if fused is not None:
+                return fused
+        starts = torch.arange(0, len(weights) + _BLOCK, _BLOCK, device=chosen.device)  # int64: past 2^31 - 1
+        bounds = torch.searchsorted(chosen, starts).tolist()  # each block's run of the sorted chosen indices
         values: list[torch.Tensor] = []
         indices: list[torch.Tensor] = []
-        for start in range(0, len(weights), _BLOCK):  # in blocks: scores and top-k buffers of one block at a time
+        for block, start in enumerate(range(0, len(weights), _BLOCK)):  # scores and top-k buffers a block at a time
             stop = min(len(weights), start + _BLOCK)
             score = torch.zeros(stop - start, dtype=torch.float32, device=param.device) if grads is None else (
                 grads[start:stop].abs().float() / (weights[start:stop].abs().float() + self.eps) ** self.exp)
-            score.masked_fill_(chosen[start:stop], -math.inf)
+            score[chosen[bounds[block]:bounds[block + 1]].long() - start] = -math.inf  # the block's chosen elements
             top = torch.topk(score, min(k, stop - start), sorted=False)
             values.append(top.values)
             indices.append(top.indices + start)
