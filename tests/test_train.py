@@ -164,6 +164,16 @@ def test_full_run_learns_and_writes_its_files(tiny_task, tmp_path):
     assert reloaded.config.id2label == {0: "neg", 1: "pos"}
 
 
+def test_metrics_give_the_peak_memory_of_each_phase(tiny_task, tmp_path):
+    out = tmp_path / "run"
+    metrics = train(tiny_config(tiny_task, method="child-d", epochs=1, output=str(out)))
+    phases = metrics["peak_rss_mib_by_phase"]
+    assert list(phases) == ["data", "model", "base_copy", "setup", "prepare", "train", "evaluate", "count", "save"]
+    assert all(0 < peak <= metrics["peak_rss_mib"] for peak in phases.values())
+    assert metrics["peak_rss_mib"] == max(phases.values())
+    assert json.loads((out / "metrics.json").read_text())["peak_rss_mib_by_phase"] == phases
+
+
 @pytest.mark.parametrize("method", ["child-d", "random", "id3", "gradual", "pafi", "bitfit"])
 def test_strict_methods_change_only_their_child_network(tiny_task, tmp_path, method):
     out = tmp_path / method

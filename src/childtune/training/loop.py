@@ -39,7 +39,7 @@ from childtune.training.config import (
     causal_lm_notice,
     updates_per_epoch,
 )
-from childtune.training.evaluate import count_elements, evaluate, peak_rss_mib, reset_peak_rss, to_device
+from childtune.training.evaluate import PhasePeaks, count_elements, evaluate, to_device
 from childtune.training.inputs import batches, load_data, loader
 from childtune.training.methods import METHODS
 from childtune.training.models import (
@@ -108,7 +108,6 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *, resume: bo
     `resume` reopens the interrupted run's working folder (and its checkpoint) instead of a fresh one.
     """
     given, config = config, config.resolved(processes=distributed.info().world_size)
-    reset_peak_rss()
     me = distributed.init()
     if config.optimizer_in_backward and me.world_size > 1 and not config.fsdp:
         raise ConfigError("--optimizer-in-backward runs on one process or sharded (--fsdp): DDP averages "
@@ -134,9 +133,12 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *, resume: bo
 
 def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder | None, me) -> dict[str, Any]:
     torch.manual_seed(config.seed)
+    phases = PhasePeaks()  # metrics.json's peak_rss_mib_by_phase
+    phases.start("data")
     task = load_data(config)
     if not task.train or not task.dev:
         raise ConfigError("training needs a non-empty train and dev split")
+    phases.start("model")
     tokenizer, model = load_model(config, task.spec)
     model = model.to(_device(config, me))
     if torch.cuda.is_available():
@@ -147,12 +149,14 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
     length = min(config.max_length, position_limit(model))
     collate = LMCollate(tokenizer, length, config.chat_template) if task.spec.kind == "generation" else make_collate(
         tokenizer, length, task.spec.kind)
+    phases.start("base_copy")  # the base's weights kept for the delta, and the delta tried on them
     pretrained = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()} if (
         me.is_main or not config.fsdp) else {}  # sharded: only rank 0 counts and saves against the base
     if config.fsdp:  # before the optimizer, which must see the sharded parameters; FSDP2 syncs, not DDP
         model = distributed.shard(model)
     _check_the_end(config, task.spec, model, pretrained)
     total_steps = updates_per_epoch(len(task.train), config.batch_size) * config.epochs
+    phases.start("setup")
     model, params, strategy, optimizer, scheduler = setup(config, model, total_steps)
 
     with folder or _NoFolder() as workdir, MetricsLog(
@@ -164,6 +168,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
         for cb in callbacks:
             cb.on_start(state)
 
+        phases.start("prepare")
         started = time.perf_counter()
         if not state.resumed:  # Child-Tuning_D: Fisher information on the training data (own progress bar)
             # DDP: each rank scores its share and the Fisher pass sums them; FSDP2: every rank scores every batch
@@ -181,6 +186,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
             optimizer, SparseChildAdamW) else None
         state.model = distributed.wrap(model)  # DDP under torchrun; the model itself for one process
 
+        phases.start("train")
         started = time.perf_counter()
         bar = tqdm(total=total_steps, initial=state.step + state.skipped, desc=f"train {config.method}",
                    unit="step", disable=not config.progress or not me.is_main)
@@ -211,6 +217,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
         if child_grads is not None:  # evaluation, counting and saving see the plain Linear modules
             child_grads.remove()
 
+        phases.start("evaluate")
         started = time.perf_counter()
         dev = evaluate(model, task.dev, task.spec, collate, config, "eval dev")
         test = evaluate(model, task.test, task.spec, collate, config, "eval test") if task.test else None
@@ -219,6 +226,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
         if test is not None:
             log.write(eval="test", epoch=state.epoch, step=state.step, **test)
 
+        phases.start("count")
         tuned = model.merge_and_unload() if METHODS[config.method].adapter == "lora" else model
         masks = strategy.final_masks(state.step)
         if config.fsdp:  # whole masks and weights, gathered from every rank's rows (collective)
@@ -231,7 +239,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
             "dev": dev, "test": test,
             "steps": state.step, "skipped_steps": state.skipped, "epochs": config.epochs,
             "prepare_time_s": round(prepare_time, 3), "train_time_s": round(train_time, 3),
-            "eval_time_s": round(eval_time, 3), "peak_rss_mib": peak_rss_mib(),
+            "eval_time_s": round(eval_time, 3),
             "truncated_prompts": getattr(collate, "truncated", 0),
             "optimizer_state_bytes": state_bytes(optimizer), "device": str(next(model.parameters()).device),
             "torch_threads": torch.get_num_threads(),  # the times above depend on it
@@ -239,9 +247,13 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
             **(count_elements(pretrained, tuned, params, masks) if tuned is not None else {}),
         }
         if workdir:
+            phases.start("save")
             _save_weights(config, workdir, pretrained, tuned, tokenizer, task.spec)
             if masks:  # the child network itself, strict or not, for `childtune analyze`
                 save_masks(masks, workdir / MASKS_FILE)
+        phases.start(None)
+        metrics["peak_rss_mib"], metrics["peak_rss_mib_by_phase"] = phases.overall(), phases.peaks
+        if workdir:
             write_json(workdir / "metrics.json", metrics)
         for cb in callbacks:
             cb.on_end(state, metrics)
