@@ -62,5 +62,8 @@ evidence: install
 	$(STUDY) --name llm-math-lean --model smollm2-135m --tasks math --seeds 1-3 --train-size 96 --epochs 2 \
 		--eval-size 40 --max-length 64 --max-new-tokens 8 --chat-template \
 		--methods child-d,random,id3 --output runs/evidence/llm-math-lean
+	$(STUDY) --name llm-math-lean-p --grid '{"child-d": {"reserve_p": [0.1, 0.3]}}' --model smollm2-135m \
+		--tasks math --seeds 1-3 --train-size 96 --epochs 2 --eval-size 40 --max-length 64 --max-new-tokens 8 \
+		--chat-template --methods child-d --output runs/evidence/llm-math-lean-p
 	$(STUDY) --name llm-snli --model smollm2-135m --tasks snli --seeds 1-3 --train-size 200 --epochs 2 \
 		--eval-size 200 --max-length 96 --methods full,child-f,child-d,lora --output runs/evidence/llm-snli
