@@ -240,6 +240,23 @@ def test_batched_left_padded_greedy_decoding_equals_one_prompt_at_a_time(llama):
         assert generate_answers(model, prompts, collate, config) == alone, batch_size
 
 
+def test_a_frozen_lm_head_is_handed_contiguous_inputs_while_decoding(llama):
+    """`generate` gives the head a strided view of the last position; a frozen head would multiply it by its
+    weight expanded over the batch (2.2 GB on SmolLM2), so decoding hands it a contiguous copy, and only then."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama).eval().requires_grad_(False)
+    head, seen = model.get_output_embeddings(), []
+    head.register_forward_hook(lambda module, args, out: seen.append(args[0].is_contiguous()))
+    collate = collate_for(llama)
+    prompts = ["good", "the film was very", "a dull plot"]
+    config = TrainConfig(max_new_tokens=3, eval_batch_size=3, progress=False)
+    generate_answers(model, prompts, collate, config)
+    assert seen and all(seen)
+    assert len(head._forward_pre_hooks) == 0  # removed after decoding
+    seen.clear()
+    batch = collate.for_generation(prompts)
+    model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=collate.tokenizer.pad_token_id)
+    assert not all(seen)  # without it, transformers hands the head the strided view this guards against
+
 def test_generation_runs_export_apply_and_generate(tmp_path, capsys, tied_run):
     llama, dev, run = tied_run
     assert (run / "delta").is_dir() and (run / "masks.safetensors").is_file()

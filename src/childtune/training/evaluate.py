@@ -159,7 +159,7 @@ def generate_answers(model, prompts, collate, config: TrainConfig, desc: str = "
     the argmax token at every step, as the same prompt decoded alone would give."""
     model.eval()
     tokenizer, out = collate.tokenizer, []
-    with _plain_greedy(model):
+    with _plain_greedy(model), _contiguous_head_input(model):
         for start in tqdm(range(0, len(prompts), config.eval_batch_size), desc=desc, unit="batch", leave=False,
                           disable=not config.progress):
             batch = to_device(collate.for_generation(prompts[start:start + config.eval_batch_size]), model)
@@ -167,6 +167,25 @@ def generate_answers(model, prompts, collate, config: TrainConfig, desc: str = "
                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             out += tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
     return out
+
+
+@contextlib.contextmanager
+def _contiguous_head_input(model):
+    """Hands the LM head a contiguous copy of its input while decoding. `generate` feeds it the last
+    position only, `hidden[:, -1:, :]`, a view whose batch rows are not one stride apart; torch's matmul
+    folds such an input into a matrix only when the weight requires grad, and otherwise runs a batched
+    matmul over the head's weight expanded to the batch and made contiguous: [40, 576, 49152] in bf16 for
+    SmolLM2, 2.2 GB, whenever the head is frozen (LoRA; child-d with tied embeddings left out). The copy
+    is batch x hidden values (measured on that shape: 11 MiB extra instead of 2,171)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Module):
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager
