@@ -26,14 +26,12 @@ from childtune.fileio import sha256_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_delta import apply_then_revert_or_refuse
-from test_resume import run_config, write_task, write_tiny_model
+from test_resume import run_config, tiny_run_files, write_tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("hostile")
-    train, dev = write_task(root)
-    return {"model": str(write_tiny_model(root / "model")), "train_file": str(train), "dev_file": str(dev)}
+    return tiny_run_files(tmp_path_factory.mktemp("hostile"))
 
 
 def cli(capsys, *argv) -> tuple[int, str]:

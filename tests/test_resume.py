@@ -84,7 +84,11 @@ def tiny_cli_files(root: Path) -> dict:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> dict:
     """Files of a tiny run, with dropout on: a resume must restore each RNG stream where it was."""
-    root = tmp_path_factory.mktemp("tiny")
+    return tiny_run_files(tmp_path_factory.mktemp("tiny"))
+
+
+def tiny_run_files(root: Path) -> dict:
+    """A tiny model (dropout on) and a task's files under `root`, keyed as `TrainConfig` names them."""
     train, dev = write_task(root)
     return {"model": str(write_tiny_model(root / "model")), "train_file": str(train), "dev_file": str(dev)}
 

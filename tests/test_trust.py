@@ -25,14 +25,12 @@ from childtune.training.export import apply_delta
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import tiny_bert_config
-from test_resume import run_config, write_task, write_tiny_model
+from test_resume import run_config, tiny_run_files
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("trust")
-    train, dev = write_task(root)
-    return {"model": str(write_tiny_model(root / "model")), "train_file": str(train), "dev_file": str(dev)}
+    return tiny_run_files(tmp_path_factory.mktemp("trust"))
 
 
 @pytest.fixture(scope="module")
