@@ -385,3 +385,27 @@ def test_accumulation_in_backward_buffers_child_gradients_and_equals_the_ordinar
         for name, p in named(model).items():
             torch.testing.assert_close(named(twin)[name], p, rtol=0, atol=1e-7 if dtype == torch.float32 else 0,
                                        msg=name)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_an_optimizer_stepping_in_backward_dies_with_its_last_reference(sparse):
+    """Its hooks on the parameters hold it weakly: a hook holding it strongly made a cycle through tensors
+    that autograd also holds, which Python's collector never freed (a study process kept every cell's
+    optimizer and model). After it is gone, backward still runs and updates nothing."""
+    import gc
+    import weakref
+
+    model, _ = twin_mlps(torch.float32)
+    make = SparseChildAdamW if sparse else (lambda named, strategy, **kw: ChildOptimizer(
+        named, strategy, torch.optim.AdamW, strict=True, **kw))
+    optimizer = make(mlp_names(model), RandomMasking(0.3, seed=2), lr=LR, in_backward=True)
+    x, y = torch.randn(4, 6), torch.randn(4, 3)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    assert optimizer.state, "the hooks stepped while it was alive"
+    dead = weakref.ref(optimizer)
+    del optimizer
+    gc.collect()
+    assert dead() is None
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))

@@ -9,6 +9,7 @@ progress, so those parts live here once.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -24,6 +25,26 @@ def evaluate_closure(closure: Callable[[], float] | None) -> float | None:
         return None
     with torch.enable_grad():
         return closure()
+
+
+def step_in_backward(params: Iterable[torch.Tensor], update: Callable[[torch.Tensor], None]) -> None:
+    """Run `update` (an optimizer's bound method) on each parameter that requires a gradient as soon as
+    backward has accumulated it (a post-accumulate-grad hook), holding the optimizer only weakly.
+
+    A hook that held its optimizer (which holds the parameters) would make a cycle through the tensor,
+    and Python's cycle collector does not look inside a tensor that autograd also holds: optimizer,
+    state and the parameters' model would then outlive the run. In one study process that kept every
+    finished cell's model and optimizer alive (SmolLM2-135M: the process grew about 1.1 GB per cell)."""
+    method = weakref.WeakMethod(update)  # type: ignore[arg-type]
+
+    def hook(param: torch.Tensor) -> None:
+        bound = method()
+        if bound is not None:  # a dead optimizer's hook does nothing
+            bound(param)
+
+    for param in params:
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(hook)
 
 
 def mask_gradients_(grads: list[torch.Tensor], masks: list[torch.Tensor], scale: float = 1.0) -> None:

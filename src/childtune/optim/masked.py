@@ -51,6 +51,7 @@ from childtune.optim.common import (
     mask_gradients_,
     named_groups,
     pop_child_block,
+    step_in_backward,
     unnamed,
 )
 from childtune.shards import local, only_reading
@@ -107,9 +108,7 @@ class ChildOptimizer(Optimizer):
             if strategy.needs_gradients:
                 raise ValueError(f"{type(strategy).__name__} chooses its child network from the whole step's "
                                  "gradients: use SparseChildAdamW(in_backward=True) for it")
-            for p in self.named.values():
-                if p.requires_grad:
-                    p.register_post_accumulate_grad_hook(self._update_in_backward)
+            step_in_backward(self.named.values(), self._update_in_backward)
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.optimizer.state_dict(), "child_tuning": child_block(self.steps, self.strategy)}

@@ -65,6 +65,7 @@ from childtune.optim.common import (
     evaluate_closure,
     named_groups,
     pop_child_block,
+    step_in_backward,
     unnamed,
 )
 from childtune.shards import local, only_reading
@@ -128,9 +129,7 @@ class SparseChildAdamW(Optimizer):
         self._order: dict[torch.Tensor, torch.Tensor] = {}  # a growing state's elements' places in the sorted index
         if in_backward:
             self._group_of = {p: g for g in self.param_groups for p in g["params"]}
-            for p in self.names:
-                if p.requires_grad:
-                    p.register_post_accumulate_grad_hook(self._update_in_backward)
+            step_in_backward(self.names, self._update_in_backward)
         self.steps = 0
         self._seen: dict[torch.Tensor, torch.Tensor | None] = {}  # index each parameter was last synced to
         strategy.bind(self.named)
