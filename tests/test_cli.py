@@ -128,7 +128,7 @@ def test_compare_checks_every_cell_before_training_any(tiny, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", *data_args(tiny), "--methods", "full,nope", "--output", str(out)]) == 2
     assert capsys.readouterr().err == "childtune: error: unknown method 'nope'; choose from " \
-        "full, child-f, child-d, child-d-random, random, id3, gradual, lora, id3-lora, pafi, bitfit\n"
+        "full, child-f, child-d, child-d-random, random, id3, child-dyn, gradual, lora, id3-lora, pafi, bitfit\n"
     assert list(tmp_path.iterdir()) == []
 
 

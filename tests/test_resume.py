@@ -141,11 +141,11 @@ def assert_same_params(a: dict, b: dict) -> None:
 # ------------------------------------------------------------------------ resume gives the same run
 
 
-def interrupt_and_resume(files: dict, folder: Path, method: str, crash_at: int) -> None:
+def interrupt_and_resume(files: dict, folder: Path, method: str, crash_at: int, **overrides) -> None:
     """Crash after a checkpoint at `crash_at`, resume, and compare with an uninterrupted run."""
     from childtune.training.loop import train
 
-    config = run_config(files, method)
+    config = run_config(files, method, **overrides)
     whole = Final()
     train(config, [whole])
     assert whole.metrics["steps"] == 10
@@ -184,6 +184,12 @@ def test_interrupted_run_resumes_bit_identical(tiny_run, tmp_path, method, crash
     data position and the dropout RNG all continue where they stopped. PaFi chooses from the weights it is
     bound to: a resume binds it to the base's before restoring the checkpoint, so its network is the same."""
     interrupt_and_resume(tiny_run, tmp_path, method, crash_at)
+
+
+def test_a_moving_child_network_resumes_bit_identical_from_inside_its_window(tiny_run, tmp_path):
+    """child-dyn reselecting at steps 3, 6 and 9 from the 2 steps before each: the checkpoint after step 5
+    holds one of the window's two gradients (its statistics), the moved network and its origins."""
+    interrupt_and_resume(tiny_run, tmp_path, "child-dyn", 5, dyn_every=3, dyn_window=2, reserve_p=0.2)
 
 
 def test_resume_refuses_different_settings(tiny_run, tmp_path):

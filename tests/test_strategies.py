@@ -316,7 +316,7 @@ def test_id3_every_one_is_the_authors_per_step_schedule(schedule):
         want = (min(23, math.ceil(23 * (step + 1) / 7)) if schedule == "ramp" else
                 (step + 1) * (23 // 7) + min(step + 1, 23 % 7))
         assert strategy.target(step) == want
-        assert strategy.grows_at(step) == (want > (strategy.target(step - 1) if step else 0))
+        assert strategy.dense_gradients_at(step) == (want > (strategy.target(step - 1) if step else 0))
 
 
 @pytest.mark.parametrize("schedule", ["ramp", "authors"])
@@ -337,7 +337,7 @@ def test_id3_every_k_grows_at_multiples_of_k_by_the_authors_rule_on_that_steps_g
         scored = strategy.scored()
         had = sum(int(reference[n].sum()) for n in scored)
         grow = per_step.target(min(step + every - 1, steps - 1)) - had if step % every == 0 else 0
-        assert strategy.grows_at(step) == (grow > 0)
+        assert strategy.dense_gradients_at(step) == (grow > 0)
         if grow:
             importance = {n: (p.grad.abs() / (p.detach().abs() + strategy.eps) ** strategy.exp).masked_fill(
                 reference[n], -math.inf) for n, p in scored.items()}

@@ -29,6 +29,7 @@ from childtune.strategies import (
     BitFit,
     ChildTuningD,
     ChildTuningF,
+    DropRegrow,
     FullFineTuning,
     GradualUnfreezing,
     PaFi,
@@ -120,7 +121,7 @@ def test_build_strategy_maps_every_method(tiny_bert):
     names = [n for n, _ in tiny_bert.named_parameters()]
     expected = {"full": FullFineTuning, "child-f": ChildTuningF, "child-d": ChildTuningD,
                 "child-d-random": ChildTuningD, "random": RandomMasking, "id3": ID3, "gradual": GradualUnfreezing,
-                "lora": FullFineTuning, "id3-lora": ID3, "pafi": PaFi, "bitfit": BitFit}
+                "lora": FullFineTuning, "id3-lora": ID3, "pafi": PaFi, "bitfit": BitFit, "child-dyn": DropRegrow}
     assert set(expected) == set(METHODS)
     for method, kind in expected.items():
         strategy = build_strategy(TrainConfig(method=method, seed=3).resolved(), 40, names)
@@ -174,11 +175,11 @@ def test_metrics_give_the_peak_memory_of_each_phase(tiny_task, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["peak_rss_mib_by_phase"] == phases
 
 
-@pytest.mark.parametrize("method", ["child-d", "random", "id3", "gradual", "pafi", "bitfit"])
+@pytest.mark.parametrize("method", ["child-d", "random", "id3", "gradual", "pafi", "bitfit", "child-dyn"])
 def test_strict_methods_change_only_their_child_network(tiny_task, tmp_path, method):
     out = tmp_path / method
     config = tiny_config(tiny_task, method=method, epochs=2, output=str(out), gradual_every=10,  # 24 steps:
-                         lr=3e-3 if method in ("child-d", "gradual") else 3e-2)  # embeddings stay frozen
+                         dyn_every=5, lr=3e-3 if method in ("child-d", "gradual") else 3e-2)  # embeddings stay frozen
     metrics = train(config)
     assert metrics["changed_outside_child"] == 0
     assert 0 < metrics["changed_params"] <= metrics["child_params"] < metrics["total_params"]
@@ -198,6 +199,9 @@ def test_strict_methods_change_only_their_child_network(tiny_task, tmp_path, met
     if method == "pafi":  # exactly its p of the maskable weights, at most
         assert delta.config.num_changed <= round(0.005 * sum(
             p.numel() for n, p in base.named_parameters() if "classifier" not in n))
+    if method == "child-dyn":  # 3 reselections moved it: more elements changed than its size, all in its union
+        size = round(0.01 * sum(p.numel() for n, p in base.named_parameters() if "classifier" not in n))
+        assert size < delta.config.num_changed <= metrics["child_params"]
     if method == "id3":
         assert delta.config.num_changed <= round(config.id3_budget * sum(
             p.numel() for n, p in base.named_parameters() if "classifier" not in n))

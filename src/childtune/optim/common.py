@@ -35,7 +35,7 @@ def step_in_backward(params: Iterable[torch.Tensor], update: Callable[[torch.Ten
     and Python's cycle collector does not look inside a tensor that autograd also holds: optimizer,
     state and the parameters' model would then outlive the run. In one study process that kept every
     finished cell's model and optimizer alive (SmolLM2-135M: the process grew about 1.1 GB per cell)."""
-    method = weakref.WeakMethod(update)  # type: ignore[arg-type]
+    method = weakref.WeakMethod(update)
 
     def hook(param: torch.Tensor) -> None:
         bound = method()

@@ -90,9 +90,10 @@ class ChildOptimizer(Optimizer):
         self.steps = 0
         strategy.bind(self.named)
         l2 = optimizer is torch.optim.Adam and any(g.get("weight_decay", 0) for g in self.param_groups)
-        # strict without copies (module docstring): zero moments outside the child network, decay taken out.
+        # strict without copies (module docstring): zero moments outside the child network, decay taken out
+        # (not for a dynamic network: an element that left keeps its moments here, which would move it).
         # Not under `maximize`, whose `+ lr * 0` would turn a -0.0 weight into +0.0.
-        self._no_copy = (strict and strategy.kind != "per_step" and not l2
+        self._no_copy = (strict and strategy.kind in ("fixed", "growing") and not l2
                          and optimizer in (torch.optim.AdamW, torch.optim.Adam)
                          and not any(g.get("maximize") for g in self.param_groups))
         self.in_backward = in_backward
@@ -147,6 +148,8 @@ class ChildOptimizer(Optimizer):
                     self.strategy.apply_drawn_(name, grad)
                 self.optimizer.step()
         else:
+            if self.strategy.dense_gradients_at(self.steps):  # a dynamic network's window
+                self.strategy.observe(name, grad)
             index = self.strategy.network(self.steps).get(name)  # this parameter's dense view alone
             mask = None if index is None else self.strategy.dense({name: index})[name]
             if mask is not None:
@@ -184,6 +187,10 @@ class ChildOptimizer(Optimizer):
                 self.optimizer.step()
                 self.steps += 1
                 return loss
+            if self.strategy.dense_gradients_at(self.steps):  # a dynamic network's window
+                for name, param in self.named.items():
+                    if param.grad is not None:
+                        self.strategy.observe(name, self._dense_grad(param))
             masks = self.strategy.masks(self.steps)
             kept = self._mask(masks)
             if self._no_copy:

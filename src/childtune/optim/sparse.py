@@ -6,8 +6,9 @@ parameter, the flat indices of its child elements and moment vectors of that len
 gathers the child gradients, runs torch's AdamW arithmetic on those vectors (`torch._foreach_*` over all
 parameters at once) and scatters the new values back, so work and state scale with p.
 
-That needs a child network that never loses an element: fixed ones (Child-Tuning_D, random masking)
-or growing ones (ID3, gradual unfreezing). Elements that join later are appended with their own step
+That needs a child network that is fixed (Child-Tuning_D, random masking), grows (ID3, gradual
+unfreezing) or moves at a fixed size (drop and regrow, `kind="dynamic"`: an element that leaves loses its
+moments and master, and keeps its weight's value). Elements that join later are appended with their own step
 count, so their Adam bias correction starts at 1 as if they had been chosen from the first step
 (`bias_correction="element"`). A dense masked AdamW (and the ID3 authors' code, which steps torch's
 AdamW on masked gradients) counts the tensor's steps instead (`bias_correction="tensor"`). With a
@@ -40,11 +41,13 @@ a model's partially chosen Linear weights at their child elements only (`optim/c
 ever exists) and steps those weights from the delivered vectors, in `step()` or, with `in_backward`,
 in the same post-accumulate-grad hook (autograd runs it once the weight's uses are all done, with
 `.grad` None). The update is the same arithmetic on the same child gradient values, summed in another
-order (float32 rounding). ID3 grows only at the steps `ID3.grows_at` names (every step unless its `every`
+order (float32 rounding). ID3 grows only at the steps `ID3.dense_gradients_at` names (every step unless its `every`
 is K > 1): those steps run with dense gradients (`ChildGrads.set_dense`), which it ranks; after the step
 the grown index goes to `ChildGrads.set_index`, and since the state appends joiners in the order they
 joined while the delivered vector follows the sorted index, each weight keeps the positions of its
-state's elements in that index (`_order`) to read the vector in the state's order.
+state's elements in that index (`_order`) to read the vector in the state's order. A dynamic network
+is the same with its reselections for growth steps: its `window` steps before each run dense, and its
+new index goes to `ChildGrads` once the step before it is done.
 """
 
 from __future__ import annotations
@@ -126,7 +129,8 @@ class SparseChildAdamW(Optimizer):
         self._buffers: dict[torch.Tensor, torch.Tensor] = {}  # child gradients accumulated so far, per parameter
         self._child: ChildGrads | None = None  # child-only weight gradients (`child_only_grads`)
         self._child_name: dict[torch.Tensor, str] = {}  # their parameters' names in the model
-        self._order: dict[torch.Tensor, torch.Tensor] = {}  # a growing state's elements' places in the sorted index
+        # a grown or reselected state's index and the sorted one, and where the first's elements sit in the second
+        self._order: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         if in_backward:
             self._group_of = {p: g for g in self.param_groups for p in g["params"]}
             step_in_backward(self.names, self._update_in_backward)
@@ -141,9 +145,10 @@ class SparseChildAdamW(Optimizer):
         changes and is the state's own, so the delivered vector and the moments are in one order; or ID3,
         whose index changes only at its growth steps, which run with dense gradients (module docstring).
         Call it once the strategy has its child network."""
-        if self.strategy.kind != "fixed" and not isinstance(self.strategy, ID3):
-            raise ValueError(f"child-only gradients need a fixed child network or ID3; {type(self.strategy).__name__}"
-                             "'s changes at steps it does not announce, and the index would have to follow it")
+        if self.strategy.kind not in ("fixed", "dynamic") and not isinstance(self.strategy, ID3):
+            raise ValueError(f"child-only gradients need a fixed or dynamic child network or ID3; "
+                             f"{type(self.strategy).__name__}'s changes at steps it does not announce, and the "
+                             "index would have to follow it")
         if self._child is not None:
             raise RuntimeError("child-only gradients are already installed")
         # ID3's `network(step)` would grow it (from no gradient yet): its index so far instead
@@ -157,24 +162,24 @@ class SparseChildAdamW(Optimizer):
                 chosen[name] = index
         self._child = ChildGrads(model, chosen)
         self._child_name = {site.param: name for name, site in self._child.sites.items()}
-        self._follow_growth()
+        self._follow_network()
         return self._child
 
-    def _follow_growth(self) -> None:
-        """ID3 with child-only gradients, after a step (or at install): give each weight's grown index to
-        `ChildGrads`, record where its state's elements sit in it (`_order`: a growing state only grows,
-        so a changed length is a changed index), and make the next step dense iff ID3 grows there."""
-        if self._child is None or not isinstance(self.strategy, ID3):
+    def _follow_network(self) -> None:
+        """With child-only gradients, after a step (or at install), for a child network that changes (ID3's
+        growth, a dynamic one's reselection, made here when the next step starts with one): give each
+        weight's new index to `ChildGrads`, and make the next step dense iff the strategy reads its
+        gradients outside the child network (`Strategy.dense_gradients_at`)."""
+        if self._child is None or self.strategy.kind == "fixed":
             return
-        chosen = self.strategy.require_chosen()
+        # ID3's `network(step)` would grow it (from no gradient yet): its index so far instead
+        chosen = (self.strategy.require_chosen() if isinstance(self.strategy, ID3)
+                  else self.strategy.network(self.steps))
         for param, name in self._child_name.items():
             index = chosen[self.names[param]]
             if index is not self._child.sites[name].index:
                 self._child.set_index(name, index)
-            held = self.state[param].get("index")
-            if held is not None and len(self._order.get(param, ())) != len(held):
-                self._order[param] = torch.searchsorted(index, held)
-        self._child.set_dense(self.strategy.grows_at(self.steps))
+        self._child.set_dense(self.strategy.dense_gradients_at(self.steps))
 
     def child_gradients(self) -> list[torch.Tensor]:
         """The child-only gradients backward delivered and no update has taken yet (none without
@@ -190,13 +195,29 @@ class SparseChildAdamW(Optimizer):
             self._child.zero_grad()
 
     def _delivered(self, param: torch.Tensor) -> torch.Tensor | None:
-        """Take `param`'s child-only gradient (None where it has none: `.grad` holds its gradient)."""
+        """Take `param`'s child-only gradient (None where it has none: `.grad` holds its gradient), in the
+        order of the child network's sorted index."""
         if self._child is None:  # none installed (then `_child_name` is empty too)
             return None
         name = self._child_name.get(param)
-        grad = None if name is None else self._child.pop(name)
-        order = self._order.get(param)  # a grown state's order (`_follow_growth`)
-        return grad if grad is None or order is None else grad.index_select(0, order)
+        return None if name is None else self._child.pop(name)
+
+    def _in_state_order(self, param: torch.Tensor, state: Mapping[str, Any],
+                        delivered: torch.Tensor | None) -> torch.Tensor | None:
+        """A delivered gradient in the order of `param`'s synced state. A fixed network's state holds the
+        strategy's own index; a grown or reselected one holds its elements in the order they joined, which
+        `_order` maps into the sorted index (kept until either index changes)."""
+        held = state.get("index")
+        if delivered is None or held is None:
+            return delivered
+        index = self._child.sites[self._child_name[param]].index if self._child is not None else held
+        if held is index:
+            return delivered
+        cached = self._order.get(param)
+        if cached is None or cached[0] is not held or cached[1] is not index:
+            cached = (held, index, torch.searchsorted(index, held))
+            self._order[param] = cached
+        return delivered.index_select(0, cached[2])
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "child_tuning": child_block(self.steps, self.strategy)}
@@ -228,6 +249,8 @@ class SparseChildAdamW(Optimizer):
             raise RuntimeError(f"non-finite gradient for {self.names[param]!r}: with the optimizer step in "
                                "backward, updates already made to other parameters cannot be undone")
         name = self.names[param]
+        if param.grad is not None and self.strategy.dense_gradients_at(self.steps):
+            self.strategy.observe(name, local(param.grad))  # a dynamic network's window
         if isinstance(self.strategy, ID3):  # update the chosen; keep this tensor's candidates (module docstring)
             if self.accumulating or self._buffers:
                 raise RuntimeError("ID3 ranks the whole update's gradient, which is not known until the last "
@@ -244,7 +267,7 @@ class SparseChildAdamW(Optimizer):
             index = self.strategy.network(self.steps).get(name)
         state = self._sync(param, index)
         if "exp_avg" in state:
-            grad = _child_grad(param, state, delivered)
+            grad = _child_grad(param, state, self._in_state_order(param, state, delivered))
             if param in self._buffers:  # earlier micro-batches' child gradients, then this one's: as autograd adds
                 grad = self._buffers.pop(param).add_(grad)
             if self.accumulating:
@@ -277,10 +300,11 @@ class SparseChildAdamW(Optimizer):
                     self._join(name, indices)
             self._offers, self._grow = {}, None
             self.steps += 1
-            self._follow_growth()
+            self._follow_network()
             return loss
         network = self.strategy.network(self.steps)
         joined = self.strategy.joined if isinstance(self.strategy, ID3) else None
+        observing = self.strategy.dense_gradients_at(self.steps)
         unknown = set(network) - set(self.named)
         if unknown:
             raise ValueError(f"strategy gave a child network for {sorted(unknown)}, which are not in this optimizer")
@@ -293,6 +317,8 @@ class SparseChildAdamW(Optimizer):
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("SparseChildAdamW does not support sparse gradients")
                 name = self.names[p]
+                if observing and p.grad is not None:
+                    self.strategy.observe(name, local(p.grad))  # a dynamic network's window
                 if joined is not None and self.state[p]:  # ID3 after its first step
                     state = self._take_joined(p, joined.get(name))
                 else:
@@ -300,10 +326,10 @@ class SparseChildAdamW(Optimizer):
                 state["step"] += 1
                 if "exp_avg" in state:
                     live.append((p, state))
-                    grads.append(_child_grad(p, state, delivered))
+                    grads.append(_child_grad(p, state, self._in_state_order(p, state, delivered)))
             _adamw(group, live, grads)
         self.steps += 1
-        self._follow_growth()
+        self._follow_network()
         return loss
 
     def _join(self, name: str, indices: torch.Tensor) -> None:
@@ -334,9 +360,11 @@ class SparseChildAdamW(Optimizer):
         state: dict[str, Any] = self.state[param]
         if not state:
             state["step"] = 0
-        elif self.strategy.kind == "fixed" and param in self._seen and self._seen[param] is index:
-            return state  # a fixed strategy's index never changes: nothing to check
+        elif self.strategy.kind in ("fixed", "dynamic") and param in self._seen and self._seen[param] is index:
+            return state  # the index the state was synced to (a fixed one never changes; a new one is a new tensor)
         self._seen[param] = index
+        if self.strategy.kind == "dynamic" and index is not None and "index" in state:
+            _drop(state, torch.isin(state["index"], index))  # elements that left: their state goes
         had = _size(param, state)
         param = local(param)  # the rank's rows under FSDP2: its index and state are of those alone
         now = param.numel() if index is None else len(index)
@@ -378,6 +406,17 @@ def _append(state: dict[str, Any], param: torch.Tensor, added: torch.Tensor, joi
     # since neither side changes an index in place (a grown one is always a new tensor)
     state["index"] = torch.cat([state["index"], added]) if "index" in state else added
     _add_cohort(state, joined, len(added))
+
+
+def _drop(state: dict[str, Any], keep: torch.Tensor) -> None:
+    """Remove from a sparse state the elements `keep` (over its index) does not hold: their index entries,
+    moments and masters (the weight keeps its value), and their places in the cohorts."""
+    for key in ("index", "exp_avg", "exp_avg_sq", "master"):
+        if key in state:
+            state[key] = state[key][keep]
+    joined = torch.repeat_interleave(torch.tensor(state["cohort_joined"]), torch.tensor(state["cohort_sizes"]))
+    runs, sizes = torch.unique_consecutive(joined[keep], return_counts=True)
+    state["cohort_joined"], state["cohort_sizes"] = runs.tolist(), sizes.tolist()
 
 
 def _child_grad(param: torch.Tensor, state: Mapping[str, Any], delivered: torch.Tensor | None = None) -> torch.Tensor:

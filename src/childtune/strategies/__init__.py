@@ -4,6 +4,7 @@ from childtune.strategies.base import NetworkKind, Strategy
 from childtune.strategies.bitfit import BitFit
 from childtune.strategies.child_d import ChildTuningD
 from childtune.strategies.child_f import ChildTuningF
+from childtune.strategies.drop_regrow import DropRegrow
 from childtune.strategies.full import FullFineTuning
 from childtune.strategies.gradual import GradualUnfreezing
 from childtune.strategies.id3 import ID3
@@ -15,6 +16,7 @@ __all__ = [
     "BitFit",
     "ChildTuningD",
     "ChildTuningF",
+    "DropRegrow",
     "FullFineTuning",
     "GradualUnfreezing",
     "NetworkKind",

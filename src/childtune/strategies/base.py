@@ -8,6 +8,9 @@ module outside `childtune.strategies` ever tests a strategy's type:
   masking, and full fine-tuning's empty masks), `"growing"` (elements join, never leave: ID3, gradual
   unfreezing) or `"per_step"` (a fresh draw every step: Child-Tuning_F). Fixed and growing child
   networks are what a sparse optimizer can keep moments for, and what a sparse delta stores exactly.
+* `kind="dynamic"`: elements join and leave, the size stays (drop and regrow). Such a strategy reads
+  gradients at the steps `dense_gradients_at(step)` names, which the optimizer hands it through
+  `observe(name, grad)` before each update.
 * `needs_data`: whether `prepare(model, batches)` must run on training data first (Fisher scores);
   `needs_gradients`: whether `network(step)` (and so `masks(step)`) reads the step's gradients (ID3's importance).
 * `network(step)`: the child network at `step` as sorted flat indices per parameter
@@ -36,7 +39,7 @@ from childtune import shards
 from childtune.layers import HEAD, in_layer, matches
 from childtune.masks import Indices, Masks, to_indices, to_masks
 
-NetworkKind = Literal["fixed", "growing", "per_step"]
+NetworkKind = Literal["fixed", "growing", "dynamic", "per_step"]
 
 
 def in_scope(name: str, scope: str) -> bool:
@@ -97,6 +100,15 @@ class Strategy:
         keeps state for. Strategies that hold their network override this (and derive `masks` from it);
         the default converts `masks(step)`, which a per-step draw has no cheaper form of."""
         return to_indices(self.masks(step))
+
+    def dense_gradients_at(self, step: int) -> bool:
+        """Whether `step`'s update reads gradients outside the child network (ID3's growth, a dynamic
+        network's window): with child-only weight gradients, those steps need the dense ones."""
+        return False
+
+    def observe(self, name: str, grad: torch.Tensor) -> None:
+        """Take `name`'s gradient at a step `dense_gradients_at` names (a dynamic network's statistics),
+        before the optimizer updates and frees it. The default reads nothing."""
 
     def dense(self, indices: Indices) -> Masks:
         """Masks of `indices` over the bound parameters (each rank's rows under FSDP2): new bool tensors

@@ -123,7 +123,7 @@ class ID3(ChosenStrategy):
         base, extra = divmod(self.size, self.total_steps)
         return min(self._available, (end + 1) * base + min(end + 1, extra))
 
-    def grows_at(self, step: int) -> bool:
+    def dense_gradients_at(self, step: int) -> bool:
         """Whether elements join at `step` (so it ranks the unchosen, from dense gradients): the schedule's
         count rises there. Known from the schedule alone, before the step's forward pass."""
         return self.target(step) > (self.target(step - 1) if step else 0)

@@ -58,7 +58,9 @@ those sized by p, and those whose strict child network is fixed (child-only grad
 
 _CHOICES = {"id3_head": ("outside", "inside"), "id3_schedule": ("ramp", "authors"),
             "bias_correction": ("element", "tensor"), "random_targets": ("all", "qv"),
-            "random_sampling": ("exact", "bernoulli"), "random_budget": ("scored", "model"),
+            "random_sampling": ("exact", "bernoulli"),
+            "dyn_start": ("random", "fisher"), "dyn_schedule": ("cosine", "linear", "constant"),
+            "dyn_importance": ("magnitude", "signal"), "random_budget": ("scored", "model"),
             "optimizer": ("torch", "authors"), "preset": PRESETS, "report_to": ("none", "tensorboard"),
             "dtype": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
 
@@ -138,6 +140,20 @@ class TrainConfig:
         "gradient alone (1: the authors' rule, every step). K > 1 trades the per-step scores for dense "
         "weight gradients on one step in K only (with child-only gradients between: the default for a "
         "causal LM when K > 1); the same budget and final size; its effect on quality is unmeasured"))
+    dyn_start: str = field(default="random", metadata=_opt(
+        "child-dyn: the first child network, 'random' (random masking's) or 'fisher' (child-d's top p)"))
+    dyn_every: int = field(default=20, metadata=_opt("child-dyn: steps between reselections"))
+    dyn_drop: float = field(default=0.3, metadata=_opt(
+        "child-dyn: share of each tensor's child elements replaced at the first reselection, decaying by "
+        "--dyn-schedule"))
+    dyn_schedule: str = field(default="cosine", metadata=_opt(
+        "child-dyn: the drop share's decay to 0 at the end of training, 'cosine' (RigL), 'linear' (SpIEL) "
+        "or 'constant'"))
+    dyn_importance: str = field(default="magnitude", metadata=_opt(
+        "child-dyn: regrow where |mean gradient| over the window is largest ('magnitude') or its mean less "
+        "1.65 standard errors ('signal', SpIEL's; window >= 2)"))
+    dyn_window: int = field(default=1, metadata=_opt(
+        "child-dyn: steps of dense gradients before each reselection, whose statistics choose the regrown"))
     bias_correction: str | None = field(default=None, metadata=_opt(
         "sparse AdamW on growing child networks: Adam's bias correction per 'element' (from when it joined) "
         "or per 'tensor' (its steps, as dense AdamW counts)"))
@@ -260,6 +276,9 @@ class TrainConfig:
         if METHODS[self.method].adapter:
             raise ConfigError(f"--fsdp with {self.method}: childtune does not shard peft adapters; LoRA keeps "
                               "little state to shard, so run it with DDP (--nproc N without --fsdp)")
+        if METHODS[self.method].network == "dynamic":
+            raise ConfigError(f"--fsdp with {self.method}: each rank would reselect among its own rows of a weight; "
+                              "run it on one process or with DDP (--nproc N without --fsdp)")
         if self.optimizer == "authors":
             raise ConfigError("--fsdp with --optimizer authors: the authors' AdamW masks whole tensors; use the "
                               "default torch optimizer")
@@ -359,13 +378,18 @@ class TrainConfig:
         _check(self.reserve_p is None or 0 < self.reserve_p <= 1, "reserve_p", self.reserve_p, "in (0, 1]")
         _check(0 < self.id3_budget < 1, "id3_budget", self.id3_budget, "a fraction in (0, 1)")
         for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "lora_rank", "lora_alpha",
-                    "max_new_tokens", "grad_accum", "id3_every"):
+                    "max_new_tokens", "grad_accum", "id3_every", "dyn_every", "dyn_window"):
             _check(getattr(self, key) >= 1, key, getattr(self, key), "at least 1")
         _check(self.max_length >= 2, "max_length", self.max_length, "at least 2")
         for key in ("train_size", "fisher_samples", "fisher_passes", "gradual_every", "eval_size"):
             value = getattr(self, key)
             _check(value is None or value >= 1, key, value, "at least 1")
         _check(0 <= self.warmup < 1, "warmup", self.warmup, "in [0, 1)")
+        _check(0 <= self.dyn_drop <= 1, "dyn_drop", self.dyn_drop, "in [0, 1]")
+        _check(self.dyn_window <= self.dyn_every, "dyn_window", self.dyn_window,
+               f"at most dyn_every ({self.dyn_every})")
+        _check(self.dyn_importance != "signal" or self.dyn_window >= 2, "dyn_window", self.dyn_window,
+               "at least 2 with dyn_importance 'signal' (it uses the window's variance)")
         _check(self.weight_decay is None or self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "> 0")
@@ -403,7 +427,8 @@ def causal_lm_notice(given: TrainConfig, done: TrainConfig) -> str | None:
         parts.insert(0, f"p {done.reserve_p:g}")
     parts.append("step in backward (no gradient clipping)" if done.optimizer_in_backward else "step after backward")
     kind = METHODS[done.method].network
-    grows = f" (dense every {done.id3_every} steps, where {done.method} grows)" if kind == "growing" else ""
+    grows = (f" (dense every {done.id3_every} steps, where {done.method} grows)" if kind == "growing" else
+             f" (dense on the {done.dyn_window} steps before each reselection)" if kind == "dynamic" else "")
     parts.append(f"child-only gradients{grows}" if done.child_only_grads else
                  f"dense gradients ({done.method}'s child network grows from them)" if kind == "growing" else
                  "dense gradients")

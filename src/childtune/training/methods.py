@@ -26,6 +26,7 @@ from childtune.strategies import (
     BitFit,
     ChildTuningD,
     ChildTuningF,
+    DropRegrow,
     FullFineTuning,
     GradualUnfreezing,
     NetworkKind,
@@ -84,6 +85,12 @@ class Settings(Protocol):
     random_sampling: str | None
     random_budget: str | None
     gradual_every: int | None
+    dyn_start: str
+    dyn_every: int
+    dyn_drop: float
+    dyn_schedule: str
+    dyn_importance: str
+    dyn_window: int
 
 
 T = TypeVar("T")
@@ -147,7 +154,7 @@ class Method:
         """Whether child-only gradients can apply to this method's child network under `c`: it is fixed,
         or it is ID3's growing every `id3_every` > 1 steps (dense gradients on those steps only; at 1 every
         step ranks dense gradients, so there is nothing to save)."""
-        return self.network == "fixed" or (self.build is _id3 and c.id3_every > 1)
+        return self.network in ("fixed", "dynamic") or (self.build is _id3 and c.id3_every > 1)
 
 
 def _gradual(config: Settings, total_steps: int, names: list[str]) -> Strategy:
@@ -170,6 +177,12 @@ def _random(c: Settings, total_steps: int, names: list[str]) -> Strategy:
                          targets=QV if c.random_targets == "qv" else (),
                          sampling=_resolved(c.random_sampling, "random_sampling"),
                          budget=_resolved(c.random_budget, "random_budget"))
+
+
+def _drop_regrow(c: Settings, total_steps: int, names: list[str]) -> Strategy:
+    return DropRegrow(_resolved(c.reserve_p, "reserve_p"), total_steps, start=c.dyn_start, every=c.dyn_every,
+                      drop=c.dyn_drop, schedule=c.dyn_schedule, importance=c.dyn_importance, window=c.dyn_window,
+                      seed=c.seed)
 
 
 def _id3(c: Settings, total_steps: int, names: list[str]) -> Strategy:
@@ -218,6 +231,9 @@ METHODS: dict[str, Method] = {
     "id3": Method(_id3, {"lr": 5e-3, "strict": True},
                   {"lr": 1e-4, "strict": False, "bias_correction": "tensor", "id3_exp": 0.0, "id3_eps": 1e-3,
                    "id3_head": "inside", "id3_schedule": "authors"}, network="growing"),
+    # Drop and regrow at random masking's size and lr (it starts as random masking, unless dyn_start='fisher'),
+    # so the two differ only in the moving: not yet measured against each other (issue 30's evidence).
+    "child-dyn": Method(_drop_regrow, {"lr": 1e-2, "reserve_p": 0.01, "strict": True}, network="dynamic"),
     "gradual": Method(_gradual, {"lr": 1e-4, "strict": True}, network="growing"),
     "lora": Method(lambda c, t, n: FullFineTuning(), {"lr": 1e-3}, adapter="lora"),
     # ID3's dynamic sparsification of LoRA (Agarwal et al., 2024): the budget is a share of the adapter

@@ -94,8 +94,8 @@ def make_optimizer(groups: list[dict[str, Any]], strategy: Strategy, config: Tra
                 raise ConfigError(f"--optimizer-in-backward steps torch's AdamW per parameter; {config.method} "
                                   "here needs the authors' AdamW or a strict restore around the whole step")
             return ChildOptimizer(groups, strategy, torch.optim.AdamW, lr=lr, fused=True, in_backward=True)
-        if config.grad_accum > 1 and strategy.needs_gradients:
-            raise ConfigError(f"{config.method} ranks the whole update's gradient, unknown before the last "
+        if config.grad_accum > 1 and (strategy.needs_gradients or strategy.kind == "dynamic"):
+            raise ConfigError(f"{config.method} reads the whole update's gradient, unknown before the last "
                               "micro-batch: --optimizer-in-backward cannot accumulate gradients for it (grad_accum 1)")
         return SparseChildAdamW(groups, strategy, lr=lr, bias_correction=bias_correction, in_backward=True)
     if sparse:
