@@ -1,6 +1,6 @@
 """The one output rule (`childtune.outputs`), run as a user would against every command that writes.
 
-One table of commands (train, compare, study, export, apply, analyze, generate), and one test per part
+One table of commands (train, compare, study, export, apply, merge, analyze, generate), and one test per part
 of the rule over all of them: what is already there and not ours is never replaced, an output on or
 inside (or around) an input is refused, a symbolic link is refused before any work, and a full disk is
 one line naming what was being written.
@@ -37,14 +37,14 @@ def env(tmp_path_factory) -> dict[str, Path]:
     bert = write_tiny_model(root / "bert", dropout=0.0)
     llama = write_tiny_llama(root / "llama")
     gen_train, gen_dev = write_generation_task(root, n_train=16, n_dev=4)
-    run = root / "run"
-    assert main(["train", "--model", str(llama), "--train", str(gen_train), "--dev", str(gen_dev),
-                 "--kind", "generation", "--method", "child-d", "--reserve-p", "0.5", "--epochs", "1",
-                 "--batch-size", "8", "--max-new-tokens", "2", "--no-progress", "--checkpoint-every", "0",
-                 "--output", str(run)]) == 0
+    for seed, run in enumerate((root / "run", root / "run2")):  # two, for `merge`
+        assert main(["train", "--model", str(llama), "--train", str(gen_train), "--dev", str(gen_dev),
+                     "--kind", "generation", "--method", "child-d", "--reserve-p", "0.5", "--epochs", "1",
+                     "--batch-size", "8", "--max-new-tokens", "2", "--no-progress", "--checkpoint-every", "0",
+                     "--seed", str(seed), "--output", str(run)]) == 0
     prompts = root / "prompts.txt"
     prompts.write_text("good day\n")
-    return {"bert": bert, "train": train, "dev": dev, "run": run, "prompts": prompts}
+    return {"bert": bert, "train": train, "dev": dev, "run": root / "run", "run2": root / "run2", "prompts": prompts}
 
 
 def bert_args(env: dict[str, Path]) -> list[str]:
@@ -76,6 +76,8 @@ COMMANDS = [
     Command("export-shira", lambda e, out: ["export", str(e["run"]), "--format", "shira", "--output", str(out)],
             lambda e: [e["run"]]),
     Command("apply", lambda e, out: ["apply", str(e["run"]), "--output", str(out)], lambda e: [e["run"]]),
+    Command("merge", lambda e, out: ["merge", str(e["run"]), str(e["run2"]), "--output", str(out)],
+            lambda e: [e["run"], e["run2"]]),
     Command("analyze", lambda e, out: ["analyze", f"a={e['run']}", "--output", str(out)], lambda e: [e["run"]]),
     Command("generate", lambda e, out: ["generate", str(e["run"]), "--input", str(e["prompts"]),
                                         "--max-new-tokens", "2", "--output", str(out)],

@@ -24,6 +24,7 @@ from childtune.cli.commands import (  # noqa: E402
     cmd_compare,
     cmd_export,
     cmd_generate,
+    cmd_merge,
     cmd_study,
     cmd_train,
 )
@@ -88,6 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--model", default=None, help="base model folder or name [the delta's base model]")
     apply.add_argument("--overwrite", action="store_true", help="replace a model childtune wrote in --output")
     apply.set_defaults(func=cmd_apply)
+
+    merge = sub.add_parser("merge", help="merge the sparse deltas of runs on one base, each its own task (TIES, "
+                           "DARE or their sum), keeping each task's head")
+    merge.add_argument("runs", nargs="+", help="run folders written by `childtune train` on the same base model")
+    merge.add_argument("--output", required=True, help="folder for one merged delta per task (with its head)")
+    merge.add_argument("--how", choices=("sum", "ties", "dare"), default="ties",
+                       help="task arithmetic, TIES (trim, elect sign, disjoint mean) or DARE (drop and rescale), as "
+                            "peft defines them [ties]")
+    merge.add_argument("--density", type=float, default=1.0,
+                       help="ties and dare: the share of each delta's changed elements kept (ties: the largest; "
+                            "dare: at random, rescaled) [1.0]")
+    merge.add_argument("--weights", default=None, help="comma-separated weight per run [1 each]")
+    merge.add_argument("--seed", type=int, default=0, help="dare's draws [0]")
+    merge.add_argument("--overwrite", action="store_true", help="replace a merge childtune wrote in --output")
+    merge.set_defaults(func=cmd_merge)
 
     generate = sub.add_parser("generate", help="complete prompts with a tuned causal LM (a run) or any causal LM",
                               description="Greedy completions of prompts, by a generation run's model (its own "

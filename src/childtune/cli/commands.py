@@ -139,6 +139,19 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from childtune.training.export import merge_runs
+
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    merged = merge_runs(args.runs, args.output, how=args.how, density=args.density, weights=weights, seed=args.seed,
+                        overwrite=args.overwrite)
+    c = next(iter(merged.values())).config
+    print(f"wrote {args.output}: {args.how} of {len(merged)} runs, {c.num_changed:,} of {c.num_elements:,} base "
+          f"weights changed, one folder per task ({', '.join(merged)}) with its own head; "
+          f"`childtune apply {Path(args.output) / next(iter(merged))}` makes that task's model")
+    return 0
+
+
 def study_from_args(args: argparse.Namespace, base: TrainConfig):
     """The study the parsed options describe, every cell starting from `base`.
 

@@ -1,5 +1,5 @@
-"""Using a finished run: its sparse delta against the base (`export_delta`), and base + delta as a
-Hugging Face model folder (`apply_delta`)."""
+"""Using a finished run: its sparse delta against the base (`export_delta`), base + delta as a Hugging
+Face model folder (`apply_delta`), and several runs' deltas merged into one change (`merge_runs`)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,45 @@ def _exporting(run: str | os.PathLike, output: str | os.PathLike, overwrite: boo
         raise FileNotFoundError(f"{run} is not a run folder (no config.json)")
     with RunFolder(output, overwrite, kind=kind, reads=[run]) as work:
         yield _run_delta(run), work
+
+
+def merge_runs(runs: list[str | os.PathLike], output: str | os.PathLike, *, how: str, density: float = 1.0,
+               weights: list[float] | None = None, seed: int = 0, overwrite: bool = False) -> dict[str, SparseDelta]:
+    """The deltas of finished runs on one base, each trained on its own task, merged by `how`
+    (`delta.task_merge`): `output/<task>/` is the merged change plus that task's own head, a delta that
+    `apply` turns into the task's model; `output/merge.json` says how it was made. Returns them by task."""
+    from childtune.delta.sparse import describe
+    from childtune.delta.task_merge import merge_tasks
+
+    folders = [Path(r) for r in runs]
+    for run in folders:
+        if not (run / "config.json").is_file():
+            raise FileNotFoundError(f"{run} is not a run folder (no config.json)")
+    names = [_task_name(run) for run in folders]
+    if len(set(names)) < len(names):  # two runs of one task: named by their folders instead
+        names = [run.resolve().name for run in folders]
+    if len(set(names)) < len(names):
+        raise DeltaError(f"the runs' tasks and folder names both repeat ({', '.join(names)}): rename a folder")
+    with RunFolder(output, overwrite, kind="merged delta", reads=folders) as work:
+        deltas = [_run_delta(run) for run in folders]
+        entries = merge_tasks(deltas, how, density=density, weights=weights, seed=seed)
+        merged = {}
+        for name, delta in zip(names, deltas, strict=True):
+            c = delta.config
+            merged[name] = SparseDelta(describe(
+                entries, delta.dense, method=f"{how}({','.join(d.config.method for d in deltas)})",
+                hparams=c.hparams, base_model=c.base_model, base_fingerprint=c.base_fingerprint,
+                base_files=c.base_files, dense_patterns=c.dense_patterns, num_elements=c.num_elements),
+                entries, delta.dense)
+            merged[name].save(work / name)
+        write_json(work / "merge.json", {"how": how, "density": density, "weights": weights, "seed": seed,
+                                         "tasks": {n: str(r.resolve()) for n, r in zip(names, folders, strict=True)}})
+    return merged
+
+
+def _task_name(run: Path) -> str:
+    config = TrainConfig.load_json(run / "config.json")
+    return config.task if config.train_file is None and config.task else Path(config.train_file or run).stem
 
 
 def _run_delta(run: Path) -> SparseDelta:
