@@ -57,13 +57,26 @@ evidence: install
 	$(STUDY) --name llm-math --model smollm2-135m --tasks math --seeds 1-3 --train-size 96 --epochs 2 \
 		--eval-size 40 --max-length 64 --max-new-tokens 8 --chat-template \
 		--methods full,child-f,child-d,id3,random,lora,id3-lora --output runs/evidence/llm-math
-	# the selective methods again at the causal-LM defaults of issue 29 (bf16, fp32 child masters, step in backward,
-	# child-only gradients, child-d p 0.05), beside the fp32 cells above
+	# the selective methods again at the causal-LM defaults of issue 29 (random, id3: bf16, fp32 child masters, step in
+	# backward, child-only gradients; child-d: fp32, step after backward, child-only gradients, p 0.05), beside the
+	# fp32 cells above
 	$(STUDY) --name llm-math-lean --model smollm2-135m --tasks math --seeds 1-3 --train-size 96 --epochs 2 \
 		--eval-size 40 --max-length 64 --max-new-tokens 8 --chat-template \
 		--methods child-d,random,id3 --output runs/evidence/llm-math-lean
-	$(STUDY) --name llm-math-lean-p --grid '{"child-d": {"reserve_p": [0.1, 0.3]}}' --model smollm2-135m \
-		--tasks math --seeds 1-3 --train-size 96 --epochs 2 --eval-size 40 --max-length 64 --max-new-tokens 8 \
-		--chat-template --methods child-d --output runs/evidence/llm-math-lean-p
+	# child-d's causal-LM settings, one factor at a time and together (weights x step placement x p), and lr
+	# at the leanest (how its default was chosen: training/methods.py, _CAUSAL_CHILD_D)
+	$(STUDY) --name llm-child-d-settings --model smollm2-135m --tasks math --seeds 1-3 --train-size 96 --epochs 2 \
+		--grid '{"child-d": {"dtype": ["bf16", "fp32"], "optimizer_in_backward": [true, false], "reserve_p": [0.05, 0.1, 0.3]}}' \
+		--eval-size 40 --max-length 64 --max-new-tokens 8 --chat-template --methods child-d \
+		--output runs/evidence/llm-child-d-settings
+	$(STUDY) --name llm-child-d-lr --model smollm2-135m --tasks math --seeds 1-3 --train-size 96 --epochs 2 \
+		--grid '{"child-d": {"lr": [0.001, 0.003], "dtype": ["bf16"], "optimizer_in_backward": [true], "reserve_p": [0.05]}}' \
+		--eval-size 40 --max-length 64 --max-new-tokens 8 --chat-template --methods child-d \
+		--output runs/evidence/llm-child-d-lr
 	$(STUDY) --name llm-snli --model smollm2-135m --tasks snli --seeds 1-3 --train-size 200 --epochs 2 \
 		--eval-size 200 --max-length 96 --methods full,child-f,child-d,lora --output runs/evidence/llm-snli
+	# issue 30.4a: a moving child network against fixed ones of the same size (1% of the weights, the lr random
+	# masking was tuned at for that size, for every method), and BitFit beside them
+	$(STUDY) --name moving --seeds 1-5 --tasks mr,bbc-news,spam --train-size 1000 \
+		--grid '{"child-dyn": {"dyn_start": ["random", "fisher"]}, "child-d": {"reserve_p": [0.01], "lr": [0.01]}, "pafi": {"reserve_p": [0.01], "lr": [0.01]}}' \
+		--methods child-dyn,child-d,random,pafi,bitfit --output runs/evidence/moving

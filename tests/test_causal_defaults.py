@@ -28,6 +28,7 @@ from test_families import write_tiny_llama
 
 LEAN = ("bf16", True, True)
 DENSE = ("fp32", False, False)
+CHILD_D = ("fp32", False, True)  # child-d keeps fp32 and the step after backward (its clipping): _CAUSAL_CHILD_D
 
 
 def run_settings(processes: int = 1, **given) -> tuple[str | None, bool | None, bool | None]:
@@ -36,7 +37,8 @@ def run_settings(processes: int = 1, **given) -> tuple[str | None, bool | None, 
 
 
 @pytest.mark.parametrize(("method", "task", "want"), [
-    ("child-d", "math", LEAN), ("child-d-random", "math", LEAN), ("random", "math", LEAN),
+    ("child-d", "math", CHILD_D), ("child-d-random", "math", CHILD_D), ("random", "math", LEAN),
+    ("pafi", "math", LEAN), ("child-dyn", "math", LEAN),
     ("id3", "math", ("bf16", True, False)), ("gradual", "math", ("bf16", True, False)),
     ("full", "math", DENSE), ("lora", "math", DENSE), ("child-f", "math", DENSE), ("id3-lora", "math", DENSE),
     ("child-d", "mr", DENSE), ("random", "snli", DENSE), ("id3", "mr", DENSE),
@@ -45,8 +47,9 @@ def test_run_settings_resolve_by_task_kind_and_method(method, task, want):
     assert run_settings(method=method, task=task) == want
 
 
-def test_p_of_child_d_on_a_causal_lm_is_its_own_default(tmp_path):
-    assert TrainConfig(model="x", task="math", method="child-d").resolved().reserve_p == 0.05
+def test_child_d_on_a_causal_lm_has_its_own_p_and_keeps_clipping(tmp_path):
+    done = TrainConfig(model="x", task="math", method="child-d").resolved()
+    assert (done.reserve_p, done.max_grad_norm, done.optimizer_in_backward) == (0.05, 1.0, False)
     assert TrainConfig(model="x", task="mr", method="child-d").resolved().reserve_p == 0.3
     assert TrainConfig(model="x", task="math", method="child-d", reserve_p=0.2).resolved().reserve_p == 0.2
     authors = TrainConfig(model="x", task="math", method="child-d", preset="authors").resolved()
@@ -56,7 +59,7 @@ def test_p_of_child_d_on_a_causal_lm_is_its_own_default(tmp_path):
 def test_your_files_are_a_causal_lm_run_when_they_are_generation(tmp_path):
     train, dev = write_generation_task(tmp_path, n_train=4, n_dev=2)
     files = {"task": None, "train_file": str(train), "dev_file": str(dev), "method": "child-d"}
-    assert run_settings(**files) == LEAN  # prompt and target columns: generation, as load_files reads them
+    assert run_settings(**files) == CHILD_D  # prompt and target columns: generation, as load_files reads them
     assert run_settings(**files, kind="classification") == DENSE
     labelled = tmp_path / "labelled.jsonl"
     labelled.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n')
@@ -64,20 +67,22 @@ def test_your_files_are_a_causal_lm_run_when_they_are_generation(tmp_path):
 
 
 def test_each_setting_can_be_opted_out_of_alone():
-    assert run_settings(task="math", method="child-d", dtype="fp32") == ("fp32", True, True)
-    assert run_settings(task="math", method="child-d", optimizer_in_backward=False) == ("bf16", False, True)
-    assert run_settings(task="math", method="child-d", child_only_grads=False) == ("bf16", True, False)
-    assert TrainConfig(model="x", task="math", method="child-d", optimizer_in_backward=False).resolved(
+    assert run_settings(task="math", method="random", dtype="fp32") == ("fp32", True, True)
+    assert run_settings(task="math", method="random", optimizer_in_backward=False) == ("bf16", False, True)
+    assert run_settings(task="math", method="random", child_only_grads=False) == ("bf16", True, False)
+    assert TrainConfig(model="x", task="math", method="random", optimizer_in_backward=False).resolved(
     ).max_grad_norm == 1.0  # clipping stays with the step after backward
+    assert run_settings(task="math", method="child-d", optimizer_in_backward=True, dtype="bf16") == LEAN  # opt in
     assert run_settings(task="mr", method="child-d", child_only_grads=True) == ("fp32", False, True)  # opt in
 
 
 def test_what_a_run_cannot_use_is_left_off_or_refused():
-    assert run_settings(task="math", method="child-d", processes=2) == ("bf16", False, False)  # DDP
-    assert run_settings(task="math", method="child-d", processes=2, fsdp=True) == ("bf16", True, False)
-    assert run_settings(task="math", method="child-d", nonfinite="skip") == ("bf16", False, True)
+    assert run_settings(task="math", method="random", processes=2) == ("bf16", False, False)  # DDP
+    assert run_settings(task="math", method="random", processes=2, fsdp=True) == ("bf16", True, False)
+    assert run_settings(task="math", method="random", nonfinite="skip") == ("bf16", False, True)
     assert run_settings(task="math", method="id3", grad_accum=2) == ("bf16", False, False)
-    assert run_settings(task="math", method="child-d", grad_accum=2) == LEAN
+    assert run_settings(task="math", method="random", grad_accum=2) == LEAN
+    assert run_settings(task="math", method="child-dyn", grad_accum=2) == ("bf16", False, True)
     for method in ("id3", "gradual", "full", "lora", "child-f"):
         with pytest.raises(ConfigError, match="child_only_grads needs a fixed, strict child network"):
             TrainConfig(model="x", task="math", method=method, child_only_grads=True).resolved()
@@ -110,10 +115,16 @@ def test_resolved_settings_are_saved_and_stable():
 
 
 def test_the_notice_names_what_runs_and_the_opt_outs():
-    given = TrainConfig(model="x", task="math", method="child-d")
+    given = TrainConfig(model="x", task="math", method="random")
     assert causal_lm_notice(given, given.resolved()) == (
-        "causal LM: p 0.05, bf16 weights, fp32 child masters, step in backward (no gradient clipping), "
+        "causal LM: bf16 weights, fp32 child masters, step in backward (no gradient clipping), "
         "child-only gradients (opt out: --dtype fp32, --no-optimizer-in-backward, --no-child-only-grads)")
+    child_d = TrainConfig(model="x", task="math", method="child-d")
+    assert causal_lm_notice(child_d, child_d.resolved()) == (
+        "causal LM: p 0.05, fp32 weights, step after backward, child-only gradients (opt out: --no-child-only-grads)")
+    dyn = TrainConfig(model="x", task="math", method="child-dyn", dyn_window=3)
+    assert "child-only gradients (dense on the 3 steps before each reselection)" in causal_lm_notice(
+        dyn, dyn.resolved())
     id3 = TrainConfig(model="x", task="math", method="id3")
     assert "dense gradients (id3's child network grows from them)" in causal_lm_notice(id3, id3.resolved())
     for quiet in (TrainConfig(model="x", task="mr", method="child-d"), TrainConfig(model="x", task="math"
@@ -234,7 +245,7 @@ def test_a_resumed_run_with_child_only_gradients_ends_as_an_uninterrupted_one(ge
     from childtune.training.runfolder import partial_dir
 
     whole, run = tmp_path / "whole", tmp_path / "run"
-    cli_run(generation, whole, "--method", "child-d", "--reserve-p", "0.3", "--lr", "1e-2")
+    cli_run(generation, whole, "--method", "random", "--reserve-p", "0.3", "--lr", "1e-2")
     config = TrainConfig.load_json(whole / "config.json")
     assert (config.dtype, config.optimizer_in_backward, config.child_only_grads) == LEAN
     with pytest.raises(Crash):

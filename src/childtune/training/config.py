@@ -329,7 +329,7 @@ class TrainConfig:
     def causal_lm_run(self, strict: bool) -> bool:
         """Whether this run trains a causal LM (a generation task) with a strict child network that the
         sparse optimizer steps (every method but full, child-f and the LoRA ones), so that its unset run
-        settings resolve to `CAUSAL_LM` (and its p to the method's `causal_lm`). Reads the train file's
+        settings resolve to `CAUSAL_LM` (and the method's `causal_lm`). Reads the train file's
         columns only when one of those settings is unset and `kind` does not say."""
         spec = METHODS[self.method]
         unset = any(getattr(self, key) is None for key in (*CAUSAL_LM, *spec.causal_lm))
@@ -404,16 +404,19 @@ class TrainConfig:
 
 def _run_settings(config: TrainConfig, spec: Method, causal: bool, processes: int) -> dict[str, Any]:
     """`CAUSAL_LM` for a causal LM's selective run (`causal`), less what this run cannot use, else
-    `DENSE_RUN`. The step in backward needs one process or FSDP2 (DDP reduces gradients in its own hooks),
+    `DENSE_RUN` (a method's `causal_lm` may take a lean setting back). The step in backward needs one
+    process or FSDP2 (DDP reduces gradients in its own hooks),
     a non-finite step that stops the run, and, for a growing child network, one micro-batch per update (ID3
     ranks the whole update's gradient); child-only gradients need a fixed child network, or ID3 growing every
     K > 1 steps (`Method.child_only`), on one process."""
     if not causal:
         return DENSE_RUN
+    lean = {**CAUSAL_LM, **{key: value for key, value in spec.causal_lm.items() if key in CAUSAL_LM}}
     ddp = processes > 1 and not config.fsdp
-    in_backward = not ddp and config.nonfinite == "stop" and (config.grad_accum == 1 or spec.network == "fixed")
-    child_only = spec.child_only(config) and processes == 1 and not config.fsdp
-    return {**CAUSAL_LM, "optimizer_in_backward": in_backward, "child_only_grads": child_only}
+    in_backward = lean["optimizer_in_backward"] and not ddp and config.nonfinite == "stop" and (
+        config.grad_accum == 1 or spec.network == "fixed")
+    child_only = lean["child_only_grads"] and spec.child_only(config) and processes == 1 and not config.fsdp
+    return {**lean, "optimizer_in_backward": in_backward, "child_only_grads": child_only}
 
 
 def causal_lm_notice(given: TrainConfig, done: TrainConfig) -> str | None:

@@ -50,7 +50,8 @@ PRESET_FIELDS = ("lr", "reserve_p", *BASE)
 
 CAUSAL_LM: dict[str, Any] = {"dtype": "bf16", "optimizer_in_backward": True, "child_only_grads": True}
 """How a causal LM (a generation task) trained with a strict child network resolves these fields when
-they are not given: the cheapest exact setting. bf16 weights with fp32 masters of the child elements
+they are not given (a method's `causal_lm` may take one back, as child-d does bf16 and the step in
+backward): the cheapest setting that keeps the method's answers. bf16 weights with fp32 masters of the child elements
 only (the sparse optimizer's), each parameter stepped inside backward so the model's gradients never
 coexist, and the gradient of a fixed child network's Linear weights computed at its elements only (no
 dense dW; for ID3 only where it grows every K > 1 steps, `id3_every`: dense on its growth steps). The
@@ -125,8 +126,8 @@ class Method:
 
     `network` is how the strategy's child network changes (`Strategy.kind`: a test checks they agree),
     known before any strategy is built: a fixed one can have child-only gradients, and ID3's growing one
-    when it grows every K > 1 steps (`child_only`). `causal_lm`
-    overrides the `childtune` preset for causal LMs (see `CAUSAL_LM`).
+    when it grows every K > 1 steps (`child_only`). `causal_lm` overrides, for a causal LM, the
+    `childtune` preset's fields and the lean run settings of `CAUSAL_LM` that cost the method its answers.
     """
 
     build: Builder
@@ -196,18 +197,19 @@ def _id3(c: Settings, total_steps: int, names: list[str]) -> Strategy:
 _CHILD_TUNING = {"lr": 4e-5, "reserve_p": 0.3, "strict": False, "optimizer": "authors"}
 _CHILD_D = {**_CHILD_TUNING, "rest": "train", "fisher_train_mode": True, "fisher_clip": 1.0}
 
-# Child-Tuning_D's p on causal LMs. Its 0.3 was the paper's choice for BERT-size encoders; on a causal LM
-# in bf16 it costs more optimizer state than full fine-tuning: SparseChildAdamW keeps an fp32 master, two
-# fp32 moments and an int32 index per child element (16 bytes), so p = 0.3 is 4.8 bytes per weight, above
-# the 4 bytes of torch's AdamW over bf16 weights (moments in the weights' dtype) and 60% of its 8 with fp32
-# moments; break-even is p = 0.25 and 0.5. The evidence on an LLM is thin: SmolLM2-135M on math (96
-# questions, 12 updates, 3 seeds; docs/RESULTS.md, issue 16d) has child-d only at 0.3 (+2.5 exact-match
-# points over full, one question, n.s., 382 MB of state) but random masking at 1% level with full and ID3
-# at 0.5% within 1.7 points, i.e. a few percent of the weights suffice at these sizes. 0.05 is 0.8 bytes
-# per weight (a fifth of bf16 AdamW's), inside the densities of sparse fine-tuning of LLMs (SpIEL,
-# Ansell et al. 2024, about 1-5%), and nearer the 0.3 that child-d's lr 2e-4 was tuned at than 1% is;
-# child-d at 0.05 on an LLM has not been measured here (neither has its lr there).
-_CAUSAL_CHILD_D = {"reserve_p": 0.05}
+# Child-Tuning_D on a causal LM: fp32 weights, the step after backward (with its global-norm clipping),
+# child-only gradients, p 0.05, chosen on evidence: SmolLM2-135M on math (96 questions, 12 updates, 3 seeds,
+# 40 dev questions; docs/RESULTS.md, "Child-Tuning_D on a causal LM"), mean dev exact match:
+#   p 0.3:  fp32, after backward 0.258 (the committed cells) | bf16, after 0.200 | fp32, in backward 0.225 |
+#           bf16, in backward 0.083
+#   p 0.05: fp32, after 0.208 | bf16, after 0.133 | fp32, in backward 0.108 | bf16, in backward 0.092
+# bf16 weights cost child-d about 0.06 dev at either p, the step in backward (no clipping) more, and the two
+# together lose most of what it learns at every p (0.05, 0.1, 0.3) and lr (2e-4, 1e-3, 3e-3) tried; random
+# masking and ID3 lose nothing at the lean settings. Within noise of the committed cells (paired over seeds,
+# dev and test) are fp32 after backward at p 0.05 and bf16 after backward at p 0.3; the first is the cheaper:
+# fp32 weights and 12 bytes of state per child element (moments, index) is 4.6 bytes per weight, against
+# 2 + 16 x 0.3 = 6.8 for bf16 weights with fp32 masters at p 0.3.
+_CAUSAL_CHILD_D = {"reserve_p": 0.05, "dtype": "fp32", "optimizer_in_backward": False}
 
 # The ID3 toolkit's PaFi and BitFit (`base_optimizer.py`, `examples/vit_trainer.py`): torch AdamW on masked
 # gradients, lr 1e-4, weight decay forced to 0.
