@@ -15,6 +15,7 @@ AdamW on masked gradients) counts the tensor's steps instead (`bias_correction="
 constant gradient, a late joiner's first update under tensor counting is 0.48x that of a fresh element
 when it joins at step 10, 0.98x at step 100 and 2.5x at step 1000 (Adam's first moment is corrected
 too little early on, its second far too little late), so neither choice is harmless.
+The state's layout and the AdamW arithmetic on it are in `optim/sparse_state.py`.
 Semantics are strict: nothing outside the child network moves, weight decay included. Parameters the
 strategy does not mask (the task head) keep dense state; fully frozen ones keep none.
 
@@ -59,7 +60,6 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from childtune.masks import index_dtype
 from childtune.optim.child_grad import ChildGrads
 from childtune.optim.common import (
     by_name,
@@ -71,13 +71,13 @@ from childtune.optim.common import (
     step_in_backward,
     unnamed,
 )
+from childtune.optim.sparse_state import LOW_PRECISION, adamw, add_cohort, append, child_grad, drop, size_of
 from childtune.shards import local, only_reading
 from childtune.strategies.base import Strategy
 from childtune.strategies.id3 import ID3
 
 _LAYOUT = ("index", "master", "exp_avg", "exp_avg_sq")
 """State that torch's loader would cast to the parameter's dtype (integers, and fp32 kept for bf16 weights)."""
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class SparseChildAdamW(Optimizer):
@@ -267,7 +267,7 @@ class SparseChildAdamW(Optimizer):
             index = self.strategy.network(self.steps).get(name)
         state = self._sync(param, index)
         if "exp_avg" in state:
-            grad = _child_grad(param, state, self._in_state_order(param, state, delivered))
+            grad = child_grad(param, state, self._in_state_order(param, state, delivered))
             if param in self._buffers:  # earlier micro-batches' child gradients, then this one's: as autograd adds
                 grad = self._buffers.pop(param).add_(grad)
             if self.accumulating:
@@ -275,7 +275,7 @@ class SparseChildAdamW(Optimizer):
                 param.grad = None
                 return
             state["step"] += 1
-            _adamw(self._group_of[param], [(param, state)], [grad])
+            adamw(self._group_of[param], [(param, state)], [grad])
         elif not self.accumulating:
             state["step"] += 1
         param.grad = None
@@ -326,8 +326,8 @@ class SparseChildAdamW(Optimizer):
                 state["step"] += 1
                 if "exp_avg" in state:
                     live.append((p, state))
-                    grads.append(_child_grad(p, state, self._in_state_order(p, state, delivered)))
-            _adamw(group, live, grads)
+                    grads.append(child_grad(p, state, self._in_state_order(p, state, delivered)))
+            adamw(group, live, grads)
         self.steps += 1
         self._follow_network()
         return loss
@@ -341,18 +341,18 @@ class SparseChildAdamW(Optimizer):
         grad, indices = grads[admitted], offered[admitted]
         state = self.state[param]
         joined = state["step"] - 1 if self.bias_correction == "element" else 0  # the hook counted this step
-        _append(state, param, indices, joined)
+        append(state, param, indices, joined)
         n = len(indices)  # the joiners' slices of the state: views, so the update below writes into it
         tail = {k: state[k][-n:] for k in ("index", "exp_avg", "exp_avg_sq", "master") if k in state}
         tail.update(step=state["step"], cohort_sizes=[n], cohort_joined=[joined])
-        _adamw(self._group_of[param], [(param, tail)], [grad.float() if "master" in tail else grad])
+        adamw(self._group_of[param], [(param, tail)], [grad.float() if "master" in tail else grad])
 
     def _take_joined(self, param: torch.Tensor, indices: torch.Tensor | None) -> dict[str, Any]:
         """ID3 after its first step: append the elements its last growth admitted (`ID3.joined`), which is
         what `_sync` would find by comparing the whole index."""
         state: dict[str, Any] = self.state[param]
         if indices is not None and len(indices):
-            _append(state, param, indices, state["step"] if self.bias_correction == "element" else 0)
+            append(state, param, indices, state["step"] if self.bias_correction == "element" else 0)
         return state
 
     def _sync(self, param: torch.Tensor, index: torch.Tensor | None) -> dict[str, Any]:
@@ -364,8 +364,8 @@ class SparseChildAdamW(Optimizer):
             return state  # the index the state was synced to (a fixed one never changes; a new one is a new tensor)
         self._seen[param] = index
         if self.strategy.kind == "dynamic" and index is not None and "index" in state:
-            _drop(state, torch.isin(state["index"], index))  # elements that left: their state goes
-        had = _size(param, state)
+            drop(state, torch.isin(state["index"], index))  # elements that left: their state goes
+        had = size_of(param, state)
         param = local(param)  # the rank's rows under FSDP2: its index and state are of those alone
         now = param.numel() if index is None else len(index)
         if now == had:
@@ -375,127 +375,19 @@ class SparseChildAdamW(Optimizer):
                                "supports only fixed or growing child networks")
         joined = state["step"] if self.bias_correction == "element" else 0  # "tensor": counted from its first step
         if had == 0 and now == param.numel():  # whole from the start (or the head): dense state, no index
-            low = param.dtype in _LOW_PRECISION  # keep an fp32 master, and fp32 moments
+            low = param.dtype in LOW_PRECISION  # keep an fp32 master, and fp32 moments
             moments = torch.float32 if low else param.dtype
             state.update(exp_avg=torch.zeros_like(param, dtype=moments),
                          exp_avg_sq=torch.zeros_like(param, dtype=moments))
             if low:
                 state["master"] = param.detach().float().clone()
-            _add_cohort(state, joined, now)
+            add_cohort(state, joined, now)
         else:  # `had` is 0 or a partial index here: dense state is already whole, so it cannot have grown
             fresh = torch.arange(param.numel(), device=param.device) if index is None else index
             if "index" in state:  # the joiners, in index order (sorted, as the strategy's index is)
                 fresh = fresh[~torch.isin(fresh, state["index"])]
-            _append(state, param, fresh, joined)
+            append(state, param, fresh, joined)
         return state
-
-
-def _append(state: dict[str, Any], param: torch.Tensor, added: torch.Tensor, joined: int) -> None:
-    """Append elements `added` (flat indices) to a sparse state: zero moments, fp32 masters for
-    low-precision weights, and their cohort (tensor step `joined`)."""
-    param = local(param)
-    low = param.dtype in _LOW_PRECISION  # keep fp32 masters of the child elements, and fp32 moments
-    added = added.to(param.device, index_dtype(param.numel()))
-    new = torch.zeros(len(added), dtype=torch.float32 if low else param.dtype, device=param.device)
-    tails = [("exp_avg", new), ("exp_avg_sq", new)]
-    if low:
-        tails.append(("master", param.detach().view(-1).index_select(0, added.long()).float()))
-    for key, tail in tails:
-        state[key] = torch.cat([state[key], tail]) if key in state else tail.clone()
-    # the first index is the strategy's own tensor (a fixed network's whole index): shared, not copied,
-    # since neither side changes an index in place (a grown one is always a new tensor)
-    state["index"] = torch.cat([state["index"], added]) if "index" in state else added
-    _add_cohort(state, joined, len(added))
-
-
-def _drop(state: dict[str, Any], keep: torch.Tensor) -> None:
-    """Remove from a sparse state the elements `keep` (over its index) does not hold: their index entries,
-    moments and masters (the weight keeps its value), and their places in the cohorts."""
-    for key in ("index", "exp_avg", "exp_avg_sq", "master"):
-        if key in state:
-            state[key] = state[key][keep]
-    joined = torch.repeat_interleave(torch.tensor(state["cohort_joined"]), torch.tensor(state["cohort_sizes"]))
-    runs, sizes = torch.unique_consecutive(joined[keep], return_counts=True)
-    state["cohort_joined"], state["cohort_sizes"] = runs.tolist(), sizes.tolist()
-
-
-def _child_grad(param: torch.Tensor, state: Mapping[str, Any], delivered: torch.Tensor | None = None) -> torch.Tensor:
-    """`param`'s gradient at its child elements (all of it for dense state), fp32 for a master copy: from
-    `.grad`, plus the child-only gradient `delivered` by backward (`child_only_grads`; alone where the
-    weight has no use outside its Linear layers, so `.grad` is None)."""
-    if param.grad is None:
-        if delivered is None:
-            raise RuntimeError("a parameter with neither .grad nor a child-only gradient has no child gradient")
-        return delivered
-    index = state.get("index")
-    grad = local(param.grad)
-    grad = grad if index is None else grad.reshape(-1).index_select(0, index)
-    grad = grad.float() if "master" in state else grad
-    return grad if delivered is None else grad + delivered
-
-
-def _add_cohort(state: dict[str, Any], joined: int, count: int) -> None:
-    """Record `count` elements appended to the state that joined at tensor step `joined` (runs merged)."""
-    sizes, starts = state.setdefault("cohort_sizes", []), state.setdefault("cohort_joined", [])
-    if starts and starts[-1] == joined:
-        sizes[-1] += count
-    else:
-        sizes.append(count)
-        starts.append(joined)
-
-
-def _size(param: torch.Tensor, state: Mapping[str, Any]) -> int:
-    if "index" in state:
-        return len(state["index"])
-    return local(param).numel() if "exp_avg" in state else 0
-
-
-def _adamw(group: Mapping[str, Any], live: list[tuple[torch.Tensor, dict[str, Any]]],
-           grads: list[torch.Tensor] | None = None) -> None:
-    """torch.optim.AdamW's update on the child elements of every live parameter of one group (their
-    gradients gathered from `.grad`, or given in `grads`, one vector per live parameter)."""
-    if not live:
-        return
-    beta1, beta2 = group["betas"]
-    lr, wd, eps = float(group["lr"]), group["weight_decay"], group["eps"]
-    values, gathered = [], []
-    for param, s in live:  # dense parameters are updated in place; sparse ones through gathered copies
-        p = local(param)
-        index = s.get("index")
-        if "master" in s:  # low-precision weights: the update runs on the fp32 master of the child elements
-            values.append(s["master"])
-        else:
-            values.append(p if index is None else p.view(-1).index_select(0, index))
-        if grads is None:
-            gathered.append(_child_grad(param, s))
-    grads = gathered if grads is None else grads
-    avgs, sqs = [s["exp_avg"] for _, s in live], [s["exp_avg_sq"] for _, s in live]
-    if wd:
-        torch._foreach_mul_(values, 1.0 - lr * wd)
-    torch._foreach_lerp_(avgs, grads, 1.0 - beta1)
-    torch._foreach_mul_(sqs, beta2)
-    torch._foreach_addcmul_(sqs, grads, grads, 1.0 - beta2)
-    denom = torch._foreach_sqrt(sqs)
-    one = [i for i, (_, s) in enumerate(live) if len(s["cohort_joined"]) == 1]
-    if one:  # one step count per tensor: python-float scalars, exactly as torch computes them
-        counts = [live[i][1]["step"] - live[i][1]["cohort_joined"][0] for i in one]
-        torch._foreach_div_([denom[i] for i in one], [(1 - beta2**t) ** 0.5 for t in counts])
-        torch._foreach_add_([denom[i] for i in one], eps)
-        torch._foreach_addcdiv_([values[i] for i in one], [avgs[i] for i in one], [denom[i] for i in one],
-                                [-lr / (1 - beta1**t) for t in counts])
-    for i, (_, s) in enumerate(live):
-        if len(s["cohort_joined"]) > 1:  # elements that joined at different steps: per-element corrections
-            t = s["step"] - torch.tensor(s["cohort_joined"], dtype=torch.float64)
-            sizes, k = torch.tensor(s["cohort_sizes"]), len(s["exp_avg"])
-            bc2 = torch.repeat_interleave((1 - beta2**t).sqrt().float(), sizes, output_size=k)
-            size = torch.repeat_interleave((-lr / (1 - beta1**t)).float(), sizes, output_size=k)
-            values[i].add_(avgs[i].div(denom[i].div_(bc2).add_(eps)).mul_(size))
-    for (p, s), v in zip(live, values, strict=True):
-        p = local(p)
-        if "index" in s:
-            p.view(-1).index_put_((s["index"],), v.to(p.dtype))  # a master is written back rounded
-        elif "master" in s:
-            p.copy_(v)
 
 
 def state_bytes(optimizer: Optimizer) -> int:
