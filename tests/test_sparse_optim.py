@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 from dataclasses import dataclass, field
@@ -409,3 +410,37 @@ def test_an_optimizer_stepping_in_backward_dies_with_its_last_reference(sparse):
     before = [p.detach().clone() for p in model.parameters()]
     torch.nn.functional.mse_loss(model(x), y).backward()
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+def test_id3_in_backward_keeps_its_offers_near_the_growth_and_admits_the_same():
+    """Eight tensors each offering its best `grow` would hold 8 x grow candidates; the offers are cut back to
+    the best `grow` of them all whenever they pass 2 x grow, and the admitted set is the ordinary step's."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(12, 12) for _ in range(4)]
+    model = torch.nn.Sequential(*[m for layer in layers for m in (layer, torch.nn.Tanh())])
+    twin = copy.deepcopy(model)
+
+    def named(m):
+        return {f"layer.{i}.{kind}": getattr(m[2 * i], attr) for i in range(4)
+                for kind, attr in (("w", "weight"), ("b", "bias"))}
+
+    ordinary = SparseChildAdamW(named(model), ID3(40, total_steps=4, scope="all"), lr=LR)
+    hooked = SparseChildAdamW(named(twin), ID3(40, total_steps=4, scope="all"), lr=LR, in_backward=True)
+    held = []
+    keep = hooked._keep_best_offers
+
+    def spy(grow):
+        keep(grow)
+        held.append((sum(len(o[0]) for o in hooked._offers.values()), grow))
+
+    hooked._keep_best_offers = spy
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(8, 12, generator=g), torch.randn(8, 12, generator=g)
+        for m, opt in ((model, ordinary), (twin, hooked)):
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        assert all(torch.equal(hooked.strategy.chosen[n], c) for n, c in ordinary.strategy.chosen.items())
+    assert max(count for count, _ in held) <= 2 * max(grow for _, grow in held)
+    assert len(held) == 4 * 8  # every tensor offered on every growing step

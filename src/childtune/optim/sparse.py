@@ -28,7 +28,8 @@ its gradient at once, so a model's full set of gradients never coexists. It is e
 chosen without the step's gradients (fixed ones, gradual unfreezing): the same arithmetic as `step()`
 on each parameter. ID3 ranks the whole step's gradients, so its hook splits the step in two: it updates
 the elements already chosen and keeps only the tensor's best `grow` candidates (scores, flat indices and
-their gradient values: at most `grow` of each); after backward `step()` admits the global best `grow` of
+their gradient values: at most `grow` of each, and once all tensors' offers pass 2 x `grow`, only those
+not below the best `grow` of them all); after backward `step()` admits the global best `grow` of
 all candidates (the same set as the global top-k, see `ID3.masks`) and gives those joiners their first
 update from the kept gradient values, which is the update `step()` would have given them. Global-norm
 clipping needs every gradient before any update, so it is not possible there (the training loop turns
@@ -262,6 +263,7 @@ class SparseChildAdamW(Optimizer):
             offer = self.strategy.candidates(name, param.grad, self._grow)
             if offer is not None and param.grad is not None:  # (an offer is made from .grad alone)
                 self._offers[name] = (*offer, local(param.grad).reshape(-1)[offer[1]].clone())
+                self._keep_best_offers(self._grow)
             index = self.strategy.require_chosen().get(name)
         else:
             index = self.strategy.network(self.steps).get(name)
@@ -331,6 +333,19 @@ class SparseChildAdamW(Optimizer):
         self.steps += 1
         self._follow_network()
         return loss
+
+    def _keep_best_offers(self, grow: int) -> None:
+        """Once the tensors' offers hold more than 2 x `grow` candidates, drop those below the best `grow` of
+        them all (ties at the cut kept): the global best `grow`, which `ID3.admit` takes, is among the rest, so
+        the offers stay within about 2 x `grow` candidates, where each tensor keeping its own best `grow` held
+        up to `grow` per tensor (at ID3 growing every 10 steps on a 185.6M Llama, 1.2 GB)."""
+        if sum(len(o[0]) for o in self._offers.values()) <= 2 * grow:
+            return
+        cut = torch.topk(torch.cat([o[0] for o in self._offers.values()]), grow, sorted=False).values.min()
+        for name, (scores, indices, grads) in list(self._offers.items()):
+            keep = scores >= cut
+            if not keep.all():
+                self._offers[name] = (scores[keep], indices[keep.to(indices.device)], grads[keep.to(grads.device)])
 
     def _join(self, name: str, indices: torch.Tensor) -> None:
         """ID3 in backward: elements admitted after backward get the first update `step()` would have given
