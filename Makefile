@@ -75,8 +75,8 @@ evidence: install
 		--output runs/evidence/llm-child-d-lr
 	$(STUDY) --name llm-snli --model smollm2-135m --tasks snli --seeds 1-3 --train-size 200 --epochs 2 \
 		--eval-size 200 --max-length 96 --methods full,child-f,child-d,lora --output runs/evidence/llm-snli
-	# issue 30.4a: a moving child network against fixed ones of the same size (1% of the weights, the lr random
-	# masking was tuned at for that size, for every method), and BitFit beside them
+	# issue 30.4a: a moving child network against fixed ones of the same size (1% of the weights), each method's lr
+	# chosen on dev from three (the same rule for all), and BitFit beside them
 	$(STUDY) --name moving --seeds 1-5 --tasks mr,bbc-news,spam --train-size 1000 \
-		--grid '{"child-dyn": {"dyn_start": ["random", "fisher"]}, "child-d": {"reserve_p": [0.01], "lr": [0.01]}, "pafi": {"reserve_p": [0.01], "lr": [0.01]}}' \
+		--grid '{"child-dyn": {"dyn_start": ["random", "fisher"], "lr": [0.001, 0.003, 0.01]}, "child-d": {"reserve_p": [0.01], "lr": [0.001, 0.003, 0.01]}, "random": {"lr": [0.001, 0.003, 0.01]}, "pafi": {"reserve_p": [0.01], "lr": [0.001, 0.003, 0.01]}}' \
 		--methods child-dyn,child-d,random,pafi,bitfit --output runs/evidence/moving
