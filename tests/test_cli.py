@@ -220,3 +220,13 @@ def test_report_to_tensorboard_writes_event_files(tiny, tmp_path):
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in logged if "loss" in r]
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses)
+
+
+def test_help_says_no_none_for_options_left_unset(capsys):
+    """An option whose default is None (the method's, or nothing) is explained by its help text; "[None]"
+    told a user nothing."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = capsys.readouterr().out
+    assert "[None]" not in shown and "--train TRAIN_FILE" in shown
+    assert "[all-MiniLM-L6-v2]" in shown  # a real default is still shown

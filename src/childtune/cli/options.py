@@ -64,8 +64,9 @@ def add_config_options(parser: argparse.ArgumentParser, skip: frozenset[str] | s
         else:
             raise TypeError(f"TrainConfig.{f.name} needs a default: an option left unset takes it")
         shown = _METHOD_DEFAULTS[f.name]() if f.name in _METHOD_DEFAULTS else default
+        # an unset default (None: the method's, or nothing) is said by the help text itself, not as "[None]"
         common: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                                  "help": f"{f.metadata['help']} [{shown}]"}
+                                  "help": f.metadata["help"] if shown is None else f"{f.metadata['help']} [{shown}]"}
         if kind is bool:
             parser.add_argument(_flag(f), action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(kind) is tuple:
