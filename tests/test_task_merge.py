@@ -140,3 +140,20 @@ def test_merge_command_writes_a_delta_per_task_that_applies(tmp_path, capsys):
         torch.testing.assert_close(tuned[name], want, rtol=0, atol=1e-6)
     for name, head in second.dense.items():
         assert torch.equal(tuned[name], head)
+
+
+def test_evaluate_scores_an_applied_delta_as_its_run_scored_itself(tmp_path, capsys):
+    """`childtune evaluate` on the model `apply` made from a run's delta gives the run's own dev and test
+    metrics: the same loading, batching and scoring as the run's end."""
+    tiny = write_tiny_task(tmp_path / "tiny")
+    files = ["--train", str(tiny / "train.csv"), "--dev", str(tiny / "dev.csv"), "--test", str(tiny / "test.csv")]
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny), *files, "--method", "child-d", "--reserve-p", "0.2", "--lr", "3e-3",
+                 "--epochs", "2", "--no-progress", "--output", str(run)]) == 0
+    assert main(["apply", str(run), "--output", str(tmp_path / "model")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(tmp_path / "model"), *files, "--no-progress", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (scored["dev"], scored["test"]) == (metrics["dev"], metrics["test"])
+    assert scored["primary_metric"] == "accuracy"

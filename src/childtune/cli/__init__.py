@@ -22,6 +22,7 @@ from childtune.cli.commands import (  # noqa: E402
     cmd_analyze,
     cmd_apply,
     cmd_compare,
+    cmd_evaluate,
     cmd_export,
     cmd_generate,
     cmd_merge,
@@ -89,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--model", default=None, help="base model folder or name [the delta's base model]")
     apply.add_argument("--overwrite", action="store_true", help="replace a model childtune wrote in --output")
     apply.set_defaults(func=cmd_apply)
+
+    evaluate = sub.add_parser("evaluate", help="score a model folder on a task without training it (e.g. one "
+                              "`apply` or `merge` made)")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    add_config_options(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
 
     merge = sub.add_parser("merge", help="merge the sparse deltas of runs on one base, each its own task (TIES, "
                            "DARE or their sum), keeping each task's head")

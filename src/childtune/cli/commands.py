@@ -139,6 +139,23 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from childtune.training.scoring import score
+
+    config = config_from_args(args)
+    config.validate()
+    result = score(config)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        metric = result["primary_metric"]
+        test = f", test {metric} {result['test'][metric]:.4f}" if result["test"] else ""
+        print(f"{result['model']} on {result['task']}: dev {metric} {result['dev'][metric]:.4f}{test}")
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from childtune.training.export import merge_runs
 

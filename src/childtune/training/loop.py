@@ -25,7 +25,6 @@ import torch
 from tqdm.auto import tqdm
 
 from childtune import shards
-from childtune.data.batching import LMCollate, make_collate
 from childtune.delta import DeltaError, SparseDelta
 from childtune.fileio import write_json
 from childtune.masks import MASKS_FILE, save_masks
@@ -47,8 +46,8 @@ from childtune.training.models import (
     base_files,
     load_model,
     model_folder,
-    position_limit,
     quiet_transformers,
+    task_collate,
 )
 from childtune.training.params import freeze_unchosen, linear_schedule, make_optimizer, param_groups
 from childtune.training.runfolder import MetricsLog, RunFolder, run_reads
@@ -146,9 +145,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
     model = _in_weight_dtype(config, model)
     if config.gradient_checkpointing:  # recompute activations in backward: memory for compute
         _checkpoint_activations(model)
-    length = min(config.max_length, position_limit(model))
-    collate = LMCollate(tokenizer, length, config.chat_template) if task.spec.kind == "generation" else make_collate(
-        tokenizer, length, task.spec.kind)
+    collate = task_collate(config, tokenizer, model, task.spec.kind)
     phases.start("base_copy")  # the base's weights kept for the delta, and the delta tried on them
     pretrained = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()} if (
         me.is_main or not config.fsdp) else {}  # sharded: only rank 0 counts and saves against the base

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from childtune.data import assets
+from childtune.data.types import Kind
 from childtune.training.config import TrainConfig
 
 
@@ -123,6 +124,16 @@ def weights_dtype(dtype: Any) -> dict[str, Any]:
     a delta's hparams record it): a bf16 model is read as bf16, never held in fp32 first (a third of the
     peak), and a bf16 delta's exceptions apply only to the base in bf16."""
     return {"dtype": torch.bfloat16} if dtype == "bf16" else {}
+
+
+def task_collate(config: TrainConfig, tokenizer: Any, model: torch.nn.Module, kind: Kind):
+    """How a task's examples become batches for `model`: prompt + target for a generation task, texts and
+    labels otherwise, cut at `max_length` or the model's position limit, whichever is smaller."""
+    from childtune.data.batching import LMCollate, make_collate
+
+    length = min(config.max_length, position_limit(model))
+    return LMCollate(tokenizer, length, config.chat_template) if kind == "generation" else make_collate(
+        tokenizer, length, kind)
 
 
 def position_limit(model: torch.nn.Module) -> int:
