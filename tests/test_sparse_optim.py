@@ -444,3 +444,19 @@ def test_id3_in_backward_keeps_its_offers_near_the_growth_and_admits_the_same():
         assert all(torch.equal(hooked.strategy.chosen[n], c) for n, c in ordinary.strategy.chosen.items())
     assert max(count for count, _ in held) <= 2 * max(grow for _, grow in held)
     assert len(held) == 4 * 8  # every tensor offered on every growing step
+
+
+def test_nonfinite_names_the_parameters_whose_updated_elements_broke():
+    model, _ = twin_mlps(torch.float32)
+    optimizer = SparseChildAdamW(mlp_names(model), RandomMasking(0.3, seed=2), lr=LR)
+    torch.nn.functional.mse_loss(model(torch.randn(4, 6)), torch.randn(4, 3)).backward()
+    optimizer.step()
+    assert optimizer.nonfinite() == []
+    index = optimizer.state[model[0].weight]["index"]
+    outside = next(i for i in range(model[0].weight.numel()) if i not in set(index.tolist()))
+    with torch.no_grad():
+        model[0].weight.view(-1)[outside] = math.inf  # outside the child: no update touched it
+        assert optimizer.nonfinite() == []
+        model[0].weight.view(-1)[index[0]] = math.nan
+        model[2].bias[0] = math.inf  # the head, dense state
+    assert optimizer.nonfinite() == ["layer.0.w", "classifier.b"]

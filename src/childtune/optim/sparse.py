@@ -220,6 +220,22 @@ class SparseChildAdamW(Optimizer):
             self._order[param] = cached
         return delivered.index_select(0, cached[2])
 
+    def nonfinite(self) -> list[str]:
+        """Names of the parameters whose updated elements (the child's, or all of a dense state's) hold a
+        non-finite value: what a diverged update can have broken, read without a pass over the weights
+        that no update touches (that pass over a whole LLM was a fifth of a small step's time)."""
+        broken = []
+        for param, name in self.names.items():
+            state = self.state.get(param)
+            if not state or "exp_avg" not in state:
+                continue
+            p = local(param)
+            values = state["master"] if "master" in state else (
+                p.view(-1).index_select(0, state["index"]) if "index" in state else p)
+            if not bool(torch.isfinite(values).all()):
+                broken.append(name)
+        return broken
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "child_tuning": child_block(self.steps, self.strategy)}
 
@@ -246,12 +262,12 @@ class SparseChildAdamW(Optimizer):
         delivered = self._delivered(param)
         if param.grad is None and delivered is None:
             return  # backward gave it no gradient (its every use returned None)
-        if not all(torch.isfinite(local(g)).all() for g in (param.grad, delivered) if g is not None):
-            raise RuntimeError(f"non-finite gradient for {self.names[param]!r}: with the optimizer step in "
-                               "backward, updates already made to other parameters cannot be undone")
         name = self.names[param]
-        if param.grad is not None and self.strategy.dense_gradients_at(self.steps):
-            self.strategy.observe(name, local(param.grad))  # a dynamic network's window
+        reads_dense = self.strategy.dense_gradients_at(self.steps)
+        if reads_dense:  # ID3's ranking, a dynamic network's window: the whole gradient is read, so checked
+            _check_finite(name, param.grad, delivered)
+            if param.grad is not None:
+                self.strategy.observe(name, local(param.grad))
         if isinstance(self.strategy, ID3):  # update the chosen; keep this tensor's candidates (module docstring)
             if self.accumulating or self._buffers:
                 raise RuntimeError("ID3 ranks the whole update's gradient, which is not known until the last "
@@ -270,6 +286,8 @@ class SparseChildAdamW(Optimizer):
         state = self._sync(param, index)
         if "exp_avg" in state:
             grad = child_grad(param, state, self._in_state_order(param, state, delivered))
+            if not reads_dense:  # what the update reads: the child elements' gradient (a dense pass over an
+                _check_finite(name, grad)  # embedding's whole gradient was a fifth of a small step's time)
             if param in self._buffers:  # earlier micro-batches' child gradients, then this one's: as autograd adds
                 grad = self._buffers.pop(param).add_(grad)
             if self.accumulating:
@@ -403,6 +421,12 @@ class SparseChildAdamW(Optimizer):
                 fresh = fresh[~torch.isin(fresh, state["index"])]
             append(state, param, fresh, joined)
         return state
+
+
+def _check_finite(name: str, *grads: torch.Tensor | None) -> None:
+    if not all(torch.isfinite(local(g)).all() for g in grads if g is not None):
+        raise RuntimeError(f"non-finite gradient for {name!r}: with the optimizer step in backward, updates "
+                           "already made to other parameters cannot be undone")
 
 
 def state_bytes(optimizer: Optimizer) -> int:

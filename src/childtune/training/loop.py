@@ -326,8 +326,9 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> float | Non
     state.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    broken = [n for n, p in state.model.named_parameters()
-              if p.requires_grad and not bool(torch.isfinite(shards.local(p)).all())]  # (this rank's rows)
+    broken = optimizer.nonfinite() if isinstance(optimizer, SparseChildAdamW) else [  # its updated elements only
+        n for n, p in state.model.named_parameters()
+        if p.requires_grad and not bool(torch.isfinite(shards.local(p)).all())]  # (this rank's rows)
     if distributed.any_rank(bool(broken)) if config.fsdp else broken:  # a finite gradient can still take a
         # weight past float range (a huge learning rate); sharded, every rank stops together
         raise TrainError(f"update {state.step} (epoch {state.epoch}, batch {state.batch}) made weights "
