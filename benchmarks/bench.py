@@ -644,19 +644,18 @@ def explain_misses(sections: list[Section]) -> list[str]:
          "which a short timed pass does not amortise."),
         ("Whole", "gradual", "Frozen blocks still get gradients, bool masks, zero second moments and the child-only "
          "decay; `gradual sparse` is the same method without them."),
-        ("Memory", "child-d p=0.01, lean", "At 4 x 512 tokens child-d's training peak is below LoRA's and its "
-         "step at par (0.93x and 1.01x at 0.67B): activations dominate there, and its backward forms no dense "
-         "weight gradient. At 1 x 128 the peak is within 6% of LoRA's and the step 1.8-2x at the larger sizes: a "
-         "few hundred child-only products and sparse updates per step cost more than LoRA's small adapter matmuls "
-         "when the batch is this small (not profiled further). The Fisher pass is the miss that counts: its "
-         "float32 score sums for every scored weight (twice the bf16 weights) make it 2.1-2.5x the training peak "
-         "in one pass; scoring the blocks in 4 groups (`--fisher-passes 4`, the same child network) brings it to "
+        ("Memory", "child-d p=0.01, lean", "At 4 x 512 tokens child-d's training peak and step are below LoRA's "
+         "(0.95x, 0.97x at 0.67B): activations dominate there, and its backward forms no dense weight gradient. At "
+         "1 x 128 its peak is within 4% of LoRA's and its step 1.0-1.2x: the child-only products and sparse updates "
+         "per tensor weigh more when the batch is small. The Fisher pass is the miss that counts: its float32 "
+         "score sums for every scored weight (twice the bf16 weights) make it 2.1-2.5x the training peak in one "
+         "pass; scoring the blocks in 4 groups (`--fisher-passes 4`, the same child network) brings it to "
          "1.4-1.6x at four times the passes, and it would need about 8 groups to meet the target."),
-        ("Memory", "id3 budget 0.01, grows", "Growing every 10 steps takes ID3's step from 4-16x LoRA's (every "
-         "step, exact) to 1.9-2.9x at 1 x 128 and near LoRA's at 4 x 512 (1.05x at 0.67B). Its peak, 1.1-1.4x "
-         "LoRA's, is the growth step, which scores every unchosen weight from dense gradients as they arrive "
-         "(a float32 score per element of the tensor at hand, and the gradient itself); the step's candidates "
-         "are held to about twice the growth over all tensors."),
+        ("Memory", "id3 budget 0.01, grows", "Growing every 10 steps takes ID3's step from several times LoRA's "
+         "(every step, exact) to 1.0-1.2x, and below LoRA's at 4 x 512 on 0.67B. Its peak, 1.2-1.3x LoRA's at "
+         "1 x 128, is the growth step, which scores every unchosen weight from dense gradients as they arrive (a "
+         "float32 score per element of the tensor at hand, and the gradient itself); the step's candidates are "
+         "held to about twice the growth over all tensors."),
         ("Delta", "0.01", "Not reachable for a random child network with float32 values: naming which 1% of "
          "elements changed takes at least log2(1/p) + 1.44 = 8.1 bits per element (the entropy of the mask), while "
          "1.2p leaves 0.2 x 32 = 6.4 bits. Structured child networks (whole rows, D's clustered choice) compress "
