@@ -211,7 +211,8 @@ class SparseChildAdamW(Optimizer):
         held = state.get("index")
         if delivered is None or held is None:
             return delivered
-        index = self._child.sites[self._child_name[param]].index if self._child is not None else held
+        assert self._child is not None  # a delivered gradient comes from it
+        index = self._child.sites[self._child_name[param]].index
         if held is index:
             return delivered
         cached = self._order.get(param)

@@ -50,7 +50,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from childtune.masks import Indices, Masks, check_probability, index_dtype, union
+from childtune.masks import Indices, Masks, check_probability, union
 from childtune.strategies.base import NetworkKind
 from childtune.strategies.child_d import ChildTuningD
 from childtune.strategies.chosen import ChosenStrategy
@@ -206,7 +206,7 @@ class DropRegrow(ChosenStrategy):
             fresh = grown[~returning].to(index.dtype)
             merged = torch.cat([index[keep], fresh])
             order = torch.argsort(merged)
-            chosen[name] = merged[order].to(index_dtype(self.params[name].numel()))
+            chosen[name] = merged[order]  # `index`'s dtype, which `complete` chose for the tensor
             self.origin[name] = torch.cat([self.origin[name][keep], self._values(name, fresh)])[order]
             self.ever[name] = union(self.ever[name], fresh)
             swapped += len(fresh)
@@ -227,6 +227,6 @@ class DropRegrow(ChosenStrategy):
         rest = {k: state.pop(k) for k in ("origin", "ever", "stats", "observed", "moved", "swapped") if k in state}
         super().load_state_dict(state)
         self.origin, self.stats = dict(rest.get("origin", {})), dict(rest.get("stats", {}))
-        self.ever = {n: i for n, i in rest.get("ever", {}).items()}
+        self.ever = dict(rest.get("ever", {}))
         self.observed, self.moved = dict(rest.get("observed", {})), int(rest.get("moved", -1))
         self.swapped = {int(k): int(v) for k, v in rest.get("swapped", {}).items()}

@@ -58,9 +58,9 @@ those sized by p, and those whose strict child network is fixed (child-only grad
 
 _CHOICES = {"id3_head": ("outside", "inside"), "id3_schedule": ("ramp", "authors"),
             "bias_correction": ("element", "tensor"), "random_targets": ("all", "qv"),
-            "random_sampling": ("exact", "bernoulli"),
+            "random_sampling": ("exact", "bernoulli"), "random_budget": ("scored", "model"),
             "dyn_start": ("random", "fisher"), "dyn_schedule": ("cosine", "linear", "constant"),
-            "dyn_importance": ("magnitude", "signal"), "random_budget": ("scored", "model"),
+            "dyn_importance": ("magnitude", "signal"),
             "optimizer": ("torch", "authors"), "preset": PRESETS, "report_to": ("none", "tensorboard"),
             "dtype": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
 
@@ -405,10 +405,10 @@ class TrainConfig:
 def _run_settings(config: TrainConfig, spec: Method, causal: bool, processes: int) -> dict[str, Any]:
     """`CAUSAL_LM` for a causal LM's selective run (`causal`), less what this run cannot use, else
     `DENSE_RUN` (a method's `causal_lm` may take a lean setting back). The step in backward needs one
-    process or FSDP2 (DDP reduces gradients in its own hooks),
-    a non-finite step that stops the run, and, for a growing child network, one micro-batch per update (ID3
-    ranks the whole update's gradient); child-only gradients need a fixed child network, or ID3 growing every
-    K > 1 steps (`Method.child_only`), on one process."""
+    process or FSDP2 (DDP reduces gradients in its own hooks), a non-finite step that stops the run, and, for
+    a child network that is not fixed, one micro-batch per update (ID3 ranks the whole update's gradient);
+    child-only gradients need a fixed or dynamic child network, or ID3 growing every K > 1 steps
+    (`Method.child_only`), on one process."""
     if not causal:
         return DENSE_RUN
     lean = {**CAUSAL_LM, **{key: value for key, value in spec.causal_lm.items() if key in CAUSAL_LM}}

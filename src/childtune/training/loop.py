@@ -44,9 +44,11 @@ from childtune.training.methods import METHODS
 from childtune.training.models import (
     add_lora,
     base_files,
+    in_weight_dtype,
     load_model,
     model_folder,
     quiet_transformers,
+    run_device,
     task_collate,
 )
 from childtune.training.params import freeze_unchosen, linear_schedule, make_optimizer, param_groups
@@ -139,10 +141,10 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
         raise ConfigError("training needs a non-empty train and dev split")
     phases.start("model")
     tokenizer, model = load_model(config, task.spec)
-    model = model.to(_device(config, me))
+    model = model.to(run_device(config, me))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    model = _in_weight_dtype(config, model)
+    model = in_weight_dtype(config, model)
     if config.gradient_checkpointing:  # recompute activations in backward: memory for compute
         _checkpoint_activations(model)
     collate = task_collate(config, tokenizer, model, task.spec.kind)
@@ -373,13 +375,6 @@ def _clip(optimizer: torch.optim.Optimizer, max_norm: float | None) -> torch.Ten
     return norm
 
 
-def _in_weight_dtype(config: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
-    """`model` with its weights in the run's `dtype`: bf16 halves the weight memory (the sparse optimizer
-    keeps fp32 masters of the child). The one rule for the trained model and its gathered copy, whose
-    weights the delta compares against the base's dtype for dtype."""
-    return model.to(torch.bfloat16) if config.dtype == "bf16" else model
-
-
 def _gathered(config: TrainConfig, spec, model: torch.nn.Module) -> torch.nn.Module | None:
     """Rank 0: an unsharded copy of the FSDP2 model with its tuned weights (for counting and saving);
     None on the other ranks. Every rank must call it (the weights are all-gathered)."""
@@ -387,7 +382,7 @@ def _gathered(config: TrainConfig, spec, model: torch.nn.Module) -> torch.nn.Mod
     if state is None:
         return None
     _, plain = load_model(config, spec)
-    plain = _in_weight_dtype(config, plain)
+    plain = in_weight_dtype(config, plain)
     plain.load_state_dict(state)
     return plain
 
@@ -407,15 +402,6 @@ def _check_the_end(config: TrainConfig, spec, model: torch.nn.Module, pretrained
     problem = next(filter(None, distributed.gather(problem)), None)
     if problem:
         raise ConfigError(problem)
-
-
-def _device(config: TrainConfig, me) -> torch.device:
-    """Where the run computes: `cuda` (this rank's GPU), `cpu`, or `auto` (a GPU when there is one)."""
-    if config.device == "auto":
-        return distributed.device(me)
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda, but torch sees no CUDA device here")
-    return torch.device("cuda", me.local_rank) if config.device == "cuda" else torch.device("cpu")
 
 
 def _saves(config: TrainConfig) -> str:

@@ -152,9 +152,10 @@ class Method:
         return self.childtune["lr"]
 
     def child_only(self, c: Settings) -> bool:
-        """Whether child-only gradients can apply to this method's child network under `c`: it is fixed,
-        or it is ID3's growing every `id3_every` > 1 steps (dense gradients on those steps only; at 1 every
-        step ranks dense gradients, so there is nothing to save)."""
+        """Whether child-only gradients can apply to this method's child network under `c`: it is fixed, or
+        dynamic (dense gradients on its window steps only), or it is ID3's growing every `id3_every` > 1 steps
+        (dense gradients on those steps only; at 1 every step ranks dense gradients, so there is nothing to
+        save)."""
         return self.network in ("fixed", "dynamic") or (self.build is _id3 and c.id3_every > 1)
 
 

@@ -16,7 +16,8 @@ import torch
 
 from childtune.data import assets
 from childtune.data.types import Kind
-from childtune.training.config import TrainConfig
+from childtune.training import distributed
+from childtune.training.config import ConfigError, TrainConfig
 
 
 class ModelError(ValueError):
@@ -124,6 +125,24 @@ def weights_dtype(dtype: Any) -> dict[str, Any]:
     a delta's hparams record it): a bf16 model is read as bf16, never held in fp32 first (a third of the
     peak), and a bf16 delta's exceptions apply only to the base in bf16."""
     return {"dtype": torch.bfloat16} if dtype == "bf16" else {}
+
+
+def in_weight_dtype(config: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with its weights in the run's `dtype`: bf16 halves the weight memory (the sparse optimizer
+    keeps fp32 masters of the child). The one rule for the trained model and its gathered copy, whose
+    weights the delta compares against the base's dtype for dtype."""
+    return model.to(torch.bfloat16) if config.dtype == "bf16" else model
+
+
+def run_device(config: TrainConfig, me: distributed.DistInfo | None = None) -> torch.device:
+    """Where a run (or a scoring, `me` None: this process) computes: `cuda` (this rank's GPU), `cpu`, or
+    `auto` (a GPU when there is one)."""
+    me = me or distributed.info()
+    if config.device == "auto":
+        return distributed.device(me)
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but torch sees no CUDA device here")
+    return torch.device("cuda", me.local_rank) if config.device == "cuda" else torch.device("cpu")
 
 
 def task_collate(config: TrainConfig, tokenizer: Any, model: torch.nn.Module, kind: Kind):

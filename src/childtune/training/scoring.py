@@ -9,22 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from childtune.training.config import TrainConfig
 from childtune.training.evaluate import evaluate
 from childtune.training.inputs import load_data
-from childtune.training.models import load_model, task_collate
+from childtune.training.models import in_weight_dtype, load_model, run_device, task_collate
 
 
 def score(config: TrainConfig) -> dict[str, Any]:
     """Dev and test metrics of `config.model` on `config`'s task, in `config.dtype` (fp32 when unset)."""
     task = load_data(config)
     tokenizer, model = load_model(config, task.spec)
-    device = "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
-    model = model.to(device)
-    if config.dtype == "bf16":
-        model = model.to(torch.bfloat16)
+    model = in_weight_dtype(config, model.to(run_device(config)))
     collate = task_collate(config, tokenizer, model, task.spec.kind)
     dev = evaluate(model, task.dev, task.spec, collate, config, "eval dev")
     test = evaluate(model, task.test, task.spec, collate, config, "eval test") if task.test else None
