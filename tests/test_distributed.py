@@ -108,29 +108,36 @@ def train(method: str, batch_size: int, world_size: int, rank: int, accelerate: 
     }
 
 
-FSDP_RUNS = {  # name: (strategy, optimizer, step in backward)
-    "child-f": ("child-f", ChildOptimizer, False), "child-f-in-backward": ("child-f", ChildOptimizer, True),
-    "child-d": ("child-d", SparseChildAdamW, False), "child-d-dense": ("child-d", ChildOptimizer, False),
-    "child-d-in-backward": ("child-d", SparseChildAdamW, True),
-    "id3": ("id3", SparseChildAdamW, False), "id3-in-backward": ("id3", SparseChildAdamW, True),
+FSDP_RUNS = {  # name: (strategy, optimizer, step in backward, child-only weight gradients)
+    "child-f": ("child-f", ChildOptimizer, False, False),
+    "child-f-in-backward": ("child-f", ChildOptimizer, True, False),
+    "child-d": ("child-d", SparseChildAdamW, False, False), "child-d-dense": ("child-d", ChildOptimizer, False, False),
+    "child-d-in-backward": ("child-d", SparseChildAdamW, True, False),
+    "child-d-child-only": ("child-d", SparseChildAdamW, False, True),
+    "child-d-child-only-in-backward": ("child-d", SparseChildAdamW, True, True),
+    "id3": ("id3", SparseChildAdamW, False, False), "id3-in-backward": ("id3", SparseChildAdamW, True, False),
+    "id3-every-2-in-backward": ("id3-every-2", SparseChildAdamW, True, False),
+    "id3-every-2-child-only-in-backward": ("id3-every-2", SparseChildAdamW, True, True),
 }
 
 
 def train_fsdp(run: str, world_size: int, rank: int) -> dict:
     """The loop sharded by FSDP2 (`world_size` > 1) or in one process: Child-Tuning_D scores per batch on the
     same whole batches on every rank (the Fisher pass's rule under FSDP); each rank trains on its share."""
-    method, optimizer_class, in_backward = FSDP_RUNS[run]
+    method, optimizer_class, in_backward, child_only = FSDP_RUNS[run]
     data = dataset()
     sampler = D.ShardedSampler(len(data), seed=SEED, rank=rank, world_size=world_size)
     loader = DataLoader(data, batch_size=PER_RANK * WORLD // world_size, sampler=sampler)
     model = make_model()
     if world_size > 1:
         D.shard(model)
-    strat = ChildTuningD(0.3, rest="freeze") if method == "child-d" else strategy(method)
+    strat = (ChildTuningD(0.3, rest="freeze") if method == "child-d" else
+             ID3(0.05, total_steps=STEPS, every=2) if method == "id3-every-2" else strategy(method))
     kwargs = {"strict": method != "child-f"} if optimizer_class is ChildOptimizer else {}
     optimizer = optimizer_class(model.named_parameters(), strat, lr=LR, in_backward=in_backward, **kwargs)
     if strat.needs_data:
         strat.prepare(model, DataLoader(data, batch_size=PER_RANK * WORLD))
+    child = optimizer.child_only_grads(model) if child_only else None
     model.train()
     for epoch in range(EPOCHS):
         sampler.set_epoch(epoch)
@@ -142,7 +149,8 @@ def train_fsdp(run: str, world_size: int, rank: int) -> dict:
     local = strat.dense(getattr(strat, "chosen", None) or {})
     return {"params": {n: (p.full_tensor() if shards.is_sharded(p) else p).detach().clone() for n, p in params.items()},
             "masks": shards.gather_masks(local, params), "local_masks": local,
-            "sharded": all(shards.is_sharded(p) for p in params.values()), "steps": optimizer.steps}
+            "sharded": all(shards.is_sharded(p) for p in params.values()), "steps": optimizer.steps,
+            "child_only": sorted(child.sites) if child is not None else []}
 
 
 def trainer_run(out: Path) -> dict:
@@ -269,6 +277,21 @@ def test_fsdp2_equals_single_process_with_same_global_batch(ranks, run):
     start = dict(make_model().named_parameters())
     moved = sum(int((one["params"][n] != start[n]).sum()) for n in start)
     assert moved > 0.01 * sum(p.numel() for p in start.values())  # it trained
+
+
+@pytest.mark.parametrize("run", [r for r, (*_, child_only) in FSDP_RUNS.items() if child_only])
+def test_fsdp2_child_only_gradients_equal_the_dense_path(ranks, run):
+    """Child-only weight gradients on FSDP2 shards (each rank's rows of the child index, the whole weight's
+    gradient at every rank's elements averaged over the ranks, each rank keeping its rows', the in-backward
+    step run from the gathered weight's hook): the final weights are those of one process with dense
+    gradients, to float rounding."""
+    dense = next(r for r, spec in FSDP_RUNS.items() if spec == (*FSDP_RUNS[run][:3], False))
+    one = train_fsdp(dense, 1, 0)
+    linear = {f"{n}.weight" for n, m in make_model().named_modules() if isinstance(m, torch.nn.Linear)}
+    for rank in ranks[:WORLD]:
+        mine = rank["fsdp"][run]
+        assert mine["child_only"] and set(mine["child_only"]) <= linear  # it ran child-only, on Linear weights
+        assert_equal_params(mine["params"], one["params"], **AVERAGED)
 
 
 def test_fsdp2_rows_are_split_as_fully_shard_splits_them(ranks):
@@ -439,6 +462,33 @@ def test_cli_fsdp_trains_like_one_process_with_state_sharded(tmp_path, capfd):
     # the ranks' gradients are averaged in another order than one process sums them, and Adam's 1/sqrt(v) grows
     # that rounding on elements with small second moments: 10 steps at lr 0.01 reached 1.3e-5 on one element
     assert_equal_params(weights[0], weights[1], rtol=1e-4, atol=5e-5)
+
+
+def test_cli_fsdp_causal_lm_default_takes_child_only_gradients_like_one_process(tmp_path, capfd):
+    """child-d's causal-LM default (fp32, child-only gradients, step after backward with clipping) now holds
+    under --fsdp too: the clipped norm counts every rank's child vectors once, and the tuned weights are the
+    one-process run's (which has them whole)."""
+    from safetensors.torch import load_file
+    from test_causal import write_generation_task
+    from test_families import write_tiny_llama
+
+    from childtune.cli import main
+
+    train, dev = write_generation_task(tmp_path, n_train=24, n_dev=4)
+    model = str(write_tiny_llama(tmp_path / "model"))
+    for name, more in (("fsdp", ["--nproc", "2", "--fsdp"]), ("one", [])):
+        argv = ["train", *more, "--model", model, "--train", str(train), "--dev", str(dev), "--method", "child-d",
+                "--reserve-p", "0.3", "--lr", "1e-2", "--max-grad-norm", "0.05", "--epochs", "2", "--batch-size",
+                "8", "--eval-batch-size", "4", "--max-new-tokens", "2", "--no-progress", "--save", "model",
+                "--output", str(tmp_path / name)]
+        assert main(argv) == 0, capfd.readouterr().err
+        saved = json.loads((tmp_path / name / "config.json").read_text())
+        assert (saved["child_only_grads"], saved["optimizer_in_backward"], saved["max_grad_norm"]) == (
+            True, False, 0.05)
+    fsdp, one = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("fsdp", "one"))
+    assert_equal_params(fsdp, one, rtol=1e-4, atol=5e-5)
+    base = load_file(Path(model) / "model.safetensors")
+    assert sum(int((one[n] != base[n]).sum()) for n in base) > 0  # it trained
 
 
 def test_cli_fsdp_with_bf16_weights_saves_its_delta(tmp_path, capfd):

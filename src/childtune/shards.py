@@ -7,7 +7,8 @@ on those pieces as plain tensors: a mask is a bool tensor shaped like the rank's
 score local rows, optimizers update local rows (`to_local()` is a view of the shard, so writing it
 writes the parameter). Only what ranks the whole model needs the other ranks, and it goes through here:
 a count summed over ranks (the top-k bisection, ID3's budget), candidates gathered (ID3's admission),
-masks gathered on rank 0 for saving (`gather_masks`).
+masks gathered on rank 0 for saving (`gather_masks`), child indices gathered whole (`whole_index`: a
+child-only weight gradient is computed from the gathered weight, `optim/child_grad.py`).
 
 Because Shard(0) keeps each rank's rows contiguous and in rank order, "tensor order, then flat index"
 (how `masks.top_k` breaks ties) is "tensor order, then rank, then local flat index": the same cut as one
@@ -135,6 +136,21 @@ def gather_values(values: torch.Tensor, group: dist.ProcessGroup | None) -> list
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded, group=group)
     return [t[:n] for t, n in zip(out, sizes, strict=True)]
+
+
+def whole_index(index: torch.Tensor, param: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """Every rank's child elements of `param` as sorted flat indices into the whole parameter (int64, on
+    `index`'s device), and where this rank's `index` (sorted flat indices into its own rows) sits among
+    them: the identity and all of it when `param` is not sharded (collective otherwise: every rank calls
+    it for the same parameters in the same order). Rank order is row order, so the pieces join sorted."""
+    if not is_sharded(param):
+        return index, slice(0, len(index))
+    where = rows(param)
+    assert isinstance(where, slice)  # a sharded parameter with rows
+    start = where.start * math.prod(param.shape[1:])
+    pieces = gather_values(index.to("cpu", torch.int64) + start, param.device_mesh.get_group())
+    before = sum(len(piece) for piece in pieces[: param.device_mesh.get_local_rank()])
+    return torch.cat(pieces).to(index.device), slice(before, before + len(index))
 
 
 def full_mask(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

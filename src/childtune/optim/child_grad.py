@@ -31,9 +31,19 @@ that order. Uses outside nn.Linear modules (an embedding tied to the LM head) st
 `.grad` through autograd, which the consumer adds. `set_index` moves a weight to a grown index set,
 carrying over what was accumulated, and `set_dense(True)` gives the following passes autograd's own dense
 dW in `.grad` (a step that ranks whole gradients, such as ID3's growth steps) until `set_dense(False)`.
-Install once the model is on its device (the indices are put on the weights' device then). Not
-supported: FSDP2 shards (DTensor weights), which would need every rank's child index and a
-reduce-scatter of the vectors.
+Install once the model is on its device (the indices are put on the weights' device then).
+
+FSDP2 shards (DTensor weights, `childtune.shards`): the index given is of the rank's own rows, as its
+masks and optimizer state are. Forward and backward see the whole weight, gathered by FSDP2, so the
+site also keeps every rank's child elements as whole-weight indices (`shards.whole_index`, gathered at
+install and at `set_index`: collective; so each rank holds every rank's child indices, 4 bytes per child
+element of the model, where its masks and moments are its rows' alone). Backward computes the gradient
+at all of them from this rank's batch, averages the vector over the ranks (one all-reduce of p of the weight: what FSDP2's reduce-scatter
+does to a dense gradient, on p of its size) and keeps this rank's part, aligned with its index. FSDP2
+reduce-scatters and runs a sharded parameter's post-accumulate-grad hooks (an optimizer stepping in
+backward) only for weights that got a dense gradient, so for these the site runs those hooks itself from a
+post-accumulate-grad hook on the gathered weight, which autograd runs once all its uses are done.
+Not DDP, whose reducer waits for a dense gradient of every weight.
 
 Read before writing this (nothing copied): SpIEL (Ansell et al. 2024, github.com/AlanAnsell/peft,
 src/peft/tuners/sft/layer.py) keeps the same gather-and-dot backward for its sparse delta values
@@ -46,19 +56,22 @@ indices inside a custom autograd Function.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.utils.hooks import RemovableHandle
 
 from childtune import kernels
-from childtune.masks import check_index
-from childtune.shards import is_sharded
+from childtune.masks import check_index, index_dtype
+from childtune.shards import is_sharded, local, whole_index
 
 BLOCK = 1 << 20
 """Values per token block: the block's dY^T and X^T together (as the kernel's contiguous copies or the
@@ -105,19 +118,48 @@ def _child_dot_torch(out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
 
 @dataclass(eq=False)
 class _Site:
-    """One weight under child-only gradients: its child index and the gradient accumulated at it."""
+    """One weight under child-only gradients: its child index and the gradient accumulated at it. For an
+    FSDP2 shard, `index` is of this rank's rows and `whole` of every rank's elements in the whole weight,
+    this rank's at `part` of it (module docstring); unsharded, `whole` is `index`."""
 
     name: str
     param: nn.Parameter
     index: torch.Tensor
+    whole: torch.Tensor
+    part: slice
     grad: torch.Tensor | None = None
     dense: bool = False  # forward as plain nn.Linear: autograd's dense dW in `.grad` (`ChildGrads.set_dense`)
+    hooked: weakref.ref[torch.Tensor] | None = None  # the gathered FSDP2 weight that runs `param`'s hooks
+    handle: RemovableHandle | None = None
 
-    def add(self, values: torch.Tensor, index: torch.Tensor) -> None:
-        """Backward's part: add one use's child gradient, computed at `index` (the index of its forward)."""
-        if index is not self.index:
+    def add(self, values: torch.Tensor, whole: torch.Tensor) -> None:
+        """Backward's part: add one use's child gradient, computed at `whole` (the index of its forward);
+        sharded, averaged over the ranks first, keeping this rank's part."""
+        if whole is not self.whole:
             raise RuntimeError(f"the child index of {self.name!r} changed between forward and backward")
+        if is_sharded(self.param):
+            group = self.param.device_mesh.get_group()
+            dist.all_reduce(values, group=group)
+            values = values[self.part].div_(dist.get_world_size(group)).clone()
         self.grad = values if self.grad is None else self.grad.add_(values)
+
+    def watch(self, gathered: torch.Tensor) -> None:
+        """Sharded: run `param`'s post-accumulate-grad hooks once backward is done with `gathered`, the
+        whole weight FSDP2 gave this forward (autograd runs a leaf's hooks with its gradient None too)."""
+        if self.hooked is not None and self.hooked() is gathered:
+            return
+        if self.handle is not None:
+            self.handle.remove()
+        param = self.param
+        self.handle = gathered.register_post_accumulate_grad_hook(lambda _: _run_hooks(param))
+        self.hooked = weakref.ref(gathered)
+
+
+def _run_hooks(param: torch.Tensor) -> None:
+    """`param`'s post-accumulate-grad hooks, as FSDP2 runs them after its reduce-scatter (torch keeps them
+    in `_post_accumulate_grad_hooks`; FSDP2's `foreach_reduce` calls them the same way)."""
+    for hook in list((getattr(param, "_post_accumulate_grad_hooks", None) or {}).values()):
+        hook(param)
 
 
 class _ChildLinear(torch.autograd.Function):
@@ -135,7 +177,7 @@ class _ChildLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(x, w, b)
         ctx.save_for_backward(x, weight)
-        ctx.site, ctx.index, ctx.dtype = site, site.index, dtype
+        ctx.site, ctx.whole, ctx.dtype = site, site.whole, dtype
         return y
 
     @staticmethod
@@ -145,7 +187,7 @@ class _ChildLinear(torch.autograd.Function):
         w = weight if ctx.dtype is None else weight.to(ctx.dtype)
         dx = dy @ w if ctx.needs_input_grad[0] else None
         db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
-        ctx.site.add(child_weight_grad(dy, x, ctx.index), ctx.index)
+        ctx.site.add(child_weight_grad(dy, x, ctx.whole), ctx.whole)
         return dx, None, db, None, None
 
 
@@ -158,7 +200,7 @@ class ChildGrads:
         unknown = set(indices) - set(params)
         if unknown:
             raise ValueError(f"no parameters named {sorted(unknown)} in the model")
-        self.sites = {n: _Site(n, params[n], _checked(n, params[n], i)) for n, i in indices.items()}
+        self.sites = {n: _Site(n, params[n], *_checked(n, params[n], i)) for n, i in indices.items()}
         by_param: dict[torch.Tensor, _Site] = {s.param: s for s in self.sites.values()}
         self._patched = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight in by_param]
         seen = {m.weight for m in self._patched}
@@ -188,14 +230,14 @@ class ChildGrads:
         """Move `name` to a new (grown) child index; a gradient accumulated at the old elements is kept
         at their positions in the new one, zero at the elements that joined."""
         site = self.sites[name]
-        index = _checked(name, site.param, index)
+        index, whole, part = _checked(name, site.param, index)
         if site.grad is not None:
             if not bool(torch.isin(site.index, index).all()):
                 raise ValueError(f"the new child index of {name!r} drops elements holding an accumulated gradient")
             grad = site.grad.new_zeros(len(index))
             grad[torch.searchsorted(index, site.index)] = site.grad
             site.grad = grad
-        site.index = index
+        site.index, site.whole, site.part = index, whole, part
 
     def set_dense(self, dense: bool) -> None:
         """From the next forward on, dense weight gradients in `.grad` (True) or child-only ones (False)."""
@@ -207,12 +249,17 @@ class ChildGrads:
         for module in self._patched:
             del module.forward
         self._patched = []
+        for site in self.sites.values():
+            if site.handle is not None:
+                site.handle.remove()
 
 
 def _forward(module: nn.Linear, site: _Site, x: torch.Tensor) -> torch.Tensor:
     """The patched nn.Linear forward: the child-only Function where a gradient will be taken."""
     if site.dense or not (torch.is_grad_enabled() and site.param.requires_grad):
         return F.linear(x, module.weight, module.bias)
+    if module.weight is not site.param:  # FSDP2's gathered whole weight, in forward and backward
+        site.watch(module.weight)
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     # torch leaves Function.apply unannotated; it returns what forward returns
@@ -220,8 +267,10 @@ def _forward(module: nn.Linear, site: _Site, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _checked(name: str, param: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`index` (or a bool mask's) as sorted, distinct flat indices into `param` (`masks.check_index`)."""
-    if is_sharded(param):
-        raise ValueError(f"{name!r} is an FSDP2 shard: child-only gradients do not support sharded weights yet")
-    return check_index(name, param, index)
+def _checked(name: str, param: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, slice]:
+    """`index` (or a bool mask's) as sorted, distinct flat indices into `param` (`masks.check_index`; into
+    this rank's rows of an FSDP2 shard), every rank's as indices into the whole weight, and where this
+    rank's sit among those (`_Site`; collective for a shard)."""
+    index = check_index(name, local(param), index)
+    whole, part = whole_index(index, param)
+    return index, whole.to(index_dtype(param.numel())), part

@@ -145,7 +145,8 @@ class SparseChildAdamW(Optimizer):
         (`optim/child_grad.py`), which this optimizer steps from. Fixed child networks, whose index never
         changes and is the state's own, so the delivered vector and the moments are in one order; or ID3,
         whose index changes only at its growth steps, which run with dense gradients (module docstring).
-        Call it once the strategy has its child network."""
+        Call it once the strategy has its child network (under FSDP2 on every rank: it gathers the ranks'
+        child indices)."""
         if self.strategy.kind not in ("fixed", "dynamic") and not isinstance(self.strategy, ID3):
             raise ValueError(f"child-only gradients need a fixed or dynamic child network or ID3; "
                              f"{type(self.strategy).__name__}'s changes at steps it does not announce, and the "

@@ -52,11 +52,14 @@ def child_grad(param: torch.Tensor, state: Mapping[str, Any], delivered: torch.T
     """`param`'s gradient at its child elements (all of it for dense state), fp32 for a master copy: from
     `.grad`, plus the child-only gradient `delivered` by backward (`child_only_grads`; alone where the
     weight has no use outside its Linear layers, so `.grad` is None)."""
+    index = state.get("index")
+    if delivered is not None and index is None:  # a child network of all of it (an FSDP2 rank whose rows were
+        # all chosen): the sorted index is every element in order, and the state is dense
+        delivered = delivered.view(local(param).shape).to(state["exp_avg"].dtype)
     if param.grad is None:
         if delivered is None:
             raise RuntimeError("a parameter with neither .grad nor a child-only gradient has no child gradient")
         return delivered
-    index = state.get("index")
     grad = local(param.grad)
     grad = grad if index is None else grad.reshape(-1).index_select(0, index)
     grad = grad.float() if "master" in state else grad

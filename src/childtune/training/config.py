@@ -192,10 +192,10 @@ class TrainConfig:
         "compute the gradient of each partially chosen Linear weight at its child elements only, never the "
         f"dense dW: the same update, less memory and work. Fixed child networks ({_FIXED}; strict), and "
         "id3 with --id3-every K > 1 (dense on its growth steps); not gradual or id3 growing every step; "
-        "not with --fsdp or DDP, where "
-        "the gradients are reduced by hooks it bypasses. With the step after backward, clipping measures the "
+        "with --fsdp (the vectors are averaged over the ranks), not with DDP, whose hooks wait for dense "
+        "gradients. With the step after backward, clipping measures the "
         "child elements' gradient, not the whole dW's (none: on for a causal LM with a fixed child network, or "
-        "id3 with --id3-every > 1, on one process, else off)"))
+        "id3 with --id3-every > 1, on one process or with --fsdp, else off)"))
     fsdp: bool = field(default=False, metadata=_opt(
         "with --nproc N: shard weights, gradients, masks and optimizer state over the processes (FSDP2) "
         "instead of replicating them (DDP)"))
@@ -295,9 +295,6 @@ class TrainConfig:
                    f"{self.method} here is not a strict child network of the base's weights")
             raise ConfigError(f"child_only_grads needs a fixed, strict child network ({_FIXED}) or id3 with "
                               f"id3_every > 1: {why}")
-        if self.fsdp:
-            raise ConfigError("child_only_grads with --fsdp: a sharded weight's child gradient would need every "
-                              "rank's child index and a reduce-scatter of the vectors, which childtune does not do")
 
     def resolved(self, processes: int = 1) -> TrainConfig:
         """A copy with the method's defaults filled in and everything checked: what a run really uses.
@@ -408,14 +405,14 @@ def _run_settings(config: TrainConfig, spec: Method, causal: bool, processes: in
     process or FSDP2 (DDP reduces gradients in its own hooks), a non-finite step that stops the run, and, for
     a child network that is not fixed, one micro-batch per update (ID3 ranks the whole update's gradient);
     child-only gradients need a fixed or dynamic child network, or ID3 growing every K > 1 steps
-    (`Method.child_only`), on one process."""
+    (`Method.child_only`), on one process or FSDP2 (DDP's reducer waits for every weight's dense gradient)."""
     if not causal:
         return DENSE_RUN
     lean = {**CAUSAL_LM, **{key: value for key, value in spec.causal_lm.items() if key in CAUSAL_LM}}
     ddp = processes > 1 and not config.fsdp
     in_backward = lean["optimizer_in_backward"] and not ddp and config.nonfinite == "stop" and (
         config.grad_accum == 1 or spec.network == "fixed")
-    child_only = lean["child_only_grads"] and spec.child_only(config) and processes == 1 and not config.fsdp
+    child_only = lean["child_only_grads"] and spec.child_only(config) and not ddp
     return {**lean, "optimizer_in_backward": in_backward, "child_only_grads": child_only}
 
 

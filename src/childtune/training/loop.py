@@ -96,6 +96,8 @@ class TrainState:
     batch: int = 0  # batches of the current epoch already consumed
     skipped: int = 0  # batches dropped for a non-finite loss or gradient
     resumed: bool = False
+    unused: list[torch.Tensor] = field(default_factory=list)  # FSDP2: weights no strict update touches (their
+    # gradients are dropped before clipping, as `freeze_unchosen` keeps them from existing on one process)
     extra: dict[str, Any] = field(default_factory=dict)  # callbacks' own bookkeeping
 
 
@@ -113,9 +115,9 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *, resume: bo
     if config.optimizer_in_backward and me.world_size > 1 and not config.fsdp:
         raise ConfigError("--optimizer-in-backward runs on one process or sharded (--fsdp): DDP averages "
                           "gradients in its own hooks, after the step would have used them")
-    if config.child_only_grads and me.world_size > 1:
-        raise ConfigError("--child-only-grads runs on one process: DDP averages the weights' .grad in its own "
-                          "hooks, and a child-only gradient is no .grad (pass --no-child-only-grads)")
+    if config.child_only_grads and me.world_size > 1 and not config.fsdp:
+        raise ConfigError("--child-only-grads runs on one process or sharded (--fsdp): DDP averages the weights' "
+                          ".grad in its own hooks, and a child-only gradient is no .grad (pass --no-child-only-grads)")
     notice = causal_lm_notice(given, config)
     if notice and me.is_main:
         print(notice, file=sys.stderr)
@@ -180,6 +182,8 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
         prepare_time = time.perf_counter() - started
         if config.strict and not config.fsdp:  # (FSDP2 fixed which parameters need gradients when it sharded)
             freeze_unchosen(strategy, params)  # before any DDP wrapping: DDP fixes its params
+        elif config.strict:
+            state.unused = [params[name] for name in strategy.untouched() if name in params]  # (collective)
         # after the Fisher pass (dense gradients) and a resume (the masks then come from the checkpoint)
         child_grads = optimizer.child_only_grads(model) if config.child_only_grads and isinstance(
             optimizer, SparseChildAdamW) else None
@@ -313,6 +317,8 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> float | Non
                                  "updates); the weights were not updated. Lower --lr")
             micro.backward()  # even when not finite: every rank runs the same backward passes (DDP's sync)
             loss = loss + micro.detach().float()
+    for param in state.unused:  # never applied, so not part of the update's norm (clipped as on one process)
+        param.grad = None
     finite = not distributed.any_rank(not finite_loss)  # every rank skips together, or DDP hangs
     if finite and not config.optimizer_in_backward:  # the gradient is whole: clip it, and check it too
         finite = bool(torch.isfinite(_clip(optimizer, config.max_grad_norm)))
@@ -366,11 +372,18 @@ def _clip(optimizer: torch.optim.Optimizer, max_norm: float | None) -> torch.Ten
     vectors = optimizer.child_gradients() if isinstance(optimizer, SparseChildAdamW) else []
     if not vectors:
         return torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
-    grads = [p.grad for p in params if p.grad is not None] + vectors
-    norm = torch.nn.utils.get_total_norm(grads)
+    grads = [p.grad for p in params if p.grad is not None]
+    group = shards.group_of(params)
+    if group is None:
+        norm = torch.nn.utils.get_total_norm(grads + vectors)
+    else:  # FSDP2: the dense part's norm over the ranks' shards, and each rank's vectors are of its own rows
+        squares = torch.nn.utils.get_total_norm(vectors).square()
+        torch.distributed.all_reduce(squares, group=group)
+        dense = torch.nn.utils.get_total_norm(grads)
+        norm = ((dense.full_tensor() if shards.is_sharded(dense) else dense).square() + squares).sqrt()
     if max_norm is not None:  # clip_grads_with_norm_'s arithmetic
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for grad in grads:
+        for grad in grads + vectors:
             grad.mul_(coef)
     return norm
 
