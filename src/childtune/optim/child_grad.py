@@ -38,11 +38,12 @@ masks and optimizer state are. Forward and backward see the whole weight, gather
 site also keeps every rank's child elements as whole-weight indices (`shards.whole_index`, gathered at
 install and at `set_index`: collective; so each rank holds every rank's child indices, 4 bytes per child
 element of the model, where its masks and moments are its rows' alone). Backward computes the gradient
-at all of them from this rank's batch, averages the vector over the ranks (one all-reduce of p of the weight: what FSDP2's reduce-scatter
-does to a dense gradient, on p of its size) and keeps this rank's part, aligned with its index. FSDP2
-reduce-scatters and runs a sharded parameter's post-accumulate-grad hooks (an optimizer stepping in
-backward) only for weights that got a dense gradient, so for these the site runs those hooks itself from a
-post-accumulate-grad hook on the gathered weight, which autograd runs once all its uses are done.
+at all of them from this rank's batch, averages the vector over the ranks (one all-reduce of p of the
+weight: what FSDP2's reduce-scatter does to a dense gradient, on p of its size) and keeps this rank's
+part, aligned with its index. FSDP2 reduce-scatters and runs a sharded parameter's post-accumulate-grad
+hooks (an optimizer stepping in backward) only for weights that got a dense gradient, so for these the
+site runs those hooks itself from a post-accumulate-grad hook on the gathered weight, which autograd
+runs once all its uses are done.
 Not DDP, whose reducer waits for a dense gradient of every weight.
 
 Read before writing this (nothing copied): SpIEL (Ansell et al. 2024, github.com/AlanAnsell/peft,
