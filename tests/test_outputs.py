@@ -66,6 +66,10 @@ class Command:
 COMMANDS = [
     Command("train", lambda e, out: ["train", *bert_args(e), "--checkpoint-every", "0", "--output", str(out)],
             lambda e: [e["bert"], e["train"]]),
+    Command("train-tasks", lambda e, out: ["train", "--tasks", "mr,spam", "--model", str(e["bert"]), "--train-size",
+                                           "8", "--eval-size", "8", "--batch-size", "4", "--no-progress",
+                                           "--output", str(out)],
+            lambda e: [e["bert"]]),
     Command("compare", lambda e, out: ["compare", *bert_args(e), "--methods", "full", "--output", str(out)],
             lambda e: [e["bert"], e["dev"]]),
     Command("study", lambda e, out: ["study", "--tasks", "mr", "--methods", "full", "--seeds", "1", "--model",

@@ -17,6 +17,7 @@ openmp.choose_wait_policy()  # before the imports below load torch, and with it 
 
 from childtune.cli.commands import (  # noqa: E402
     COMPARE_OWN,
+    MULTITASK,
     RESUME_SAFE,
     STUDY_OWN,
     cmd_analyze,
@@ -89,12 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--output", required=True, help="folder for the Hugging Face model")
     apply.add_argument("--model", default=None, help="base model folder or name [the delta's base model]")
     apply.add_argument("--overwrite", action="store_true", help="replace a model childtune wrote in --output")
+    apply.add_argument("--task", default=None, help="a multi-task run (train --tasks): the task whose model to "
+                       "write, its own delta applied after the shared one")
     apply.set_defaults(func=cmd_apply)
 
     evaluate = sub.add_parser("evaluate", help="score a model folder on a task without training it (e.g. one "
                               "`apply` or `merge` made)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-    add_config_options(evaluate)
+    add_config_options(evaluate, skip=MULTITASK)
     evaluate.set_defaults(func=cmd_evaluate)
 
     merge = sub.add_parser("merge", help="merge the sparse deltas of runs on one base, each its own task (TIES, "

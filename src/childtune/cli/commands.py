@@ -12,10 +12,13 @@ from pathlib import Path
 from childtune.cli.options import ACT_OF_WRITING, config_from_args, flag, given_options, grid
 from childtune.training.config import TrainConfig
 
-STUDY_OWN = ACT_OF_WRITING | {"task", "train_file", "dev_file", "test_file", "method", "seed", "train_size"}
+MULTITASK = frozenset({"tasks", "shared_child", "task_child", "mix", "mix_temperature"})
+"""`TrainConfig` fields of a multi-task run (`train --tasks`), which only `train` takes."""
+
+STUDY_OWN = ACT_OF_WRITING | MULTITASK | {"task", "train_file", "dev_file", "test_file", "method", "seed", "train_size"}
 """`TrainConfig` fields the study sets per cell or takes as its own options."""
 
-COMPARE_OWN = ACT_OF_WRITING | {"method", "seed"}
+COMPARE_OWN = ACT_OF_WRITING | MULTITASK | {"method", "seed"}
 """Config fields `compare` sets per cell or takes as its own options."""
 
 
@@ -62,6 +65,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from childtune.training.runfolder import partial_dir
 
     config = _resumed(args) if args.resume else config_from_args(args)
+    if config.tasks is not None:
+        return _train_tasks(args, config)
     if args.checkpoint_every is None:
         args.checkpoint_every = 0 if config.fsdp else 200
     if (args.checkpoint_every or args.resume) and config.fsdp:
@@ -131,10 +136,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_tasks(args: argparse.Namespace, config) -> int:
+    """`train --tasks`: the multi-task recipe (`childtune.multitask`), one process, no checkpoints."""
+    from childtune.multitask.run import train_tasks
+    from childtune.training.config import ConfigError
+
+    if args.nproc > 1 or args.resume or args.checkpoint_every:
+        raise ConfigError("--tasks runs one process without checkpoints: not with --nproc, --resume or "
+                          "--checkpoint-every")
+    output = config.output or str(Path("runs") / f"{'+'.join(config.task_names())}-{config.method}-seed{config.seed}")
+    config = replace(config, output=output)
+    apart_from_config_file(args, output)
+    metrics = train_tasks(config)
+    for task, result in metrics["tasks"].items():
+        split = "test" if result["test"] else "dev"
+        primary = result["primary_metric"]
+        print(f"{task}: {split} {primary} {result[split][primary]:.4f}")
+    print(f"wrote {output}: shared/delta and tasks/<task>/delta, {metrics['stored_bytes']['total']:,} bytes in all "
+          f"(childtune apply {output} --task NAME makes a task's model)")
+    return 0
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     from childtune.training.export import apply_delta
 
-    apply_delta(args.delta, args.output, model=args.model, overwrite=args.overwrite)
+    apply_delta(args.delta, args.output, model=args.model, overwrite=args.overwrite, task=args.task)
     print(f"wrote {args.output}: a Hugging Face model folder (base + delta)")
     return 0
 

@@ -6,6 +6,7 @@ from childtune.strategies.child_d import ChildTuningD
 from childtune.strategies.child_f import ChildTuningF
 from childtune.strategies.drop_regrow import DropRegrow
 from childtune.strategies.full import FullFineTuning
+from childtune.strategies.given import GivenNetwork
 from childtune.strategies.gradual import GradualUnfreezing
 from childtune.strategies.id3 import ID3
 from childtune.strategies.pafi import PaFi
@@ -18,6 +19,7 @@ __all__ = [
     "ChildTuningF",
     "DropRegrow",
     "FullFineTuning",
+    "GivenNetwork",
     "GradualUnfreezing",
     "NetworkKind",
     "PaFi",

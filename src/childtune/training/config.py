@@ -62,7 +62,8 @@ _CHOICES = {"id3_head": ("outside", "inside"), "id3_schedule": ("ramp", "authors
             "dyn_start": ("random", "fisher"), "dyn_schedule": ("cosine", "linear", "constant"),
             "dyn_importance": ("magnitude", "signal"),
             "optimizer": ("torch", "authors"), "preset": PRESETS, "report_to": ("none", "tensorboard"),
-            "dtype": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
+            "dtype": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
+            "shared_child": ("fisher-sum", "fisher-intersection", "union"), "mix": ("proportional", "temperature")}
 
 
 LARGEST_INT = 2**31 - 1
@@ -108,6 +109,21 @@ class TrainConfig:
     max_length: int = field(default=128, metadata=_opt("truncate texts to this many tokens"))
     eval_size: int | None = field(default=None, metadata=_opt(
         "evaluate on at most this many dev and test examples (a fixed sample, the same for every run)"))
+    tasks: str | None = field(default=None, metadata=_opt(
+        "several built-in tasks at once, comma-separated (e.g. mr,subj,spam), instead of --task: one model with "
+        "a head per task, trained on a mixture of them (--mix), child-d's child network shared by all tasks "
+        "(--shared-child) plus each task's own (--task-child)"))
+    shared_child: str = field(default="fisher-sum", metadata=_opt(
+        "--tasks: the shared child network, the top --reserve-p of the tasks' Fisher scores (each divided by its "
+        "sum) combined by 'fisher-sum', 'fisher-intersection' (their minimum: what every task needs) or "
+        "'union' (their maximum: what any task needs)"))
+    task_child: float = field(default=0.0, metadata=_opt(
+        "--tasks: each task's own child network outside the shared one, this share of the scored weights (0: "
+        "none); its values change only on that task's batches and are its delta's"))
+    mix: str = field(default="proportional", metadata=_opt(
+        "--tasks: each step trains on one task, drawn by seed in proportion to its training examples "
+        "('proportional') or to examples^(1/--mix-temperature) ('temperature', which favours small tasks)"))
+    mix_temperature: float = field(default=2.0, metadata=_opt("--tasks with --mix temperature: T > 0"))
     # -- method
     method: str = field(default="child-d", metadata=_opt(", ".join(METHODS)))
     preset: str = field(default="childtune", metadata=_opt(
@@ -286,6 +302,32 @@ class TrainConfig:
             raise ConfigError("--fsdp with --fisher-per-example: an example's gradient is never whole on one rank "
                               "when sharded; score per batch")
 
+    def task_names(self) -> list[str]:
+        """The tasks of a multi-task run (`tasks`), in the order given; empty for a single-task run."""
+        return [name.strip() for name in (self.tasks or "").split(",") if name.strip()]
+
+    def _check_tasks(self) -> None:
+        """What a multi-task run (`childtune.multitask`) supports, refused in one line each."""
+        names = self.task_names()
+        if len(names) < 2 or len(set(names)) < len(names):
+            raise ConfigError(f"tasks must name two different tasks or more, got {self.tasks!r}")
+        unknown = [n for n in names if n not in TASKS]
+        if unknown:
+            raise ConfigError(f"tasks: no built-in task {unknown[0]!r} (built-in: {', '.join(TASKS)}); "
+                              "your own files are not supported with --tasks yet")
+        if any(TASKS[n].kind == "generation" for n in names):
+            raise ConfigError("tasks: a multi-task run trains classifiers (a head per task); "
+                              f"{[n for n in names if TASKS[n].kind == 'generation']} are generation tasks")
+        if self.method != "child-d":
+            raise ConfigError(f"--tasks chooses child-d's child network from the tasks' Fisher scores; got --method "
+                              f"{self.method}")
+        if self.train_file is not None or self.fsdp or self.dtype == "bf16" or self.optimizer_in_backward or \
+                self.child_only_grads or self.grad_accum != 1:
+            raise ConfigError("--tasks runs one process in fp32 with the step after backward: not with --train, "
+                              "--fsdp, --dtype bf16, --optimizer-in-backward, --child-only-grads or --grad-accum")
+        _check(0 <= self.task_child < 1, "task_child", self.task_child, "in [0, 1)")
+        _check(self.mix_temperature > 0, "mix_temperature", self.mix_temperature, "> 0")
+
     def _check_child_only(self) -> None:
         """Where child-only gradients cannot run, refused in one line that says why."""
         spec = METHODS[self.method]
@@ -370,6 +412,8 @@ class TrainConfig:
             self._check_fsdp()
         if self.child_only_grads:
             self._check_child_only()
+        if self.tasks is not None:
+            self._check_tasks()
         if files and self.text_col == self.label_col:
             raise ConfigError(f"text_col and label_col are both {self.text_col!r}: the model would read the label")
         _check(self.reserve_p is None or 0 < self.reserve_p <= 1, "reserve_p", self.reserve_p, "in (0, 1]")

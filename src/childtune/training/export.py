@@ -119,11 +119,14 @@ def _run_delta(run: Path) -> SparseDelta:
 
 
 def apply_delta(delta_dir: str | os.PathLike, output: str | os.PathLike, *, model: str | None = None,
-                overwrite: bool = False) -> Path:
-    """Base model + delta, saved as a Hugging Face model folder (with the base's tokenizer) in `output`."""
+                overwrite: bool = False, task: str | None = None) -> Path:
+    """Base model + delta, saved as a Hugging Face model folder (with the base's tokenizer) in `output`.
+    A multi-task run's folder (`childtune.multitask`) needs the `task`: its shared delta, then the task's."""
 
     source = Path(delta_dir)
-    delta_dir = source / "delta" if (source / "delta").is_dir() else source
+    shared = _shared_delta(source, task)
+    delta_dir = source / "tasks" / str(task) / "delta" if shared else \
+        source / "delta" if (source / "delta").is_dir() else source
     with RunFolder(output, overwrite, kind="model", reads=[source]) as work:
         delta = SparseDelta.load(delta_dir)
         name = model or delta.config.base_model
@@ -132,6 +135,8 @@ def apply_delta(delta_dir: str | os.PathLike, output: str | os.PathLike, *, mode
         path = model_folder(name)
         check_target(output, reads=[path])  # the base model, known once the delta names it
         tokenizer, tuned = base_for(delta, path)
+        if shared:  # the task's delta was made on base + shared change, and its fingerprint says so
+            SparseDelta.load(source / "shared" / "delta").apply(tuned)
         delta.apply(tuned)
         with quiet_transformers():
             tuned.save_pretrained(work)
@@ -141,6 +146,21 @@ def apply_delta(delta_dir: str | os.PathLike, output: str | os.PathLike, *, mode
                                                  "method": delta.config.method,
                                                  "changed_params": delta.config.num_changed})
     return Path(output)
+
+
+def _shared_delta(source: Path, task: str | None) -> bool:
+    """Whether `source` is a multi-task run whose `task` to apply (refused: a task it lacks, or none given
+    for one; a task given for any other folder)."""
+    tasks = sorted(p.parent.name for p in (source / "tasks").glob("*/delta")) if (source / "shared").is_dir() else []
+    if not tasks:
+        if task is not None:
+            raise DeltaError(f"--task {task}: {source} is not a multi-task run (train --tasks); apply it without "
+                             "--task")
+        return False
+    if task not in tasks:
+        raise DeltaError(f"{source} is a multi-task run: pass --task, one of {', '.join(tasks)}"
+                         + (f" (it has no task {task!r})" if task else ""))
+    return True
 
 
 def run_kind(run: Path) -> str:

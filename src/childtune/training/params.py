@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -42,16 +43,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float,
     ]
 
 
+def linear_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The share of the peak LR at `step`: linear warmup to 1, then linear decay to zero at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup to the peak LR, then linear decay to zero at `total_steps`."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """Linear warmup to the peak LR, then linear decay to zero at `total_steps` (`linear_factor`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(linear_factor, warmup_steps=warmup_steps,
+                                                                total_steps=total_steps))
 
 
 def freeze_unchosen(strategy: Strategy, params: dict[str, torch.Tensor]) -> list[str]:

@@ -1,0 +1,236 @@
+"""A multi-task run: one base, a child network shared by several tasks, each task's own part and head.
+
+`childtune train --tasks mr,subj,spam` (a `TrainConfig` with `tasks`):
+
+1. each task's data and classifier as a single-task run builds them; the classifiers share one backbone
+   (`model.share_backbone`);
+2. each task's Fisher information over the backbone's transformer blocks (child-d's settings: samples,
+   per example, train mode, clip), on its own training data;
+3. the shared child network (`choose.shared_network`, `--shared-child`, size `--reserve-p`) and each task's
+   own (`choose.task_networks`, `--task-child`);
+4. training on a mixture: each step is one batch of one task, drawn by seed (`mixture`); the shared
+   elements are updated by every task's batches (`SparseChildAdamW` over them), a task's own elements and
+   head by its batches only (one `SparseChildAdamW` per task), with the task's own values swapped in
+   (`model.TaskParts`); the learning rate follows one linear schedule over all steps, and the gradient
+   of each step is clipped to `max_grad_norm` as a single-task run's is;
+5. every task's dev and test scores, then the run folder: `shared/delta` (the shared change, against the
+   base) and `tasks/<task>/delta` (that task's own change and head, against base + shared change: its
+   recorded base fingerprint is that model's, so it refuses any other), `metrics.json` with every task's
+   scores and the bytes stored, `masks.safetensors` with the shared child network.
+
+`childtune apply RUN --task NAME` applies both deltas (`training.export.apply_delta`), the task's model a
+user evaluates or ships. The run is not resumable (no checkpoints) and runs one process in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from childtune.delta import SparseDelta
+from childtune.fileio import write_json
+from childtune.fisher import fisher_information
+from childtune.masks import MASKS_FILE, save_masks, to_masks
+from childtune.multitask.choose import shared_network, task_networks
+from childtune.multitask.model import TaskParts, backbone_names, share_backbone
+from childtune.optim import SparseChildAdamW
+from childtune.strategies import GivenNetwork
+from childtune.training.config import TrainConfig, updates_per_epoch
+from childtune.training.evaluate import PhasePeaks, evaluate
+from childtune.training.inputs import batches, load_data, loader
+from childtune.training.loop import TrainError
+from childtune.training.models import base_files, load_model, model_folder, run_device, task_collate
+from childtune.training.params import linear_factor, param_groups
+from childtune.training.runfolder import RunFolder, run_reads
+
+
+def mixture(sizes: list[int], steps: int, mix: str, temperature: float, seed: int) -> list[int]:
+    """Which task (its position in `sizes`) each of `steps` steps trains on: drawn independently with
+    probability proportional to the task's training examples, or to examples^(1/temperature)."""
+    power = 1.0 if mix == "proportional" else 1.0 / temperature
+    weights = torch.tensor([float(n) ** power for n in sizes], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.multinomial(weights, steps, replacement=True, generator=generator).tolist()
+
+
+def train_tasks(config: TrainConfig) -> dict[str, Any]:
+    """Train `config.tasks` at once (module docstring); return (and, with `config.output`, write) the metrics."""
+    config = config.resolved()
+    folder = RunFolder(config.output, config.overwrite, False, reads=run_reads(config)) if config.output else None
+    try:
+        return _train_tasks(config, folder)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _train_tasks(config: TrainConfig, folder: RunFolder | None) -> dict[str, Any]:
+    torch.manual_seed(config.seed)
+    phases = PhasePeaks()
+    names = config.task_names()
+    configs = {t: replace(config, tasks=None, task=t) for t in names}
+    phases.start("data")
+    data = {t: load_data(c) for t, c in configs.items()}
+    phases.start("model")
+    device = run_device(config)
+    models, tokenizer = {}, None
+    for t, c in configs.items():
+        tokenizer, models[t] = load_model(c, data[t].spec)
+    share_backbone(models)
+    for model in models.values():
+        model.to(device)
+    first = next(iter(models.values()))
+    shared_names = backbone_names(first)
+    base = {n: t.detach().cpu().clone() for n, t in first.state_dict().items() if n in shared_names}
+    collates = {t: task_collate(configs[t], tokenizer, models[t], data[t].spec.kind) for t in names}
+
+    phases.start("prepare")
+    started = time.perf_counter()
+    scores = []
+    for t in names:  # each task's Fisher over the backbone's blocks, on its own training data
+        fisher_batches = loader(data[t].train, batch_size=config.batch_size, collate_fn=collates[t])
+        task_scores = fisher_information(models[t], fisher_batches, num_samples=config.fisher_samples,
+                                         per_example=config.fisher_per_example,
+                                         train_mode=bool(config.fisher_train_mode), clip=config.fisher_clip or None,
+                                         progress=config.progress)
+        scores.append({n: s for n, s in task_scores.items() if n in shared_names})
+    assert config.reserve_p is not None  # resolved
+    shared = shared_network(scores, config.reserve_p, config.shared_child)
+    own = dict(zip(names, task_networks(scores, shared, config.task_child), strict=True))
+    del scores
+    prepare_time = time.perf_counter() - started
+
+    phases.start("setup")
+    params = dict(first.named_parameters())
+    backbone_params = {n: p for n, p in params.items() if n in shared_names}
+    for name, param in backbone_params.items():  # what no part of any task changes needs no gradient
+        if not any(len(net.get(name, ())) for net in (shared, *own.values())):
+            param.requires_grad_(False)
+    assert config.weight_decay is not None and config.lr is not None
+    shared_groups = [{**g, "params": [(n, p) for n, p in g["params"] if n in shared_names]}
+                     for g in param_groups(first, config.weight_decay)]
+    shared_opt = SparseChildAdamW([g for g in shared_groups if g["params"]], GivenNetwork(_held(shared), always=()),
+                                  lr=config.lr, weight_decay=config.weight_decay,
+                                  bias_correction=config.bias_correction or "element")
+    task_opts = {t: SparseChildAdamW(param_groups(models[t], config.weight_decay), GivenNetwork(_held(own[t])),
+                                     lr=config.lr, weight_decay=config.weight_decay,
+                                     bias_correction=config.bias_correction or "element") for t in names}
+    parts = TaskParts(backbone_params, own)
+    sizes = [len(data[t].train) for t in names]
+    total_steps = sum(updates_per_epoch(n, config.batch_size) for n in sizes) * config.epochs
+    order = mixture(sizes, total_steps, config.mix, config.mix_temperature, config.seed)
+    warmup = round(config.warmup * total_steps)
+
+    phases.start("train")
+    started = time.perf_counter()
+    streams = {t: _stream(data[t].train, collates[t], configs[t]) for t in names}
+    steps = dict.fromkeys(names, 0)
+    for model in models.values():
+        model.train()
+    bar = tqdm(order, desc=f"train {len(names)} tasks", unit="step", disable=not config.progress)
+    for step, which in enumerate(bar):
+        task = names[which]
+        parts.activate(task)
+        batch = {k: v.to(device) for k, v in next(streams[task]).items()}
+        loss = models[task](**batch).loss
+        if not torch.isfinite(loss):
+            raise TrainError(f"non-finite loss at step {step} ({task}); the weights were not updated. Lower --lr")
+        loss.backward()
+        trained = [p for p in models[task].parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm or math.inf)
+        if not torch.isfinite(norm):
+            raise TrainError(f"non-finite gradient at step {step} ({task}). Lower --lr")
+        for optimizer in (shared_opt, task_opts[task]):
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * linear_factor(step, warmup, total_steps)
+            optimizer.step()
+        models[task].zero_grad(set_to_none=True)
+        steps[task] += 1
+        bar.set_postfix(task=task, loss=f"{float(loss.detach()):.4f}")
+    bar.close()
+    train_time = time.perf_counter() - started
+
+    phases.start("evaluate")
+    scores_by_task = {}
+    for t in names:
+        parts.activate(t)
+        spec = data[t].spec
+        dev = evaluate(models[t], data[t].dev, spec, collates[t], configs[t], f"eval dev {t}")
+        test = evaluate(models[t], data[t].test, spec, collates[t], configs[t], f"eval test {t}") \
+            if data[t].test else None
+        scores_by_task[t] = {"dev": dev, "test": test, "primary_metric": spec.metric, "steps": steps[t],
+                             "train_examples": len(data[t].train), "dev_examples": len(data[t].dev),
+                             "test_examples": len(data[t].test), "own_params": count_index(own[t])}
+    metrics: dict[str, Any] = {
+        "tasks": scores_by_task, "method": config.method, "seed": config.seed, "shared_child": config.shared_child,
+        "task_child": config.task_child, "mix": config.mix, "steps": total_steps, "epochs": config.epochs,
+        "shared_params": count_index(shared), "scored_params": sum(base[n].numel() for n in shared),
+        "prepare_time_s": round(prepare_time, 3), "train_time_s": round(train_time, 3),
+        "torch_threads": torch.get_num_threads(),
+    }
+    with folder or contextlib.nullcontext() as workdir:
+        if workdir:
+            phases.start("save")
+            replace(config, overwrite=False).save_json(workdir / "config.json")
+            metrics["stored_bytes"] = _save(config, configs, data, models, parts, base, shared_names, workdir)
+            save_masks(to_masks(shared, base), workdir / MASKS_FILE)
+        phases.start(None)
+        metrics["peak_rss_mib"], metrics["peak_rss_mib_by_phase"] = phases.overall(), phases.peaks
+        if workdir:
+            write_json(workdir / "metrics.json", metrics)
+    return metrics
+
+
+def _stream(examples, collate, config: TrainConfig):
+    """A task's batches without end: its epochs one after another, each in the (seed, epoch) order a
+    single-task run of it would take."""
+    epoch = 0
+    while True:
+        yield from batches(examples, collate, config, epoch, 0)
+        epoch += 1
+
+
+def _save(config: TrainConfig, configs: dict[str, TrainConfig], data, models, parts: TaskParts,
+          base: dict[str, torch.Tensor], shared_names: list[str], workdir: Path) -> dict[str, Any]:
+    """The shared delta and each task's (module docstring); the bytes each takes on disk."""
+    files = base_files(model_folder(config.model))
+    first = next(iter(models.values()))
+    parts.activate(None)
+    shared_state = {n: t.detach().cpu().clone() for n, t in first.state_dict().items() if n in shared_names}
+    hparams = {**config.to_dict(), "part": "shared"}
+    SparseDelta.from_training(base, shared_state, method=config.method, hparams=hparams, base_model=config.model,
+                              base_files=files).save(workdir / "shared" / "delta")
+    own: dict[str, int] = {}
+    stored: dict[str, Any] = {"shared": _bytes(workdir / "shared" / "delta"), "tasks": own}
+    for t, model in models.items():
+        parts.activate(t)
+        spec = data[t].spec
+        head = {"num_labels": spec.num_labels, "label_names": list(spec.label_names), "kind": spec.kind,
+                "part": t, "shared_delta": "../../shared/delta"}
+        SparseDelta.from_training(shared_state, model, method=config.method,
+                                  hparams={**configs[t].to_dict(), **head}, base_model=config.model,
+                                  base_files=files).save(workdir / "tasks" / t / "delta")
+        own[t] = _bytes(workdir / "tasks" / t / "delta")
+    stored["total"] = stored["shared"] + sum(own.values())
+    return stored
+
+
+def _bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _held(network: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors a child network holds elements of (the frozen ones bound to no optimizer left out)."""
+    return {n: i for n, i in network.items() if len(i)}
+
+
+def count_index(network: dict[str, torch.Tensor]) -> int:
+    """Elements in a child network held as indices."""
+    return sum(len(i) for i in network.values())

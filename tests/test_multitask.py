@@ -1,0 +1,199 @@
+"""Multi-task runs (`childtune.multitask`): the shared and per-task child networks against hand-computed
+choices, the task-value swap, the mixture's statistics, and a tiny two-task run whose per-task deltas apply
+alone and together, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from childtune.delta import DeltaError, SparseDelta
+from childtune.multitask.choose import shared_network, task_networks
+from childtune.multitask.model import TaskParts
+from childtune.multitask.run import mixture
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_resume import write_tiny_model
+
+# two tasks, one 2 x 3 tensor; each task's scores already sum to 1
+A = {"w": torch.tensor([[0.40, 0.30, 0.10], [0.10, 0.05, 0.05]])}
+B = {"w": torch.tensor([[0.00, 0.35, 0.05], [0.50, 0.05, 0.05]])}
+
+
+def flat(index: torch.Tensor) -> list[int]:
+    return index.tolist()
+
+
+@pytest.mark.parametrize(("rule", "want"), [
+    # sum: .40 .65 .15 / .60 .10 .10 -> top 2: positions 1 and 3
+    ("fisher-sum", [1, 3]),
+    # min: 0 .30 .05 / .10 .05 .05 -> top 2: 1, then 3 (.10)
+    ("fisher-intersection", [1, 3]),
+    # max: .40 .35 .10 / .50 .05 .05 -> top 2: 3 (.50) and 0 (.40)
+    ("union", [0, 3]),
+])
+def test_the_shared_child_network_is_each_rules_exact_top_p(rule, want):
+    assert flat(shared_network([A, B], 2 / 6, rule)["w"]) == want
+
+
+def test_min_and_max_differ_where_one_task_alone_cares():
+    """Position 0 matters to A alone (B scores 0): the union takes it, the intersection never does."""
+    assert 0 in flat(shared_network([A, B], 3 / 6, "union")["w"])
+    assert 0 not in flat(shared_network([A, B], 3 / 6, "fisher-intersection")["w"])
+
+
+def test_scores_are_normalised_per_task_before_they_are_combined():
+    """B scaled by 1000 (a larger loss) chooses the same: each task's scores are divided by their sum."""
+    loud = {"w": B["w"] * 1000}
+    for rule in ("fisher-sum", "fisher-intersection", "union"):
+        assert torch.equal(shared_network([A, loud], 2 / 6, rule)["w"], shared_network([A, B], 2 / 6, rule)["w"])
+
+
+def test_a_tasks_own_child_network_is_its_top_p_outside_the_shared_one():
+    shared = shared_network([A, B], 2 / 6, "fisher-sum")  # {1, 3}
+    own_a, own_b = task_networks([A, B], shared, 1 / 6)
+    assert flat(own_a["w"]) == [0]  # A's best is 0 (.40); 1 is shared
+    assert flat(own_b["w"]) == [2]  # B's best outside {1, 3}: 2 (.05; ties at .05 broken by position)
+    assert all(len(n["w"]) == 0 for n in task_networks([A, B], shared, 0.0))
+
+
+def test_bad_rules_and_single_tasks_are_refused():
+    with pytest.raises(ValueError, match="must be one of"):
+        shared_network([A, B], 0.5, "average")
+    with pytest.raises(ValueError, match="two tasks or more"):
+        shared_network([A], 0.5, "union")
+
+
+def test_task_parts_swap_each_tasks_values_and_leave_the_rest():
+    weight = torch.arange(6, dtype=torch.float32).view(2, 3)
+    parts = TaskParts({"w": weight}, {"a": {"w": torch.tensor([0, 2])}, "b": {"w": torch.tensor([2, 5])}})
+    parts.activate("a")
+    weight.view(-1)[[0, 2]] += 10  # task a trains its elements, and position 1 (shared)
+    weight.view(-1)[1] += 100
+    parts.activate("b")  # a's change leaves; b starts from the base values at its own elements
+    assert weight.view(-1).tolist() == [0, 101, 2, 3, 4, 5]
+    weight.view(-1)[[2, 5]] -= 1
+    parts.activate("a")
+    assert weight.view(-1).tolist() == [10, 101, 12, 3, 4, 5]
+    parts.activate(None)
+    assert weight.view(-1).tolist() == [0, 101, 2, 3, 4, 5]
+    parts.activate("b")
+    assert weight.view(-1).tolist() == [0, 101, 1, 3, 4, 4]
+
+
+def test_the_mixture_draws_tasks_in_proportion_or_flattened_by_temperature():
+    sizes, steps = [100, 900], 20_000
+    proportional = mixture(sizes, steps, "proportional", 2.0, seed=1)
+    assert abs(proportional.count(0) / steps - 0.1) < 0.01
+    flat_draw = mixture(sizes, steps, "temperature", 2.0, seed=1)
+    assert abs(flat_draw.count(0) / steps - 10 / (10 + 30)) < 0.01  # sqrt(100) : sqrt(900)
+    assert mixture(sizes, 50, "proportional", 2.0, seed=1) == proportional[:50]  # a function of the seed
+
+
+# --------------------------------------------------------------------------------- through the CLI
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, Path]:
+    from childtune.cli import main
+
+    root = tmp_path_factory.mktemp("multitask")
+    model = write_tiny_model(root / "model", dropout=0.0)
+    out = root / "run"
+    assert main(["train", "--tasks", "mr,spam", "--model", str(model), "--train-size", "48", "--eval-size", "24",
+                 "--epochs", "1", "--batch-size", "8", "--reserve-p", "0.1", "--task-child", "0.05", "--lr", "1e-2",
+                 "--shared-child", "union", "--no-progress", "--output", str(out)]) == 0
+    return model, out
+
+
+def test_a_multi_task_run_writes_a_shared_delta_and_one_per_task(run):
+    _, out = run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["tasks"]) == {"mr", "spam"}
+    assert sum(t["steps"] for t in metrics["tasks"].values()) == metrics["steps"] == 2 * 6
+    assert metrics["shared_params"] == round(0.1 * metrics["scored_params"])
+    for task in ("mr", "spam"):
+        assert metrics["tasks"][task]["dev"]["accuracy"] >= 0 and (out / "tasks" / task / "delta").is_dir()
+        assert 0 < metrics["tasks"][task]["own_params"] <= round(0.05 * metrics["scored_params"])
+    shared = SparseDelta.load(out / "shared" / "delta")
+    assert not shared.dense and shared.config.num_changed == metrics["shared_params"]  # no head, every element moved
+    assert metrics["stored_bytes"]["total"] == metrics["stored_bytes"]["shared"] + sum(
+        metrics["stored_bytes"]["tasks"].values())
+    assert int(sum(m.sum() for m in load_file(out / "masks.safetensors").values())) == metrics["shared_params"]
+
+
+def test_each_tasks_delta_changes_only_its_own_elements_and_head(run):
+    _, out = run
+    shared = SparseDelta.load(out / "shared" / "delta").masks()
+    own = {t: SparseDelta.load(out / "tasks" / t / "delta") for t in ("mr", "spam")}
+    for delta in own.values():
+        assert delta.dense and all("classifier" in name for name in delta.dense)  # its head
+        for name, mask in delta.masks().items():
+            assert not (mask & shared.get(name, torch.zeros_like(mask))).any(), name  # never a shared element
+
+
+def test_a_tasks_model_is_base_plus_shared_plus_its_own_and_scores_as_the_run(run, tmp_path):
+    """`apply --task`: the task delta refuses the bare base (its base is base + shared change), applies
+    on top of the shared one, reverts back to it bit for bit, and the model scores as the run did."""
+    from transformers import AutoModelForSequenceClassification
+
+    from childtune.cli import main
+    from childtune.training.config import TrainConfig
+    from childtune.training.scoring import score
+
+    model, out = run
+    shared = SparseDelta.load(out / "shared" / "delta")
+    mr = SparseDelta.load(out / "tasks" / "mr" / "delta")
+    tuned = AutoModelForSequenceClassification.from_pretrained(model, num_labels=2)
+    base = {n: t.clone() for n, t in tuned.state_dict().items()}
+    with pytest.raises(DeltaError, match="wrong base model"):
+        mr.apply(tuned)
+    shared.apply(tuned)
+    with_shared = {n: t.clone() for n, t in tuned.state_dict().items()}
+    mr.apply(tuned)
+    mr.revert(tuned)
+    assert all(torch.equal(tuned.state_dict()[n], with_shared[n]) for n in base if "classifier" not in n)
+    shared.revert(tuned)
+    assert all(torch.equal(tuned.state_dict()[n], base[n]) for n in base if "classifier" not in n)
+
+    assert main(["apply", str(out), "--task", "mr", "--output", str(tmp_path / "mr")]) == 0
+    scored = score(TrainConfig(model=str(tmp_path / "mr"), task="mr", eval_size=24, progress=False).resolved())
+    assert scored["dev"] == json.loads((out / "metrics.json").read_text())["tasks"]["mr"]["dev"]
+    assert main(["apply", str(out), "--output", str(tmp_path / "none")]) == 2  # which task? said, not guessed
+
+
+def test_multi_task_settings_are_checked_before_any_work(tmp_path, capsys):
+    from childtune.cli import main
+
+    for more, said in ((["--tasks", "mr"], "two different tasks"), (["--tasks", "mr,nope"], "no built-in task"),
+                       (["--tasks", "mr,spam", "--method", "id3"], "child-d"),
+                       (["--tasks", "mr,spam", "--task-child", "1.5"], "task_child"),
+                       (["--tasks", "mr,spam", "--dtype", "bf16"], "fp32"),
+                       (["--tasks", "mr,spam", "--shared-child", "mean"], "shared_child")):
+        assert main(["train", *more, "--output", str(tmp_path / "run")]) == 2, more
+        assert said in capsys.readouterr().err, more
+    assert not (tmp_path / "run").exists()
+
+
+def test_real_model_learns_two_tasks_at_once(tmp_path, capsys):
+    """The offline MiniLM on subj and mr (128 examples each, 2 epochs): subj, the easier, is learnt through
+    the shared and its own child network, and the model `apply --task subj` writes scores as the run did."""
+    from childtune.cli import main
+    from childtune.training.config import TrainConfig
+    from childtune.training.scoring import score
+
+    out = tmp_path / "run"
+    assert main(["train", "--tasks", "subj,mr", "--train-size", "128", "--eval-size", "100", "--epochs", "2",
+                 "--batch-size", "16", "--reserve-p", "0.05", "--task-child", "0.01", "--lr", "1e-3",
+                 "--max-length", "32", "--no-progress", "--output", str(out)]) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"]["subj"]["dev"]["accuracy"] >= 0.8, metrics["tasks"]["subj"]  # half are each class
+    assert main(["apply", str(out), "--task", "subj", "--output", str(tmp_path / "subj")]) == 0
+    scored = score(TrainConfig(model=str(tmp_path / "subj"), task="subj", eval_size=100, max_length=32,
+                               progress=False).resolved())
+    assert scored["dev"] == metrics["tasks"]["subj"]["dev"]
