@@ -197,3 +197,28 @@ def test_real_model_learns_two_tasks_at_once(tmp_path, capsys):
     scored = score(TrainConfig(model=str(tmp_path / "subj"), task="subj", eval_size=100, max_length=32,
                                progress=False).resolved())
     assert scored["dev"] == metrics["tasks"]["subj"]["dev"]
+
+
+def test_a_study_runs_a_multi_task_cell_into_its_ledger_and_report(run, tmp_path):
+    """`childtune study --tasks mr+spam`: one multi-task run per cell, recorded in the ledger with every task's
+    scores, scored in the report by the mean of the tasks' primary metrics."""
+    from childtune.study.ledger import Ledger
+    from childtune.study.plan import StudyConfig, task_overrides
+    from childtune.study.run import run_study
+    from childtune.training.config import TrainConfig
+
+    assert task_overrides(("mr+spam", "subj")) == {"mr+spam": {"tasks": "mr,spam"}, "subj": {"task": "subj"}}
+    model, _ = run
+    study = StudyConfig(tasks=("mr+spam",), methods=("child-d",), seeds=(1,), train_size=16,
+                        grid={"child-d": {"shared_child": ["fisher-sum", "union"]}},
+                        base=TrainConfig(model=str(model), progress=False, eval_size=8, batch_size=8, epochs=1),
+                        output=str(tmp_path / "study"), transfer=False, analysis=False,
+                        ledger=str(tmp_path / "ledger.jsonl"), name="mt")
+    run_study(study, results=str(tmp_path / "RESULTS.md"), progress=False)
+    records = list(Ledger(tmp_path / "ledger.jsonl").records.values())
+    assert len(records) == 2 and all(set(r["metrics"]["tasks"]) == {"mr", "spam"} for r in records)
+    for record in records:
+        tasks = record["metrics"]["tasks"]
+        mean = sum(t["dev"][t["primary_metric"]] for t in tasks.values()) / 2
+        assert record["metrics"]["dev"] == {"mean": mean}
+    assert "| mr+spam | child-d |" in (tmp_path / "RESULTS.md").read_text()

@@ -169,6 +169,9 @@ def _train_tasks(config: TrainConfig, folder: RunFolder | None) -> dict[str, Any
                              "train_examples": len(data[t].train), "dev_examples": len(data[t].dev),
                              "test_examples": len(data[t].test), "own_params": count_index(own[t])}
     metrics: dict[str, Any] = {
+        # what one score per run reads (a study's tables, the ledger): the mean of each task's primary metric
+        "task": "+".join(names), "primary_metric": "mean", "kind": "classification",
+        **{split: _mean(scores_by_task, split) for split in ("dev", "test")},
         "tasks": scores_by_task, "method": config.method, "seed": config.seed, "shared_child": config.shared_child,
         "task_child": config.task_child, "mix": config.mix, "steps": total_steps, "epochs": config.epochs,
         "shared_params": count_index(shared), "scored_params": sum(base[n].numel() for n in shared),
@@ -186,6 +189,12 @@ def _train_tasks(config: TrainConfig, folder: RunFolder | None) -> dict[str, Any
         if workdir:
             write_json(workdir / "metrics.json", metrics)
     return metrics
+
+
+def _mean(scores: dict[str, dict[str, Any]], split: str) -> dict[str, float] | None:
+    """{"mean": the tasks' primary metrics on `split`, averaged} (None where a task has no such split)."""
+    values = [s[split][s["primary_metric"]] for s in scores.values() if s[split] is not None]
+    return {"mean": sum(values) / len(values)} if len(values) == len(scores) else None
 
 
 def _stream(examples, collate, config: TrainConfig):

@@ -24,11 +24,21 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from childtune.fileio import LockedError
+from childtune.multitask.run import train_tasks
 from childtune.study.ledger import Ledger, make_record
 from childtune.training.checkpoint import checkpoint_dir
 from childtune.training.config import NOT_SETTINGS, TrainConfig
 from childtune.training.loop import Callback, train
 from childtune.training.runfolder import partial_dir
+
+
+def train_any(config: TrainConfig, callbacks=()) -> dict[str, Any]:
+    """A cell's run: several tasks at once (`config.tasks`: `childtune.multitask`, no callbacks) or one."""
+    if config.tasks is not None:
+        if callbacks:
+            raise GridError("a multi-task cell takes no callbacks (no transfer evaluation)")
+        return train_tasks(config)
+    return train(config, callbacks)
 
 
 class GridError(ValueError):
@@ -77,10 +87,10 @@ def run_jobs(jobs: Sequence[Job], run: Callable[..., dict[str, Any]] | None = No
              ) -> list[dict[str, Any] | None]:
     """Metrics of every job in order: from the ledger or the cell's folder when done, else trained
     (`None` for a job not done when `train_missing` is False). Every config is checked before the first
-    cell trains. `run` is the training function (default `childtune.training.loop.train`, called as
-    `run(config, callbacks)`). A cell another study sharing the ledger is training is left to it and
-    waited for after the others (see `Ledger.claim`)."""
-    run = run or train
+    cell trains. `run` is the training function (default `train_any`: `childtune.training.loop.train`, or
+    the multi-task recipe; called as `run(config, callbacks)`). A cell another study sharing the ledger is
+    training is left to it and waited for after the others (see `Ledger.claim`)."""
+    run = run or train_any
     for job in jobs:
         job.config.resolved()
     results: list[dict[str, Any] | None] = [None] * len(jobs)

@@ -161,12 +161,13 @@ def configs(grid: Grid, method: str) -> list[tuple[tuple[str, Any], ...]]:
 
 
 def task_overrides(tasks: str | Sequence[str] | Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Task name -> the `TrainConfig` fields that select it."""
+    """Task name -> the `TrainConfig` fields that select it; a name joining built-in tasks with `+`
+    (`mr+subj+spam`) is one multi-task run of them (`TrainConfig.tasks`, `childtune.multitask`)."""
     if isinstance(tasks, str):
         tasks = (tasks,)
     if isinstance(tasks, Mapping):
         return {name: dict(over) for name, over in tasks.items()}
-    return {name: {"task": name} for name in tasks}
+    return {name: {"tasks": name.replace("+", ",")} if "+" in name else {"task": name} for name in tasks}
 
 
 def plan(study: StudyConfig) -> list[Cell]:
