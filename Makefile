@@ -82,7 +82,9 @@ evidence: install
 		--grid '{"child-dyn": {"dyn_start": ["random", "fisher"], "lr": [0.001, 0.003, 0.01]}, "child-d": {"reserve_p": [0.01], "lr": [0.001, 0.003, 0.01]}, "random": {"lr": [0.001, 0.003, 0.01]}, "pafi": {"reserve_p": [0.01], "lr": [0.001, 0.003, 0.01]}, "bitfit": {"lr": [0.001, 0.003, 0.01]}}' \
 		--methods child-dyn,child-d,random,pafi,bitfit --output runs/evidence/moving
 	# issue 30.4b: the four tasks at once, 1,000 examples each, a shared child network of 1% by each rule, alone
-	# and with each task's own 0.5%; single-task child-d and full on each task are the `tasks` study's cells
-	$(STUDY) --name multitask --seeds 1-5 --tasks mr+subj+spam+bbc-news --train-size 1000 --methods child-d \
+	# and with each task's own 0.5%, beside single-task child-d of the same size and lr (the baseline its rows are
+	# paired with) and full fine-tuning on each task; the report adds the bytes stored for all four
+	$(STUDY) --name multitask --seeds 1-5 --tasks mr+subj+spam+bbc-news,mr,subj,spam,bbc-news --train-size 1000 \
+		--methods child-d,full --baseline child-d \
 		--grid '{"child-d": {"reserve_p": [0.01], "lr": [0.001], "shared_child": ["fisher-sum", "fisher-intersection", "union"], "task_child": [0, 0.005]}}' \
 		--output runs/evidence/multitask

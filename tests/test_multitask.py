@@ -122,8 +122,8 @@ def test_a_multi_task_run_writes_a_shared_delta_and_one_per_task(run):
         assert 0 < metrics["tasks"][task]["own_params"] <= round(0.05 * metrics["scored_params"])
     shared = SparseDelta.load(out / "shared" / "delta")
     assert not shared.dense and shared.config.num_changed == metrics["shared_params"]  # no head, every element moved
-    assert metrics["stored_bytes"]["total"] == metrics["stored_bytes"]["shared"] + sum(
-        metrics["stored_bytes"]["tasks"].values())
+    by_part = metrics["stored_bytes_by_part"]
+    assert metrics["stored_bytes"] == by_part["shared"] + sum(by_part["tasks"].values()) > 0
     assert int(sum(m.sum() for m in load_file(out / "masks.safetensors").values())) == metrics["shared_params"]
 
 
@@ -209,16 +209,24 @@ def test_a_study_runs_a_multi_task_cell_into_its_ledger_and_report(run, tmp_path
 
     assert task_overrides(("mr+spam", "subj")) == {"mr+spam": {"tasks": "mr,spam"}, "subj": {"task": "subj"}}
     model, _ = run
-    study = StudyConfig(tasks=("mr+spam",), methods=("child-d",), seeds=(1,), train_size=16,
+    study = StudyConfig(tasks=("mr+spam", "mr", "spam"), methods=("child-d",), seeds=(1,), train_size=16,
                         grid={"child-d": {"shared_child": ["fisher-sum", "union"]}},
                         base=TrainConfig(model=str(model), progress=False, eval_size=8, batch_size=8, epochs=1),
                         output=str(tmp_path / "study"), transfer=False, analysis=False,
                         ledger=str(tmp_path / "ledger.jsonl"), name="mt")
     run_study(study, results=str(tmp_path / "RESULTS.md"), progress=False)
     records = list(Ledger(tmp_path / "ledger.jsonl").records.values())
+    assert len(records) == 4  # two rules at once, and each task alone once (the rules do not apply to it)
+    records = [r for r in records if "tasks" in r["metrics"]]
     assert len(records) == 2 and all(set(r["metrics"]["tasks"]) == {"mr", "spam"} for r in records)
     for record in records:
         tasks = record["metrics"]["tasks"]
         mean = sum(t["dev"][t["primary_metric"]] for t in tasks.values()) / 2
         assert record["metrics"]["dev"] == {"mean": mean}
-    assert "| mr+spam | child-d |" in (tmp_path / "RESULTS.md").read_text()
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "| mr+spam | child-d |" in report
+    for task in ("mr", "spam"):  # each task's own row for the multi-task run, beside its single-task one
+        assert f"| {task} | child-d in mr+spam (shared_childunion) |" in report
+        assert f"| {task} | child-d |" in report
+    assert "| mr+spam | child-d (multi-task) | shared_childfisher-sum |" in report
+    assert "| mr+spam | child-d (one run per task) |" in report

@@ -17,7 +17,6 @@ openmp.choose_wait_policy()  # before the imports below load torch, and with it 
 
 from childtune.cli.commands import (  # noqa: E402
     COMPARE_OWN,
-    MULTITASK,
     RESUME_SAFE,
     STUDY_OWN,
     cmd_analyze,
@@ -31,6 +30,7 @@ from childtune.cli.commands import (  # noqa: E402
     cmd_train,
 )
 from childtune.cli.options import add_config_options, at_least, comma_list, flag, grid, seed_list  # noqa: E402
+from childtune.training.config import MULTITASK_FIELDS  # noqa: E402
 from childtune.training.methods import METHODS  # noqa: E402
 
 EXIT_USAGE = 2
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="score a model folder on a task without training it (e.g. one "
                               "`apply` or `merge` made)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-    add_config_options(evaluate, skip=MULTITASK)
+    add_config_options(evaluate, skip=MULTITASK_FIELDS)
     evaluate.set_defaults(func=cmd_evaluate)
 
     merge = sub.add_parser("merge", help="merge the sparse deltas of runs on one base, each its own task (TIES, "
@@ -159,13 +159,15 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The study's own options (its base training config's options come from `add_config_options`)."""
+    from childtune.study.plan import BASELINE, SEEDS, TASKS, TRANSFER_METHODS
     from childtune.study.plan import METHODS as STUDY_METHODS
-    from childtune.study.plan import SEEDS, TASKS, TRANSFER_METHODS
 
     parser.add_argument("--tasks", type=comma_list, default=TASKS, help=f"comma-separated [{','.join(TASKS)}]")
     parser.add_argument("--methods", type=comma_list, default=STUDY_METHODS,
                         help=f"comma-separated [{','.join(STUDY_METHODS)}]")
     parser.add_argument("--seeds", type=seed_list, default=SEEDS, help="e.g. 1,2,3 or 1-5 [1-5]")
+    parser.add_argument("--baseline", default=BASELINE, choices=sorted(METHODS), metavar="METHOD",
+                        help=f"the method every other is paired with by seed in the tables [{BASELINE}]")
     parser.add_argument("--train-size", type=int, default=1000, help="training examples per run [1000]")
     parser.add_argument("--train-sizes", type=_ints, default=(), metavar="100,300,...",
                         help="the low-resource curve: run every task at each of these training-set sizes")

@@ -10,15 +10,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from childtune.cli.options import ACT_OF_WRITING, config_from_args, flag, given_options, grid
-from childtune.training.config import TrainConfig
+from childtune.training.config import MULTITASK_FIELDS, TrainConfig
 
-MULTITASK = frozenset({"tasks", "shared_child", "task_child", "mix", "mix_temperature"})
-"""`TrainConfig` fields of a multi-task run (`train --tasks`), which only `train` takes."""
-
-STUDY_OWN = ACT_OF_WRITING | MULTITASK | {"task", "train_file", "dev_file", "test_file", "method", "seed", "train_size"}
+STUDY_OWN = ACT_OF_WRITING | MULTITASK_FIELDS | {"task", "train_file", "dev_file", "test_file", "method", "seed",
+                                                 "train_size"}
 """`TrainConfig` fields the study sets per cell or takes as its own options."""
 
-COMPARE_OWN = ACT_OF_WRITING | MULTITASK | {"method", "seed"}
+COMPARE_OWN = ACT_OF_WRITING | MULTITASK_FIELDS | {"method", "seed"}
 """Config fields `compare` sets per cell or takes as its own options."""
 
 
@@ -152,7 +150,7 @@ def _train_tasks(args: argparse.Namespace, config) -> int:
         split = "test" if result["test"] else "dev"
         primary = result["primary_metric"]
         print(f"{task}: {split} {primary} {result[split][primary]:.4f}")
-    print(f"wrote {output}: shared/delta and tasks/<task>/delta, {metrics['stored_bytes']['total']:,} bytes in all "
+    print(f"wrote {output}: shared/delta and tasks/<task>/delta, {metrics['stored_bytes']:,} bytes in all "
           f"(childtune apply {output} --task NAME makes a task's model)")
     return 0
 
@@ -210,6 +208,7 @@ def study_from_args(args: argparse.Namespace, base: TrainConfig):
         grid=grid(args.grid) if isinstance(args.grid, str) else args.grid, base=base, output=args.output,
         transfer=not args.no_transfer, transfer_methods=args.transfer_methods, analysis=not args.no_analysis,
         train_sizes=tuple(args.train_sizes), updates=args.updates, ledger=args.ledger, name=args.name,
+        baseline=args.baseline,
     )
 
 

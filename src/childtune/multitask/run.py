@@ -16,7 +16,7 @@
 5. every task's dev and test scores, then the run folder: `shared/delta` (the shared change, against the
    base) and `tasks/<task>/delta` (that task's own change and head, against base + shared change: its
    recorded base fingerprint is that model's, so it refuses any other), `metrics.json` with every task's
-   scores and the bytes stored, `masks.safetensors` with the shared child network.
+   scores and the bytes stored (`stored_bytes`, and by part), `masks.safetensors` with the shared child network.
 
 `childtune apply RUN --task NAME` applies both deltas (`training.export.apply_delta`), the task's model a
 user evaluates or ships. The run is not resumable (no checkpoints) and runs one process in fp32.
@@ -48,7 +48,7 @@ from childtune.training.inputs import batches, load_data, loader
 from childtune.training.loop import TrainError
 from childtune.training.models import base_files, load_model, model_folder, run_device, task_collate
 from childtune.training.params import linear_factor, param_groups
-from childtune.training.runfolder import RunFolder, run_reads
+from childtune.training.runfolder import RunFolder, run_reads, stored_bytes
 
 
 def mixture(sizes: list[int], steps: int, mix: str, temperature: float, seed: int) -> list[int]:
@@ -182,7 +182,8 @@ def _train_tasks(config: TrainConfig, folder: RunFolder | None) -> dict[str, Any
         if workdir:
             phases.start("save")
             replace(config, overwrite=False).save_json(workdir / "config.json")
-            metrics["stored_bytes"] = _save(config, configs, data, models, parts, base, shared_names, workdir)
+            parts_bytes = _save(config, configs, data, models, parts, base, shared_names, workdir)
+            metrics["stored_bytes"], metrics["stored_bytes_by_part"] = parts_bytes.pop("total"), parts_bytes
             save_masks(to_masks(shared, base), workdir / MASKS_FILE)
         phases.start(None)
         metrics["peak_rss_mib"], metrics["peak_rss_mib_by_phase"] = phases.overall(), phases.peaks
@@ -217,7 +218,7 @@ def _save(config: TrainConfig, configs: dict[str, TrainConfig], data, models, pa
     SparseDelta.from_training(base, shared_state, method=config.method, hparams=hparams, base_model=config.model,
                               base_files=files).save(workdir / "shared" / "delta")
     own: dict[str, int] = {}
-    stored: dict[str, Any] = {"shared": _bytes(workdir / "shared" / "delta"), "tasks": own}
+    stored: dict[str, Any] = {"shared": stored_bytes(workdir / "shared" / "delta"), "tasks": own}
     for t, model in models.items():
         parts.activate(t)
         spec = data[t].spec
@@ -226,13 +227,9 @@ def _save(config: TrainConfig, configs: dict[str, TrainConfig], data, models, pa
         SparseDelta.from_training(shared_state, model, method=config.method,
                                   hparams={**configs[t].to_dict(), **head}, base_model=config.model,
                                   base_files=files).save(workdir / "tasks" / t / "delta")
-        own[t] = _bytes(workdir / "tasks" / t / "delta")
+        own[t] = stored_bytes(workdir / "tasks" / t / "delta")
     stored["total"] = stored["shared"] + sum(own.values())
     return stored
-
-
-def _bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def _held(network: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from childtune.training.config import TrainConfig, updates_per_epoch
+from childtune.training.config import MULTITASK_FIELDS, TrainConfig, updates_per_epoch
 
 Grid = dict[str, dict[str, tuple[Any, ...]]]
 
@@ -160,6 +160,15 @@ def configs(grid: Grid, method: str) -> list[tuple[tuple[str, Any], ...]]:
     return [tuple(zip(keys, combo, strict=True)) for combo in itertools.product(*(values[k] for k in keys))]
 
 
+def _for_task(grid: list[tuple[tuple[str, Any], ...]], several: bool) -> list[tuple[tuple[str, Any], ...]]:
+    """A method's configs for one task's cells: a single-task cell drops the multi-task settings (which it
+    would ignore) and so runs each remaining config once."""
+    if several:
+        return grid
+    kept = [tuple((k, v) for k, v in config if k not in MULTITASK_FIELDS) for config in grid]
+    return list(dict.fromkeys(kept))
+
+
 def task_overrides(tasks: str | Sequence[str] | Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Task name -> the `TrainConfig` fields that select it; a name joining built-in tasks with `+`
     (`mr+subj+spam`) is one multi-task run of them (`TrainConfig.tasks`, `childtune.multitask`)."""
@@ -179,9 +188,9 @@ def plan(study: StudyConfig) -> list[Cell]:
     cells = []
     for seed in study.seeds:
         cells += [Cell("main", task, method, config, seed)
-                  for task in study_tasks(study)
+                  for task, over in study_tasks(study).items()
                   for method in study.methods
-                  for config in configs(study.grid, method)]
+                  for config in _for_task(configs(study.grid, method), "tasks" in over)]
         if study.transfer:
             cells += [Cell("transfer", source, method, config, seed)
                       for method in study.transfer_methods

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from childtune.fileio import atomic_write, waiting_lock
 from childtune.study.analysis import analyze, chance_jaccard, jaccard, load_masks
+from childtune.study.per_task import bytes_table, per_task
 from childtune.study.plan import Cell, Record, StudyConfig, plan, study_tasks, task_overrides
 from childtune.study.stats import holm, paired_test
 from childtune.study.tables import (
@@ -153,7 +154,7 @@ def report(study: StudyConfig, records: Sequence[Record], command: str | None = 
     images = results.parent
     prefix = f"{study.name}-" if study.name else ""
     main_records = [r for r in records if r.cell.experiment == "main"]
-    main = results_table(main_records, "test", study.baseline)
+    main = results_table(per_task(main_records), "test", study.baseline)
     files = {
         "runs_csv": write_runs_csv(records, output / "runs.csv"),
         "summary_csv": write_summary_csv(main, output / "summary.csv"),
@@ -283,6 +284,12 @@ def _markdown(study, records, main, transfer, files, analysis_md, command, image
                         "command and `--report-only`, no run folders needed.")
     if skipped:
         parts.insert(3, _skipped_note(study.ledger, skipped))
+    stored = bytes_table([r for r in records if r.cell.experiment == "main"])
+    if stored:
+        parts += ["## Bytes stored to serve all tasks",
+                  "A multi-task run's rows above (`... in a+b+c (config)`) are its tasks' scores; its train time and "
+                  "peak RSS are the whole run's. Here: what a user keeps besides the base, as files on disk.",
+                  stored]
     if transfer:
         parts += ["## Domain transfer",
                   f"Trained on `{next(iter(task_overrides(study.transfer_source)))}` only; `source → target` rows "

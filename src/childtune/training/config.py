@@ -66,6 +66,9 @@ _CHOICES = {"id3_head": ("outside", "inside"), "id3_schedule": ("ramp", "authors
             "shared_child": ("fisher-sum", "fisher-intersection", "union"), "mix": ("proportional", "temperature")}
 
 
+MULTITASK_FIELDS = frozenset({"tasks", "shared_child", "task_child", "mix", "mix_temperature"})
+"""The settings of a multi-task run (`tasks`, `childtune.multitask`), which a single-task run ignores."""
+
 LARGEST_INT = 2**31 - 1
 """The largest size, count or seed a config may hold: far beyond any real run, well within what torch,
 `itertools.islice` and the data order's arithmetic accept (a 10**23 batch size failed deep in the loader)."""

@@ -52,7 +52,7 @@ from childtune.training.models import (
     task_collate,
 )
 from childtune.training.params import freeze_unchosen, linear_schedule, make_optimizer, param_groups
-from childtune.training.runfolder import MetricsLog, RunFolder, run_reads
+from childtune.training.runfolder import MetricsLog, RunFolder, run_reads, stored_bytes
 
 
 class TrainError(RuntimeError):
@@ -252,6 +252,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
         if workdir:
             phases.start("save")
             _save_weights(config, workdir, pretrained, tuned, tokenizer, task.spec)
+            metrics["stored_bytes"] = stored_bytes(workdir / "delta") + stored_bytes(workdir / "model")
             if masks:  # the child network itself, strict or not, for `childtune analyze`
                 save_masks(masks, workdir / MASKS_FILE)
         phases.start(None)

@@ -168,3 +168,8 @@ class RunFolder:
         self.partial.rename(self.output)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def stored_bytes(folder: Path) -> int:
+    """The bytes a user stores to keep `folder` (every file under it; 0 when it does not exist)."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
