@@ -228,5 +228,6 @@ def test_a_study_runs_a_multi_task_cell_into_its_ledger_and_report(run, tmp_path
     for task in ("mr", "spam"):  # each task's own row for the multi-task run, beside its single-task one
         assert f"| {task} | child-d in mr+spam (shared_childunion) |" in report
         assert f"| {task} | child-d |" in report
-    assert "| mr+spam | child-d (multi-task) | shared_childfisher-sum |" in report
-    assert "| mr+spam | child-d (one run per task) |" in report
+    assert "| child-d at once (shared_childfisher-sum) |" in report
+    assert "| child-d, one run per task |" in report
+    assert (tmp_path / "mt-bytes.png").stat().st_size > 0

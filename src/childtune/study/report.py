@@ -18,7 +18,7 @@ from pathlib import Path
 
 from childtune.fileio import atomic_write, waiting_lock
 from childtune.study.analysis import analyze, chance_jaccard, jaccard, load_masks
-from childtune.study.per_task import bytes_table, per_task
+from childtune.study.per_task import bytes_plot, bytes_table, per_task, stored_points
 from childtune.study.plan import Cell, Record, StudyConfig, plan, study_tasks, task_overrides
 from childtune.study.stats import holm, paired_test
 from childtune.study.tables import (
@@ -166,6 +166,9 @@ def report(study: StudyConfig, records: Sequence[Record], command: str | None = 
         for task in task_overrides(study.tasks):
             rows = [row for row in main if row.task.startswith(f"{task}-n")]
             files[f"curve_{task}_png"] = plot_curve(rows, sizes, images / f"{prefix}{task}-curve.png", study.baseline)
+    stored = stored_points(main_records)
+    if stored:
+        files["bytes_png"] = bytes_plot(stored, images / f"{prefix}bytes.png")
     transfer = transfer_table(study, [r for r in records if r.cell.experiment == "transfer"])
     if transfer and tables:
         files["transfer_csv"] = write_summary_csv(transfer, output / "transfer.csv")
@@ -284,12 +287,12 @@ def _markdown(study, records, main, transfer, files, analysis_md, command, image
                         "command and `--report-only`, no run folders needed.")
     if skipped:
         parts.insert(3, _skipped_note(study.ledger, skipped))
-    stored = bytes_table([r for r in records if r.cell.experiment == "main"])
+    stored = stored_points([r for r in records if r.cell.experiment == "main"])
     if stored:
         parts += ["## Bytes stored to serve all tasks",
                   "A multi-task run's rows above (`... in a+b+c (config)`) are its tasks' scores; its train time and "
                   "peak RSS are the whole run's. Here: what a user keeps besides the base, as files on disk.",
-                  stored]
+                  bytes_table(stored), image("bytes_png", "score against bytes stored")]
     if transfer:
         parts += ["## Domain transfer",
                   f"Trained on `{next(iter(task_overrides(study.transfer_source)))}` only; `source → target` rows "
