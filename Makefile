@@ -88,3 +88,7 @@ evidence: install
 		--methods child-d,full --baseline child-d \
 		--grid '{"child-d": {"reserve_p": [0.01], "lr": [0.001], "shared_child": ["fisher-sum", "fisher-intersection", "union"], "task_child": [0, 0.005]}}' \
 		--output runs/evidence/multitask
+	# issue 30.4c: the single-task child-d runs merged by TIES and DARE (density 0.5), each task scored on the merge
+	$(STUDY) --name multitask-merged --seeds 1-5 --tasks mr+subj+spam+bbc-news --train-size 1000 --methods child-d \
+		--grid '{"child-d": {"reserve_p": [0.01], "lr": [0.001], "merge": ["ties", "dare"], "merge_density": [0.5]}}' \
+		--output runs/evidence/multitask-merged

@@ -174,7 +174,9 @@ def test_multi_task_settings_are_checked_before_any_work(tmp_path, capsys):
                        (["--tasks", "mr,spam", "--method", "id3"], "child-d"),
                        (["--tasks", "mr,spam", "--task-child", "1.5"], "task_child"),
                        (["--tasks", "mr,spam", "--dtype", "bf16"], "fp32"),
-                       (["--tasks", "mr,spam", "--shared-child", "mean"], "shared_child")):
+                       (["--tasks", "mr,spam", "--shared-child", "mean"], "shared_child"),
+                       (["--tasks", "mr,spam", "--merge", "ties", "--merge-density", "0"], "merge_density"),
+                       (["--merge", "ties"], "give them with --tasks")):
         assert main(["train", *more, "--output", str(tmp_path / "run")]) == 2, more
         assert said in capsys.readouterr().err, more
     assert not (tmp_path / "run").exists()
@@ -231,3 +233,35 @@ def test_a_study_runs_a_multi_task_cell_into_its_ledger_and_report(run, tmp_path
     assert "| child-d at once (shared_childfisher-sum) |" in report
     assert "| child-d, one run per task |" in report
     assert (tmp_path / "mt-bytes.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("how", ["sum", "dare"])
+def test_merge_trains_each_task_alone_and_serves_them_from_one_merged_change(run, tmp_path, how):
+    """`train --tasks mr,spam --merge HOW`: the shared delta is exactly `merge_tasks` of the two single-task
+    runs' deltas (kept in single/), each task's own delta is its head alone, made on base + merged change,
+    and `apply --task` gives the model the run scored."""
+    from childtune.cli import main
+    from childtune.delta.task_merge import merge_tasks
+    from childtune.training.config import TrainConfig
+    from childtune.training.scoring import score
+
+    model, _ = run
+    out = tmp_path / "merged"
+    assert main(["train", "--tasks", "mr,spam", "--merge", how, "--merge-density", "0.5", "--model", str(model),
+                 "--train-size", "32", "--eval-size", "16", "--epochs", "1", "--batch-size", "8", "--lr", "1e-2",
+                 "--no-progress", "--seed", "4", "--output", str(out)]) == 0
+    singles = [SparseDelta.load(out / "single" / t / "delta") for t in ("mr", "spam")]
+    want = merge_tasks(singles, how, density=0.5, seed=4)
+    shared = SparseDelta.load(out / "shared" / "delta")
+    assert shared.entries.keys() == want.keys() and want and not shared.dense
+    for name, entry in want.items():
+        assert torch.equal(shared.entries[name].indices, entry.indices), name
+        assert torch.equal(shared.entries[name].values, entry.values), name
+    for task in ("mr", "spam"):
+        head = SparseDelta.load(out / "tasks" / task / "delta")
+        assert not head.entries and head.dense.keys() == singles[0].dense.keys()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["merge"] == how and set(metrics["tasks"]["mr"]["alone"]) == {"dev", "test"}
+    assert main(["apply", str(out), "--task", "spam", "--output", str(tmp_path / "spam")]) == 0
+    scored = score(TrainConfig(model=str(tmp_path / "spam"), task="spam", eval_size=16, progress=False).resolved())
+    assert scored["dev"] == metrics["tasks"]["spam"]["dev"]

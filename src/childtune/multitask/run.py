@@ -18,8 +18,9 @@
    recorded base fingerprint is that model's, so it refuses any other), `metrics.json` with every task's
    scores and the bytes stored (`stored_bytes`, and by part), `masks.safetensors` with the shared child network.
 
-`childtune apply RUN --task NAME` applies both deltas (`training.export.apply_delta`), the task's model a
-user evaluates or ships. The run is not resumable (no checkpoints) and runs one process in fp32.
+With `--merge` the tasks are trained apart and their changes merged instead (`merged.train_merged`), into
+the same layout. `childtune apply RUN --task NAME` applies both deltas (`training.export.apply_delta`):
+the task's model a user evaluates or ships. The run is not resumable (no checkpoints) and runs one process in fp32.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from childtune.fileio import write_json
 from childtune.fisher import fisher_information
 from childtune.masks import MASKS_FILE, save_masks, to_masks
 from childtune.multitask.choose import shared_network, task_networks
+from childtune.multitask.merged import mean_score, train_merged
 from childtune.multitask.model import TaskParts, backbone_names, share_backbone
 from childtune.optim import SparseChildAdamW
 from childtune.strategies import GivenNetwork
@@ -65,7 +67,7 @@ def train_tasks(config: TrainConfig) -> dict[str, Any]:
     config = config.resolved()
     folder = RunFolder(config.output, config.overwrite, False, reads=run_reads(config)) if config.output else None
     try:
-        return _train_tasks(config, folder)
+        return train_merged(config, folder) if config.merge else _train_tasks(config, folder)
     finally:
         if folder is not None:
             folder.release()
@@ -171,7 +173,7 @@ def _train_tasks(config: TrainConfig, folder: RunFolder | None) -> dict[str, Any
     metrics: dict[str, Any] = {
         # what one score per run reads (a study's tables, the ledger): the mean of each task's primary metric
         "task": "+".join(names), "primary_metric": "mean", "kind": "classification",
-        **{split: _mean(scores_by_task, split) for split in ("dev", "test")},
+        **{split: mean_score(scores_by_task, split) for split in ("dev", "test")},
         "tasks": scores_by_task, "method": config.method, "seed": config.seed, "shared_child": config.shared_child,
         "task_child": config.task_child, "mix": config.mix, "steps": total_steps, "epochs": config.epochs,
         "shared_params": count_index(shared), "scored_params": sum(base[n].numel() for n in shared),
@@ -190,12 +192,6 @@ def _train_tasks(config: TrainConfig, folder: RunFolder | None) -> dict[str, Any
         if workdir:
             write_json(workdir / "metrics.json", metrics)
     return metrics
-
-
-def _mean(scores: dict[str, dict[str, Any]], split: str) -> dict[str, float] | None:
-    """{"mean": the tasks' primary metrics on `split`, averaged} (None where a task has no such split)."""
-    values = [s[split][s["primary_metric"]] for s in scores.values() if s[split] is not None]
-    return {"mean": sum(values) / len(values)} if len(values) == len(scores) else None
 
 
 def _stream(examples, collate, config: TrainConfig):

@@ -63,10 +63,12 @@ _CHOICES = {"id3_head": ("outside", "inside"), "id3_schedule": ("ramp", "authors
             "dyn_importance": ("magnitude", "signal"),
             "optimizer": ("torch", "authors"), "preset": PRESETS, "report_to": ("none", "tensorboard"),
             "dtype": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
-            "shared_child": ("fisher-sum", "fisher-intersection", "union"), "mix": ("proportional", "temperature")}
+            "shared_child": ("fisher-sum", "fisher-intersection", "union"), "mix": ("proportional", "temperature"),
+            "merge": ("sum", "ties", "dare")}
 
 
-MULTITASK_FIELDS = frozenset({"tasks", "shared_child", "task_child", "mix", "mix_temperature"})
+MULTITASK_FIELDS = frozenset({"tasks", "shared_child", "task_child", "mix", "mix_temperature", "merge",
+                              "merge_density"})
 """The settings of a multi-task run (`tasks`, `childtune.multitask`), which a single-task run ignores."""
 
 LARGEST_INT = 2**31 - 1
@@ -127,6 +129,12 @@ class TrainConfig:
         "--tasks: each step trains on one task, drawn by seed in proportion to its training examples "
         "('proportional') or to examples^(1/--mix-temperature) ('temperature', which favours small tasks)"))
     mix_temperature: float = field(default=2.0, metadata=_opt("--tasks with --mix temperature: T > 0"))
+    merge: str | None = field(default=None, metadata=_opt(
+        "--tasks: instead of one run of all tasks, a run of each task alone (its own child-d child network) and "
+        "their changes merged by 'sum' (task arithmetic), 'ties' or 'dare' (peft's rules), a head each: the "
+        "baseline a multi-task child network is measured against"))
+    merge_density: float = field(default=1.0, metadata=_opt(
+        "--merge ties or dare: the share of each run's changed elements kept, in (0, 1]"))
     # -- method
     method: str = field(default="child-d", metadata=_opt(", ".join(METHODS)))
     preset: str = field(default="childtune", metadata=_opt(
@@ -330,6 +338,7 @@ class TrainConfig:
                               "--fsdp, --dtype bf16, --optimizer-in-backward, --child-only-grads or --grad-accum")
         _check(0 <= self.task_child < 1, "task_child", self.task_child, "in [0, 1)")
         _check(self.mix_temperature > 0, "mix_temperature", self.mix_temperature, "> 0")
+        _check(0 < self.merge_density <= 1, "merge_density", self.merge_density, "in (0, 1]")
 
     def _check_child_only(self) -> None:
         """Where child-only gradients cannot run, refused in one line that says why."""
@@ -417,6 +426,8 @@ class TrainConfig:
             self._check_child_only()
         if self.tasks is not None:
             self._check_tasks()
+        elif self.merge is not None:
+            raise ConfigError("--merge merges the runs of several tasks: give them with --tasks")
         if files and self.text_col == self.label_col:
             raise ConfigError(f"text_col and label_col are both {self.text_col!r}: the model would read the label")
         _check(self.reserve_p is None or 0 < self.reserve_p <= 1, "reserve_p", self.reserve_p, "in (0, 1]")
