@@ -28,17 +28,19 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from childtune.data.types import TaskData
 from childtune.delta import SparseDelta
 from childtune.fileio import write_json
 from childtune.fisher import fisher_information
-from childtune.masks import MASKS_FILE, save_masks, to_masks
+from childtune.masks import MASKS_FILE, Indices, save_masks, to_masks
 from childtune.multitask.choose import shared_network, task_networks
 from childtune.multitask.merged import mean_score, train_merged
 from childtune.multitask.model import TaskParts, backbone_names, share_backbone
@@ -73,110 +75,64 @@ def train_tasks(config: TrainConfig) -> dict[str, Any]:
             folder.release()
 
 
+@dataclass
+class _Tasks:
+    """What every phase of a multi-task run reads: each task's config, data, model and collate (the models
+    sharing one backbone), the backbone's tensor names and their pre-trained values."""
+
+    names: list[str]
+    configs: dict[str, TrainConfig]
+    data: dict[str, TaskData]
+    models: dict[str, torch.nn.Module]
+    collates: dict[str, Any]
+    device: torch.device
+    backbone: list[str]
+    base: dict[str, torch.Tensor]
+
+    @classmethod
+    def load(cls, config: TrainConfig) -> _Tasks:
+        names = config.task_names()
+        configs = {t: replace(config, tasks=None, task=t) for t in names}
+        data = {t: load_data(c) for t, c in configs.items()}
+        device = run_device(config)
+        models, tokenizer = {}, None
+        for t, c in configs.items():
+            tokenizer, models[t] = load_model(c, data[t].spec)
+        share_backbone(models)
+        for model in models.values():
+            model.to(device)
+        first = models[names[0]]
+        backbone = backbone_names(first)
+        base = {n: t.detach().cpu().clone() for n, t in first.state_dict().items() if n in backbone}
+        collates = {t: task_collate(configs[t], tokenizer, models[t], data[t].spec.kind) for t in names}
+        return cls(names, configs, data, models, collates, device, backbone, base)
+
+
 def _train_tasks(config: TrainConfig, folder: RunFolder | None) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     phases = PhasePeaks()
-    names = config.task_names()
-    configs = {t: replace(config, tasks=None, task=t) for t in names}
-    phases.start("data")
-    data = {t: load_data(c) for t, c in configs.items()}
     phases.start("model")
-    device = run_device(config)
-    models, tokenizer = {}, None
-    for t, c in configs.items():
-        tokenizer, models[t] = load_model(c, data[t].spec)
-    share_backbone(models)
-    for model in models.values():
-        model.to(device)
-    first = next(iter(models.values()))
-    shared_names = backbone_names(first)
-    base = {n: t.detach().cpu().clone() for n, t in first.state_dict().items() if n in shared_names}
-    collates = {t: task_collate(configs[t], tokenizer, models[t], data[t].spec.kind) for t in names}
-
+    tasks = _Tasks.load(config)
     phases.start("prepare")
     started = time.perf_counter()
-    scores = []
-    for t in names:  # each task's Fisher over the backbone's blocks, on its own training data
-        fisher_batches = loader(data[t].train, batch_size=config.batch_size, collate_fn=collates[t])
-        task_scores = fisher_information(models[t], fisher_batches, num_samples=config.fisher_samples,
-                                         per_example=config.fisher_per_example,
-                                         train_mode=bool(config.fisher_train_mode), clip=config.fisher_clip or None,
-                                         progress=config.progress)
-        scores.append({n: s for n, s in task_scores.items() if n in shared_names})
-    assert config.reserve_p is not None  # resolved
-    shared = shared_network(scores, config.reserve_p, config.shared_child)
-    own = dict(zip(names, task_networks(scores, shared, config.task_child), strict=True))
-    del scores
+    shared, own = _choose(config, tasks)
     prepare_time = time.perf_counter() - started
-
-    phases.start("setup")
-    params = dict(first.named_parameters())
-    backbone_params = {n: p for n, p in params.items() if n in shared_names}
-    for name, param in backbone_params.items():  # what no part of any task changes needs no gradient
-        if not any(len(net.get(name, ())) for net in (shared, *own.values())):
-            param.requires_grad_(False)
-    assert config.weight_decay is not None and config.lr is not None
-    shared_groups = [{**g, "params": [(n, p) for n, p in g["params"] if n in shared_names]}
-                     for g in param_groups(first, config.weight_decay)]
-    shared_opt = SparseChildAdamW([g for g in shared_groups if g["params"]], GivenNetwork(_held(shared), always=()),
-                                  lr=config.lr, weight_decay=config.weight_decay,
-                                  bias_correction=config.bias_correction or "element")
-    task_opts = {t: SparseChildAdamW(param_groups(models[t], config.weight_decay), GivenNetwork(_held(own[t])),
-                                     lr=config.lr, weight_decay=config.weight_decay,
-                                     bias_correction=config.bias_correction or "element") for t in names}
-    parts = TaskParts(backbone_params, own)
-    sizes = [len(data[t].train) for t in names]
-    total_steps = sum(updates_per_epoch(n, config.batch_size) for n in sizes) * config.epochs
-    order = mixture(sizes, total_steps, config.mix, config.mix_temperature, config.seed)
-    warmup = round(config.warmup * total_steps)
-
     phases.start("train")
     started = time.perf_counter()
-    streams = {t: _stream(data[t].train, collates[t], configs[t]) for t in names}
-    steps = dict.fromkeys(names, 0)
-    for model in models.values():
-        model.train()
-    bar = tqdm(order, desc=f"train {len(names)} tasks", unit="step", disable=not config.progress)
-    for step, which in enumerate(bar):
-        task = names[which]
-        parts.activate(task)
-        batch = {k: v.to(device) for k, v in next(streams[task]).items()}
-        loss = models[task](**batch).loss
-        if not torch.isfinite(loss):
-            raise TrainError(f"non-finite loss at step {step} ({task}); the weights were not updated. Lower --lr")
-        loss.backward()
-        trained = [p for p in models[task].parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm or math.inf)
-        if not torch.isfinite(norm):
-            raise TrainError(f"non-finite gradient at step {step} ({task}). Lower --lr")
-        for optimizer in (shared_opt, task_opts[task]):
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * linear_factor(step, warmup, total_steps)
-            optimizer.step()
-        models[task].zero_grad(set_to_none=True)
-        steps[task] += 1
-        bar.set_postfix(task=task, loss=f"{float(loss.detach()):.4f}")
-    bar.close()
+    parts, steps = _fit(config, tasks, shared, own)
     train_time = time.perf_counter() - started
-
     phases.start("evaluate")
-    scores_by_task = {}
-    for t in names:
+    scores = {}
+    for t in tasks.names:
         parts.activate(t)
-        spec = data[t].spec
-        dev = evaluate(models[t], data[t].dev, spec, collates[t], configs[t], f"eval dev {t}")
-        test = evaluate(models[t], data[t].test, spec, collates[t], configs[t], f"eval test {t}") \
-            if data[t].test else None
-        scores_by_task[t] = {"dev": dev, "test": test, "primary_metric": spec.metric, "steps": steps[t],
-                             "train_examples": len(data[t].train), "dev_examples": len(data[t].dev),
-                             "test_examples": len(data[t].test), "own_params": count_index(own[t])}
+        scores[t] = {**_scores(tasks, t), "steps": steps[t], "own_params": count_index(own[t])}
     metrics: dict[str, Any] = {
         # what one score per run reads (a study's tables, the ledger): the mean of each task's primary metric
-        "task": "+".join(names), "primary_metric": "mean", "kind": "classification",
-        **{split: mean_score(scores_by_task, split) for split in ("dev", "test")},
-        "tasks": scores_by_task, "method": config.method, "seed": config.seed, "shared_child": config.shared_child,
-        "task_child": config.task_child, "mix": config.mix, "steps": total_steps, "epochs": config.epochs,
-        "shared_params": count_index(shared), "scored_params": sum(base[n].numel() for n in shared),
+        "task": "+".join(tasks.names), "primary_metric": "mean", "kind": "classification",
+        **{split: mean_score(scores, split) for split in ("dev", "test")},
+        "tasks": scores, "method": config.method, "seed": config.seed, "shared_child": config.shared_child,
+        "task_child": config.task_child, "mix": config.mix, "steps": sum(steps.values()), "epochs": config.epochs,
+        "shared_params": count_index(shared), "scored_params": sum(tasks.base[n].numel() for n in shared),
         "prepare_time_s": round(prepare_time, 3), "train_time_s": round(train_time, 3),
         "torch_threads": torch.get_num_threads(),
     }
@@ -184,14 +140,88 @@ def _train_tasks(config: TrainConfig, folder: RunFolder | None) -> dict[str, Any
         if workdir:
             phases.start("save")
             replace(config, overwrite=False).save_json(workdir / "config.json")
-            parts_bytes = _save(config, configs, data, models, parts, base, shared_names, workdir)
-            metrics["stored_bytes"], metrics["stored_bytes_by_part"] = parts_bytes.pop("total"), parts_bytes
-            save_masks(to_masks(shared, base), workdir / MASKS_FILE)
+            by_part = _save(config, tasks, parts, workdir)
+            metrics["stored_bytes"], metrics["stored_bytes_by_part"] = by_part.pop("total"), by_part
+            save_masks(to_masks(shared, tasks.base), workdir / MASKS_FILE)
         phases.start(None)
         metrics["peak_rss_mib"], metrics["peak_rss_mib_by_phase"] = phases.overall(), phases.peaks
         if workdir:
             write_json(workdir / "metrics.json", metrics)
     return metrics
+
+
+def _choose(config: TrainConfig, tasks: _Tasks) -> tuple[Indices, dict[str, Indices]]:
+    """The shared child network and each task's own, from each task's Fisher over the backbone's blocks on
+    its own training data (child-d's settings)."""
+    scores = []
+    for t in tasks.names:
+        batches = loader(tasks.data[t].train, batch_size=config.batch_size, collate_fn=tasks.collates[t])
+        fisher = fisher_information(tasks.models[t], batches, num_samples=config.fisher_samples,
+                                    per_example=config.fisher_per_example, train_mode=bool(config.fisher_train_mode),
+                                    clip=config.fisher_clip or None, progress=config.progress)
+        scores.append({n: s for n, s in fisher.items() if n in tasks.backbone})
+    assert config.reserve_p is not None  # resolved
+    shared = shared_network(scores, config.reserve_p, config.shared_child)
+    return shared, dict(zip(tasks.names, task_networks(scores, shared, config.task_child), strict=True))
+
+
+def _fit(config: TrainConfig, tasks: _Tasks, shared: Indices, own: dict[str, Indices]
+         ) -> tuple[TaskParts, dict[str, int]]:
+    """Train on the mixture (module docstring, step 4); the task parts as left, and each task's steps."""
+    first = tasks.models[tasks.names[0]]
+    backbone = {n: p for n, p in first.named_parameters() if n in tasks.backbone}
+    for name, param in backbone.items():  # what no part of any task changes needs no gradient
+        if not any(len(net.get(name, ())) for net in (shared, *own.values())):
+            param.requires_grad_(False)
+    assert config.weight_decay is not None and config.lr is not None
+    adamw = partial(SparseChildAdamW, lr=config.lr, weight_decay=config.weight_decay,
+                    bias_correction=config.bias_correction or "element")
+    groups = [{**g, "params": [(n, p) for n, p in g["params"] if n in backbone]}
+              for g in param_groups(first, config.weight_decay)]
+    shared_opt = adamw([g for g in groups if g["params"]], GivenNetwork(_held(shared), always=()))
+    task_opts = {t: adamw(param_groups(tasks.models[t], config.weight_decay), GivenNetwork(_held(own[t])))
+                 for t in tasks.names}
+    parts = TaskParts(backbone, own)
+    sizes = [len(tasks.data[t].train) for t in tasks.names]
+    total = sum(updates_per_epoch(n, config.batch_size) for n in sizes) * config.epochs
+    warmup = round(config.warmup * total)
+    streams = {t: _stream(tasks.data[t].train, tasks.collates[t], tasks.configs[t]) for t in tasks.names}
+    steps = dict.fromkeys(tasks.names, 0)
+    for model in tasks.models.values():
+        model.train()
+    order = mixture(sizes, total, config.mix, config.mix_temperature, config.seed)
+    bar = tqdm(order, desc=f"train {len(tasks.names)} tasks", unit="step", disable=not config.progress)
+    for step, which in enumerate(bar):
+        task = tasks.names[which]
+        model = tasks.models[task]
+        parts.activate(task)
+        loss = model(**{k: v.to(tasks.device) for k, v in next(streams[task]).items()}).loss
+        if not torch.isfinite(loss):
+            raise TrainError(f"non-finite loss at step {step} ({task}); the weights were not updated. Lower --lr")
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                              config.max_grad_norm or math.inf)
+        if not torch.isfinite(norm):
+            raise TrainError(f"non-finite gradient at step {step} ({task}). Lower --lr")
+        for optimizer in (shared_opt, task_opts[task]):
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * linear_factor(step, warmup, total)
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        steps[task] += 1
+        bar.set_postfix(task=task, loss=f"{float(loss.detach()):.4f}")
+    bar.close()
+    return parts, steps
+
+
+def _scores(tasks: _Tasks, t: str) -> dict[str, Any]:
+    """Task `t`'s dev and test scores (its own part swapped in by the caller), and its split sizes."""
+    data, spec = tasks.data[t], tasks.data[t].spec
+    dev = evaluate(tasks.models[t], data.dev, spec, tasks.collates[t], tasks.configs[t], f"eval dev {t}")
+    test = (evaluate(tasks.models[t], data.test, spec, tasks.collates[t], tasks.configs[t], f"eval test {t}")
+            if data.test else None)
+    return {"dev": dev, "test": test, "primary_metric": spec.metric, "train_examples": len(data.train),
+            "dev_examples": len(data.dev), "test_examples": len(data.test)}
 
 
 def _stream(examples, collate, config: TrainConfig):
@@ -203,25 +233,24 @@ def _stream(examples, collate, config: TrainConfig):
         epoch += 1
 
 
-def _save(config: TrainConfig, configs: dict[str, TrainConfig], data, models, parts: TaskParts,
-          base: dict[str, torch.Tensor], shared_names: list[str], workdir: Path) -> dict[str, Any]:
+def _save(config: TrainConfig, tasks: _Tasks, parts: TaskParts, workdir: Path) -> dict[str, Any]:
     """The shared delta and each task's (module docstring); the bytes each takes on disk."""
     files = base_files(model_folder(config.model))
-    first = next(iter(models.values()))
     parts.activate(None)
-    shared_state = {n: t.detach().cpu().clone() for n, t in first.state_dict().items() if n in shared_names}
-    hparams = {**config.to_dict(), "part": "shared"}
-    SparseDelta.from_training(base, shared_state, method=config.method, hparams=hparams, base_model=config.model,
+    first = tasks.models[tasks.names[0]]
+    shared_state = {n: t.detach().cpu().clone() for n, t in first.state_dict().items() if n in tasks.backbone}
+    SparseDelta.from_training(tasks.base, shared_state, method=config.method,
+                              hparams={**config.to_dict(), "part": "shared"}, base_model=config.model,
                               base_files=files).save(workdir / "shared" / "delta")
     own: dict[str, int] = {}
     stored: dict[str, Any] = {"shared": stored_bytes(workdir / "shared" / "delta"), "tasks": own}
-    for t, model in models.items():
+    for t, model in tasks.models.items():
         parts.activate(t)
-        spec = data[t].spec
+        spec = tasks.data[t].spec
         head = {"num_labels": spec.num_labels, "label_names": list(spec.label_names), "kind": spec.kind,
                 "part": t, "shared_delta": "../../shared/delta"}
         SparseDelta.from_training(shared_state, model, method=config.method,
-                                  hparams={**configs[t].to_dict(), **head}, base_model=config.model,
+                                  hparams={**tasks.configs[t].to_dict(), **head}, base_model=config.model,
                                   base_files=files).save(workdir / "tasks" / t / "delta")
         own[t] = stored_bytes(workdir / "tasks" / t / "delta")
     stored["total"] = stored["shared"] + sum(own.values())
