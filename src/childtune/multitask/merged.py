@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from childtune.data.types import TaskData
 from childtune.delta import SparseDelta
 from childtune.delta.format import fingerprint
 from childtune.delta.sparse import describe
@@ -38,6 +39,16 @@ def mean_score(scores: dict[str, dict[str, Any]], split: str) -> dict[str, float
     a task has no such split)."""
     values = [s[split][s["primary_metric"]] for s in scores.values() if s[split] is not None]
     return {"mean": sum(values) / len(values)} if len(values) == len(scores) else None
+
+
+def task_scores(model, data: TaskData, collate, config: TrainConfig) -> dict[str, Any]:
+    """One task's dev and test scores (`config.task`'s, the model as it serves that task) and split sizes:
+    what a multi-task run records per task, merged or not."""
+    t = config.task
+    dev = evaluate(model, data.dev, data.spec, collate, config, f"eval dev {t}")
+    test = evaluate(model, data.test, data.spec, collate, config, f"eval test {t}") if data.test else None
+    return {"dev": dev, "test": test, "primary_metric": data.spec.metric, "train_examples": len(data.train),
+            "dev_examples": len(data.dev), "test_examples": len(data.test)}
 
 
 def train_merged(config: TrainConfig, folder: RunFolder | None) -> dict[str, Any]:
@@ -70,12 +81,8 @@ def train_merged(config: TrainConfig, folder: RunFolder | None) -> dict[str, Any
             task_config = replace(config, tasks=None, task=t, merge=None)
             data = load_data(task_config)
             collate = task_collate(task_config, tokenizer, model, data.spec.kind)
-            dev = evaluate(model, data.dev, data.spec, collate, task_config, f"eval dev {t}")
-            test = (evaluate(model, data.test, data.spec, collate, task_config, f"eval test {t}") if data.test
-                    else None)
-            scores[t] = {"dev": dev, "test": test, "primary_metric": data.spec.metric, "steps": alone[t]["steps"],
-                         "train_examples": len(data.train), "dev_examples": len(data.dev),
-                         "test_examples": len(data.test), "alone": {"dev": alone[t]["dev"], "test": alone[t]["test"]}}
+            scores[t] = {**task_scores(model, data, collate, task_config), "steps": alone[t]["steps"],
+                         "alone": {"dev": alone[t]["dev"], "test": alone[t]["test"]}}
         metrics: dict[str, Any] = {
             "task": "+".join(names), "primary_metric": "mean", "kind": "classification",
             **{split: mean_score(scores, split) for split in ("dev", "test")},

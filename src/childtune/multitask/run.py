@@ -42,12 +42,12 @@ from childtune.fileio import write_json
 from childtune.fisher import fisher_information
 from childtune.masks import MASKS_FILE, Indices, save_masks, to_masks
 from childtune.multitask.choose import shared_network, task_networks
-from childtune.multitask.merged import mean_score, train_merged
+from childtune.multitask.merged import mean_score, task_scores, train_merged
 from childtune.multitask.model import TaskParts, backbone_names, share_backbone
 from childtune.optim import SparseChildAdamW
 from childtune.strategies import GivenNetwork
 from childtune.training.config import TrainConfig, updates_per_epoch
-from childtune.training.evaluate import PhasePeaks, evaluate
+from childtune.training.evaluate import PhasePeaks
 from childtune.training.inputs import batches, load_data, loader
 from childtune.training.loop import TrainError
 from childtune.training.models import base_files, load_model, model_folder, run_device, task_collate
@@ -125,7 +125,8 @@ def _train_tasks(config: TrainConfig, folder: RunFolder | None) -> dict[str, Any
     scores = {}
     for t in tasks.names:
         parts.activate(t)
-        scores[t] = {**_scores(tasks, t), "steps": steps[t], "own_params": count_index(own[t])}
+        scores[t] = {**task_scores(tasks.models[t], tasks.data[t], tasks.collates[t], tasks.configs[t]),
+                     "steps": steps[t], "own_params": count_index(own[t])}
     metrics: dict[str, Any] = {
         # what one score per run reads (a study's tables, the ledger): the mean of each task's primary metric
         "task": "+".join(tasks.names), "primary_metric": "mean", "kind": "classification",
@@ -212,16 +213,6 @@ def _fit(config: TrainConfig, tasks: _Tasks, shared: Indices, own: dict[str, Ind
         bar.set_postfix(task=task, loss=f"{float(loss.detach()):.4f}")
     bar.close()
     return parts, steps
-
-
-def _scores(tasks: _Tasks, t: str) -> dict[str, Any]:
-    """Task `t`'s dev and test scores (its own part swapped in by the caller), and its split sizes."""
-    data, spec = tasks.data[t], tasks.data[t].spec
-    dev = evaluate(tasks.models[t], data.dev, spec, tasks.collates[t], tasks.configs[t], f"eval dev {t}")
-    test = (evaluate(tasks.models[t], data.test, spec, tasks.collates[t], tasks.configs[t], f"eval test {t}")
-            if data.test else None)
-    return {"dev": dev, "test": test, "primary_metric": spec.metric, "train_examples": len(data.train),
-            "dev_examples": len(data.dev), "test_examples": len(data.test)}
 
 
 def _stream(examples, collate, config: TrainConfig):
