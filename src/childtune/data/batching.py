@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from childtune.data.types import DataError, Example, Kind
+from childtune.data.types import DataError, Example, Image, Kind
 
 
 class TextDataset(Dataset):
@@ -60,6 +60,21 @@ def make_collate(
         return out
 
     return collate
+
+
+class ImageCollate:
+    """Batches of (image, class) for an image model: `processor` turns the batch's images into the model's
+    `pixel_values` (sizing, colour, scaling are the model's, `models.crnn.CRNNImageProcessor`)."""
+
+    def __init__(self, processor: Callable[[Sequence[Image]], torch.Tensor]) -> None:
+        self.processor = processor
+
+    def __call__(self, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
+        images = [image for image, _label in batch]
+        if not all(isinstance(image, Image) for image in images):
+            raise DataError("an image model was given text examples")
+        return {"pixel_values": self.processor(images),  # type: ignore[arg-type]  # checked just above
+                "labels": torch.tensor([label for _image, label in batch], dtype=torch.long)}
 
 
 IGNORE = -100

@@ -19,6 +19,8 @@ They stand in for the GLUE tasks the Child-Tuning paper used, read from the pinn
   gold labels; pairs without one dropped), the train subset and test file pooled and split like every
   other task. all-MiniLM-L6-v2 was trained on SNLI: its scores here are no evidence of anything.
 
+- `fashion-mnist`, `mnist`: images (`data.images`): 10 kinds of clothing, and handwritten digits.
+
 `vader-movie` and `mr` share sentences: never train on one and evaluate on the other.
 
 Every task is deduplicated (whitespace-normalised text) and texts seen with conflicting labels are
@@ -44,7 +46,7 @@ import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from childtune.data import assets
+from childtune.data import assets, images
 from childtune.data.types import SPLIT_SEED, DataError, Example, Label, TaskData, TaskSpec, Text
 
 DEV_FRACTION, DEV_CAP = 0.1, 1000
@@ -293,6 +295,11 @@ def _recipes() -> dict[str, _Recipe]:
         "bbc-news": _Recipe(TaskSpec("bbc-news", "classification", 5, BBC_TOPICS, "macro_f1"), _read_bbc),
         "snli": _Recipe(TaskSpec("snli", "classification", 3, NLI_LABELS, "accuracy"), _read_snli),
         "math": _Recipe(TaskSpec("math", "generation", 0, (), "exact_match"), list, splits=_math_splits),
+        "fashion-mnist": _Recipe(TaskSpec("fashion-mnist", "classification", 10, images.FASHION_CLASSES, "accuracy",
+                                          inputs="image"), list,
+                                 splits=functools.partial(images.fashion_splits, DEV_CAP, TEST_CAP)),
+        "mnist": _Recipe(TaskSpec("mnist", "classification", 10, images.DIGITS, "accuracy", inputs="image"),
+                         images.read_mnist),
     }
     for domain in _VADER_FILES:
         read = functools.partial(_read_vader, domain)

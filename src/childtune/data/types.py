@@ -3,7 +3,8 @@
 A task is a `TaskSpec` (what it is: kind, labels, metric) and a `TaskData` (its train, dev and test
 examples). The built-in tasks (`tasks`), the user's own files (`userfiles`), batching (`batching`) and
 scoring (`metrics`) all speak these types, so they live here, with nothing else to import; those
-modules import this one, never the other way round.
+modules import this one, never the other way round. An example's input is a text, a sentence pair, or
+an `Image` (`TaskSpec.inputs` says which a task holds).
 """
 
 from __future__ import annotations
@@ -17,7 +18,33 @@ Label = int | float | str
 """A class id, a regression target, or (generation) the target text the prompt should be answered with."""
 Text = str | tuple[str, str]
 """A single text, or a sentence pair (premise, hypothesis) that the tokenizer joins with its separator."""
-Example = tuple[Text, Label]
+Inputs = Literal["text", "image"]
+
+
+@dataclass(frozen=True, eq=False)
+class Image:
+    """One image as 8-bit pixels, `height` x `width` x `channels` (1: grayscale, 3: RGB) in row order.
+
+    Plain bytes rather than a tensor or a Pillow image: a task of 70,000 images is 55 MB of them, they pickle
+    into DataLoader workers as they are, and nothing below the model needs an imaging library. What a model
+    makes of them (size, colour, polarity) is its processor's business (`models.crnn.CRNNImageProcessor`).
+    """
+
+    pixels: bytes
+    height: int
+    width: int
+    channels: int = 1
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3) or self.height < 1 or self.width < 1:
+            raise DataError(f"an image is height x width x 1 or 3 channels, got {self.height} x {self.width} x "
+                            f"{self.channels}")
+        if len(self.pixels) != self.height * self.width * self.channels:
+            raise DataError(f"an image of {self.height} x {self.width} x {self.channels} holds "
+                            f"{self.height * self.width * self.channels} bytes, got {len(self.pixels)}")
+
+
+Example = tuple[Text | Image, Label]
 
 SPLIT_SEED = 20240501
 
@@ -49,8 +76,11 @@ class TaskSpec:
     num_labels: int
     label_names: tuple[str, ...]
     metric: str
+    inputs: Inputs = "text"
 
     def __post_init__(self) -> None:
+        if self.inputs == "image" and self.kind != "classification":
+            raise ValueError(f"an image task is a classification task, got {self.kind!r}")
         if self.kind not in _METRICS:
             raise ValueError(f"kind must be 'classification', 'regression' or 'generation', got {self.kind!r}")
         if self.metric not in _METRICS[self.kind]:

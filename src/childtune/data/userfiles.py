@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from childtune.data.images import read_folder
 from childtune.data.types import DataError, Example, Kind, TaskData, TaskSpec
 
 
@@ -34,7 +35,8 @@ def load_files(
     prompt_col: str = "prompt",
     target_col: str = "target",
 ) -> TaskData:
-    """A task from the user's CSV or JSONL files (chosen by suffix), validated with one-line errors.
+    """A task from the user's CSV or JSONL files (chosen by suffix), validated with one-line errors; or, when
+    `train` is a folder, an image task from folders with one sub-folder per class (`_image_folders`).
 
     `kind=None` infers generation when the train file has the prompt and target columns and no text column
     (nothing else could read it), and otherwise infers the kind from the train labels: classification when
@@ -50,6 +52,8 @@ def load_files(
         raise DataError(f"text_pair_col {text_pair_col!r} must differ from the text and label columns")
     if kind not in (None, "classification", "regression", "generation"):
         raise DataError(f"kind must be 'classification', 'regression', 'generation' or None, got {kind!r}")
+    if Path(train).is_dir():
+        return _image_folders(train, dev, test, kind)
     if kind is None and generation_columns(train, text_col, prompt_col, target_col):
         kind = "generation"
     if kind == "generation":
@@ -80,6 +84,23 @@ def load_files(
         ids = {name: i for i, name in enumerate(names)}
         splits = {role: [(text, ids[key]) for text, key, _line in k] for role, k in keyed.items()}
         spec = TaskSpec(paths["train"].stem, "classification", len(names), tuple(names), "accuracy")
+    return TaskData(spec, splits["train"], splits["dev"], splits.get("test", []))
+
+
+def _image_folders(train: str | Path, dev: str | Path, test: str | Path | None, kind: Kind | None) -> TaskData:
+    """An image classification task from folders of class sub-folders (`images.read_folder`): the train
+    folder names the classes, dev and test may hold fewer of them but no others."""
+    if kind not in (None, "classification"):
+        raise DataError(f"{train} is a folder of images, which makes a classification task, not {kind}")
+    paths = {"train": Path(train), "dev": Path(dev)} | ({"test": Path(test)} if test is not None else {})
+    for role, path in paths.items():
+        if not path.is_dir():
+            raise DataError(f"the train data is a folder of images, so the {role} data must be one too: {path}")
+    splits, names = {}, None
+    for role, path in paths.items():
+        splits[role], names = read_folder(path, names)
+    assert names is not None
+    spec = TaskSpec(paths["train"].name, "classification", len(names), names, "accuracy", inputs="image")
     return TaskData(spec, splits["train"], splits["dev"], splits.get("test", []))
 
 

@@ -14,7 +14,7 @@ from childtune.delta import CONFIG_FILE, DeltaError, SparseDelta
 from childtune.fileio import write_json
 from childtune.outputs import check_target
 from childtune.training.config import TrainConfig
-from childtune.training.models import base_files, model_folder, quiet_transformers, weights_dtype
+from childtune.training.models import base_files, model_folder, preprocessor, quiet_transformers, weights_dtype
 from childtune.training.runfolder import RunFolder
 
 
@@ -184,7 +184,7 @@ def base_for(delta: SparseDelta, path: Path):
     check_base_files(delta, path)
     hparams = head_of(delta)
     with quiet_transformers():
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = preprocessor(path)
         if hparams.get("kind") == "generation":
             return tokenizer, transformers.AutoModelForCausalLM.from_pretrained(
                 path, **weights_dtype(hparams.get("dtype")), local_files_only=True)

@@ -35,11 +35,13 @@ def model_folder(name: str) -> Path:
     return path
 
 
-MEANING_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
-                 "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
+MEANING_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
+                 "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+                 "chat_template.json")
 """Files of a model folder that change what its weights mean: the architecture settings and the tokenizer
-(which token each embedding row stands for). A delta records them (`base_files`), since its fingerprint
+(which token each embedding row stands for) or the image processor (what pixels an image model sees).
+A delta records them (`base_files`), since its fingerprint
 covers the weights only and a base with two vocabulary ids swapped has the very same weights."""
 BOOKKEEPING = ("transformers_version", "_name_or_path", "architectures", "id2label", "label2id", "problem_type",
                "torch_dtype", "dtype")
@@ -72,8 +74,10 @@ def base_files(folder: Path) -> dict[str, str]:
 
 
 def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
-    """Tokenizer and model for the task: a sequence classifier with a fresh head for the task's labels,
-    or, for a generation task, the causal LM itself (its own LM head, nothing new).
+    """Preprocessor and model for the task: a classifier with a fresh head for the task's labels, or, for a
+    generation task, the causal LM itself (its own LM head, nothing new). The preprocessor is the model's
+    tokenizer, or an image model's image processor (`preprocessor`); a model that reads the other kind
+    of input than the task holds is refused here, naming the model to use instead.
 
     Decoder-only models work as classifiers too (HF's `...ForSequenceClassification` over Llama, GPT-2,
     OPT scores the last non-pad token with a new `score` head): a tokenizer without a pad token pads
@@ -81,6 +85,8 @@ def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
     A folder that holds neither kind of model, or a task kind its model cannot serve, is a `ModelError`.
     """
     import transformers
+
+    from childtune.models import crnn
 
     path = model_folder(config.model)
     auto: type[transformers.AutoModelForCausalLM] | type[transformers.AutoModelForSequenceClassification]
@@ -96,13 +102,19 @@ def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
             labels["label2id"] = {name: i for i, name in enumerate(spec.label_names)}
     try:
         with quiet_transformers():  # "newly initialised classifier" is the point of fine-tuning, not news
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-            if tokenizer.pad_token is None:  # decoder-only LMs (Llama, GPT-2) ship without one: pad with EOS
-                if tokenizer.eos_token is None:
-                    raise ModelError(f"the tokenizer of {path} has neither a pad nor an EOS token to pad with")
-                tokenizer.pad_token = tokenizer.eos_token
-            model = auto.from_pretrained(path, **labels, **weights_dtype(config.dtype),
-                                         pad_token_id=tokenizer.pad_token_id, local_files_only=True)
+            processor = preprocessor(path)
+            reads = "image" if isinstance(processor, crnn.CRNNImageProcessor) else "text"
+            if reads != spec.inputs:
+                instead = "--model easyocr-crnn" if spec.inputs == "image" else "a text model (e.g. all-MiniLM-L6-v2)"
+                raise ModelError(f"task {spec.name!r} holds {spec.inputs}s, but {config.model} reads {reads}s: "
+                                 f"use {instead}")
+            if reads == "text":
+                if processor.pad_token is None:  # decoder-only LMs (Llama, GPT-2) ship without one: pad with EOS
+                    if processor.eos_token is None:
+                        raise ModelError(f"the tokenizer of {path} has neither a pad nor an EOS token to pad with")
+                    processor.pad_token = processor.eos_token
+                labels["pad_token_id"] = processor.pad_token_id
+            model = auto.from_pretrained(path, **labels, **weights_dtype(config.dtype), local_files_only=True)
     except ModelError:
         raise
     except (OSError, ValueError, KeyError) as err:
@@ -117,7 +129,19 @@ def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
                              "with as many labels") from None
         raise ModelError(f"cannot load model from {path}: {type(err).__name__}: "
                          f"{str(err).splitlines()[0][:200]}") from None
-    return tokenizer, model
+    return processor, model
+
+
+def preprocessor(path: Path) -> Any:
+    """What turns a task's inputs into the model's: the image processor of an image model (the pinned CRNN,
+    `models.crnn`), else the folder's tokenizer."""
+    import transformers
+
+    from childtune.models import crnn  # importing it registers the CRNN with transformers' Auto classes
+
+    if crnn.is_crnn_folder(path):
+        return crnn.CRNNImageProcessor.from_pretrained(path)
+    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def weights_dtype(dtype: Any) -> dict[str, Any]:
@@ -146,10 +170,14 @@ def run_device(config: TrainConfig, me: distributed.DistInfo | None = None) -> t
 
 
 def task_collate(config: TrainConfig, tokenizer: Any, model: torch.nn.Module, kind: Kind):
-    """How a task's examples become batches for `model`: prompt + target for a generation task, texts and
-    labels otherwise, cut at `max_length` or the model's position limit, whichever is smaller."""
-    from childtune.data.batching import LMCollate, make_collate
+    """How a task's examples become batches for `model`: images through an image model's processor, prompt
+    + target for a generation task, texts and labels otherwise, cut at `max_length` or the model's
+    position limit, whichever is smaller."""
+    from childtune.data.batching import ImageCollate, LMCollate, make_collate
+    from childtune.models import crnn
 
+    if isinstance(tokenizer, crnn.CRNNImageProcessor):
+        return ImageCollate(tokenizer)
     length = min(config.max_length, position_limit(model))
     return LMCollate(tokenizer, length, config.chat_template) if kind == "generation" else make_collate(
         tokenizer, length, kind)
@@ -187,11 +215,13 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
-    """Wrap `model` with LoRA adapters (peft picks the attention projections for known architectures)."""
+    """Wrap `model` with LoRA adapters: peft picks the attention projections for the architectures it knows,
+    and a model of childtune's own names its targets (`lora_target_modules`)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     causal = not hasattr(model, "score") and not hasattr(model, "classifier") and hasattr(model, "lm_head")
     lora = LoraConfig(task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS, r=config.lora_rank,
-                      lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
+                      lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=getattr(model, "lora_target_modules", None))
     with quiet_transformers():
         return get_peft_model(model, lora)
