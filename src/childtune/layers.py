@@ -81,9 +81,10 @@ def parameter_type(name: str) -> str:
     return "other"
 
 
-HEAD = ("classifier", "score", "classification_head")
-"""Name fragments of task heads. They are newly initialised per task, so the masking strategies train
-them in full, a sparse delta stores them whole, and the analysis leaves them out of every share."""
+HEAD = ("classifier", "score", "classification_head", "connector.")
+"""Name fragments of task heads, and of the connector between a vision-language model's pretrained parts.
+They are newly initialised per task (per assembly), so the masking strategies train them in full, a sparse
+delta stores them whole, and the analysis leaves them out of every share."""
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:

@@ -14,13 +14,14 @@ import random
 from pathlib import Path
 
 from childtune.data import assets
-from childtune.data.types import SPLIT_SEED, DataError, Example, Image
+from childtune.data.types import SPLIT_SEED, DataError, Example, Image, TaskData, TaskSpec
 
 FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                    "ankle boot")
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 """Class names as words, so a vision-language model can be asked to answer with them."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+QUESTIONS = {"fashion-mnist": "Which item of clothing is this?", "mnist": "Which digit is this?"}
 _FASHION = "usr/share/datasets/fashion-mnist/"
 
 
@@ -120,3 +121,24 @@ def read_folder(folder: Path, classes: tuple[str, ...] | None = None) -> tuple[l
                 raise DataError(f"{path} is not a PNG or JPEG image ({', '.join(IMAGE_SUFFIXES)})")
             examples.append((open_image(path), classes.index(sub.name)))
     return examples, classes
+
+
+def question(spec: TaskSpec) -> str:
+    """What a vision-language model is asked of each image of an image task: the built-in tasks' own
+    question, else one that lists the classes."""
+    return QUESTIONS.get(spec.name) or f"Which of these is it: {', '.join(spec.label_names)}?"
+
+
+def as_answers(task: TaskData) -> TaskData:
+    """An image classification task as a vision-language model takes it: each image answered by its class
+    name (a generation task scored by exact match, which is accuracy when every answer is a class name)."""
+    if task.spec.inputs != "image" or task.spec.kind != "classification":
+        raise DataError(f"a vision-language model answers questions about images; task {task.spec.name!r} holds "
+                        f"{task.spec.inputs}s for {task.spec.kind}")
+    names = task.spec.label_names
+
+    def answered(split: list[Example]) -> list[Example]:
+        return [(image, names[int(label)]) for image, label in split]
+
+    spec = TaskSpec(task.spec.name, "generation", 0, names, "exact_match", inputs="image")
+    return TaskData(spec, answered(task.train), answered(task.dev), answered(task.test))

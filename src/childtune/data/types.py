@@ -79,8 +79,8 @@ class TaskSpec:
     inputs: Inputs = "text"
 
     def __post_init__(self) -> None:
-        if self.inputs == "image" and self.kind != "classification":
-            raise ValueError(f"an image task is a classification task, got {self.kind!r}")
+        if self.inputs == "image" and self.kind not in ("classification", "generation"):
+            raise ValueError(f"an image task is classification, or generation answered in words, got {self.kind!r}")
         if self.kind not in _METRICS:
             raise ValueError(f"kind must be 'classification', 'regression' or 'generation', got {self.kind!r}")
         if self.metric not in _METRICS[self.kind]:
@@ -89,8 +89,9 @@ class TaskSpec:
             )
         if self.kind == "regression" and (self.num_labels != 1 or self.label_names):
             raise ValueError("a regression task has num_labels=1 and no label_names")
-        if self.kind == "generation" and (self.num_labels != 0 or self.label_names):
-            raise ValueError("a generation task has num_labels=0 and no label_names: its labels are texts")
+        if self.kind == "generation" and (self.num_labels != 0 or (self.label_names and self.inputs == "text")):
+            raise ValueError("a generation task has num_labels=0 and no label_names: its labels are texts (an "
+                             "image task answered in words may list its answers)")
         if self.kind == "classification" and (
             self.num_labels < 2 or len(self.label_names) != self.num_labels
         ):

@@ -43,6 +43,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from childtune.data.types import Image
 from childtune.fileio import write_json
+from childtune.models.folders import CRNN_TYPE
 
 CHARACTERS = "0123456789!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~ €ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 """EasyOCR's English character list for this model, in class order after CTC's blank (class 0): 96."""
@@ -133,7 +134,7 @@ def greedy_ctc(logits: torch.Tensor, allowed: str = CHARACTERS) -> list[str]:
 class CRNNConfig(PretrainedConfig):
     """The CRNN as transformers sees it: nothing to set but the head's labels (`num_labels`, `id2label`)."""
 
-    model_type = "easyocr-crnn"
+    model_type = CRNN_TYPE
 
 
 class CRNNForImageClassification(PreTrainedModel):
@@ -242,12 +243,3 @@ class CRNNImageProcessor:
         width = min(self.max_width, max(1, round(image.width * self.height / image.height)))
         return F.interpolate(gray[None, None], size=(self.height, width), mode="bilinear", align_corners=False,
                              antialias=True)[0]
-
-
-def is_crnn_folder(folder: str | Path) -> bool:
-    """Whether a model folder holds this CRNN (its config.json's `model_type`)."""
-    try:
-        return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get(
-            "model_type") == CRNNConfig.model_type
-    except (OSError, ValueError, AttributeError):
-        return False

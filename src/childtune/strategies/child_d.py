@@ -9,6 +9,10 @@ training's: the blocks are scored a group at a time, one pass over the batches e
 group's candidates for the top p (`fisher.fisher_in_passes`, `masks.top_fraction_in_parts`). The choice
 is the same for every number of passes; only memory (down) and time (up) change.
 
+`parts` (name prefixes, e.g. a vision-language model's `vision.` and `language.`) makes the cut within each
+part: the top p of each part's own scored weights, a per-part budget, where the default is one top p over
+everything scored (a joint budget).
+
 `random_within=True` is the paper's "task-driven or not" control: Fisher still decides how many
 elements each tensor gets, but which ones is drawn uniformly at random from `seed`, so the control has
 exactly Child-Tuning_D's per-tensor sizes (and its learning rate and strictness) and differs only in
@@ -42,6 +46,7 @@ class ChildTuningD(ChosenStrategy):
     train_mode: bool = field(default=False, kw_only=True)
     clip: float | None = field(default=None, kw_only=True)
     passes: int = field(default=1, kw_only=True)
+    parts: tuple[str, ...] = field(default=(), kw_only=True)
 
     needs_data: ClassVar[bool] = True
 
@@ -70,10 +75,28 @@ class ChildTuningD(ChosenStrategy):
         # in model order, as the passes give the scores: ties are then broken alike however the optimizer
         # grouped the parameters
         sizes = {n: shards.local(scored[n]).numel() for n, _ in model.named_parameters() if n in scored}
-        chosen = top_fraction_in_parts(parts, sizes, self.p, self.per_layer, self.group)
+        if self.parts:
+            chosen = self._per_part(list(parts), sizes)
+        else:
+            chosen = top_fraction_in_parts(parts, sizes, self.p, self.per_layer, self.group)
         if self.random_within:
             chosen = _same_sizes_at_random(chosen, self.seed, self.params, self.group)
         self.chosen = self.complete(chosen)
+
+
+    def _per_part(self, scores: list[dict[str, torch.Tensor]], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+        """The top p of each part's scored weights (`parts`), each cut as `top_fraction_in_parts` makes one."""
+        chosen: dict[str, torch.Tensor] = {}
+        for prefix in self.parts:
+            mine = {n: k for n, k in sizes.items() if n.startswith(prefix)}
+            if not mine:
+                raise ValueError(f"no scored parameter lies in part {prefix!r}")
+            pieces = [{n: t for n, t in part.items() if n in mine} for part in scores]
+            chosen |= top_fraction_in_parts([p for p in pieces if p], mine, self.p, self.per_layer, self.group)
+        outside = sorted(set(sizes) - chosen.keys())
+        if outside:
+            raise ValueError(f"{outside[0]!r} lies in none of the parts {list(self.parts)}")
+        return {n: chosen[n] for n in sizes}
 
 
 def _check_bound(params: dict[str, torch.Tensor], model: torch.nn.Module) -> None:

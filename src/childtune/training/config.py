@@ -63,7 +63,8 @@ _CHOICES = {"id3_head": ("outside", "inside"), "id3_schedule": ("ramp", "authors
             "dyn_importance": ("magnitude", "signal"),
             "optimizer": ("torch", "authors"), "preset": PRESETS, "report_to": ("none", "tensorboard"),
             "dtype": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
-            "shared_child": ("fisher-sum", "fisher-intersection", "union"), "mix": ("proportional", "temperature"),
+            "child_budget": ("joint", "per-part"), "shared_child": ("fisher-sum", "fisher-intersection", "union"),
+            "mix": ("proportional", "temperature"),
             "merge": ("sum", "ties", "dare")}
 
 
@@ -135,6 +136,13 @@ class TrainConfig:
         "baseline a multi-task child network is measured against"))
     merge_density: float = field(default=1.0, metadata=_opt(
         "--merge ties or dare: the share of each run's changed elements kept, in (0, 1]"))
+    child_scope: str | None = field(default=None, metadata=_opt(
+        "a model of named parts (the vision-language model crnn-smollm2: vision, connector, language): the parts "
+        "the child network may lie in, comma-separated; the others stay frozen (a connector trains whole, like "
+        "a head, wherever it is named)"))
+    child_budget: str = field(default="joint", metadata=_opt(
+        "child-d on a model of named parts: 'joint' (one top --reserve-p over every part in --child-scope) or "
+        "'per-part' (the top --reserve-p of each part's own weights)"))
     # -- method
     method: str = field(default="child-d", metadata=_opt(", ".join(METHODS)))
     preset: str = field(default="childtune", metadata=_opt(
@@ -409,6 +417,11 @@ class TrainConfig:
             _check(not isinstance(value, int) or isinstance(value, bool) or abs(value) <= LARGEST_INT, f.name,
                    value, f"between -{LARGEST_INT} and {LARGEST_INT}")
         _check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
+        if self.child_budget == "per-part" and self.method not in ("child-d", "child-d-random"):
+            raise ConfigError(f"--child-budget per-part cuts child-d's Fisher scores part by part; {self.method} "
+                              "chooses its child network otherwise (use --child-budget joint)")
+        if self.child_scope is not None and not all(self.child_scope.split(",")):
+            raise ConfigError(f"child_scope must name parts, comma-separated, got {self.child_scope!r}")
         _check(self.id3_eps is None or self.id3_eps > 0, "id3_eps", self.id3_eps, "> 0")
         _check(self.id3_exp is None or self.id3_exp >= 0, "id3_exp", self.id3_exp, ">= 0")
         _check(self.fisher_clip is None or self.fisher_clip >= 0, "fisher_clip", self.fisher_clip, ">= 0")

@@ -51,7 +51,13 @@ from childtune.training.models import (
     run_device,
     task_collate,
 )
-from childtune.training.params import freeze_unchosen, linear_schedule, make_optimizer, param_groups
+from childtune.training.params import (
+    freeze_unchosen,
+    linear_schedule,
+    make_optimizer,
+    param_groups,
+    restrict_to_parts,
+)
 from childtune.training.runfolder import MetricsLog, RunFolder, run_reads, stored_bytes
 
 
@@ -269,7 +275,12 @@ def setup(config: TrainConfig, model: torch.nn.Module, total_steps: int):
     parameters it trains by name, the strategy choosing their child network, the optimizer applying it
     and the learning-rate schedule. The strategy is not prepared yet (Child-Tuning_D's Fisher pass)."""
     if METHODS[config.method].adapter == "lora":
+        if config.child_scope is not None:
+            raise ConfigError("--child-scope chooses where a child network lies; LoRA's adapters lie where peft "
+                              "puts them (the model's lora_target_modules)")
         model = add_lora(model, config)
+    elif config.child_scope is not None:
+        restrict_to_parts(model, config.child_scope)
     if config.weight_decay is None:
         raise ConfigError("setup needs a resolved config (TrainConfig.resolved() fills the method's weight_decay)")
     groups = param_groups(model, config.weight_decay)
@@ -408,7 +419,7 @@ def _check_the_end(config: TrainConfig, spec, model: torch.nn.Module, pretrained
     The model is the one before any LoRA adapter: an adapter run saves that model, merged."""
     tuned = _gathered(config, spec, model) if config.fsdp else model
     problem = None
-    if tuned is not None and _saves(config) == "delta":
+    if tuned is not None and _saves(config, tuned) == "delta":
         try:
             _delta(config, pretrained, tuned, spec)
         except DeltaError as err:
@@ -418,9 +429,15 @@ def _check_the_end(config: TrainConfig, spec, model: torch.nn.Module, pretrained
         raise ConfigError(problem)
 
 
-def _saves(config: TrainConfig) -> str:
+def _saves(config: TrainConfig, model: torch.nn.Module) -> str:
     """The weights a run keeps: a sparse delta against the base for strict runs (exactly the child
-    network), else the whole model, unless `save` says."""
+    network), else the whole model, unless `save` says. A model that is no model folder's (the
+    vision-language model assembled from parts) keeps a delta whatever the run."""
+    if not hasattr(model, "save_pretrained"):
+        if config.save == "model":
+            raise ConfigError(f"--save model writes a model folder, which {config.model} is assembled from, not "
+                              "saved as: keep a delta (--save delta)")
+        return "delta" if config.save == "auto" else config.save
     return config.save if config.save != "auto" else ("delta" if config.strict else "model")
 
 
@@ -431,7 +448,7 @@ def _delta(config: TrainConfig, pretrained, model, spec) -> SparseDelta:
 
 
 def _save_weights(config: TrainConfig, workdir: Path, pretrained, model, tokenizer, spec) -> None:
-    save = _saves(config)
+    save = _saves(config, model)
     if save == "delta":
         _delta(config, pretrained, model, spec).save(workdir / "delta")
     elif save == "model":

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from childtune.layers import blocks
+from childtune.layers import HEAD, blocks, matches
 from childtune.strategies import (
     ID3,
     BitFit,
@@ -76,6 +76,7 @@ class Settings(Protocol):
     fisher_train_mode: bool | None
     fisher_clip: float | None
     fisher_passes: int | None
+    child_budget: str
     id3_budget: float
     id3_eps: float | None
     id3_exp: float | None
@@ -170,8 +171,15 @@ def _child_d(random_within: bool) -> Builder:
                             num_samples=c.fisher_samples, per_example=c.fisher_per_example,
                             train_mode=_resolved(c.fisher_train_mode, "fisher_train_mode"),
                             clip=c.fisher_clip or None, passes=c.fisher_passes or 1,
-                            random_within=random_within, seed=c.seed)
+                            random_within=random_within, seed=c.seed,
+                            parts=_parts(c, names) if c.child_budget == "per-part" else ())
     return build
+
+
+def _parts(c: Settings, names: list[str]) -> tuple[str, ...]:
+    """child-d's per-part budget: a part per first name component among the trained parameters (those
+    `--child-scope` left trainable), the connector and heads aside (they train whole)."""
+    return tuple(sorted({f"{n.split('.')[0]}." for n in names if not matches(n, HEAD)}))
 
 
 def _random(c: Settings, total_steps: int, names: list[str]) -> Strategy:

