@@ -87,6 +87,15 @@ evidence: install
 	$(STUDY) --name vision --model easyocr-crnn --tasks fashion-mnist --seeds 1-5 --train-size 1000 --epochs 2 \
 		--grid '{"full": {"lr": [0.0003, 0.001, 0.003]}, "child-f": {"lr": [0.0003, 0.001, 0.003]}, "child-d": {"lr": [0.0003, 0.001, 0.003]}, "random": {"lr": [0.001, 0.003, 0.01]}, "lora": {"lr": [0.0003, 0.001, 0.003]}}' \
 		--methods full,child-f,child-d,random,lora --output runs/evidence/vision
+	# issue 31.4, the vision-language model (EasyOCR's CRNN -> a new MLP connector -> SmolLM2-135M), 3 seeds: where a
+	# multimodal task puts its child network. child-d at 1% in the vision tower alone, the language tower alone, both
+	# (one joint top 1%, or 1% of each), the connector alone (the towers frozen), LoRA on both towers; the connector
+	# trains whole in every cell; lr 1e-3 for all (not tuned: one cell is about 5 minutes on one thread)
+	$(STUDY) --name vlm --model crnn-smollm2 --tasks fashion-mnist --seeds 1-3 --train-size 256 --epochs 2 \
+		--batch-size 8 --eval-size 100 --fisher-samples 64 --max-new-tokens 6 --methods full,child-d,lora \
+		--baseline lora --rows-by child_scope,child_budget \
+		--grid '{"full": {"child_scope": ["connector"], "lr": [0.001]}, "child-d": [{"reserve_p": [0.01], "lr": [0.001], "child_scope": ["vision", "language"]}, {"reserve_p": [0.01], "lr": [0.001], "child_scope": ["vision,language"], "child_budget": ["joint", "per-part"]}], "lora": {"lr": [0.001]}}' \
+		--output runs/evidence/vlm
 	# issue 30.4b: the four tasks at once, 1,000 examples each, a shared child network of 1% by each rule, alone
 	# and with each task's own 0.5%, beside single-task child-d of the same size and lr (the baseline its rows are
 	# paired with) and full fine-tuning on each task; the report adds the bytes stored for all four

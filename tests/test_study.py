@@ -175,6 +175,26 @@ def test_study_selects_by_dev_and_tests_against_full(tmp_path):
         assert files[key].parent == tmp_path / "docs" and files[key].stat().st_size > 10_000
 
 
+def test_settings_compared_rather_than_tuned_are_rows_of_their_own(tmp_path):
+    """--rows-by: child-d's two p values are two rows, each with its best lr on dev, paired with full by
+    seed; without it the two compete on dev for one row. The ledger and folders keep the cells as run."""
+    grid = {"full": {"lr": (2e-5, BEST_LR)}, "child-d": {"lr": (2e-5, BEST_LR), "reserve_p": (0.1, 0.2)}}
+    fake = FakeTrain()
+    result = run_study(fake_study(tmp_path, grid=grid, transfer=False, rows_by=("reserve_p",)), run=fake,
+                       progress=False)
+    rows = {(r.task, r.method): r for r in result.main}
+    assert {m for t, m in rows if t == "t1"} == {"full", "child-d (reserve_p=0.1)", "child-d (reserve_p=0.2)"}
+    for p in (0.1, 0.2):
+        row = rows[("t1", f"child-d (reserve_p={p})")]
+        assert row.config == "lr5e-05" and row.configs_tried == 2  # its lr chosen on dev among its own
+        assert row.paired is not None and row.paired.n == 5
+    assert len(fake.calls) == 5 * 2 * (2 + 4)
+    plain = run_study(fake_study(tmp_path / "plain", grid=grid, transfer=False), run=FakeTrain(), progress=False)
+    assert {r.method for r in plain.main} == {"full", "child-d"}
+    with pytest.raises(StudyError, match="rows_by names 'p'"):
+        plan(fake_study(tmp_path, rows_by=("p",)))
+
+
 def test_study_resumes_and_keeps_hand_written_findings(tmp_path):
     study = fake_study(tmp_path, transfer=False)
     results = tmp_path / "RESULTS.md"
@@ -326,6 +346,22 @@ def test_study_options_build_the_study(tmp_path):
     assert study.grid == DEFAULT_GRID and not study.transfer and study.train_size == 1000
     assert study.base.epochs == 2 and study.base.progress is False
     assert len(plan(study)) == 2 * 2 * 3
+
+
+def test_a_methods_grid_may_be_a_union_of_grids():
+    """Settings that only make sense together: a per-part budget only for the two-part scope."""
+    parser = add_study_arguments(argparse.ArgumentParser())
+    text = ('{"child-d": [{"child_scope": ["vision", "language"]}, {"child_scope": ["vision,language"], '
+            '"child_budget": ["joint", "per-part"]}, {"child_scope": ["vision"]}]}')
+    args = parser.parse_args(["--grid", text, "--methods", "child-d", "--tasks", "mr", "--seeds", "1",
+                              "--no-transfer", "--output", "s"])
+    study = study_from_args(args, TrainConfig())
+    assert [c.overrides for c in plan(study)] == [
+        (("child_scope", "vision"),), (("child_scope", "language"),),
+        (("child_budget", "joint"), ("child_scope", "vision,language")),
+        (("child_budget", "per-part"), ("child_scope", "vision,language"))]  # the repeated vision once
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--grid", '{"child-d": [{"lr": 0.1}]}'])
 
 
 def test_grid_option_takes_a_json_subset_of_the_paper_grid():

@@ -183,3 +183,17 @@ def test_the_cli_trains_the_vision_part_alone_and_keeps_a_delta_of_it(tiny, tmp_
     assert "assembled from, not saved as" in capsys.readouterr().err
     assert main([*args, "--method", "lora", "--output", str(tmp_path / "lora")]) == 2
     assert "LoRA's adapters lie where peft puts them" in capsys.readouterr().err
+
+
+def test_lora_adapts_both_towers_and_trains_the_connector_whole(tiny, tmp_path, capsys):
+    train = write_folder(tmp_path / "train", {name: 4 for name in ANSWERS}, size=16)
+    dev = write_folder(tmp_path / "dev", {name: 2 for name in ANSWERS}, size=16)
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny), "--train", str(train), "--dev", str(dev), "--method", "lora",
+                 "--epochs", "1", "--batch-size", "4", "--max-new-tokens", "2", "--no-progress",
+                 "--output", str(run)]) == 0, capsys.readouterr().err
+    delta = SparseDelta.load(run / "delta")  # the merged adapters, against the assembled base
+    changed = {n.split(".")[0] for n in [*delta.entries, *delta.dense]}
+    assert changed == {"vision", "connector", "language"}
+    assert any("q_proj" in n for n in delta.entries) and any("ConvNet" in n for n in delta.entries)
+    assert not any("k_proj" in n or "embed_tokens" in n for n in delta.entries)  # only LoRA's targets moved

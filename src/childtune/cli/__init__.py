@@ -168,6 +168,9 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--seeds", type=seed_list, default=SEEDS, help="e.g. 1,2,3 or 1-5 [1-5]")
     parser.add_argument("--baseline", default=BASELINE, choices=sorted(METHODS), metavar="METHOD",
                         help=f"the method every other is paired with by seed in the tables [{BASELINE}]")
+    parser.add_argument("--rows-by", type=comma_list, default=(), metavar="SETTING,...",
+                        help="settings compared rather than tuned: cells differing in one are separate rows of the "
+                             "tables (e.g. child_scope), where otherwise each method's best config on dev is its row")
     parser.add_argument("--train-size", type=int, default=1000, help="training examples per run [1000]")
     parser.add_argument("--train-sizes", type=_ints, default=(), metavar="100,300,...",
                         help="the low-resource curve: run every task at each of these training-set sizes")

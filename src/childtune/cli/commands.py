@@ -208,7 +208,7 @@ def study_from_args(args: argparse.Namespace, base: TrainConfig):
         grid=grid(args.grid) if isinstance(args.grid, str) else args.grid, base=base, output=args.output,
         transfer=not args.no_transfer, transfer_methods=args.transfer_methods, analysis=not args.no_analysis,
         train_sizes=tuple(args.train_sizes), updates=args.updates, ledger=args.ledger, name=args.name,
-        baseline=args.baseline,
+        baseline=args.baseline, rows_by=tuple(args.rows_by),
     )
 
 

@@ -127,8 +127,9 @@ def seed_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers or A-B, got {text!r}") from None
 
 
-def grid(text: str) -> dict[str, dict[str, tuple[Any, ...]]]:
-    """`paper`, `defaults`, or a JSON object {method: {setting: [values]}}."""
+def grid(text: str) -> dict[str, Any]:
+    """`paper`, `defaults`, or a JSON object {method: {setting: [values]}} (or a list of such objects per
+    method: the union of their combinations)."""
     from childtune.study.plan import DEFAULT_GRID, PAPER_GRID
 
     if text in ("paper", "defaults"):
@@ -139,8 +140,12 @@ def grid(text: str) -> dict[str, dict[str, tuple[Any, ...]]]:
         raise argparse.ArgumentTypeError(str(err)) from None
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(f"--grid must be paper, defaults or a JSON object ({err})") from None
-    if not isinstance(raw, dict) or not all(
-        isinstance(g, dict) and all(isinstance(v, list) for v in g.values()) for g in raw.values()
-    ):
-        raise argparse.ArgumentTypeError('--grid JSON must look like {"method": {"setting": [values]}}')
-    return {method: {k: tuple(v) for k, v in g.items()} for method, g in raw.items()}
+    def one(g: Any) -> bool:
+        return isinstance(g, dict) and all(isinstance(v, list) for v in g.values())
+
+    if not isinstance(raw, dict) or not all(one(g) or (isinstance(g, list) and g and all(map(one, g)))
+                                            for g in raw.values()):
+        raise argparse.ArgumentTypeError('--grid JSON must look like {"method": {"setting": [values]}}, or '
+                                         'a list of such {"setting": [values]} objects for a method')
+    return {method: [{k: tuple(v) for k, v in alt.items()} for alt in g] if isinstance(g, list)
+            else {k: tuple(v) for k, v in g.items()} for method, g in raw.items()}

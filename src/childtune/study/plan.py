@@ -30,7 +30,10 @@ from typing import Any
 
 from childtune.training.config import MULTITASK_FIELDS, TrainConfig, updates_per_epoch
 
-Grid = dict[str, dict[str, tuple[Any, ...]]]
+MethodGrid = dict[str, tuple[Any, ...]]
+Grid = dict[str, MethodGrid | list[MethodGrid]]
+"""method -> {setting: values}, every combination one config; or a list of such, the union of each one's
+combinations (for settings that only make sense together: one budget rule per scope, say)."""
 
 TASKS = ("mr", "subj", "vader-movie", "spam")
 METHODS = ("full", "child-f", "child-d", "random", "id3", "gradual", "lora")
@@ -96,6 +99,9 @@ class StudyConfig:
     dozen updates, which tests the schedule, not the method."""
     name: str = ""
     """Names the study's block in a shared report file and prefixes its figures (empty: the one study)."""
+    rows_by: tuple[str, ...] = ()
+    """Settings whose values are compared, not tuned: cells that differ in one of them are rows of their own
+    (`rows_apart`), where by default every config of a method competes on dev for its one row."""
     ledger: str | None = None
     """A JSON-lines file of finished cells (`childtune.study.ledger`): planned from, appended to."""
 
@@ -148,16 +154,20 @@ def safe_name(text: str) -> str:
 
 
 def configs(grid: Grid, method: str) -> list[tuple[tuple[str, Any], ...]]:
-    """Every combination of the method's grid values (one empty config when the grid has none)."""
-    values = grid.get(method, {})
-    keys = sorted(values)
+    """Every combination of the method's grid values (one empty config when the grid has none); for a list
+    of grids, each one's combinations in turn, each config once."""
+    spec = grid.get(method, {})
+    out: list[tuple[tuple[str, Any], ...]] = []
     known = {f.name for f in fields(TrainConfig)}
-    for key in keys:
-        if key not in known:
-            raise StudyError(f"grid for {method!r} sets {key!r}, which is not a training setting")
-        if not values[key]:
-            raise StudyError(f"grid for {method!r} gives no values for {key!r}")
-    return [tuple(zip(keys, combo, strict=True)) for combo in itertools.product(*(values[k] for k in keys))]
+    for values in spec if isinstance(spec, list) else [spec]:
+        keys = sorted(values)
+        for key in keys:
+            if key not in known:
+                raise StudyError(f"grid for {method!r} sets {key!r}, which is not a training setting")
+            if not values[key]:
+                raise StudyError(f"grid for {method!r} gives no values for {key!r}")
+        out += [tuple(zip(keys, combo, strict=True)) for combo in itertools.product(*(values[k] for k in keys))]
+    return list(dict.fromkeys(out))
 
 
 def _for_task(grid: list[tuple[tuple[str, Any], ...]], several: bool) -> list[tuple[tuple[str, Any], ...]]:
@@ -184,6 +194,9 @@ def plan(study: StudyConfig) -> list[Cell]:
     complete seeds, every method paired with the baseline on each, rather than some methods with none."""
     if study.updates is not None and (not study.train_sizes or study.updates < 1):
         raise StudyError(f"updates={study.updates}: give a positive number of updates, with train_sizes")
+    known = {f.name for f in fields(TrainConfig)}
+    if unknown := [k for k in study.rows_by if k not in known]:
+        raise StudyError(f"rows_by names {unknown[0]!r}, which is not a training setting")
     source = next(iter(task_overrides(study.transfer_source)))
     cells = []
     for seed in study.seeds:
@@ -246,9 +259,31 @@ class Record:
 def describe(study: StudyConfig) -> dict[str, Any]:
     return {
         "tasks": task_overrides(study.tasks), "methods": list(study.methods), "seeds": list(study.seeds),
-        "train_size": study.train_size, "grid": {m: {k: list(v) for k, v in g.items()} for m, g in study.grid.items()},
+        "train_size": study.train_size, "grid": {m: _jsonable_grid(g) for m, g in study.grid.items()},
         "base": study.base.to_dict(), "baseline": study.baseline, "transfer": study.transfer,
         "transfer_source": study.transfer_source, "transfer_targets": list(study.transfer_targets),
         "transfer_methods": list(study.transfer_methods), "train_sizes": list(study.train_sizes),
-        "updates": study.updates, "ledger": study.ledger, "name": study.name,
+        "updates": study.updates, "ledger": study.ledger, "name": study.name, "rows_by": list(study.rows_by),
     }
+
+
+def _jsonable_grid(grid: MethodGrid | list[MethodGrid]) -> dict[str, list[Any]] | list[dict[str, list[Any]]]:
+    if isinstance(grid, list):
+        return [{k: list(v) for k, v in g.items()} for g in grid]
+    return {k: list(v) for k, v in grid.items()}
+
+
+def rows_apart(records: Sequence[Record], keys: Sequence[str]) -> list[Record]:
+    """Records as the report's rows see them: the settings in `keys` that a cell sets move from its config
+    into its method's name (`child-d (child_scope=vision)`), so the dev selection picks among the rest
+    (the learning rate) within each, instead of one winner across them. The ledger keeps the cells as run."""
+    out = []
+    for r in records:
+        named = [(k, v) for k, v in r.cell.overrides if k in keys]
+        if not named:
+            out.append(r)
+            continue
+        method = f"{r.cell.method} ({', '.join(f'{k}={v}' for k, v in named)})"
+        rest = tuple((k, v) for k, v in r.cell.overrides if k not in keys)
+        out.append(Record(replace(r.cell, method=method, overrides=rest), r.metrics))
+    return out

@@ -19,7 +19,7 @@ from pathlib import Path
 from childtune.fileio import atomic_write, waiting_lock
 from childtune.study.analysis import analyze, chance_jaccard, jaccard, load_masks
 from childtune.study.per_task import bytes_plot, bytes_table, per_task, stored_points
-from childtune.study.plan import Cell, Record, StudyConfig, plan, study_tasks, task_overrides
+from childtune.study.plan import Cell, Record, StudyConfig, plan, rows_apart, study_tasks, task_overrides
 from childtune.study.stats import holm, paired_test
 from childtune.study.tables import (
     BASELINE,
@@ -154,7 +154,7 @@ def report(study: StudyConfig, records: Sequence[Record], command: str | None = 
     images = results.parent
     prefix = f"{study.name}-" if study.name else ""
     main_records = [r for r in records if r.cell.experiment == "main"]
-    main = results_table(per_task(main_records), "test", study.baseline)
+    main = results_table(per_task(rows_apart(main_records, study.rows_by)), "test", study.baseline)
     files = {
         "runs_csv": write_runs_csv(records, output / "runs.csv"),
         "summary_csv": write_summary_csv(main, output / "summary.csv"),
