@@ -235,6 +235,31 @@ def test_a_study_runs_a_multi_task_cell_into_its_ledger_and_report(run, tmp_path
     assert (tmp_path / "mt-bytes.png").stat().st_size > 0
 
 
+def test_compare_runs_multi_task_cells_and_reports_every_task(run, tmp_path, capsys):
+    """`childtune compare --tasks mr,spam`: each cell one multi-task run; the table, summary and runs files
+    give each task's primary metric beside the tasks' mean."""
+    import csv
+
+    from childtune.cli import main
+
+    model, _ = run
+    out = tmp_path / "compare"
+    assert main(["compare", "--tasks", "mr,spam", "--model", str(model), "--methods", "child-d", "--seeds", "1,2",
+                 "--train-size", "16", "--eval-size", "8", "--epochs", "1", "--batch-size", "8", "--reserve-p", "0.1",
+                 "--no-progress", "--output", str(out)]) == 0, capsys.readouterr().err
+    table = capsys.readouterr().out
+    assert "test mean" in table and "test mr:accuracy" in table and "test spam:f1" in table
+    with (out / "runs.csv").open() as f:
+        runs = list(csv.DictReader(f))
+    for row in runs:
+        metrics = json.loads((out / "runs" / f"child-d-seed{row['seed']}" / "metrics.json").read_text())
+        assert float(row["test_mr:accuracy"]) == metrics["tasks"]["mr"]["test"]["accuracy"]
+        assert float(row["test_mean"]) == pytest.approx((metrics["tasks"]["mr"]["test"]["accuracy"]
+                                                         + metrics["tasks"]["spam"]["test"]["f1"]) / 2)
+    with (out / "summary.csv").open() as f:
+        assert "test_spam:f1_mean" in next(csv.reader(f))
+
+
 @pytest.mark.parametrize("how", ["sum", "dare"])
 def test_merge_trains_each_task_alone_and_serves_them_from_one_merged_change(run, tmp_path, how):
     """`train --tasks mr,spam --merge HOW`: the shared delta is exactly `merge_tasks` of the two single-task

@@ -320,3 +320,18 @@ def test_lora_adapts_the_crnns_convolutions_and_linears_and_trains_only_them(tmp
     x, y = images(8, 1)
     model(pixel_values=x, labels=y).loss.backward()  # through peft's sequence-classification wrapper
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_the_cli_trains_the_crnn_on_a_users_image_folders(tmp_path, capsys):
+    """Class folders in, a delta of the child network and the head out, scored on the dev folder."""
+    base = tmp_path / "crnn"
+    tiny_crnn().save_pretrained(base)  # a random CRNN folder, as a user's own would be
+    train = write_folder(tmp_path / "train", {"cat": 4, "dog": 4})
+    dev = write_folder(tmp_path / "dev", {"cat": 2, "dog": 2})
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(base), "--train", str(train), "--dev", str(dev), "--method", "child-d",
+                 "--reserve-p", "0.05", "--epochs", "1", "--batch-size", "4", "--no-progress",
+                 "--output", str(run)]) == 0, capsys.readouterr().err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["task"], metrics["train_examples"], metrics["dev_examples"]) == ("train", 8, 4)
+    assert metrics["changed_outside_child"] == 0 and (run / "delta").is_dir()

@@ -16,8 +16,9 @@ STUDY_OWN = ACT_OF_WRITING | MULTITASK_FIELDS | {"task", "train_file", "dev_file
                                                  "train_size"}
 """`TrainConfig` fields the study sets per cell or takes as its own options."""
 
-COMPARE_OWN = ACT_OF_WRITING | MULTITASK_FIELDS | {"method", "seed"}
-"""Config fields `compare` sets per cell or takes as its own options."""
+COMPARE_OWN = ACT_OF_WRITING | {"method", "seed"}
+"""Config fields `compare` sets per cell or takes as its own options (with `--tasks`, each cell is a multi-task
+run: `childtune.multitask`)."""
 
 
 RESUME_SAFE = frozenset({"progress", "log_every", "report_to"})
@@ -110,7 +111,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from childtune.study.compare import compare
 
     config = config_from_args(args)
-    output = args.output or str(Path("runs") / f"compare-{config.task or 'data'}")
+    output = args.output or str(Path("runs") / f"compare-{config.task or (config.tasks or 'data').replace(',', '+')}")
     apart_from_config_file(args, output)
     result = compare(config, args.methods, args.seeds, output, overwrite=args.overwrite)
     print(result.table)

@@ -41,6 +41,16 @@ def mean_score(scores: dict[str, dict[str, Any]], split: str) -> dict[str, float
     return {"mean": sum(values) / len(values)} if len(values) == len(scores) else None
 
 
+def summary(scores: dict[str, dict[str, Any]], config: TrainConfig) -> dict[str, Any]:
+    """What one score per run reads (a study's or compare's tables, the ledger), for both multi-task recipes:
+    the mean of each task's primary metric, every task's own scores, the split sizes summed."""
+    return {"task": "+".join(scores), "primary_metric": "mean", "kind": "classification",
+            **{split: mean_score(scores, split) for split in ("dev", "test")},
+            **{f"{split}_examples": sum(s[f"{split}_examples"] for s in scores.values())
+               for split in ("train", "dev", "test")},
+            "tasks": scores, "method": config.method, "seed": config.seed, "epochs": config.epochs}
+
+
 def task_scores(model, data: TaskData, collate, config: TrainConfig) -> dict[str, Any]:
     """One task's dev and test scores (`config.task`'s, the model as it serves that task) and split sizes:
     what a multi-task run records per task, merged or not."""
@@ -84,11 +94,9 @@ def train_merged(config: TrainConfig, folder: RunFolder | None) -> dict[str, Any
             scores[t] = {**task_scores(model, data, collate, task_config), "steps": alone[t]["steps"],
                          "alone": {"dev": alone[t]["dev"], "test": alone[t]["test"]}}
         metrics: dict[str, Any] = {
-            "task": "+".join(names), "primary_metric": "mean", "kind": "classification",
-            **{split: mean_score(scores, split) for split in ("dev", "test")},
-            "tasks": scores, "method": config.method, "seed": config.seed, "merge": config.merge,
+            **summary(scores, config), "merge": config.merge,
             "merge_density": config.merge_density, "steps": sum(m["steps"] for m in alone.values()),
-            "epochs": config.epochs, "merged_params": sum(len(e.indices) for e in entries.values()),
+            "merged_params": sum(len(e.indices) for e in entries.values()),
             "prepare_time_s": round(sum(m["prepare_time_s"] for m in alone.values()), 3),
             "train_time_s": round(sum(m["train_time_s"] for m in alone.values()), 3),
         }

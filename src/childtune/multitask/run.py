@@ -42,7 +42,7 @@ from childtune.fileio import write_json
 from childtune.fisher import fisher_information
 from childtune.masks import MASKS_FILE, Indices, save_masks, to_masks
 from childtune.multitask.choose import shared_network, task_networks
-from childtune.multitask.merged import mean_score, task_scores, train_merged
+from childtune.multitask.merged import summary, task_scores, train_merged
 from childtune.multitask.model import TaskParts, backbone_names, share_backbone
 from childtune.optim import SparseChildAdamW
 from childtune.strategies import GivenNetwork
@@ -128,11 +128,8 @@ def _train_tasks(config: TrainConfig, folder: RunFolder | None) -> dict[str, Any
         scores[t] = {**task_scores(tasks.models[t], tasks.data[t], tasks.collates[t], tasks.configs[t]),
                      "steps": steps[t], "own_params": count_index(own[t])}
     metrics: dict[str, Any] = {
-        # what one score per run reads (a study's tables, the ledger): the mean of each task's primary metric
-        "task": "+".join(tasks.names), "primary_metric": "mean", "kind": "classification",
-        **{split: mean_score(scores, split) for split in ("dev", "test")},
-        "tasks": scores, "method": config.method, "seed": config.seed, "shared_child": config.shared_child,
-        "task_child": config.task_child, "mix": config.mix, "steps": sum(steps.values()), "epochs": config.epochs,
+        **summary(scores, config), "shared_child": config.shared_child,
+        "task_child": config.task_child, "mix": config.mix, "steps": sum(steps.values()),
         "shared_params": count_index(shared), "scored_params": sum(tasks.base[n].numel() for n in shared),
         "prepare_time_s": round(prepare_time, 3), "train_time_s": round(train_time, 3),
         "torch_threads": torch.get_num_threads(),

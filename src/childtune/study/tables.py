@@ -92,6 +92,17 @@ def primary_split(runs: Sequence[dict[str, Any]]) -> str:
     return "test" if runs and all(r.get("test") for r in runs) else "dev"
 
 
+def split_scores(run: dict[str, Any], split: str) -> dict[str, Any]:
+    """A run's scores on `split`: its own metrics, and for a multi-task run (`childtune.multitask`, whose own
+    is the tasks' mean) each task's primary metric as `task:metric`, so every table reports every task."""
+    out = dict(run.get(split) or {})
+    for task, scores in (run.get("tasks") or {}).items():
+        value = (scores.get(split) or {}).get(scores["primary_metric"])
+        if value is not None:
+            out[f"{task}:{scores['primary_metric']}"] = value
+    return out
+
+
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per method (in first-seen order): mean and std over seeds of every metric and count."""
     by_method: dict[str, list[dict[str, Any]]] = {}
@@ -101,9 +112,9 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for method, group in by_method.items():
         row: dict[str, Any] = {"method": method, "n": len(group), "seeds": [r["seed"] for r in group]}
         for split in ("test", "dev"):
-            names = sorted({k for r in group for k in (r.get(split) or {})})
+            names = sorted({k for r in group for k in split_scores(r, split)})
             for name in names:
-                row[f"{split}_{name}"] = _stat([(r.get(split) or {}).get(name, math.nan) for r in group])
+                row[f"{split}_{name}"] = _stat([split_scores(r, split).get(name, math.nan) for r in group])
         for key in ("changed_params", "child_params", "trainable_params", "train_time_s"):
             row[key] = _stat([r.get(key) if r.get(key) is not None else math.nan for r in group])
         rows.append(row)
@@ -167,7 +178,7 @@ def runs_csv(runs: Sequence[dict[str, Any]]) -> str:
     for run in runs:
         row = {k: v for k, v in run.items() if not isinstance(v, dict | type(None))}
         for split in ("dev", "test"):
-            row.update({f"{split}_{k}": v for k, v in (run.get(split) or {}).items()})
+            row.update({f"{split}_{k}": v for k, v in split_scores(run, split).items()})
         flat.append(row)
     header = list(dict.fromkeys(k for row in flat for k in row))
     out = io.StringIO()
@@ -191,8 +202,8 @@ def plot(runs: Sequence[dict[str, Any]], path: str | Path) -> Path:
     names = [r["method"] for r in rows]
     means = [r[f"{split}_{primary}"].mean for r in rows]
     stds = [0.0 if math.isnan(r[f"{split}_{primary}"].std) else r[f"{split}_{primary}"].std for r in rows]
-    total = runs[0]["total_params"]
-    shares = [100 * r["changed_params"].mean / total for r in rows]
+    total = runs[0].get("total_params")  # a multi-task run counts its own parts instead (stored_bytes_by_part)
+    shares = [100 * r["changed_params"].mean / total if total else math.nan for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(rows), 4.2), dpi=120)
     colors = [plt.get_cmap("tab10")(i) for i in range(10)]  # its ten colours (RGBA)
     xs = range(len(rows))
