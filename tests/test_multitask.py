@@ -235,6 +235,41 @@ def test_a_study_runs_a_multi_task_cell_into_its_ledger_and_report(run, tmp_path
     assert (tmp_path / "mt-bytes.png").stat().st_size > 0
 
 
+def test_your_own_task_joins_a_built_in_one_through_a_task_file(run, tmp_path, capsys, monkeypatch):
+    """`--tasks mr,reviews.json`: the file names a task's CSV files (relative to itself) and columns; the run
+    trains, scores and stores it by its name as it does a built-in task."""
+    from test_resume import write_task
+
+    from childtune.cli import main
+    from childtune.data.userfiles import read_task_file
+
+    model, _ = run
+    (tmp_path / "reviews").mkdir()
+    write_task(tmp_path / "reviews", n_train=32, n_dev=8)
+    (tmp_path / "reviews" / "train.csv").rename(tmp_path / "reviews" / "t.csv")
+    spec = tmp_path / "reviews.json"
+    spec.write_text(json.dumps({"train": "reviews/t.csv", "dev": "reviews/dev.csv", "name": "mine"}))
+    assert read_task_file(spec).train == str((tmp_path / "reviews" / "t.csv").resolve())
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", "--tasks", "mr,reviews.json", "--model", str(model), "--train-size", "16", "--eval-size",
+                 "8", "--epochs", "1", "--batch-size", "8", "--reserve-p", "0.1", "--no-progress",
+                 "--output", str(out)]) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["tasks"]) == {"mr", "mine"} and metrics["tasks"]["mine"]["train_examples"] == 16
+    assert metrics["tasks"]["mine"]["dev_examples"] == 8 and (out / "tasks" / "mine" / "delta").is_dir()
+    saved = json.loads((out / "config.json").read_text())["tasks"]
+    assert saved.split(",")[1] == str(spec.resolve())  # absolute: the run reruns from anywhere
+    for bad, message in [({"train": "x.csv"}, 'at least "train" and "dev"'), ({"train": "a", "dev": "b", "cols": 1},
+                         "unknown key 'cols'"), ({"train": "a", "dev": "b", "name": "../up"}, "letters, digits")]:
+        spec.write_text(json.dumps(bad))
+        assert main(["train", "--tasks", "mr,reviews.json", "--model", str(model), "--output",
+                     str(tmp_path / "no")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["train", "--tasks", "mr,nope", "--output", str(tmp_path / "no")]) == 2
+    assert "name your own as a task file" in capsys.readouterr().err
+
+
 def test_compare_runs_multi_task_cells_and_reports_every_task(run, tmp_path, capsys):
     """`childtune compare --tasks mr,spam`: each cell one multi-task run; the table, summary and runs files
     give each task's primary metric beside the tasks' mean."""

@@ -15,6 +15,7 @@ import math
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -315,3 +316,45 @@ def _class_names(path: Path, keyed: list[tuple[Any, str, int]]) -> list[str]:
         raise DataError(f"{path}: {len(keys)} classes found ({found}): whole numbers (lines {number_lines}) "
                         f"beside names (lines {name_lines}); label every example the same way")
     return sorted(keys)
+
+
+@dataclass(frozen=True)
+class TaskFile:
+    """One of your tasks in a multi-task run (`train --tasks mr,reviews.json`): a small JSON file naming the
+    task's files and columns, e.g. `{"train": "reviews/train.csv", "dev": "reviews/dev.csv"}`, with
+    optional `test`, `text_col`, `label_col`, `text_pair_col` and `name` (default: the file's stem).
+    Relative paths are read from the JSON file's folder."""
+
+    name: str
+    train: str
+    dev: str
+    test: str | None = None
+    text_col: str = "text"
+    label_col: str = "label"
+    text_pair_col: str | None = None
+
+
+TASK_FILE_KEYS = {f.name for f in fields(TaskFile)}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def read_task_file(path: str | Path) -> TaskFile:
+    """A `TaskFile` from its JSON, every problem one line naming the file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"task file {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict) or not {"train", "dev"} <= raw.keys():
+        raise DataError(f"task file {path} must be a JSON object with at least \"train\" and \"dev\" files")
+    if unknown := sorted(raw.keys() - TASK_FILE_KEYS):
+        raise DataError(f"task file {path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(TASK_FILE_KEYS))})")
+    if bad := [k for k, v in raw.items() if not (isinstance(v, str) and v) and not (v is None and k in (
+            "test", "text_pair_col"))]:
+        raise DataError(f"task file {path}: {bad[0]!r} must be a non-empty text")
+    name = raw.get("name", path.stem)
+    if not _NAME.fullmatch(name):
+        raise DataError(f"task file {path}: the task name {name!r} must be letters, digits, '.', '_' or '-' (it "
+                        "names the task's folder in the run)")
+    files = {k: str((path.parent / raw[k]).resolve()) for k in ("train", "dev", "test") if raw.get(k)}
+    return TaskFile(**{**raw, **files, "name": name})

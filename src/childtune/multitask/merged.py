@@ -52,9 +52,9 @@ def summary(scores: dict[str, dict[str, Any]], config: TrainConfig) -> dict[str,
 
 
 def task_scores(model, data: TaskData, collate, config: TrainConfig) -> dict[str, Any]:
-    """One task's dev and test scores (`config.task`'s, the model as it serves that task) and split sizes:
+    """One task's dev and test scores (the model as it serves that task) and split sizes:
     what a multi-task run records per task, merged or not."""
-    t = config.task
+    t = data.spec.name
     dev = evaluate(model, data.dev, data.spec, collate, config, f"eval dev {t}")
     test = evaluate(model, data.test, data.spec, collate, config, f"eval test {t}") if data.test else None
     return {"dev": dev, "test": test, "primary_metric": data.spec.metric, "train_examples": len(data.train),
@@ -67,8 +67,8 @@ def train_merged(config: TrainConfig, folder: RunFolder | None) -> dict[str, Any
     names = config.task_names()
     assert config.merge is not None
     with tempfile.TemporaryDirectory(prefix="childtune-merge-") as scratch:
-        alone = {t: train(replace(config, tasks=None, task=t, merge=None, output=str(Path(scratch) / t),
-                                  overwrite=False)) for t in names}
+        alone = {t: train(replace(config.for_task(t), output=str(Path(scratch) / t), overwrite=False))
+                 for t in names}
         phases.start("merge")
         deltas = {t: SparseDelta.load(Path(scratch) / t / "delta") for t in names}
         entries = merge_tasks(list(deltas.values()), config.merge, density=config.merge_density, seed=config.seed)
@@ -88,7 +88,7 @@ def train_merged(config: TrainConfig, folder: RunFolder | None) -> dict[str, Any
                 **deltas[t].config.hparams, "part": t, "shared_delta": "../../shared/delta"}, **meta), {},
                 deltas[t].dense)
             heads[t].apply(model)
-            task_config = replace(config, tasks=None, task=t, merge=None)
+            task_config = config.for_task(t)
             data = load_data(task_config)
             collate = task_collate(task_config, tokenizer, model, data.spec.kind)
             scores[t] = {**task_scores(model, data, collate, task_config), "steps": alone[t]["steps"],

@@ -92,7 +92,7 @@ class _Tasks:
     @classmethod
     def load(cls, config: TrainConfig) -> _Tasks:
         names = config.task_names()
-        configs = {t: replace(config, tasks=None, task=t) for t in names}
+        configs = {t: config.for_task(t) for t in names}
         data = {t: load_data(c) for t, c in configs.items()}
         device = run_device(config)
         models, tokenizer = {}, None

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from childtune.data.tasks import TASKS
-from childtune.data.userfiles import generation_columns
+from childtune.data.userfiles import generation_columns, read_task_file
 from childtune.fileio import write_json
 from childtune.strategies import Strategy
 from childtune.training.methods import CAUSAL_LM, DENSE_RUN, METHODS, PRESET_FIELDS, PRESETS, Method
@@ -116,7 +116,9 @@ class TrainConfig:
     eval_size: int | None = field(default=None, metadata=_opt(
         "evaluate on at most this many dev and test examples (a fixed sample, the same for every run)"))
     tasks: str | None = field(default=None, metadata=_opt(
-        "several built-in tasks at once, comma-separated (e.g. mr,subj,spam), instead of --task: one model with "
+        "several tasks at once, comma-separated, instead of --task: built-in ones and your own as task files (e.g. "
+        "mr,subj,reviews.json, the file holding {\"train\": \"reviews/train.csv\", \"dev\": \"reviews/dev.csv\"} "
+        "and optionally test, text_col, label_col, text_pair_col, name): one model with "
         "a head per task, trained on a mixture of them (--mix), child-d's child network shared by all tasks "
         "(--shared-child) plus each task's own (--task-child)"))
     shared_child: str = field(default="fisher-sum", metadata=_opt(
@@ -321,22 +323,38 @@ class TrainConfig:
             raise ConfigError("--fsdp with --fisher-per-example: an example's gradient is never whole on one rank "
                               "when sharded; score per batch")
 
+    def task_entries(self) -> list[str]:
+        """The `tasks` of a multi-task run as given: built-in names and task files (`*.json`)."""
+        return [entry.strip() for entry in (self.tasks or "").split(",") if entry.strip()]
+
     def task_names(self) -> list[str]:
-        """The tasks of a multi-task run (`tasks`), in the order given; empty for a single-task run."""
-        return [name.strip() for name in (self.tasks or "").split(",") if name.strip()]
+        """The tasks of a multi-task run, in the order given (a task file's by its `name`); empty for a
+        single-task run."""
+        return [read_task_file(e).name if e.endswith(".json") else e for e in self.task_entries()]
+
+    def for_task(self, name: str) -> TrainConfig:
+        """The single-task config of one task of a multi-task run: a built-in task, or a task file's files
+        and columns (`data.userfiles.TaskFile`), read as classification (a head per task)."""
+        for entry in self.task_entries():
+            if entry.endswith(".json") and (task := read_task_file(entry)).name == name:
+                return replace(self, tasks=None, merge=None, task=None, train_file=task.train, dev_file=task.dev,
+                               test_file=task.test, text_col=task.text_col, label_col=task.label_col,
+                               text_pair_col=task.text_pair_col, kind="classification")
+        return replace(self, tasks=None, merge=None, task=name)
 
     def _check_tasks(self) -> None:
         """What a multi-task run (`childtune.multitask`) supports, refused in one line each."""
+        unknown = [e for e in self.task_entries() if e not in TASKS and not e.endswith(".json")]
+        if unknown:
+            raise ConfigError(f"tasks: no built-in task {unknown[0]!r} (built-in: {', '.join(TASKS)}); name your "
+                              "own as a task file, e.g. reviews.json holding {\"train\": ..., \"dev\": ...}")
         names = self.task_names()
         if len(names) < 2 or len(set(names)) < len(names):
             raise ConfigError(f"tasks must name two different tasks or more, got {self.tasks!r}")
-        unknown = [n for n in names if n not in TASKS]
-        if unknown:
-            raise ConfigError(f"tasks: no built-in task {unknown[0]!r} (built-in: {', '.join(TASKS)}); "
-                              "your own files are not supported with --tasks yet")
-        if any(TASKS[n].kind == "generation" for n in names):
+        if any(TASKS[n].kind == "generation" for n in names if n in TASKS):
             raise ConfigError("tasks: a multi-task run trains classifiers (a head per task); "
-                              f"{[n for n in names if TASKS[n].kind == 'generation']} are generation tasks")
+                              f"{[n for n in names if n in TASKS and TASKS[n].kind == 'generation']} are generation "
+                              "tasks")
         if self.method != "child-d":
             raise ConfigError(f"--tasks chooses child-d's child network from the tasks' Fisher scores; got --method "
                               f"{self.method}")
@@ -369,6 +387,9 @@ class TrainConfig:
         for key in _PATHS:  # absolute, so a resumed run or a rerun from elsewhere reads the same files
             if isinstance(raw[key], str) and raw[key] and Path(raw[key]).exists():
                 raw[key] = str(Path(raw[key]).resolve())
+        if isinstance(raw["tasks"], str):  # task files too
+            raw["tasks"] = ",".join(str(Path(e).resolve()) if e.endswith(".json") and Path(e).is_file() else e
+                                    for e in self.task_entries())
         done = TrainConfig.from_dict(raw)  # every value passes the field's type, wherever it came from
         if done.preset not in PRESETS:
             raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {done.preset!r}")
