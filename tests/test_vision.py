@@ -335,3 +335,22 @@ def test_the_cli_trains_the_crnn_on_a_users_image_folders(tmp_path, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     assert (metrics["task"], metrics["train_examples"], metrics["dev_examples"]) == ("train", 8, 4)
     assert metrics["changed_outside_child"] == 0 and (run / "delta").is_dir()
+
+
+def test_an_image_classifier_takes_the_learning_rates_measured_on_it(tmp_path):
+    from childtune.training.config import TrainConfig
+    from childtune.training.methods import METHODS
+
+    def lr(**kw) -> float | None:
+        return TrainConfig(**kw).resolved().lr
+
+    for method in ("full", "child-f", "child-d"):
+        assert lr(task="fashion-mnist", method=method, model="easyocr-crnn") == 1e-3
+        assert lr(task="mr", method=method) == METHODS[method].lr  # text keeps its own
+    assert lr(task="fashion-mnist", method="lora", model="easyocr-crnn") == 3e-3
+    assert lr(task="mnist", method="random", model="easyocr-crnn") == 1e-2  # unchanged: already its best
+    assert lr(task="fashion-mnist", method="child-d", model="easyocr-crnn", preset="authors") == 4e-5
+    assert lr(task="fashion-mnist", method="child-d", model="easyocr-crnn", lr=5e-4) == 5e-4  # given wins
+    assert lr(task="fashion-mnist", method="child-d", model="crnn-smollm2") == 2e-4  # the VLM answers as an LM
+    folders = write_folder(tmp_path / "train", {"a": 1, "b": 1})
+    assert lr(train_file=str(folders), dev_file=str(folders), method="child-d", model="easyocr-crnn") == 1e-3

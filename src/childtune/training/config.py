@@ -21,6 +21,7 @@ from typing import Any
 from childtune.data.tasks import TASKS
 from childtune.data.userfiles import generation_columns, read_task_file
 from childtune.fileio import write_json
+from childtune.models.folders import is_vision_language
 from childtune.strategies import Strategy
 from childtune.training.methods import CAUSAL_LM, DENSE_RUN, METHODS, PRESET_FIELDS, PRESETS, Method
 
@@ -397,6 +398,8 @@ class TrainConfig:
         causal = done.causal_lm_run(defaults["strict"] if done.strict is None else done.strict)
         if causal and done.preset == "childtune":
             defaults = {**defaults, **spec.causal_lm}
+        if done.preset == "childtune" and done.image_classifier_run():
+            defaults = {**defaults, **spec.image}
         done = replace(done, metric_extra=tuple(self.metric_extra),
                        **{key: defaults[key] for key in PRESET_FIELDS if getattr(done, key) is None})
         done = replace(done, **{key: value for key, value in _run_settings(done, spec, causal, processes).items()
@@ -405,6 +408,16 @@ class TrainConfig:
             done = replace(done, max_grad_norm=None)
         done.validate()
         return done
+
+    def image_classifier_run(self) -> bool:
+        """Whether this run classifies images (a built-in image task, or a folder of class folders) with an
+        image classifier, not the vision-language model (which answers as a causal LM does)."""
+        if is_vision_language(self.model):
+            return False
+        if self.train_file is not None:
+            return Path(self.train_file).is_dir()
+        task = TASKS.get(self.task or "")
+        return task is not None and task.inputs == "image"
 
     def causal_lm_run(self, strict: bool) -> bool:
         """Whether this run trains a causal LM (a generation task) with a strict child network that the

@@ -4,7 +4,6 @@ a pure function of (seed, epoch) and whose generator is their own (see `loader`)
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,17 +14,16 @@ from childtune.data.images import as_answers
 from childtune.data.tasks import load_task
 from childtune.data.types import SPLIT_SEED, DataError, Example, TaskData, as_kind
 from childtune.data.userfiles import load_files
-from childtune.models.folders import VLM_TYPE, model_type
+from childtune.models.folders import is_vision_language
 from childtune.training import distributed
 from childtune.training.config import ConfigError, TrainConfig
-from childtune.training.models import VLM
 
 
 def load_data(config: TrainConfig) -> TaskData:
     """The task's splits: a built-in task (subsampled by seed), or the user's own files; dev and test
     capped at `eval_size` examples by a sample that is the same for every run (it ignores the seed)."""
     task = _load(config)
-    if config.model == VLM or model_type(Path(config.model).expanduser()) == VLM_TYPE:  # it answers in words
+    if is_vision_language(config.model):  # it answers in words
         task = as_answers(task)
     if config.eval_size is not None:
         task.dev, task.test = (_sample(split, config.eval_size) for split in (task.dev, task.test))

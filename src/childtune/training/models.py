@@ -17,12 +17,9 @@ import torch
 
 from childtune.data import assets
 from childtune.data.types import Kind
-from childtune.models.folders import CRNN_TYPE, VLM_TYPE, model_type
+from childtune.models.folders import CRNN_TYPE, VLM_NAME, VLM_TYPE, model_type
 from childtune.training import distributed
 from childtune.training.config import ConfigError, TrainConfig
-
-VLM = "crnn-smollm2"
-"""The vision-language model built from pretrained parts (`models.vlm`): `--model crnn-smollm2`."""
 
 
 class ModelError(ValueError):
@@ -34,17 +31,17 @@ def model_folder(name: str) -> Path:
     assembled from two of them (`models.vlm`), or a local model folder."""
     if name in assets.MODELS:
         return assets.model_path(name)
-    if name == VLM:
+    if name == VLM_NAME:
         from childtune.models import vlm
 
-        folder = assets.cache_dir() / "models" / f"{VLM}-{vlm.CONNECTOR_HIDDEN}-{vlm.CONNECTOR_SEED}"
+        folder = assets.cache_dir() / "models" / f"{VLM_NAME}-{vlm.CONNECTOR_HIDDEN}-{vlm.CONNECTOR_SEED}"
         parts = {role: model_folder(part) for role, part in vlm.PARTS.items()}
         if not (folder / "config.json").is_file():
             vlm.assemble(folder, vlm.PARTS, parts["vision"], parts["language"])
         return folder
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
-        known = ", ".join(sorted([*assets.MODELS, VLM]))
+        known = ", ".join(sorted([*assets.MODELS, VLM_NAME]))
         raise ModelError(f"model {name!r} is neither a folder with a config.json nor a known model ({known})")
     return path
 
