@@ -18,6 +18,7 @@ from childtune.study.analysis import (
     layer_share,
     load_masks,
     overlap_matrix,
+    part_share,
     type_share,
 )
 
@@ -69,6 +70,24 @@ def test_layer_share_with_head_included_and_sorted_names():
     got = table(layer_share(masks, exclude=()))
     assert list(got) == ["embeddings", "layer 0", "layer 1", "top"]
     assert got["top"] == (4, 14, pytest.approx(4 / 14), pytest.approx(4 / 24))
+
+
+def test_a_model_of_parts_is_analysed_part_by_part(tmp_path):
+    """The vision-language model: its towers' blocks are labelled by part (their indices are different
+    stacks), and a table says how much of the child network each tower holds; the connector is left out."""
+    masks = {
+        "vision.FeatureExtraction.ConvNet.0.weight": torch.tensor([True, True, False, False]),
+        "vision.SequenceModeling.1.linear.weight": torch.tensor([True, False]),
+        "connector.0.weight": torch.tensor([True, True]),
+        "language.model.embed_tokens.weight": torch.tensor([False, False, False, False]),
+        "language.model.layers.0.self_attn.q_proj.weight": torch.tensor([True, False, False, False, False, False]),
+    }
+    assert table(part_share(masks)) == {"vision": (3, 6, 0.5, 0.75), "language": (1, 10, 0.1, 0.25)}
+    assert list(table(layer_share(masks))) == ["embeddings", "language.layers 0", "vision.ConvNet 0",
+                                               "vision.SequenceModeling 1"]
+    text = analyze({"joint": masks}, tmp_path)["analysis"].read_text()
+    assert "## Per part" in text and "| joint | 50.0 (75.0) | 10.0 (25.0) |" in text
+    assert "## Per part" not in analyze({"bert": leading(CHOSEN)}, tmp_path / "plain")["analysis"].read_text()
 
 
 def test_type_share_by_parameter_role():

@@ -28,7 +28,7 @@ import torch
 from childtune.data.assets import AssetError
 from childtune.delta import CONFIG_FILE, TENSORS_FILE, SparseDelta
 from childtune.fileio import atomic_write
-from childtune.layers import HEAD, blocks, layer_index, parameter_type
+from childtune.layers import HEAD, block_key, blocks, layer_index, parameter_type
 from childtune.masks import MASKS_FILE, Masks, count
 from childtune.study.tables import save_figure, write_csv
 from childtune.training.models import model_folder
@@ -209,8 +209,10 @@ def _kept(masks: MaskMap, exclude: Iterable[str]) -> dict[str, torch.Tensor]:
     return {n: m for n, m in masks.items() if not any(e in n for e in exclude)}
 
 
-def layer_group(name: str, position: str = "before") -> str:
-    """`layer i` for a parameter inside block i; else `embeddings` or `top` (pooler, final norm, head).
+def layer_group(name: str, position: str = "before", parted: bool = False) -> str:
+    """`layer i` for a parameter inside block i (`<part>.<stack> i` when `parted`: a model of parts, whose
+    towers' blocks are several stacks, e.g. `vision.ConvNet 3`, `language.layers 12`); else `embeddings` or
+    `top` (pooler, final norm, head).
 
     A parameter outside the blocks is placed by its name when the name says what it is (embeddings
     below, pooler and heads on top), whatever order it was saved in: safetensors files come back
@@ -219,7 +221,10 @@ def layer_group(name: str, position: str = "before") -> str:
     """
     index = layer_index(name)
     if index is not None:
-        return f"layer {index}"
+        if not parted:
+            return f"layer {index}"
+        stack = (block_key(name) or ("", 0))[0]
+        return f"{name.split('.')[0]}.{stack.split('.')[-1]} {index}"
     if parameter_type(name) == "embedding" or "embed" in name.lower():
         return EMBEDDINGS
     if parameter_type(name) == "head":
@@ -227,25 +232,34 @@ def layer_group(name: str, position: str = "before") -> str:
     return EMBEDDINGS if position == "before" else TOP
 
 
-def _group_order(label: str) -> tuple[int, int]:
+def _group_order(label: str) -> tuple[int, str, int]:
     if label == EMBEDDINGS:
-        return (0, 0)
+        return (0, "", 0)
     if label == TOP:
-        return (2, 0)
-    return (1, int(label.split()[-1]))
+        return (2, "", 0)
+    part, index = label.rsplit(" ", 1)
+    return (1, part, int(index))
+
+
+def parts(names: Iterable[str]) -> list[str]:
+    """The top-level modules (first name component) that hold stacked blocks, in order of appearance: one
+    for a plain model (`bert`, `model`), a part each for a model of parts (the vision-language model's
+    `vision` and `language`)."""
+    return list(dict.fromkeys(n.split(".")[0] for n in names if layer_index(n) is not None))
 
 
 def _layer_groups(names: Iterable[str]) -> dict[str, str]:
     """name -> layer group, using `blocks` to tell what came before the stacked blocks from after."""
     names = list(names)
     grouped = blocks(names)
+    parted = len(parts(names)) > 1
     seen_block = False
     out = {}
     for group in grouped:
         numbered = layer_index(group[0]) is not None
         seen_block = seen_block or numbered
         for name in group:
-            out[name] = layer_group(name, "after" if seen_block and not numbered else "before")
+            out[name] = layer_group(name, "after" if seen_block and not numbered else "before", parted)
     return out
 
 
@@ -264,6 +278,14 @@ def layer_share(masks: MaskMap, exclude: Iterable[str] = EXCLUDE) -> list[Share]
     """The child network per layer, bottom-up: embeddings, layer 0 … layer N-1, top."""
     kept = _kept(masks, exclude)
     return _shares(kept, _layer_groups(kept), _group_order)
+
+
+def part_share(masks: MaskMap, exclude: Iterable[str] = EXCLUDE) -> list[Share]:
+    """The child network per top-level module (first name component), in model order: for a model of parts,
+    how much of it each tower holds (a vision-language model's `vision` against its `language`)."""
+    kept = _kept(masks, exclude)
+    order = list(dict.fromkeys(n.split(".")[0] for n in kept))
+    return _shares(kept, {n: n.split(".")[0] for n in kept}, order.index)
 
 
 def type_share(masks: MaskMap, exclude: Iterable[str] = EXCLUDE) -> list[Share]:
@@ -430,8 +452,11 @@ def plot_overlap(overlap: Overlap, path: str | Path, title: str = "Child-network
 
 def share_markdown(tables: Mapping[str, list[Share]], what: str) -> str:
     """One Markdown table: a row per child network, a column per group, cells 'density (share)' in %."""
-    columns = sorted({s.group for rows in tables.values() for s in rows},
-                     key=_group_order if what == "layer" else TYPES.index)
+    groups = list(dict.fromkeys(s.group for rows in tables.values() for s in rows))
+    if what == "layer":
+        columns = sorted(groups, key=_group_order)
+    else:
+        columns = sorted(groups, key=TYPES.index) if what == "type" else groups  # parts: in model order
     lines = [f"| child network | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
     for label, rows in tables.items():
         by = {s.group: s for s in rows}
@@ -477,6 +502,12 @@ def analyze(inputs: Mapping[str, str | Path | MaskMap], output_dir: str | Path,
         "Cells are *density (share)* in %: density = fraction of the group's weights in the child network; "
         "share = fraction of the child network in the group. Task heads are excluded"
         + (f" (names containing {', '.join(map(repr, exclude))})." if exclude else " only if asked (none here)."),
+    ]
+    if any(len(parts(m)) > 1 for m in named.values()):  # a model of parts: where the towers stand first
+        by_part = {k: part_share(m, exclude) for k, m in named.items()}
+        paths["part_share"] = write_csv(out / "part_share.csv", header, _share_rows(by_part))
+        sections += ["## Per part", share_markdown(by_part, "part")]
+    sections += [
         "## Per layer", share_markdown(layers, "layer"),
         "## Per parameter type", share_markdown(types, "type"),
         "![layer share](layer_share.png)",
