@@ -179,6 +179,9 @@ def test_the_cli_trains_the_vision_part_alone_and_keeps_a_delta_of_it(tiny, tmp_
     names = set(delta.entries) | set(delta.dense)
     assert names and all(n.startswith(("vision.", "connector.")) for n in names), names
     assert any(n.startswith("connector.") for n in delta.dense)  # the connector whole, as a head
+    assert delta.config.hparams["kind"] == "generation" and delta.config.hparams["label_names"] == []
+    assert main(["apply", str(run), "--output", str(tmp_path / "applied")]) == 2
+    assert "assembled from its parts" in capsys.readouterr().err and not (tmp_path / "applied").exists()
     assert main([*args, "--save", "model", "--output", str(tmp_path / "whole")]) == 2
     assert "assembled from, not saved as" in capsys.readouterr().err
     assert main([*args, "--method", "lora", "--output", str(tmp_path / "lora")]) == 2

@@ -12,6 +12,7 @@ from typing import Any
 
 from childtune.delta import CONFIG_FILE, DeltaError, SparseDelta
 from childtune.fileio import write_json
+from childtune.models.folders import VLM_TYPE, model_type
 from childtune.outputs import check_target
 from childtune.training.config import TrainConfig
 from childtune.training.models import base_files, model_folder, preprocessor, quiet_transformers, weights_dtype
@@ -182,6 +183,9 @@ def base_for(delta: SparseDelta, path: Path):
     import transformers
 
     check_base_files(delta, path)
+    if model_type(path) == VLM_TYPE:
+        raise DeltaError(f"{path} is a vision-language model assembled from its parts, which no model folder "
+                         "holds: apply its delta in Python (childtune.models.vlm.load, then SparseDelta.apply)")
     hparams = head_of(delta)
     with quiet_transformers():
         tokenizer = preprocessor(path)

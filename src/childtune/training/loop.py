@@ -442,7 +442,9 @@ def _saves(config: TrainConfig, model: torch.nn.Module) -> str:
 
 
 def _delta(config: TrainConfig, pretrained, model, spec) -> SparseDelta:
-    head = {"num_labels": spec.num_labels, "label_names": list(spec.label_names), "kind": spec.kind}
+    # a generation task's answers are texts: the label names an image task answered in words keeps are no head's
+    names = list(spec.label_names) if spec.kind != "generation" else []
+    head = {"num_labels": spec.num_labels, "label_names": names, "kind": spec.kind}
     return SparseDelta.from_training(pretrained, model, method=config.method, hparams={**config.to_dict(), **head},
                                      base_model=config.model, base_files=base_files(model_folder(config.model)))
 
