@@ -155,6 +155,23 @@ def test_updates_set_each_sizes_epochs_as_the_loop_counts_updates(tmp_path):
         plan(replace(study, updates=0))
 
 
+def test_a_record_with_a_setting_this_version_lacks_is_skipped_not_refused(tmp_path):
+    """Another study running newer code (a TrainConfig field added since, same ledger format) appended a
+    record: a study still running this version skips it with a warning and goes on appending."""
+    path = tmp_path / "ledger.jsonl"
+    Ledger(path).append(record(1, scores(0.5)))
+    newer = record(3, scores(0.6))
+    newer["config"] = {**newer["config"], "a_setting_from_the_future": "x"}
+    with path.open("a") as f:
+        f.write(json.dumps(newer) + "\n")
+    with pytest.warns(UserWarning, match="cannot interpret") as seen:
+        ledger = Ledger(path)
+    assert len(seen) == 1 and len(ledger.records) == 1
+    assert ledger.skipped == ["line 2: a record of a newer childtune (settings a_setting_from_the_future)"]
+    ledger.append(record(2, scores(0.7)))
+    assert lines(path)[1] == newer and len(lines(path)) == 3
+
+
 def test_a_newer_record_at_the_end_is_kept_and_appended_after(tmp_path):
     """A newer childtune sharing the ledger wrote the last line: this version skips it with one warning,
     never cuts it, appends after it, and the ledger still reads, every line intact."""

@@ -21,7 +21,9 @@ Any other line that is not a record is an error naming its line and field.
 
 A shared ledger must stay readable by every version that shares it, so two kinds of complete record
 are skipped with one warning each and kept in the file, never cut or refused: a record of a newer
-format (`version` above `VERSION`: this version cannot interpret it), and a record whose scores are
+format (`version` above `VERSION`: this version cannot interpret it) or of a newer childtune (a setting
+this version's `TrainConfig` lacks: a study still running older code reads its neighbours' records), and
+a record whose scores are
 not valid (missing, null, NaN, not a number, or outside their range: accuracy 7.0), whose cell then
 counts as not run and is trained again (the first valid record of a cell wins). `Ledger.skipped`
 lists both, and the study's report says how many it skipped and why. Refusing the whole ledger
@@ -46,6 +48,7 @@ import os
 import subprocess
 import warnings
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +137,9 @@ class Ledger:
             raw = _parse(line)
             if _version(raw) > VERSION:
                 newer.append(f"line {number}: a record of a newer ledger format (version {raw['version']})")
+                continue
+            if unknown := _unknown_settings(raw):
+                newer.append(f"line {number}: a record of a newer childtune (settings {', '.join(unknown)})")
                 continue
             try:
                 record = _check(raw)
@@ -264,6 +270,18 @@ def _check_number(field: str, value: Any, low: float, high: float) -> None:
         raise MetricsError(f"field {field!r} must be a finite number, got {value!r}")
     if not low <= value <= high:
         raise MetricsError(f"field {field!r} = {value!r} is outside [{low:g}, {high:g}]")
+
+
+def _unknown_settings(raw: Any) -> list[str]:
+    """Settings a record's config has that this version's `TrainConfig` lacks: a newer childtune wrote it
+    (a field added since), in the same ledger format. Such a cell is none of this version's (its settings
+    are not this version's to run), so it is skipped with the newer-format ones, never refused: a study
+    still running older code must not stop at another study's record."""
+    config = raw.get("config") if isinstance(raw, dict) else None
+    if not isinstance(config, dict):
+        return []
+    known = {f.name for f in fields(TrainConfig)}
+    return sorted(k for k in config if k not in known)
 
 
 def _check(raw: Any) -> dict[str, Any]:
