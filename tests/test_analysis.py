@@ -85,6 +85,12 @@ def test_a_model_of_parts_is_analysed_part_by_part(tmp_path):
     assert table(part_share(masks)) == {"vision": (3, 6, 0.5, 0.75), "language": (1, 10, 0.1, 0.25)}
     assert list(table(layer_share(masks))) == ["embeddings", "language.layers 0", "vision.ConvNet 0",
                                                "vision.SequenceModeling 1"]
+    vision_only = {n: m for n, m in masks.items() if n.startswith("vision.")}
+    assert list(table(layer_share(vision_only))) == ["layer 0", "layer 1"]  # alone: one part, plain labels
+    paths = analyze({"joint": masks, "vision": vision_only}, tmp_path / "both")  # together: one labelling
+    assert "| vision | 50.0 (100.0) |  |" in paths["analysis"].read_text()
+    assert "vision.SequenceModeling 1" in paths["layer_share"].read_text() and ",layer 1," not in paths[
+        "layer_share"].read_text()
     text = analyze({"joint": masks}, tmp_path)["analysis"].read_text()
     assert "## Per part" in text and "| joint | 50.0 (75.0) | 10.0 (25.0) |" in text
     assert "## Per part" not in analyze({"bert": leading(CHOSEN)}, tmp_path / "plain")["analysis"].read_text()

@@ -248,11 +248,12 @@ def parts(names: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(n.split(".")[0] for n in names if layer_index(n) is not None))
 
 
-def _layer_groups(names: Iterable[str]) -> dict[str, str]:
-    """name -> layer group, using `blocks` to tell what came before the stacked blocks from after."""
+def _layer_groups(names: Iterable[str], parted: bool | None = None) -> dict[str, str]:
+    """name -> layer group, using `blocks` to tell what came before the stacked blocks from after; blocks
+    labelled by part when `parted` (default: when `names` span several parts)."""
     names = list(names)
     grouped = blocks(names)
-    parted = len(parts(names)) > 1
+    parted = len(parts(names)) > 1 if parted is None else parted
     seen_block = False
     out = {}
     for group in grouped:
@@ -274,10 +275,17 @@ def _shares(masks: MaskMap, key: Mapping[str, str], order) -> list[Share]:
     return [Share(g, chosen[g], total[g], child) for g in sorted(total, key=order)]
 
 
-def layer_share(masks: MaskMap, exclude: Iterable[str] = EXCLUDE) -> list[Share]:
-    """The child network per layer, bottom-up: embeddings, layer 0 … layer N-1, top."""
+def layer_share(masks: MaskMap, exclude: Iterable[str] = EXCLUDE, parted: bool | None = None) -> list[Share]:
+    """The child network per layer, bottom-up: embeddings, layer 0 … layer N-1, top (blocks labelled by
+    part when `parted`, which several networks of one model of parts share: `is_parted`)."""
     kept = _kept(masks, exclude)
-    return _shares(kept, _layer_groups(kept), _group_order)
+    return _shares(kept, _layer_groups(kept, parted), _group_order)
+
+
+def is_parted(named_masks: Mapping[str, MaskMap]) -> bool:
+    """Whether the child networks, together, hold blocks of several parts: then every one of them labels its
+    blocks by part, even one that lies in a single part (a vision-only child network of the VLM)."""
+    return len(parts(n for masks in named_masks.values() for n in masks)) > 1
 
 
 def part_share(masks: MaskMap, exclude: Iterable[str] = EXCLUDE) -> list[Share]:
@@ -395,7 +403,8 @@ def plot_layer_share(named_masks: Mapping[str, MaskMap], path: str | Path,
     import matplotlib.pyplot as plt
 
     exclude = tuple(exclude)
-    layers = {k: layer_share(m, exclude) for k, m in named_masks.items()}
+    parted = is_parted(named_masks)
+    layers = {k: layer_share(m, exclude, parted) for k, m in named_masks.items()}
     types = {k: type_share(m, exclude) for k, m in named_masks.items()}
     rows = []
     for label, table in layers.items():
@@ -490,7 +499,8 @@ def analyze(inputs: Mapping[str, str | Path | MaskMap], output_dir: str | Path,
     check_same_base({k: Path(v) for k, v in inputs.items() if not isinstance(v, Mapping)})
     named = {k: v if isinstance(v, Mapping) else load_masks(v) for k, v in inputs.items()}
     out = Path(output_dir)
-    layers = {k: layer_share(m, exclude) for k, m in named.items()}
+    parted = is_parted(named)
+    layers = {k: layer_share(m, exclude, parted) for k, m in named.items()}
     types = {k: type_share(m, exclude) for k, m in named.items()}
     header = ["child_network", "group", "chosen", "total", "density", "share"]
     paths = {
@@ -503,7 +513,7 @@ def analyze(inputs: Mapping[str, str | Path | MaskMap], output_dir: str | Path,
         "share = fraction of the child network in the group. Task heads are excluded"
         + (f" (names containing {', '.join(map(repr, exclude))})." if exclude else " only if asked (none here)."),
     ]
-    if any(len(parts(m)) > 1 for m in named.values()):  # a model of parts: where the towers stand first
+    if parted:  # a model of parts: where the towers stand first
         by_part = {k: part_share(m, exclude) for k, m in named.items()}
         paths["part_share"] = write_csv(out / "part_share.csv", header, _share_rows(by_part))
         sections += ["## Per part", share_markdown(by_part, "part")]
