@@ -270,6 +270,50 @@ def test_your_own_task_joins_a_built_in_one_through_a_task_file(run, tmp_path, c
     assert "name your own as a task file" in capsys.readouterr().err
 
 
+def test_an_interrupted_multi_task_run_resumes_to_the_uninterrupted_result(run, tmp_path, capsys, monkeypatch):
+    """Checkpoints every 3 steps; a run stopped at step 8 (after the checkpoint at 6) and resumed writes the
+    same shared and per-task deltas, bit for bit, and the same scores as a run never stopped; the partial
+    folder holds the checkpoint meanwhile, and a finished run keeps none."""
+    from childtune.cli import main
+    from childtune.optim import SparseChildAdamW
+    from childtune.training.runfolder import partial_dir
+
+    model, _ = run
+    args = ["train", "--tasks", "mr,spam", "--model", str(model), "--train-size", "24", "--eval-size", "8",
+            "--epochs", "2", "--batch-size", "8", "--reserve-p", "0.1", "--task-child", "0.05", "--lr", "1e-2",
+            "--no-progress", "--checkpoint-every", "3"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert main([*args, "--output", str(whole)]) == 0, capsys.readouterr().err
+    assert not (whole / "checkpoint").exists()
+
+    calls = {"n": 0}
+    step = SparseChildAdamW.step
+
+    def failing(self, *a, **kw):  # two optimizers step per update (the shared one, the task's): stop in update 8
+        calls["n"] += 1
+        if calls["n"] == 15:
+            raise KeyboardInterrupt
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(SparseChildAdamW, "step", failing)
+    assert main([*args, "--output", str(stopped)]) == 130  # Ctrl-C, as the CLI reports it
+    assert "interrupted" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert (partial_dir(stopped) / "checkpoint").is_dir() and not stopped.exists()
+    assert main(["train", "--resume", str(stopped), "--no-progress"]) == 0, capsys.readouterr().err
+    assert not (stopped / "checkpoint").exists() and not partial_dir(stopped).exists()
+    for part in ("shared", "tasks/mr", "tasks/spam"):
+        a, b = (SparseDelta.load(folder / part / "delta") for folder in (whole, stopped))
+        assert a.entries.keys() == b.entries.keys() and a.dense.keys() == b.dense.keys(), part
+        for name in a.entries:
+            assert torch.equal(a.entries[name].indices, b.entries[name].indices), (part, name)
+            assert torch.equal(a.entries[name].values, b.entries[name].values), (part, name)
+        for name in a.dense:
+            assert torch.equal(a.dense[name], b.dense[name]), (part, name)
+    first, second = (json.loads((f / "metrics.json").read_text()) for f in (whole, stopped))
+    assert first["tasks"]["mr"]["test"] == second["tasks"]["mr"]["test"] and first["steps"] == second["steps"]
+
+
 def test_compare_runs_multi_task_cells_and_reports_every_task(run, tmp_path, capsys):
     """`childtune compare --tasks mr,spam`: each cell one multi-task run; the table, summary and runs files
     give each task's primary metric beside the tasks' mean."""

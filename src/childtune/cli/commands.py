@@ -136,17 +136,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _train_tasks(args: argparse.Namespace, config) -> int:
-    """`train --tasks`: the multi-task recipe (`childtune.multitask`), one process, no checkpoints."""
+    """`train --tasks`: the multi-task recipe (`childtune.multitask`), one process, checkpointed as a
+    single-task run is (every 200 steps by default; none with --merge) and resumable."""
     from childtune.multitask.run import train_tasks
     from childtune.training.config import ConfigError
 
-    if args.nproc > 1 or args.resume or args.checkpoint_every:
-        raise ConfigError("--tasks runs one process without checkpoints: not with --nproc, --resume or "
-                          "--checkpoint-every")
+    if args.nproc > 1:
+        raise ConfigError("--tasks runs one process: not with --nproc")
     output = config.output or str(Path("runs") / f"{'+'.join(config.task_names())}-{config.method}-seed{config.seed}")
     config = replace(config, output=output)
     apart_from_config_file(args, output)
-    metrics = train_tasks(config)
+    every = args.checkpoint_every if args.checkpoint_every is not None else 0 if config.merge else 200
+    metrics = train_tasks(config, checkpoint_every=every, resume=bool(args.resume))
     for task, result in metrics["tasks"].items():
         split = "test" if result["test"] else "dev"
         primary = result["primary_metric"]

@@ -20,7 +20,8 @@
 
 With `--merge` the tasks are trained apart and their changes merged instead (`merged.train_merged`), into
 the same layout. `childtune apply RUN --task NAME` applies both deltas (`training.export.apply_delta`):
-the task's model a user evaluates or ships. The run is not resumable (no checkpoints) and runs one process in fp32.
+the task's model a user evaluates or ships. With `checkpoint_every` the run saves a checkpoint into its
+partial folder (`resume`), which `train --resume` continues from; it runs one process in fp32.
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ from childtune.delta import SparseDelta
 from childtune.fileio import write_json
 from childtune.fisher import fisher_information
 from childtune.masks import MASKS_FILE, Indices, save_masks, to_masks
+from childtune.multitask import resume as checkpoint
 from childtune.multitask.choose import shared_network, task_networks
 from childtune.multitask.merged import summary, task_scores, train_merged
 from childtune.multitask.model import TaskParts, backbone_names, share_backbone
 from childtune.optim import SparseChildAdamW
 from childtune.strategies import GivenNetwork
-from childtune.training.config import TrainConfig, updates_per_epoch
+from childtune.training.checkpoint import remove_checkpoint
+from childtune.training.config import ConfigError, TrainConfig, updates_per_epoch
 from childtune.training.evaluate import PhasePeaks
 from childtune.training.inputs import batches, load_data, loader
 from childtune.training.loop import TrainError
@@ -64,12 +67,20 @@ def mixture(sizes: list[int], steps: int, mix: str, temperature: float, seed: in
     return torch.multinomial(weights, steps, replacement=True, generator=generator).tolist()
 
 
-def train_tasks(config: TrainConfig) -> dict[str, Any]:
-    """Train `config.tasks` at once (module docstring); return (and, with `config.output`, write) the metrics."""
+def train_tasks(config: TrainConfig, *, checkpoint_every: int = 0, resume: bool = False) -> dict[str, Any]:
+    """Train `config.tasks` at once (module docstring); return (and, with `config.output`, write) the metrics.
+    `checkpoint_every` > 0 saves a checkpoint every that many steps (in the run's partial folder, which an
+    interrupted run leaves); `resume` continues the interrupted run from its last checkpoint."""
     config = config.resolved()
-    folder = RunFolder(config.output, config.overwrite, False, reads=run_reads(config)) if config.output else None
+    if (checkpoint_every or resume) and (config.merge or not config.output):
+        raise ConfigError("checkpoints are taken of one multi-task run with an output folder (not with --merge, "
+                          "whose single-task runs are short and run one after another)")
+    folder = RunFolder(config.output, config.overwrite, resume, reads=run_reads(config)) if config.output else None
     try:
-        return train_merged(config, folder) if config.merge else _train_tasks(config, folder)
+        if config.merge:
+            return train_merged(config, folder)
+        with folder or contextlib.nullcontext() as workdir:
+            return _train_tasks(config, workdir, checkpoint_every, resume)
     finally:
         if folder is not None:
             folder.release()
@@ -108,18 +119,21 @@ class _Tasks:
         return cls(names, configs, data, models, collates, device, backbone, base)
 
 
-def _train_tasks(config: TrainConfig, folder: RunFolder | None) -> dict[str, Any]:
+def _train_tasks(config: TrainConfig, workdir: Path | None, every: int, resume: bool) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     phases = PhasePeaks()
+    if workdir and not resume:  # what --resume reads back
+        replace(config, overwrite=False).save_json(workdir / "config.json")
+    saved = checkpoint.load(workdir, config) if resume and workdir else None
     phases.start("model")
     tasks = _Tasks.load(config)
     phases.start("prepare")
     started = time.perf_counter()
-    shared, own = _choose(config, tasks)
+    shared, own = (saved.shared, saved.own) if saved else _choose(config, tasks)
     prepare_time = time.perf_counter() - started
     phases.start("train")
     started = time.perf_counter()
-    parts, steps = _fit(config, tasks, shared, own)
+    parts, steps = _fit(config, tasks, shared, own, _Checkpoints(workdir, every, saved))
     train_time = time.perf_counter() - started
     phases.start("evaluate")
     scores = {}
@@ -134,18 +148,26 @@ def _train_tasks(config: TrainConfig, folder: RunFolder | None) -> dict[str, Any
         "prepare_time_s": round(prepare_time, 3), "train_time_s": round(train_time, 3),
         "torch_threads": torch.get_num_threads(),
     }
-    with folder or contextlib.nullcontext() as workdir:
-        if workdir:
-            phases.start("save")
-            replace(config, overwrite=False).save_json(workdir / "config.json")
-            by_part = _save(config, tasks, parts, workdir)
-            metrics["stored_bytes"], metrics["stored_bytes_by_part"] = by_part.pop("total"), by_part
-            save_masks(to_masks(shared, tasks.base), workdir / MASKS_FILE)
-        phases.start(None)
-        metrics["peak_rss_mib"], metrics["peak_rss_mib_by_phase"] = phases.overall(), phases.peaks
-        if workdir:
-            write_json(workdir / "metrics.json", metrics)
+    if workdir:
+        phases.start("save")
+        by_part = _save(config, tasks, parts, workdir)
+        metrics["stored_bytes"], metrics["stored_bytes_by_part"] = by_part.pop("total"), by_part
+        save_masks(to_masks(shared, tasks.base), workdir / MASKS_FILE)
+        remove_checkpoint(workdir)  # a finished run needs none
+    phases.start(None)
+    metrics["peak_rss_mib"], metrics["peak_rss_mib_by_phase"] = phases.overall(), phases.peaks
+    if workdir:
+        write_json(workdir / "metrics.json", metrics)
     return metrics
+
+
+@dataclass
+class _Checkpoints:
+    """Where and how often `_fit` checkpoints (`workdir` None or `every` 0: never), and what it resumes from."""
+
+    workdir: Path | None
+    every: int
+    saved: checkpoint.Saved | None
 
 
 def _choose(config: TrainConfig, tasks: _Tasks) -> tuple[Indices, dict[str, Indices]]:
@@ -163,9 +185,10 @@ def _choose(config: TrainConfig, tasks: _Tasks) -> tuple[Indices, dict[str, Indi
     return shared, dict(zip(tasks.names, task_networks(scores, shared, config.task_child), strict=True))
 
 
-def _fit(config: TrainConfig, tasks: _Tasks, shared: Indices, own: dict[str, Indices]
+def _fit(config: TrainConfig, tasks: _Tasks, shared: Indices, own: dict[str, Indices], checkpoints: _Checkpoints
          ) -> tuple[TaskParts, dict[str, int]]:
-    """Train on the mixture (module docstring, step 4); the task parts as left, and each task's steps."""
+    """Train on the mixture (module docstring, step 4), checkpointing and resuming as `checkpoints` says; the
+    task parts as left, and each task's steps."""
     first = tasks.models[tasks.names[0]]
     backbone = {n: p for n, p in first.named_parameters() if n in tasks.backbone}
     for name, param in backbone.items():  # what no part of any task changes needs no gradient
@@ -183,13 +206,18 @@ def _fit(config: TrainConfig, tasks: _Tasks, shared: Indices, own: dict[str, Ind
     sizes = [len(tasks.data[t].train) for t in tasks.names]
     total = sum(updates_per_epoch(n, config.batch_size) for n in sizes) * config.epochs
     warmup = round(config.warmup * total)
-    streams = {t: _stream(tasks.data[t].train, tasks.collates[t], tasks.configs[t]) for t in tasks.names}
-    steps = dict.fromkeys(tasks.names, 0)
+    optimizers = {"shared": shared_opt, **{f"task:{t}": o for t, o in task_opts.items()}}
+    start, steps = 0, dict.fromkeys(tasks.names, 0)
+    if checkpoints.saved is not None:
+        start, steps = checkpoint.restore(checkpoints.saved, tasks.models, parts, optimizers)
+    streams = {t: _stream(tasks.data[t].train, tasks.collates[t], tasks.configs[t], steps[t]) for t in tasks.names}
     for model in tasks.models.values():
         model.train()
     order = mixture(sizes, total, config.mix, config.mix_temperature, config.seed)
-    bar = tqdm(order, desc=f"train {len(tasks.names)} tasks", unit="step", disable=not config.progress)
-    for step, which in enumerate(bar):
+    bar = tqdm(total=total, initial=start, desc=f"train {len(tasks.names)} tasks", unit="step",
+               disable=not config.progress)
+    for step in range(start, total):
+        which = order[step]
         task = tasks.names[which]
         model = tasks.models[task]
         parts.activate(task)
@@ -207,18 +235,23 @@ def _fit(config: TrainConfig, tasks: _Tasks, shared: Indices, own: dict[str, Ind
             optimizer.step()
         model.zero_grad(set_to_none=True)
         steps[task] += 1
+        bar.update(1)
         bar.set_postfix(task=task, loss=f"{float(loss.detach()):.4f}")
+        if checkpoints.workdir and checkpoints.every and (step + 1) % checkpoints.every == 0 and step + 1 < total:
+            checkpoint.save(checkpoints.workdir, config, tasks.models, tasks.backbone, parts, optimizers,
+                            (shared, own), step + 1, steps)
     bar.close()
     return parts, steps
 
 
-def _stream(examples, collate, config: TrainConfig):
-    """A task's batches without end: its epochs one after another, each in the (seed, epoch) order a
-    single-task run of it would take."""
-    epoch = 0
+def _stream(examples, collate, config: TrainConfig, done: int = 0):
+    """A task's batches without end, from its `done`-th on: its epochs one after another, each in the
+    (seed, epoch) order a single-task run of it would take."""
+    per_epoch = updates_per_epoch(len(examples), config.batch_size)
+    epoch, start = divmod(done, per_epoch)
     while True:
-        yield from batches(examples, collate, config, epoch, 0)
-        epoch += 1
+        yield from batches(examples, collate, config, epoch, start)
+        epoch, start = epoch + 1, 0
 
 
 def _save(config: TrainConfig, tasks: _Tasks, parts: TaskParts, workdir: Path) -> dict[str, Any]:

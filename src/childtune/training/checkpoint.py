@@ -338,9 +338,10 @@ class Checkpointer:
     def on_end(self, state: Any, metrics: Mapping[str, Any]) -> None:
         if not self.keep:
             folder = self._dir(state)
-            distributed.main_only(_remove)(folder)
+            distributed.main_only(remove_checkpoint)(folder)
 
 
-def _remove(run_dir: Path) -> None:
+def remove_checkpoint(run_dir: Path) -> None:
+    """Delete a run folder's checkpoint (and the copy a crash mid-save may have left): a finished run needs none."""
     for name in (CHECKPOINT, PREVIOUS):
         shutil.rmtree(run_dir / name, ignore_errors=True)
