@@ -322,12 +322,34 @@ def test_lora_adapts_the_crnns_convolutions_and_linears_and_trains_only_them(tmp
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
 
 
-def test_the_cli_trains_the_crnn_on_a_users_image_folders(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def crnn_folders(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("crnn")
+    tiny_crnn().save_pretrained(root / "crnn")  # a random CRNN folder, as a user's own would be
+    return (root / "crnn", write_folder(root / "train", {"cat": 4, "dog": 4}),
+            write_folder(root / "dev", {"cat": 2, "dog": 2}))
+
+
+@pytest.mark.parametrize("method", ["full", "child-f", "child-d", "id3", "random", "lora", "pafi", "bitfit",
+                                    "child-dyn", "gradual"])
+def test_every_method_runs_on_the_crnn_and_keeps_its_weights(crnn_folders, tmp_path, capsys, method):
+    """Each method trains the image classifier from the CLI and keeps what its run keeps (a delta for the
+    strict ones, the model for the others), with nothing outside a strict child network changed."""
+    base, train, dev = crnn_folders
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(base), "--train", str(train), "--dev", str(dev), "--method", method,
+                 "--epochs", "1", "--batch-size", "4", "--no-progress", "--output", str(run)]) == 0, \
+        capsys.readouterr().err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["changed_params"] > 0
+    assert (run / "delta").is_dir() or (run / "model").is_dir()
+    if (run / "delta").is_dir():
+        assert metrics["changed_outside_child"] == 0
+
+
+def test_the_cli_trains_the_crnn_on_a_users_image_folders(crnn_folders, tmp_path, capsys):
     """Class folders in, a delta of the child network and the head out, scored on the dev folder."""
-    base = tmp_path / "crnn"
-    tiny_crnn().save_pretrained(base)  # a random CRNN folder, as a user's own would be
-    train = write_folder(tmp_path / "train", {"cat": 4, "dog": 4})
-    dev = write_folder(tmp_path / "dev", {"cat": 2, "dog": 2})
+    base, train, dev = crnn_folders
     run = tmp_path / "run"
     assert main(["train", "--model", str(base), "--train", str(train), "--dev", str(dev), "--method", "child-d",
                  "--reserve-p", "0.05", "--epochs", "1", "--batch-size", "4", "--no-progress",
