@@ -370,7 +370,8 @@ def test_an_image_classifier_takes_the_learning_rates_measured_on_it(tmp_path):
         assert lr(task="fashion-mnist", method=method, model="easyocr-crnn") == 1e-3
         assert lr(task="mr", method=method) == METHODS[method].lr  # text keeps its own
     assert lr(task="fashion-mnist", method="lora", model="easyocr-crnn") == 3e-3
-    assert lr(task="mnist", method="random", model="easyocr-crnn") == 1e-2  # unchanged: already its best
+    assert lr(task="mnist", method="random", model="easyocr-crnn") == 3e-2
+    assert lr(task="mr", method="random") == 1e-2
     assert lr(task="fashion-mnist", method="child-d", model="easyocr-crnn", preset="authors") == 4e-5
     assert lr(task="fashion-mnist", method="child-d", model="easyocr-crnn", lr=5e-4) == 5e-4  # given wins
     assert lr(task="fashion-mnist", method="child-d", model="crnn-smollm2") == 2e-4  # the VLM answers as an LM
