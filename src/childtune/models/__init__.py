@@ -1,2 +1,3 @@
-"""Models childtune builds itself rather than loading through transformers' Auto classes: the pretrained
-EasyOCR CRNN and an image classifier on it (`crnn`)."""
+"""Models childtune builds itself: EasyOCR's pretrained CRNN as an image classifier and its image processor
+(`crnn`, registered with transformers' Auto classes), a vision-language model assembled from it and SmolLM2
+(`vlm`), and what kind of model a folder holds (`folders`)."""
