@@ -182,6 +182,23 @@ def test_the_cli_trains_the_vision_part_alone_and_keeps_a_delta_of_it(tiny, tmp_
     assert delta.config.hparams["kind"] == "generation" and delta.config.hparams["label_names"] == []
     assert main(["apply", str(run), "--output", str(tmp_path / "applied")]) == 2
     assert "assembled from its parts" in capsys.readouterr().err and not (tmp_path / "applied").exists()
+    # generate --image: the run's base + delta answers a question about an image, as the model itself does
+    image = next((train / ANSWERS[0]).iterdir())
+    capsys.readouterr()
+    assert main(["generate", str(run), "--image", str(image), "--prompt", "which is it", "--max-new-tokens",
+                 "3"]) == 0, capsys.readouterr().err
+    said = capsys.readouterr().out.strip()
+    processor, model = load(tiny)
+    delta.apply(model)
+    model.eval()
+    from childtune.data.images import open_image
+
+    batch = collate_for(processor).for_generation([open_image(image)])
+    ids = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,
+                         eos_token_id=processor.tokenizer.eos_token_id)
+    assert said == processor.tokenizer.decode(ids[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert main(["generate", str(run), "--image", str(image)]) == 2  # your own images: which question?
+    assert "give the question to ask with --prompt" in capsys.readouterr().err
     assert main([*args, "--save", "model", "--output", str(tmp_path / "whole")]) == 2
     assert "assembled from, not saved as" in capsys.readouterr().err
     assert main([*args, "--method", "lora", "--output", str(tmp_path / "lora")]) == 2

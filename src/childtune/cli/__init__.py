@@ -119,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Greedy completions of prompts, by a generation run's model (its own "
                                           "chat template and max_length) or a causal-LM folder or pinned name.")
     generate.add_argument("source", help="a generation run folder, a causal-LM folder, or smollm2-135m")
-    generate.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    generate.add_argument("--prompt", action="append", help="a prompt (repeat for several); with --image, the "
+                                                            "question to ask (default: the run's task's)")
+    generate.add_argument("--image", action="append", metavar="FILE",
+                          help="ask a vision-language run (--model crnn-smollm2) about this PNG/JPEG (repeat)")
     generate.add_argument("--input", default=None, help="prompts: a text file (one a line) or JSONL with 'prompt'")
     generate.add_argument("--output", default=None, help="write JSONL {prompt, completion} here [print]")
     generate.add_argument("--overwrite", action="store_true", help="replace the file already at --output")

@@ -260,10 +260,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from childtune.fileio import atomic_write
     from childtune.outputs import check_output
-    from childtune.training.generate import complete
+    from childtune.training.generate import answer_images, complete
 
     if args.output:
-        check_output(args.output, reads=[args.source, args.input], overwrite=args.overwrite, folder=False)
+        check_output(args.output, reads=[args.source, args.input, *(args.image or [])], overwrite=args.overwrite,
+                     folder=False)
     prompts = list(args.prompt or [])
     if args.input:
         path = Path(args.input)
@@ -289,7 +290,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = TrainConfig(max_new_tokens=args.max_new_tokens, eval_batch_size=args.batch_size,
                            chat_template=args.chat_template, progress=False)
     settings.resolved()
-    answers = complete(args.source, prompts, settings)
+    if args.image:
+        if len(prompts) > 1:
+            raise ValueError("with --image, give at most one --prompt: the question asked of every image")
+        answers = answer_images(args.source, [Path(p) for p in args.image], prompts[0] if prompts else None,
+                                settings)
+        prompts = list(args.image)
+    else:
+        answers = complete(args.source, prompts, settings)
     lines = [json.dumps({"prompt": p, "completion": a}) for p, a in zip(prompts, answers, strict=True)]
     if args.output:
         atomic_write(args.output, "\n".join(lines) + "\n")

@@ -2,7 +2,7 @@
 
 `childtune generate RUN_OR_MODEL --prompt TEXT` is the one-line way to see what a run learned: a run
 folder brings its own settings (chat template, max_length), a plain model folder or pinned name is used
-as it is.
+as it is. `--image FILE` asks a vision-language run (`models.vlm`) about images instead (`answer_images`).
 """
 
 from __future__ import annotations
@@ -54,6 +54,37 @@ def load_generator(source: str, config: TrainConfig) -> tuple[LMCollate, transfo
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LMCollate(tokenizer, config.max_length, config.chat_template), model, config
+
+
+def answer_images(source: str, images: Sequence[Path], question: str | None, config: TrainConfig) -> list[str]:
+    """Greedy answers of a vision-language run (base + its delta) to `question` about each image (default:
+    the question its task asked, `data.images.question`)."""
+    from childtune.data.images import open_image
+    from childtune.data.types import TaskSpec
+    from childtune.models import vlm
+    from childtune.models.folders import is_vision_language
+    from childtune.training.export import check_base_files
+    from childtune.training.models import load_model
+
+    run = Path(source)
+    if not (run / "config.json").is_file() or not (run / "delta").is_dir():
+        raise ModelError(f"{source} is not a run folder with a delta: --image asks a vision-language run")
+    saved = TrainConfig.load_json(run / "config.json")
+    if not is_vision_language(saved.model):
+        raise ModelError(f"{run} was trained on {saved.model}, which reads no images: --image asks a "
+                         "vision-language run (--model crnn-smollm2)")
+    delta = SparseDelta.load(run / "delta")
+    check_base_files(delta, model_folder(saved.model))
+    spec = TaskSpec(saved.task or run.name, "generation", 0, (), "exact_match", inputs="image")
+    processor, model = load_model(saved, spec)
+    delta.apply(model)
+    asked = question or (processor.question if saved.task else None)
+    if not asked:
+        raise ValueError(f"{run} was trained on your own images: give the question to ask with --prompt")
+    collate = vlm.VLMCollate(processor.images, LMCollate(processor.tokenizer, saved.max_length, saved.chat_template),
+                             asked)
+    pictures = [open_image(Path(p)) for p in images]
+    return generate_answers(model, pictures, collate, replace(config, max_length=saved.max_length), "generate")
 
 
 def complete(source: str, prompts: Sequence[str], config: TrainConfig) -> list[str]:
