@@ -19,8 +19,15 @@ import torch
 
 from childtune.masks import Indices
 from childtune.multitask.model import TaskParts
-from childtune.training.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from childtune.training.config import NOT_SETTINGS, TrainConfig
+from childtune.training.checkpoint import (
+    CheckpointError,
+    capture_rng,
+    check_settings,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from childtune.training.config import TrainConfig
 
 _HEAD = "head:"
 
@@ -53,11 +60,7 @@ def save(workdir: Path, config: TrainConfig, models: Mapping[str, torch.nn.Modul
 def load(workdir: Path, config: TrainConfig) -> Saved:
     """The last checkpoint in `workdir`, refused if it was taken with other settings than `config`'s."""
     state = load_checkpoint(workdir)
-    now, then = config.to_dict(), state.get("config", {})
-    changed = sorted(k for k in now.keys() | then.keys() if k not in NOT_SETTINGS and now.get(k) != then.get(k))
-    if changed:
-        raise CheckpointError(f"the checkpoint was taken with {changed[0]}={then.get(changed[0])!r}, this run has "
-                              f"{now.get(changed[0])!r}: a resumed run must use the interrupted run's settings")
+    check_settings(config, state)
     if not {"model", "parts", "optimizers", "shared", "own", "step", "steps", "rng"} <= state.keys():
         raise CheckpointError("the checkpoint lacks state a multi-task resume needs (is it a single-task run's?)")
     return Saved(state["shared"], state["own"], state)
@@ -69,9 +72,9 @@ def restore(saved: Saved, models: Mapping[str, torch.nn.Module], parts: TaskPart
     state = saved.state
     parts.activate(None)
     try:
+        shared = {n: t for n, t in state["model"].items() if not n.startswith(_HEAD)}
         for task, model in models.items():
             own = {n[len(f"{_HEAD}{task}:"):]: t for n, t in state["model"].items() if n.startswith(f"{_HEAD}{task}:")}
-            shared = {n: t for n, t in state["model"].items() if not n.startswith(_HEAD)}
             model.load_state_dict({**shared, **own})
         for task, values in state["parts"].items():
             parts.values[task] = {n: v.clone() for n, v in values.items()}

@@ -36,7 +36,7 @@ import torch
 
 from childtune.fileio import atomic_write, sha256_file
 from childtune.training import distributed
-from childtune.training.config import NOT_SETTINGS
+from childtune.training.config import NOT_SETTINGS, TrainConfig
 
 FORMAT_VERSION = 2
 """2: the scalars (step, epoch, batch, ...) are covered by a sha256 too (1 had only the files')."""
@@ -268,14 +268,20 @@ def snapshot(state: Any) -> dict[str, Any]:
     }
 
 
-def restore(state: Any, saved: Mapping[str, Any]) -> None:
-    """Put a snapshot back into `state`, refusing one taken under different settings."""
-    now, then = state.config.to_dict(), saved.get("config", {})
+def check_settings(config: TrainConfig, saved: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint taken under other settings than `config`'s (any field outside `NOT_SETTINGS`),
+    naming the first that differs."""
+    now, then = config.to_dict(), saved.get("config", {})
     changed = sorted(k for k in now.keys() | then.keys() if k not in NOT_SETTINGS and now.get(k) != then.get(k))
     if changed:
         key = changed[0]
         raise CheckpointError(f"the checkpoint was taken with {key}={then.get(key)!r}, this run has "
                               f"{key}={now.get(key)!r}: a resumed run must use the interrupted run's settings")
+
+
+def restore(state: Any, saved: Mapping[str, Any]) -> None:
+    """Put a snapshot back into `state`, refusing one taken under different settings."""
+    check_settings(state.config, saved)
     for key in ("step", "epoch", "batch", "skipped"):
         value = saved.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
