@@ -49,6 +49,9 @@ CHARACTERS = "0123456789!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~ €ABCDEFGHIJKLMNOPQR
 """EasyOCR's English character list for this model, in class order after CTC's blank (class 0): 96."""
 
 WIDTH = 256
+LORA_TARGETS = r"FeatureExtraction\.ConvNet\.(0|3|6|8|11|14|18)|SequenceModeling\.\d\.linear"
+"""The CRNN's modules LoRA adapts, by name within it: every convolution of the CNN and the Linear after each
+BiLSTM (peft has no LoRA for `nn.LSTM`)."""
 
 
 def _vgg() -> nn.Sequential:
@@ -93,6 +96,17 @@ class CRNN(nn.Module):
         self.AdaptiveAvgPool = nn.AdaptiveAvgPool2d((None, 1))
         self.SequenceModeling = nn.Sequential(_BiLSTM(), _BiLSTM())
         self.Prediction = nn.Linear(WIDTH, len(CHARACTERS) + 1)
+
+    def train(self, mode: bool = True) -> CRNN:
+        """Train mode for everything but BatchNorm, which keeps its pretrained statistics: they are buffers,
+        which a sparse delta does not carry, so updating them would make a model that `apply` cannot rebuild
+        (and batches of 16 would estimate them poorly). Whatever holds a CRNN (the image classifier, the
+        vision-language model) reaches this through `nn.Module.train`."""
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        return self
 
     def sequence(self, images: torch.Tensor) -> torch.Tensor:
         """One `WIDTH`-vector per image column left after the CNN: [batch, columns, WIDTH]."""
@@ -145,17 +159,14 @@ class CRNNForImageClassification(PreTrainedModel):
     head is named as the text classifiers' heads are, so strategies train it whole as a task head; the
     CTC head (`Prediction`) is dropped.
 
-    BatchNorm layers stay in eval mode while the model trains: their running statistics are buffers, which
-    a sparse delta does not carry, so updating them would make a model that `apply` cannot rebuild (and
-    batches of 16 would estimate them poorly)."""
+    Its BatchNorm layers keep their pretrained statistics while it trains (`CRNN.train`)."""
 
     config_class = CRNNConfig
     base_model_prefix = "crnn"
     main_input_name = "pixel_values"
     _keys_to_ignore_on_load_unexpected = [r"crnn\.Prediction\."]  # noqa: RUF012  # transformers' own attribute
-    lora_target_modules = r"crnn\.(FeatureExtraction\.ConvNet\.(0|3|6|8|11|14|18)|SequenceModeling\.\d\.linear)"
-    """What LoRA adapts (peft knows no default for this architecture): every convolution of the CNN and
-    the Linear after each BiLSTM (peft has no LoRA for `nn.LSTM`)."""
+    lora_target_modules = rf"crnn\.({LORA_TARGETS})"
+    """What LoRA adapts (`LORA_TARGETS`: peft knows no default for this architecture)."""
 
     def __init__(self, config: CRNNConfig) -> None:
         super().__init__(config)
@@ -169,13 +180,6 @@ class CRNNForImageClassification(PreTrainedModel):
         normal(0, 0.02), under which seven stacked convolutions pass almost nothing on."""
         if isinstance(module, nn.Conv2d | nn.Linear | nn.LSTM | nn.BatchNorm2d):
             module.reset_parameters()
-
-    def train(self, mode: bool = True) -> CRNNForImageClassification:
-        super().train(mode)
-        for module in self.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.eval()
-        return self
 
     def forward(self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 **unused: object) -> SequenceClassifierOutput:

@@ -32,7 +32,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from childtune.data.types import Example, Image
 from childtune.fileio import write_json
-from childtune.models.crnn import CRNN, WIDTH, CRNNImageProcessor, load_crnn
+from childtune.models.crnn import CRNN, LORA_TARGETS, WIDTH, CRNNImageProcessor, load_crnn
 from childtune.models.folders import VLM_TYPE
 
 PARTS = {"vision": "easyocr-crnn", "language": "smollm2-135m"}
@@ -48,8 +48,7 @@ class VisionLanguageModel(nn.Module):
 
     child_parts = ("vision", "connector", "language")
 
-    lora_target_modules = (r"vision\.FeatureExtraction\.ConvNet\.(0|3|6|8|11|14|18)|vision\.SequenceModeling\.\d\."
-                           r"linear|language\..*\.(q_proj|v_proj)")
+    lora_target_modules = rf"vision\.({LORA_TARGETS})|language\..*\.(q_proj|v_proj)"
     """LoRA on both towers: the CRNN's convolutions and post-LSTM Linears, and the language model's query
     and value projections (peft's default for Llama); the connector trains whole beside it."""
 
@@ -84,14 +83,6 @@ class VisionLanguageModel(nn.Module):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.language.get_output_embeddings()
-
-    def train(self, mode: bool = True) -> VisionLanguageModel:
-        """BatchNorm keeps the CRNN's statistics (buffers a delta does not carry), as in image classification."""
-        super().train(mode)
-        for module in self.vision.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.eval()
-        return self
 
     def _embeds(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
