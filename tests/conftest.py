@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 import zlib
 
@@ -11,6 +12,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 torch.set_num_threads(1)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the CLI sets it: bitsandbytes (imported by peft) asks no hub
 
 
 def tiny_bert_config(num_labels: int = 2) -> BertConfig:

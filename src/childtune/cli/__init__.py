@@ -9,11 +9,15 @@ only a bug shows a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from childtune import openmp
 
 openmp.choose_wait_policy()  # before the imports below load torch, and with it OpenMP
+# models come from local folders only; bitsandbytes (imported by peft wherever it is installed) would otherwise
+# ask the Hugging Face hub for a CPU kernel (models/quantized.py)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from childtune.cli.commands import (  # noqa: E402
     COMPARE_OWN,

@@ -27,9 +27,11 @@ DEFAULT_DENSE: tuple[str, ...] = HEAD
 """Name fragments of the dense task head: freshly initialised per run, so stored whole and absolute."""
 
 
-def state_of(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Name -> tensor sharing storage with the model, so in-place writes reach its parameters."""
-    return model.state_dict() if isinstance(model, torch.nn.Module) else dict(model)
+def state_of(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """Name -> tensor sharing storage with the model, so in-place writes reach its parameters. A mapping
+    is used as it is: one that makes its tensors as they are read (a quantized model's full-precision
+    view, `models.quantized.LazyState`) then never holds them all."""
+    return model.state_dict() if isinstance(model, torch.nn.Module) else model
 
 
 def fingerprint(

@@ -72,6 +72,7 @@ from torch.utils.hooks import RemovableHandle
 
 from childtune import kernels
 from childtune.masks import check_index, index_dtype
+from childtune.overlay import OverlayWeight, is_overlay
 from childtune.shards import is_sharded, local, whole_index
 
 BLOCK = 1 << 20
@@ -166,30 +167,61 @@ def _run_hooks(param: torch.Tensor) -> None:
 class _ChildLinear(torch.autograd.Function):
     """y = x @ W.T + b, whose backward gives dX and db densely and W's gradient at its child index only
     (to its `_Site`, not to autograd: W.grad stays None). `dtype`: the autocast dtype x, W and b are cast
-    to (None outside autocast), as autocast's own linear would."""
+    to (None outside autocast), as autocast's own linear would. An `OverlayWeight` (a quantized base plus
+    its child) is made dense for the product in forward and again in backward, never kept between them;
+    with `site` None (an overlay weight outside child-only gradients) backward gives its dense dW."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, site: _Site,
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, site: _Site | None,
                 dtype: torch.dtype | None) -> torch.Tensor:  # ctx: Any, as torch types it (attributes set freely)
-        w, b = weight, bias
+        w, b = _dense(weight, dtype), bias
         if dtype is not None:
-            x, w = x.to(dtype), w.to(dtype)
+            x = x.to(dtype)
             b = None if b is None else b.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(x, w, b)
-        ctx.save_for_backward(x, weight)
-        ctx.site, ctx.whole, ctx.dtype = site, site.whole, dtype
+        ctx.save_for_backward(x, None if is_overlay(weight) else weight)
+        ctx.weight = weight if is_overlay(weight) else None  # (its base is no tensor autograd could save)
+        ctx.site, ctx.whole, ctx.dtype = site, None if site is None else site.whole, dtype
         return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None, None]:
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None,
+                                                      torch.Tensor | None, None, None]:
         x, weight = ctx.saved_tensors
-        w = weight if ctx.dtype is None else weight.to(ctx.dtype)
-        dx = dy @ w if ctx.needs_input_grad[0] else None
+        weight = ctx.weight if weight is None else weight
+        dx = dy @ _dense(weight, ctx.dtype) if ctx.needs_input_grad[0] else None
         db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
-        ctx.site.add(child_weight_grad(dy, x, ctx.whole), ctx.whole)
-        return dx, None, db, None, None
+        dw = None
+        if ctx.site is not None:
+            ctx.site.add(child_weight_grad(dy, x, ctx.whole), ctx.whole)
+        elif ctx.needs_input_grad[1]:  # an overlay weight's dense gradient (Fisher, a growth step)
+            dw = (dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dy.dtype)).to(weight.dtype)
+        return dx, dw, db, None, None
+
+
+def _dense(weight: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The weight for a product in `dtype` (None: its own): an overlay weight's dense form, else the weight."""
+    if isinstance(weight, OverlayWeight):
+        return weight.dense(dtype)
+    return weight if dtype is None else weight.to(dtype)
+
+
+def overlay_linear(x: torch.Tensor, weight: OverlayWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """The forward of a Linear layer whose weight is an `OverlayWeight` (`models/quantized.py`): without a
+    gradient to take, a plain product with its dense form; else through `_ChildLinear`, which keeps no
+    dense weight for backward, and takes the weight's gradient at its child elements where child-only
+    gradients are installed (`weight.site`)."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    wanted = weight.requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)
+    if not (torch.is_grad_enabled() and wanted):
+        w = weight.dense(dtype or x.dtype)
+        return F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype))
+    site = weight.site if isinstance(weight.site, _Site) and not weight.site.dense and weight.requires_grad else None
+    y: torch.Tensor = _ChildLinear.apply(x, weight, bias, site, dtype)  # type: ignore[no-untyped-call]
+    return y
 
 
 class ChildGrads:
@@ -204,13 +236,16 @@ class ChildGrads:
         self.sites = {n: _Site(n, params[n], *_checked(n, params[n], i)) for n, i in indices.items()}
         by_param: dict[torch.Tensor, _Site] = {s.param: s for s in self.sites.values()}
         self._patched = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight in by_param]
-        seen = {m.weight for m in self._patched}
+        seen = {m.weight for m in self._patched} | {p for p in by_param if is_overlay(p)}
         if len(seen) < len(by_param):
             raise ValueError("child-only gradients are for nn.Linear weights; "
                              f"{sorted(s.name for p, s in by_param.items() if p not in seen)} are not")
         for module in self._patched:
             # an instance attribute over nn.Linear.forward (as `module.forward = ...` sets; `remove()` deletes it)
             vars(module)["forward"] = partial(_forward, module, by_param[module.weight])
+        for param, site in by_param.items():
+            if isinstance(param, OverlayWeight):  # its layer's forward (`overlay_linear`) reads the site there
+                param.site = site
 
     def grad(self, name: str) -> torch.Tensor | None:
         """The child gradient of `name` accumulated so far (None before any backward reached it)."""
@@ -251,6 +286,8 @@ class ChildGrads:
             del module.forward
         self._patched = []
         for site in self.sites.values():
+            if isinstance(site.param, OverlayWeight):
+                site.param.site = None
             if site.handle is not None:
                 site.handle.remove()
 

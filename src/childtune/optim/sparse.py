@@ -73,6 +73,7 @@ from childtune.optim.common import (
     unnamed,
 )
 from childtune.optim.sparse_state import LOW_PRECISION, adamw, add_cohort, append, child_grad, drop, size_of
+from childtune.overlay import is_overlay
 from childtune.shards import local, only_reading
 from childtune.strategies.base import Strategy
 from childtune.strategies.id3 import ID3
@@ -409,7 +410,8 @@ class SparseChildAdamW(Optimizer):
             raise RuntimeError(f"the child network of {self.names[param]!r} lost elements; SparseChildAdamW "
                                "supports only fixed or growing child networks")
         joined = state["step"] if self.bias_correction == "element" else 0  # "tensor": counted from its first step
-        if had == 0 and now == param.numel():  # whole from the start (or the head): dense state, no index
+        if had == 0 and now == param.numel() and not is_overlay(param):  # whole from the start (or the head):
+            # dense state, no index (an overlay weight's child is always indexed: its values are the masters)
             low = param.dtype in LOW_PRECISION  # keep an fp32 master, and fp32 moments
             moments = torch.float32 if low else param.dtype
             state.update(exp_avg=torch.zeros_like(param, dtype=moments),

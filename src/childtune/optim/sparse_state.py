@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from childtune.masks import index_dtype
+from childtune.overlay import OverlayWeight, elements
 from childtune.shards import local
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -23,18 +24,25 @@ def append(state: dict[str, Any], param: torch.Tensor, added: torch.Tensor, join
     """Append elements `added` (flat indices) to a sparse state: zero moments, fp32 masters for
     low-precision weights, and their cohort (tensor step `joined`)."""
     param = local(param)
-    low = param.dtype in LOW_PRECISION  # keep fp32 masters of the child elements, and fp32 moments
+    low = has_master(param)  # keep fp32 masters of the child elements, and fp32 moments
     added = added.to(param.device, index_dtype(param.numel()))
     new = torch.zeros(len(added), dtype=torch.float32 if low else param.dtype, device=param.device)
     tails = [("exp_avg", new), ("exp_avg_sq", new)]
     if low:
-        tails.append(("master", param.detach().view(-1).index_select(0, added.long()).float()))
+        tails.append(("master", elements(param, added)))
     for key, tail in tails:
         state[key] = torch.cat([state[key], tail]) if key in state else tail.clone()
     # the first index is the strategy's own tensor (a fixed network's whole index): shared, not copied,
     # since neither side changes an index in place (a grown one is always a new tensor)
     state["index"] = torch.cat([state["index"], added]) if "index" in state else added
     add_cohort(state, joined, len(added))
+
+
+def has_master(param: torch.Tensor) -> bool:
+    """Whether a parameter's child elements get fp32 master copies: low-precision weights, whose own dtype
+    would round small steps away, and overlay weights (`childtune.overlay`), whose masters are the values
+    their forward reads."""
+    return param.dtype in LOW_PRECISION or isinstance(param, OverlayWeight)
 
 
 def drop(state: dict[str, Any], keep: torch.Tensor) -> None:
@@ -124,7 +132,9 @@ def adamw(group: Mapping[str, Any], live: list[tuple[torch.Tensor, dict[str, Any
             values[i].add_(avgs[i].div(denom[i].div_(bc2).add_(eps)).mul_(size))
     for (p, s), v in zip(live, values, strict=True):
         p = local(p)
-        if "index" in s:
+        if isinstance(p, OverlayWeight):  # the master is the child's values: the update is the write-back
+            p.overlay(s["index"], v)
+        elif "index" in s:
             p.view(-1).index_put_((s["index"],), v.to(p.dtype))  # a master is written back rounded
         elif "master" in s:
             p.copy_(v)

@@ -51,6 +51,7 @@ from typing import Any, ClassVar
 import torch
 
 from childtune.masks import Indices, Masks, check_probability, union
+from childtune.overlay import elements
 from childtune.strategies.base import NetworkKind
 from childtune.strategies.child_d import ChildTuningD
 from childtune.strategies.chosen import ChosenStrategy
@@ -130,7 +131,7 @@ class DropRegrow(ChosenStrategy):
         return {n: i for n, i in self.require_chosen().items() if 0 < len(i) < self.params[n].numel()}
 
     def _values(self, name: str, index: torch.Tensor) -> torch.Tensor:
-        return self.params[name].detach().reshape(-1).index_select(0, index.long()).float()
+        return elements(self.params[name], index)
 
     def fraction(self, step: int) -> float:
         """The share of each tensor's child elements replaced at `step`'s reselection."""

@@ -47,6 +47,7 @@ import torch.distributed as dist
 
 from childtune import kernels, shards
 from childtune.masks import Indices, empty_index, to_mask, union
+from childtune.overlay import values_of
 from childtune.strategies.base import NetworkKind
 from childtune.strategies.chosen import ChosenStrategy
 
@@ -173,7 +174,7 @@ class ID3(ChosenStrategy):
         param = self._scored.get(name)
         if param is None or grow <= 0 or not param.requires_grad:
             return None
-        weights = shards.local(param).detach().reshape(-1)
+        weights = values_of(shards.local(param)).detach().reshape(-1)
         k = min(grow, len(weights) - self.counts()[name])
         if k <= 0:
             return None

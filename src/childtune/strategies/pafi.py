@@ -31,6 +31,7 @@ import torch
 
 from childtune import shards
 from childtune.masks import check_probability, top_fraction
+from childtune.overlay import values_of
 from childtune.strategies.chosen import ChosenStrategy
 
 
@@ -48,5 +49,5 @@ class PaFi(ChosenStrategy):
     def bind(self, named_params: Mapping[str, torch.Tensor]) -> None:
         super().bind(named_params)
         # the smallest |w| are the largest -|w|; float32 keys, whatever the weights' dtype
-        scores = {n: shards.local(p).detach().float().abs().neg() for n, p in self.scored().items()}
+        scores = {n: values_of(shards.local(p)).detach().float().abs().neg() for n, p in self.scored().items()}
         self.chosen = self.complete(top_fraction(scores, self.p, group=self.group))

@@ -35,6 +35,7 @@ import safetensors.torch
 import torch
 
 from childtune.fileio import atomic_write, sha256_file
+from childtune.models import quantized
 from childtune.training import distributed
 from childtune.training.config import NOT_SETTINGS, TrainConfig
 
@@ -255,7 +256,7 @@ def _tuples(value: Any) -> Any:
 def snapshot(state: Any) -> dict[str, Any]:
     """What `train.TrainState` holds that the next step depends on. Collective (RNG): call on all ranks."""
     return {
-        "model": distributed.unwrap(state.model).state_dict(),
+        "model": quantized.checkpoint_state(distributed.unwrap(state.model)),  # (a quantized base's child only)
         "optimizer": state.optimizer.state_dict(),  # includes the step count and the strategy's state
         "scheduler": state.scheduler.state_dict(),
         "step": state.step,
@@ -292,7 +293,7 @@ def restore(state: Any, saved: Mapping[str, Any]) -> None:
     if not isinstance(saved.get("model"), Mapping) or "optimizer" not in saved or "rng" not in saved:
         raise CheckpointError("the checkpoint lacks the model, optimizer or RNG state a resume needs")
     try:
-        distributed.unwrap(state.model).load_state_dict(saved["model"])
+        quantized.load_checkpoint_state(distributed.unwrap(state.model), saved["model"])
         state.optimizer.load_state_dict(saved["optimizer"])
         state.scheduler.load_state_dict(saved["scheduler"])
     except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as err:

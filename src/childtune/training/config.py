@@ -222,6 +222,11 @@ class TrainConfig:
         "weights in 'fp32', or 'bf16' with fp32 masters for the child elements only (strict sparse runs) or "
         "fp32 LoRA adapters (none: bf16 for a causal LM trained with a strict child network, e.g. child-d, "
         "random, id3, else fp32)"))
+    base_bits: int | None = field(default=None, metadata=_opt(
+        "freeze the base in 4-bit NF4 or 8-bit int8 (bitsandbytes, as QLoRA) and hold the child network as fp32 "
+        "values over it (indices + values, masters and moments for the child only); its delta is against the "
+        "unquantized base. Causal LMs and text classifiers; strict sparse methods, and LoRA (QLoRA) (none: "
+        "full precision)"))
     optimizer_in_backward: bool | None = field(default=None, metadata=_opt(
         "update each parameter inside backward and free its gradient at once (every method but the authors' "
         "AdamW runs; turns off global-norm clipping, which needs every gradient first) (none: on for a causal "
@@ -367,6 +372,25 @@ class TrainConfig:
         _check(self.mix_temperature > 0, "mix_temperature", self.mix_temperature, "> 0")
         _check(0 < self.merge_density <= 1, "merge_density", self.merge_density, "in (0, 1]")
 
+    def _check_base_bits(self, processes: int) -> None:
+        """What a quantized base (`models.quantized`) supports, refused in one line each."""
+        _check(self.base_bits in (4, 8), "base_bits", self.base_bits, "4 or 8")
+        spec = METHODS[self.method]
+        if not spec.adapter and (spec.network == "per_step" or not self.strict):
+            raise ConfigError(f"--base-bits with {self.method}: a quantized base cannot be updated in place; it takes "
+                              "a strict sparse child network held over it (e.g. child-d, random, id3) or LoRA")
+        if self.tasks is not None or self.fsdp or processes > 1:
+            raise ConfigError("--base-bits runs one process and one task: not with --tasks, --fsdp or --nproc")
+        if self.image_classifier_run() or is_vision_language(self.model):
+            raise ConfigError("--base-bits quantizes a text model's Linear layers (a causal LM or a text "
+                              "classifier); not an image model")
+        if self.fisher_per_example or self.optimizer == "authors":
+            raise ConfigError("--base-bits: per-example Fisher and the authors' dense AdamW need whole weights; "
+                              "score per batch, with the default optimizer")
+        if self.save == "model":
+            raise ConfigError("--base-bits keeps a delta against the unquantized base; `childtune apply RUN/delta "
+                              "OUT` writes the merged full-precision model folder from it")
+
     def _check_child_only(self) -> None:
         """Where child-only gradients cannot run, refused in one line that says why."""
         spec = METHODS[self.method]
@@ -406,7 +430,7 @@ class TrainConfig:
                                 if getattr(done, key) is None})
         if done.optimizer_in_backward:  # no global norm before the first parameter is updated
             done = replace(done, max_grad_norm=None)
-        done.validate()
+        done.validate(processes)
         return done
 
     def image_classifier_run(self) -> bool:
@@ -435,7 +459,7 @@ class TrainConfig:
             return self.kind == "generation"
         return generation_columns(self.train_file, self.text_col, self.prompt_col, self.target_col)
 
-    def validate(self) -> None:
+    def validate(self, processes: int = 1) -> None:
         """Refuse, in one line naming the field, any value of the wrong type (from the field's hint), out
         of range, or in a combination that cannot run."""
         check_method(self.method)
@@ -471,6 +495,8 @@ class TrainConfig:
             self._check_fsdp()
         if self.child_only_grads:
             self._check_child_only()
+        if self.base_bits is not None:
+            self._check_base_bits(processes)
         if self.tasks is not None:
             self._check_tasks()
         elif self.merge is not None:

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import resource
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -47,14 +48,16 @@ def evaluate(model, examples, spec, collate, config: TrainConfig, desc: str) -> 
     return compute_metrics(spec, torch.cat(outputs), torch.cat(labels), config.metric_extra)
 
 
-def count_elements(pretrained: dict[str, torch.Tensor], model: torch.nn.Module, params: dict[str, torch.Tensor],
-                   masks: dict[str, torch.Tensor] | None) -> dict[str, int | None]:
+def count_elements(pretrained: Mapping[str, torch.Tensor], model: torch.nn.Module, params: dict[str, torch.Tensor],
+                   masks: dict[str, torch.Tensor] | None,
+                   state: Mapping[str, torch.Tensor] | None = None) -> dict[str, int | None]:
     """Sizes that say what a run touched: elements it may change, did change, and changed outside its child.
+    `state`: the model's tuned weights where its state dict does not hold them (a quantized base's view).
 
     Tied weights (a causal LM's embeddings and LM head) are one tensor under two names: counted once."""
     changed = outside = 0
     seen = set()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (model.state_dict() if state is None else state).items():
         alias = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if alias in seen and tensor.numel():
             continue

@@ -10,15 +10,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, cast
 
 import transformers
 
 from childtune.data.batching import LMCollate
+from childtune.data.types import TaskSpec
 from childtune.delta import SparseDelta
+from childtune.models import quantized
 from childtune.training.config import TrainConfig
 from childtune.training.evaluate import generate_answers
-from childtune.training.export import base_for, run_kind
-from childtune.training.models import ModelError, model_folder, quiet_transformers
+from childtune.training.export import base_for, check_base_files, run_kind
+from childtune.training.models import ModelError, load_model, model_folder, quiet_transformers
 
 
 def load_generator(source: str, config: TrainConfig) -> tuple[LMCollate, transformers.PreTrainedModel,
@@ -39,6 +42,13 @@ def load_generator(source: str, config: TrainConfig) -> tuple[LMCollate, transfo
             with quiet_transformers():
                 tokenizer = transformers.AutoTokenizer.from_pretrained(run / "model", local_files_only=True)
                 model = transformers.AutoModelForCausalLM.from_pretrained(run / "model", local_files_only=True)
+        elif saved.base_bits is not None:  # the base quantized as it trained, the delta's values held over it
+            delta = SparseDelta.load(run / "delta")
+            check_base_files(delta, model_folder(saved.model))
+            spec = TaskSpec(saved.task or run.name, "generation", 0, (), "exact_match")
+            tokenizer, loaded = load_model(replace(saved, device=config.device), spec)
+            model = cast(Any, loaded)  # a causal LM (a generation task's model), as from_pretrained's above
+            quantized.apply_delta(model, delta, model_folder(saved.model))
         else:
             delta = SparseDelta.load(run / "delta")
             tokenizer, model = base_for(delta, model_folder(saved.model))
@@ -60,11 +70,8 @@ def answer_images(source: str, images: Sequence[Path], question: str | None, con
     """Greedy answers of a vision-language run (base + its delta) to `question` about each image (default:
     the question its task asked, `data.images.question`)."""
     from childtune.data.images import open_image
-    from childtune.data.types import TaskSpec
     from childtune.models import vlm
     from childtune.models.folders import is_vision_language
-    from childtune.training.export import check_base_files
-    from childtune.training.models import load_model
 
     run = Path(source)
     if not (run / "config.json").is_file() or not (run / "delta").is_dir():

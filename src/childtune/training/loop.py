@@ -28,6 +28,7 @@ from childtune import shards
 from childtune.delta import DeltaError, SparseDelta
 from childtune.fileio import write_json
 from childtune.masks import MASKS_FILE, save_masks
+from childtune.models import quantized
 from childtune.optim import ChildOptimizer, SparseChildAdamW, state_bytes
 from childtune.strategies import Strategy
 from childtune.training import distributed
@@ -149,7 +150,8 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
         raise ConfigError("training needs a non-empty train and dev split")
     phases.start("model")
     tokenizer, model = load_model(config, task.spec)
-    model = model.to(run_device(config, me))
+    if config.base_bits is None:  # (a quantized base is loaded onto its device, in its dtype)
+        model = model.to(run_device(config, me))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     model = in_weight_dtype(config, model)
@@ -157,11 +159,10 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
         _checkpoint_activations(model)
     collate = task_collate(config, tokenizer, model, task.spec.kind)
     phases.start("base_copy")  # the base's weights kept for the delta, and the delta tried on them
-    pretrained = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()} if (
-        me.is_main or not config.fsdp) else {}  # sharded: only rank 0 counts and saves against the base
+    pretrained, view = _base_and_view(config, model, me)
     if config.fsdp:  # before the optimizer, which must see the sharded parameters; FSDP2 syncs, not DDP
         model = distributed.shard(model)
-    _check_the_end(config, task.spec, model, pretrained)
+    _check_the_end(config, task.spec, model, pretrained, view)
     total_steps = updates_per_epoch(len(task.train), config.batch_size) * config.epochs
     phases.start("setup")
     model, params, strategy, optimizer, scheduler = setup(config, model, total_steps)
@@ -236,7 +237,8 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
             log.write(eval="test", epoch=state.epoch, step=state.step, **test)
 
         phases.start("count")
-        tuned = model.merge_and_unload() if METHODS[config.method].adapter == "lora" else model
+        tuned = model.merge_and_unload() if METHODS[config.method].adapter == "lora" and \
+            config.base_bits is None else model  # (QLoRA keeps its adapter: a merge would requantize the base)
         masks = strategy.final_masks(state.step)
         if config.fsdp:  # whole masks and weights, gathered from every rank's rows (collective)
             masks = masks and shards.gather_masks(masks, params)
@@ -253,12 +255,14 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
             "optimizer_state_bytes": state_bytes(optimizer), "device": str(next(model.parameters()).device),
             "torch_threads": torch.get_num_threads(),  # the times above depend on it
             "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
-            **(count_elements(pretrained, tuned, params, masks) if tuned is not None else {}),
+            **(count_elements(pretrained, tuned, params, masks, view if tuned is model else None)
+               if tuned is not None else {}),
         }
         if workdir:
             phases.start("save")
-            _save_weights(config, workdir, pretrained, tuned, tokenizer, task.spec)
-            metrics["stored_bytes"] = stored_bytes(workdir / "delta") + stored_bytes(workdir / "model")
+            _save_weights(config, workdir, pretrained, view if tuned is model and view is not None else tuned,
+                          tokenizer, task.spec)
+            metrics["stored_bytes"] = sum(stored_bytes(workdir / part) for part in ("delta", "model", "adapter"))
             if masks:  # the child network itself, strict or not, for `childtune analyze`
                 save_masks(masks, workdir / MASKS_FILE)
         phases.start(None)
@@ -412,7 +416,22 @@ def _gathered(config: TrainConfig, spec, model: torch.nn.Module) -> torch.nn.Mod
     return plain
 
 
-def _check_the_end(config: TrainConfig, spec, model: torch.nn.Module, pretrained: dict[str, torch.Tensor]) -> None:
+def _base_and_view(config: TrainConfig, model: torch.nn.Module, me) -> tuple[Any, Any]:
+    """What the run's delta and counts compare: the base's weights as loaded, and a view of the tuned
+    weights where the model's state dict does not hold them (None: it does). In full precision, a copy of
+    the state taken now (sharded: on rank 0 only). On a quantized base (`models.quantized.states`), both
+    read the unquantized base from the model folder one tensor at a time, the view with the child's values
+    over it; QLoRA compares nothing (it keeps its adapter)."""
+    if config.base_bits is not None:
+        if METHODS[config.method].adapter:
+            return {}, None
+        return quantized.states(model, model_folder(config.model))
+    pretrained = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()} if (
+        me.is_main or not config.fsdp) else {}  # sharded: only rank 0 counts and saves against the base
+    return pretrained, None
+
+
+def _check_the_end(config: TrainConfig, spec, model: torch.nn.Module, pretrained: Any, view: Any) -> None:
     """Take the run's last steps (gather a sharded model, build the delta) on the untrained model, before
     any work, so that a run cannot train for hours and then fail to save. Every rank calls it and every
     rank stops with the same message (one line from the launcher; no rank left waiting in a collective).
@@ -421,7 +440,7 @@ def _check_the_end(config: TrainConfig, spec, model: torch.nn.Module, pretrained
     problem = None
     if tuned is not None and _saves(config, tuned) == "delta":
         try:
-            _delta(config, pretrained, tuned, spec)
+            _delta(config, pretrained, view if view is not None and not config.fsdp else tuned, spec)
         except DeltaError as err:
             problem = f"this run could not save its delta at the end, so it did not start: {err}"
     problem = next(filter(None, distributed.gather(problem)), None)
@@ -429,10 +448,13 @@ def _check_the_end(config: TrainConfig, spec, model: torch.nn.Module, pretrained
         raise ConfigError(problem)
 
 
-def _saves(config: TrainConfig, model: torch.nn.Module) -> str:
+def _saves(config: TrainConfig, model: Any) -> str:
     """The weights a run keeps: a sparse delta against the base for strict runs (exactly the child
     network), else the whole model, unless `save` says. A model that is no model folder's (the
-    vision-language model assembled from parts) keeps a delta whatever the run."""
+    vision-language model assembled from parts) keeps a delta whatever the run, and so does one on a
+    quantized base (its view, against the unquantized base); QLoRA keeps its adapter."""
+    if config.base_bits is not None:
+        return "none" if config.save == "none" else "adapter" if METHODS[config.method].adapter else "delta"
     if not hasattr(model, "save_pretrained"):
         if config.save == "model":
             raise ConfigError(f"--save model writes a model folder, which {config.model} is assembled from, not "
@@ -453,10 +475,10 @@ def _save_weights(config: TrainConfig, workdir: Path, pretrained, model, tokeniz
     save = _saves(config, model)
     if save == "delta":
         _delta(config, pretrained, model, spec).save(workdir / "delta")
-    elif save == "model":
+    elif save in ("model", "adapter"):
         with quiet_transformers():
-            model.save_pretrained(workdir / "model")
-            tokenizer.save_pretrained(workdir / "model")
+            model.save_pretrained(workdir / save)
+            tokenizer.save_pretrained(workdir / save)
 
 
 class _NoFolder:

@@ -17,9 +17,12 @@ import torch
 
 from childtune.data import assets
 from childtune.data.types import Kind
+from childtune.layers import HEAD
+from childtune.models import quantized
 from childtune.models.folders import CRNN_TYPE, VLM_NAME, VLM_TYPE, model_type
 from childtune.training import distributed
 from childtune.training.config import ConfigError, TrainConfig
+from childtune.training.methods import METHODS
 
 
 class ModelError(ValueError):
@@ -127,7 +130,10 @@ def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
                         raise ModelError(f"the tokenizer of {path} has neither a pad nor an EOS token to pad with")
                     processor.pad_token = processor.eos_token
                 labels["pad_token_id"] = processor.pad_token_id
-            model = auto.from_pretrained(path, **labels, **weights_dtype(config.dtype), local_files_only=True)
+            model = auto.from_pretrained(path, **labels, **{**weights_dtype(config.dtype), **_quantized(config)},
+                                         local_files_only=True)
+            if config.base_bits is not None and not METHODS[config.method].adapter:  # QLoRA keeps bnb's layers
+                quantized.attach_children(model, torch.bfloat16 if config.dtype == "bf16" else torch.float32)
     except ModelError:
         raise
     except (OSError, ValueError, KeyError) as err:
@@ -143,6 +149,16 @@ def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
         raise ModelError(f"cannot load model from {path}: {type(err).__name__}: "
                          f"{str(err).splitlines()[0][:200]}") from None
     return processor, model
+
+
+def _quantized(config: TrainConfig) -> dict[str, Any]:
+    """`from_pretrained`'s keywords for a quantized base (`--base-bits`, `models.quantized`): quantized as it
+    is read, on the run's device, task heads (and a causal LM's output layer) left in full precision."""
+    if config.base_bits is None:
+        return {}
+    dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
+    return {"quantization_config": quantized.quantization_config(config.base_bits, dtype, [*HEAD, "lm_head"]),
+            "device_map": {"": str(run_device(config))}, "dtype": dtype}
 
 
 def _vision_language(config: TrainConfig, spec, path: Path) -> tuple[Any, torch.nn.Module]:
@@ -184,6 +200,8 @@ def in_weight_dtype(config: TrainConfig, model: torch.nn.Module) -> torch.nn.Mod
     """`model` with its weights in the run's `dtype`: bf16 halves the weight memory (the sparse optimizer
     keeps fp32 masters of the child). The one rule for the trained model and its gathered copy, whose
     weights the delta compares against the base's dtype for dtype."""
+    if config.base_bits is not None:  # loaded in its dtype, quantized: no cast could rebuild the base
+        return model
     return model.to(torch.bfloat16) if config.dtype == "bf16" else model
 
 
@@ -249,7 +267,8 @@ def quiet_transformers() -> Iterator[None]:
 def add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     """Wrap `model` with LoRA adapters: peft picks the attention projections for the architectures it knows,
     and a model of childtune's own names its targets (`lora_target_modules`)."""
-    from peft import LoraConfig, TaskType, get_peft_model
+    with quantized.offline_bitsandbytes():  # peft imports bitsandbytes wherever it is installed
+        from peft import LoraConfig, TaskType, get_peft_model
 
     causal = not hasattr(model, "score") and not hasattr(model, "classifier") and hasattr(model, "lm_head")
     parts = getattr(model, "child_parts", None)  # a model of parts (the VLM): peft's plain wrapper, its connector whole

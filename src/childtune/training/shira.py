@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from childtune.delta import DeltaError, SparseDelta, fingerprint
+from childtune.models import quantized
 from childtune.training.models import quiet_transformers
 
 
@@ -119,7 +120,8 @@ def write_shira(delta: SparseDelta, base: nn.Module, work: str | os.PathLike[str
 
     `base` is consumed: its whole-saved modules are set to their tuned values before peft copies them.
     """
-    from peft import ShiraConfig, get_peft_model
+    with quantized.offline_bitsandbytes():  # peft imports bitsandbytes wherever it is installed
+        from peft import ShiraConfig, get_peft_model
 
     shira_plan = plan(delta, base)
     state = base.state_dict()
