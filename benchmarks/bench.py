@@ -36,7 +36,7 @@ import transformers
 from cli_memory import cli_memory_section
 from fisher_ways import fisher_ways_section
 from llm import llm_fisher_section, llm_section
-from memory import memory_section
+from memory import memory_section, quantized_memory_section
 from shared_cpu import TITLE as SHARED_CPU
 from shared_cpu import shared_cpu_section
 from timing import Row, Section, interleaved, ratio, timing_rows, verdict
@@ -578,9 +578,9 @@ def previous(path: str) -> str:
 
 
 def one_section_only(args, command: str, section: Section, started: float) -> None:
-    """`--only-shared-cpu`, `--only-memory-scale`, `--only-cli-memory`: one table of slow, mostly process-sized
-    runs (minutes to tens of minutes), put in place in --output with its missed targets, the other sections
-    kept as they were (`make bench` carries the shared-CPU one over)."""
+    """`--only-shared-cpu`, `--only-memory-scale`, `--only-memory-4bit`, `--only-cli-memory`: one table of slow,
+    mostly process-sized runs (minutes to tens of minutes), put in place in --output with its missed targets, the
+    other sections kept as they were (`make bench` carries the shared-CPU one over)."""
     section.notes.append(f"Measured by `{command}` on {datetime.date.today().isoformat()}, in "
                          f"{time.time() - started:.0f} s, alone: the other sections are kept from their last run.")
     text = with_section(previous(args.output), render_section(section) + "\n", section.title)
@@ -703,6 +703,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only-llm", action="store_true", help="only the SmolLM2 table")
     parser.add_argument("--only-memory-scale", action="store_true",
                         help="only the memory table, put in place in --output (the rest kept as it was)")
+    parser.add_argument("--only-memory-4bit", action="store_true",
+                        help="only the memory table on a 4-bit base (QLoRA, child-d, ID3), put in place likewise")
     parser.add_argument("--only-cli-memory", action="store_true",
                         help="only the whole-process `childtune train` table, put in place likewise")
     parser.add_argument("--only-shared-cpu", action="store_true",
@@ -727,15 +729,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(THREADS)
     started = time.time()
     command = shlex.join(["python", os.path.relpath(__file__, Path.cwd()), *(argv or sys.argv[1:])])
-    if args.only_shared_cpu or args.only_memory_scale or args.only_cli_memory:
+    if args.only_shared_cpu or args.only_memory_scale or args.only_cli_memory or args.only_memory_4bit:
         section = (shared_cpu_section(args.shared_cpu_repeats) if args.only_shared_cpu else
-                   memory_section(THREADS) if args.only_memory_scale else cli_memory_section())
+                   memory_section(THREADS) if args.only_memory_scale else
+                   quantized_memory_section(THREADS) if args.only_memory_4bit else cli_memory_section())
         return one_section_only(args, command, section, started)
     sections = [] if args.only_llm else minilm_sections(args)
     if not args.no_llm:
         sections += [llm_section(args.llm_repeats), llm_fisher_section(args.fisher_repeats)]
     if args.memory_scale:
-        sections.append(memory_section(THREADS))
+        sections += [memory_section(THREADS), quantized_memory_section(THREADS)]
     text = render(sections, command, started, load, explain_misses(sections))
     kept = section_text(previous(args.output), SHARED_CPU)
     if kept:  # measured on its own (--only-shared-cpu)

@@ -30,8 +30,19 @@ RUNS = {  # label: childtune train options beyond COMMON
     "id3 at its default (bf16, in backward, dense gradients)": ["--method", "id3"],
     "id3 growing every 10 steps (lean, child-only between)": ["--method", "id3", "--id3-every", "10"],
     "full fine-tuning (fp32)": ["--method", "full"],
+    "QLoRA r=8 on a 4-bit base": ["--method", "lora", "--dtype", "bf16", "--base-bits", "4"],
+    "child-d at its default on a 4-bit base (p 0.05, fp32 compute)": ["--method", "child-d", "--base-bits", "4"],
+    "child-d, lean, on a 4-bit base (p 0.05, bf16, in backward)": ["--method", "child-d", "--dtype", "bf16",
+                                                                  "--optimizer-in-backward", "--base-bits", "4"],
+    "child-d p=0.01, lean, on a 4-bit base (Fisher in 4 passes)": [
+        "--method", "child-d", "--dtype", "bf16", "--optimizer-in-backward", "--reserve-p", "0.01",
+        "--fisher-passes", "4", "--base-bits", "4"],
+    "random at its default on a 4-bit base (p 0.01, lean)": ["--method", "random", "--base-bits", "4"],
 }
 TARGETS = ("child-d at its default", "id3 at its default")
+QUANTIZED = "QLoRA r=8 on a 4-bit base"
+"""The rows on a 4-bit base (`--base-bits 4`) are compared with QLoRA, the others with LoRA on a bf16 base; on a 4-bit
+base the target is QLoRA's peak (issue 32), for child-d at its default and lean."""
 
 
 def write_model(folder: Path) -> int:
@@ -70,22 +81,25 @@ def cli_memory_section() -> Section:
             metrics = json.loads((out / "metrics.json").read_text())
             results[label] = metrics
             print(f"cli memory | {label}: {metrics['peak_rss_mib']} MiB", file=sys.stderr, flush=True)
-    lora = results["LoRA r=8 on a bf16 base"]["peak_rss_mib"]
+    lora, qlora = results["LoRA r=8 on a bf16 base"]["peak_rss_mib"], results[QUANTIZED]["peak_rss_mib"]
     section = Section(
         "Whole `childtune train` process on a causal LM (loading and evaluation included)",
         f"A randomly initialised {params / 1e6:.1f}M-parameter Llama (SmolLM2's tokenizer, 12 blocks of width 1024, "
         "saved in fp32), `childtune train " + " ".join(COMMON) + "` plus each row's options, each run its own "
         "process (benchmarks/cli_memory.py). Peak: metrics.json's `peak_rss_mib`, the largest VmHWM of the run's "
         "phases (data, model load, base copy, setup, Fisher, training, evaluation, counting, saving); "
-        "`/usr/bin/time -v` would under-report it, since the mark is reset between phases.",
+        "`/usr/bin/time -v` would under-report it, since the mark is reset between phases. 'vs LoRA': to LoRA "
+        "r=8 on the bf16 base for the full-precision rows, to QLoRA (LoRA r=8 on the same 4-bit base) for the "
+        "rows with `--base-bits 4`.",
         ["run", "options", "peak MiB", "largest phase", "vs LoRA", "optimizer state MiB", "target"])
     for label, options in RUNS.items():
         m = results[label]
         phases = m["peak_rss_mib_by_phase"]
         largest = max(phases, key=phases.get)
-        target = "peak <= LoRA's" if label.startswith(TARGETS) else ""
-        verdict = ("PASS" if m["peak_rss_mib"] <= lora else "MISS") if target else ""
+        base, name = (qlora, "QLoRA's") if "--base-bits" in options else (lora, "LoRA's")
+        target = f"peak <= {name}" if label.startswith(TARGETS) else ""
+        verdict = ("PASS" if m["peak_rss_mib"] <= base else "MISS") if target else ""
         section.rows.append(Row(label, [f"`{' '.join(options)}`", f"{m['peak_rss_mib']:,.0f}", largest,
-                                        f"{m['peak_rss_mib'] / lora:.2f}",
+                                        f"{m['peak_rss_mib'] / base:.2f}",
                                         f"{m['optimizer_state_bytes'] / 2**20:,.1f}", target], verdict))
     return section

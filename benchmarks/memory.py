@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from timing import Row, Section
 
@@ -35,6 +36,13 @@ LEAN = {"optimizer_in_backward": True, "child_only_grads": True}  # with bf16 we
 FLOOR, LORA, CHILD_D, ID3_K = ("floor: bf16 forward+backward, every gradient freed", "peft LoRA r=8, bf16 base",
                                "child-d p=0.01, lean", "id3 budget 0.01, grows every 10 steps, lean")
 CHILD_D_DEFAULT = "child-d p=0.05, its causal-LM default (fp32, after backward, child-only grads)"
+QLORA, CHILD_D_4, ID3_4 = ("QLoRA r=8 (peft LoRA on the 4-bit NF4 base)", "child-d p=0.01, lean, 4-bit NF4 base",
+                           "id3 budget 0.01, grows every 10 steps, lean, 4-bit NF4 base")
+QUANTIZED = {  # label: (method, compute dtype, TrainConfig overrides), on the base quantized to 4 bits (--base-bits 4)
+    QLORA: ("lora", "bf16", {"lora_rank": 8}),
+    CHILD_D_4: ("child-d", "bf16", LEAN),
+    ID3_4: ("id3", "bf16", {**LEAN, "id3_every": 10}),
+}
 SETTINGS = {  # label: (method, weights dtype, TrainConfig overrides)
     FLOOR: ("floor", "bf16", {}),
     "dense AdamW, fp32": ("full", "fp32", {}),
@@ -54,6 +62,9 @@ RUNS = [  # (size, shape, settings): dense AdamW at the smallest size only (25 G
     *[(size, "4 x 512", [FLOOR, LORA, CHILD_D, ID3_K]) for size in ("135M", "0.67B")],
 ]
 TARGETS = (CHILD_D, ID3_K)  # at 0.67B and 1.5B: peak <= LoRA's, step <= LoRA's, Fisher peak <= training peak
+QUANTIZED_RUNS = [*[(size, "1 x 128", list(QUANTIZED)) for size in SIZES],
+                  *[(size, "4 x 512", list(QUANTIZED)) for size in ("135M", "0.67B")]]
+QUANTIZED_TARGETS = (CHILD_D_4, ID3_4)  # at every size: training peak <= QLoRA's, step <= QLoRA's (issue 32)
 STEPS, VOCAB = 3, 49152
 ROOT = Path(__file__).resolve().parent
 
@@ -68,15 +79,16 @@ def child(size: str, shape: str, setting: str) -> dict:
     from childtune.training.loop import TrainState, setup, train_step
     from childtune.training.params import freeze_unchosen
 
-    method, dtype, overrides = SETTINGS[setting]
+    bits = 4 if setting in QUANTIZED else None
+    method, dtype, overrides = QUANTIZED[setting] if bits else SETTINGS[setting]
     batch_size, length = SHAPES[shape]
     transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, tie_word_embeddings=True, max_position_embeddings=length,
-                                      **SIZES[size])
-    model = transformers.LlamaForCausalLM(config)
-    if dtype == "bf16":
-        model = model.to(torch.bfloat16)
+    if bits:  # the random Llama saved once in bf16, loaded as `childtune train --base-bits 4` loads a model
+        model = _quantized(size, method, dtype)
+    else:
+        model = _llama(size, length)
+        if dtype == "bf16":
+            model = model.to(torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
     ids = torch.randint(100, VOCAB, (batch_size, length), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -96,6 +108,7 @@ def child(size: str, shape: str, setting: str) -> dict:
     extra = {"reserve_p": 0.01} if method in ("child-d", "random") else {"id3_budget": 0.01} if method == "id3" else {}
     # each setting says every run setting a causal LM would otherwise take from the defaults (CAUSAL_LM)
     run = TrainConfig(task="math", method=method, progress=False, fisher_samples=batch_size, dtype=dtype,
+                      base_bits=bits, device="cpu",
                       **{**extra, "optimizer_in_backward": False, "child_only_grads": False, **overrides}).resolved()
     model, trained, strategy, optimizer, scheduler = setup(run, model, 1000)
     _release()
@@ -117,6 +130,40 @@ def child(size: str, shape: str, setting: str) -> dict:
             "step_s": statistics.median(times)}
 
 
+def _llama(size: str, length: int = 512) -> Any:
+    """The random Llama of `size` (seed 0), in fp32."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, tie_word_embeddings=True, max_position_embeddings=length,
+                                      **SIZES[size])
+    return transformers.LlamaForCausalLM(config)
+
+
+def _quantized(size: str, method: str, dtype: str) -> Any:
+    """The random Llama of `size` as a 4-bit base (`models.quantized`, through `training.models.load_model`),
+    read from a folder written once (bf16 weights, SmolLM2's tokenizer) under the system's temporary folder."""
+    import tempfile
+
+    import torch
+    import transformers
+
+    from childtune.data.types import TaskSpec
+    from childtune.training.config import TrainConfig
+    from childtune.training.models import load_model, model_folder
+
+    folder = Path(tempfile.gettempdir()) / "childtune-bench" / f"llama-{size}"
+    if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
+        model = _llama(size).to(torch.bfloat16)
+        model.save_pretrained(folder)
+        transformers.AutoTokenizer.from_pretrained(model_folder("smollm2-135m"), local_files_only=True
+                                                   ).save_pretrained(folder)
+        del model
+    config = TrainConfig(model=str(folder), task="math", method=method, base_bits=4, dtype=dtype, device="cpu")
+    return load_model(config, TaskSpec("math", "generation", 0, (), "exact_match"))[1]
+
+
 def _release() -> None:
     """Give freed heap back to the OS before a peak window opens, so the window measures what the phase
     holds, not what glibc kept from setup (the model's construction, the Fisher scores)."""
@@ -128,10 +175,11 @@ def _release() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def memory_section(threads: int) -> Section:
+def _measure(threads: int, runs: list[tuple[str, str, list[str]]]) -> dict[tuple[str, str, str], dict]:
+    """Each (size, shape, setting) of `runs` in its own process (`child`); their measurements."""
     results: dict[tuple[str, str, str], dict] = {}
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-    for size, shape, settings in RUNS:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    for size, shape, settings in runs:
         for setting in settings:
             out = subprocess.run([sys.executable, str(Path(__file__)), size, shape, setting], env=env,
                                  capture_output=True, text=True, check=False)
@@ -139,6 +187,11 @@ def memory_section(threads: int) -> Section:
                 raise RuntimeError(f"memory bench {size} / {shape} / {setting} failed:\n{out.stderr[-2000:]}")
             results[size, shape, setting] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{size} | {shape} | {setting}: {results[size, shape, setting]}", file=sys.stderr, flush=True)
+    return results
+
+
+def memory_section(threads: int) -> Section:
+    results = _measure(threads, RUNS)
     section = Section(
         "Memory as models grow (Llama shapes, each setting in its own process)",
         f"Random Llama-shaped causal LMs (vocab {VOCAB:,}, tied embeddings), {STEPS} training steps of one batch "
@@ -178,3 +231,34 @@ def memory_section(threads: int) -> Section:
 
 if __name__ == "__main__":
     print(json.dumps(child(sys.argv[1], sys.argv[2], sys.argv[3])))
+
+
+def quantized_memory_section(threads: int) -> Section:
+    """The same measurements on a 4-bit base: QLoRA against child-d and ID3 held over the quantized weights."""
+    results = _measure(threads, QUANTIZED_RUNS)
+    section = Section(
+        "Memory on a 4-bit base (Llama shapes, each setting in its own process)",
+        "The random Llamas of the table above, saved in bf16 and loaded as `childtune train --base-bits 4` loads "
+        "a model: transformers' bitsandbytes integration quantizes every block Linear to NF4 (64-element blocks) "
+        "as it reads it, and computes in bf16; embeddings, norms and the tied LM head stay bf16. QLoRA is peft's "
+        "LoRA r=8 over those `Linear4bit` modules (bitsandbytes' own 4-bit product); child-d and ID3 hold their "
+        "child network as fp32 values over the same quantized weights (`models/quantized.py`: each layer's "
+        "weight made dense for its product in forward and again in backward, its gradient taken at the child "
+        "elements only). Measured as above: peak and step after the setting's preparation, the Fisher pass's "
+        "own peak before them. Ratios are to QLoRA at the same size and batch.",
+        ["setting", "size", "batch", "peak MiB", "Fisher MiB", "step s", "vs QLoRA peak", "vs QLoRA step",
+         "target"])
+    for size, shape, settings in QUANTIZED_RUNS:
+        qlora = results[size, shape, QLORA]
+        for setting in settings:
+            r = results[size, shape, setting]
+            vs_peak, vs_step = r["peak_mib"] / qlora["peak_mib"], r["step_s"] / qlora["step_s"]
+            fisher = r["prepare_peak_mib"]
+            target, verdict = "", ""
+            if setting in QUANTIZED_TARGETS:
+                target = "peak and step <= QLoRA's"
+                verdict = "PASS" if vs_peak <= 1.0 and vs_step <= 1.0 else "MISS"
+            section.rows.append(Row(setting, [size, shape, f"{r['peak_mib']:.0f}", f"{fisher:.0f}" if fisher else "",
+                                           f"{r['step_s']:.2f}", f"{vs_peak:.2f}", f"{vs_step:.2f}", target],
+                                    verdict))
+    return section

@@ -39,3 +39,23 @@ def test_smollm2_learns_math_answers(tmp_path, capsys):
     assert after["dev"]["loss"] < 0.6 * before["loss"], (before, after["dev"])
     assert after["dev"]["exact_match"] > before["exact_match"] + 0.1, (before, after["dev"])
     print(json.dumps({"before": before, "after": after["dev"], "train_time_s": after["train_time_s"]}))
+
+
+@pytest.mark.e2e
+def test_smollm2_child_d_on_a_4bit_base_learns_and_generates(tmp_path, capsys):
+    """`childtune train --model smollm2-135m --method child-d --base-bits 4` from the CLI: the base in NF4, the
+    child's fp32 values over it; the run learns, keeps a delta against the unquantized base, and `generate`
+    answers from the quantized base with the delta's values."""
+    out = tmp_path / "run"
+    small = ["--train-size", "48", "--eval-size", "20", *SETTINGS[8:]]
+    assert main(["train", *SETTINGS[:4], *small, "--method", "child-d", "--base-bits", "4", "--log-every", "1",
+                 "--output", str(out)]) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert metrics["steps"] == 12 and sum(losses[-4:]) < 0.7 * sum(losses[:4]), losses
+    assert (out / "delta" / "delta_config.json").is_file() and metrics["changed_outside_child"] == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "What is 2 + 3?"]) == 0
+    assert capsys.readouterr().out.strip()
+    print(json.dumps({"dev": metrics["dev"], "peak_rss_mib": metrics["peak_rss_mib"]}))

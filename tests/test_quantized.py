@@ -142,7 +142,8 @@ def test_sparse_adamw_on_a_quantized_base_matches_the_dense_reference_step_by_st
         named = [(n, p) for n, p in m.named_parameters() if n in index]
         optimizers.append(SparseChildAdamW(named, GivenNetwork(given=index), lr=1e-2, weight_decay=0.1,
                                            in_backward=in_backward and m is model))
-    optimizers[0].child_only_grads(model)
+    grads = optimizers[0].child_only_grads(model)
+    assert set(grads.sites) == set(index)  # every quantized weight's gradient at its child only
     for step in range(3):
         for m, opt in zip((model, ref), optimizers, strict=True):
             m(**batch(step)).loss.backward()

@@ -25,6 +25,7 @@ at a time), as a QLoRA adapter is: `apply` onto the full-precision base gives th
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -104,11 +105,8 @@ class QuantizedLinear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The frozen base as a dense tensor (bitsandbytes' dequantisation; int8: code x row scale / 127)."""
         if self.bits == 4:
-            with offline_bitsandbytes():
-                import bitsandbytes.functional as bnbf
-
-                dense: torch.Tensor = bnbf.dequantize_4bit(self.packed, self.state)
-                return dense
+            dense: torch.Tensor = _functional().dequantize_4bit(self.packed, self.state)
+            return dense
         assert self.scales is not None  # an Int8Params always carries its row scales (SCB)
         return self.packed.float() * (self.scales.float() / 127).unsqueeze(1)
 
@@ -117,6 +115,14 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+@functools.cache
+def _functional() -> Any:
+    """bitsandbytes.functional, imported once (offline): a layer dequantises through it in every pass."""
+    with offline_bitsandbytes():
+        import bitsandbytes.functional as bnbf
+    return bnbf
 
 
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -157,7 +157,8 @@ class SparseChildAdamW(Optimizer):
         # ID3's `network(step)` would grow it (from no gradient yet): its index so far instead
         network = (self.strategy.require_chosen() if isinstance(self.strategy, ID3)
                    else self.strategy.network(self.steps))
-        linear = {m.weight for m in model.modules() if isinstance(m, nn.Linear)}
+        linear = {m.weight for m in model.modules() if isinstance(m, nn.Linear)} | {
+            p for p in model.parameters() if is_overlay(p)}  # (a quantized Linear's weight: `overlay_linear`)
         chosen = {}
         for name, param in model.named_parameters():
             index = network.get(self.names.get(param, ""))
