@@ -107,3 +107,14 @@ evidence: install
 	$(STUDY) --name multitask-merged --seeds 1-5 --tasks mr+subj+spam+bbc-news --train-size 1000 --methods child-d \
 		--grid '{"child-d": {"reserve_p": [0.01], "lr": [0.001], "merge": ["ties", "dare"], "merge_density": [0.5]}}' \
 		--output runs/evidence/multitask-merged
+	# issue 32.3: the LLM comparison at about 200 updates (400 math questions, 4 epochs of batch 8), scored on 100 dev
+	# and 100 test questions, 3 seeds. Every method's lr is chosen on dev from three values a factor of ~3 apart around
+	# its default (the same rule for all); LoRA at r=8 and at r=24 (1.38M adapter weights, random masking's 1% is
+	# 1.35M); random masking at 1% and at LoRA r=8's 460,800 weights (p 0.003426 of the model); child-d and LoRA
+	# also on a 4-bit base (QLoRA); id3-lora's budget chosen on dev with its lr. 108 cells of up to ~15 minutes on
+	# one thread of this CPU: a background study of about a day
+	$(STUDY) --name llm-fair --model smollm2-135m --tasks math --seeds 1-3 --train-size 400 --epochs 4 --batch-size 8 \
+		--eval-size 100 --max-length 64 --max-new-tokens 8 --chat-template \
+		--methods full,child-f,child-d,id3,random,lora,id3-lora --baseline lora --rows-by base_bits,reserve_p,lora_rank \
+		--grid '{"full": {"lr": [3e-05, 0.0001, 0.0003]}, "child-f": {"lr": [3e-05, 0.0001, 0.0003]}, "child-d": [{"lr": [0.0001, 0.0003, 0.001]}, {"lr": [0.0001, 0.0003, 0.001], "base_bits": [4]}], "id3": {"lr": [0.002, 0.005, 0.01]}, "random": [{"lr": [0.003, 0.01, 0.03]}, {"lr": [0.003, 0.01, 0.03], "reserve_p": [0.003426], "random_budget": ["model"]}], "lora": [{"lr": [0.0003, 0.001, 0.003], "lora_rank": [8, 24]}, {"lr": [0.0003, 0.001, 0.003], "lora_rank": [8], "base_bits": [4]}], "id3-lora": {"lr": [0.0003, 0.001, 0.003], "id3_budget": [0.1, 0.5]}}' \
+		--output runs/evidence/llm-fair

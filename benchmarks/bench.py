@@ -644,6 +644,17 @@ def explain_misses(sections: list[Section]) -> list[str]:
          "which a short timed pass does not amortise."),
         ("Whole", "gradual", "Frozen blocks still get gradients, bool masks, zero second moments and the child-only "
          "decay; `gradual sparse` is the same method without them."),
+        ("Memory on a 4-bit base", "child-d p=0.01", "Its training steps cost what QLoRA's do; the excess at a "
+         "batch of 1 x 128 is what the allocator kept from the Fisher pass before the window (its float32 score sums "
+         "and each layer's dense gradient), which glibc does not give back. At 135M the tensors alive after the "
+         "steps differ by 11 MiB and the rise over the window's start is 368 MiB against QLoRA's 361; with a fixed "
+         "1 MiB mmap threshold (MALLOC_MMAP_THRESHOLD_=1048576, so large blocks go back to the system when freed) "
+         "the two peak at 1,002 and 998 MiB. At 4 x 512, where activations dominate, its peak and step are at or "
+         "below QLoRA's. Its step at 1 x 128, 1.02-1.10x, is the child-only products and the sparse update per "
+         "tensor, which weigh more when the batch is small."),
+        ("Memory on a 4-bit base", "id3 budget 0.01", "The first timed step is a growth step: a dense gradient of "
+         "each quantized weight in turn, and a float32 score per element of the tensor at hand, as in full "
+         "precision. At 4 x 512 its peak and step are below QLoRA's (0.94x and 0.92-0.93x)."),
         ("Memory", "child-d p=0.01, lean", "At 4 x 512 tokens child-d's training peak and step are below LoRA's "
          "(0.95x, 0.97x at 0.67B): activations dominate there, and its backward forms no dense weight gradient. At "
          "1 x 128 its peak is within 4% of LoRA's and its step 1.0-1.2x: the child-only products and sparse updates "

@@ -214,7 +214,7 @@ def test_a_quantized_run_learns_and_keeps_a_delta_against_the_unquantized_base(l
     assert exact_match(answers, [t for _, t in examples])["exact_match"] == metrics["dev"]["exact_match"]
 
 
-def test_qlora_runs_on_the_same_quantized_base_and_keeps_its_adapter(tmp_path):
+def test_qlora_runs_on_the_same_quantized_base_and_keeps_its_adapter(tmp_path, capsys):
     folder = tmp_path / "llama64"
     write_tiny_llama(tmp_path / "small", tied=True)  # its tokenizer; a model wide enough for bitsandbytes' kernels
     transformers.AutoTokenizer.from_pretrained(tmp_path / "small").save_pretrained(folder)
@@ -229,6 +229,9 @@ def test_qlora_runs_on_the_same_quantized_base_and_keeps_its_adapter(tmp_path):
                  "--method", "lora", "--epochs", "1", "--batch-size", "8", "--max-new-tokens", "2", "--no-progress",
                  "--checkpoint-every", "0", "--base-bits", "4", "--output", str(out)]) == 0
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / "model").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["changed_params"] is None  # its adapter is apart from the base: nothing was compared
+    assert f"trained {metrics['trainable_params']:,} adapter weights over the 4-bit base" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("settings", "words"), [

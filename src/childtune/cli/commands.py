@@ -99,8 +99,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     primary = metrics["primary_metric"]
     dev = f", dev {primary} {metrics['dev'][primary]:.4f}" if split == "test" else ""
     print(f"{metrics['method']} on {metrics['task']}: {split} {primary} {metrics[split][primary]:.4f}{dev}; "
-          f"changed {metrics['changed_params']:,} of "
-          f"{metrics['total_params']:,} weights"
+          + (f"changed {metrics['changed_params']:,} of {metrics['total_params']:,} weights"
+             if metrics["changed_params"] is not None else
+             f"trained {metrics['trainable_params']:,} adapter weights over the {config.base_bits}-bit base")
           + (f"; skipped {metrics['skipped_steps']} of {metrics['steps'] + metrics['skipped_steps']} steps "
              "(non-finite loss or gradient)" if metrics["skipped_steps"] else "")
           + f"; wrote {config.output}")

@@ -86,8 +86,8 @@ def results_table(records: Sequence[Record], split: str = "test", baseline: str 
         scores = {r.cell.seed: r.score(split) for r in recs}
         seeds = sorted(s for s, v in scores.items() if not math.isnan(v))
         dev = _finite(r.score("dev") for r in recs)
-        shares = _finite(r.metrics.get("changed_params", math.nan) / r.metrics["total_params"]
-                         for r in recs if r.metrics.get("total_params"))
+        shares = _finite(r.metrics["changed_params"] / r.metrics["total_params"] for r in recs
+                         if r.metrics.get("total_params") and r.metrics.get("changed_params") is not None)
         rows.append(Row(task, method, label, len(tried[(task, method)]), split, recs[0].metrics["primary_metric"],
                         seeds, [scores[s] for s in seeds],
                         statistics.fmean(dev) if dev else math.nan,

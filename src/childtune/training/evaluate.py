@@ -70,12 +70,13 @@ def count_elements(pretrained: Mapping[str, torch.Tensor], model: torch.nn.Modul
     child = None
     if masks is not None:
         child = sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in params.items())
+    compared = bool(pretrained)  # (nothing to compare with: QLoRA keeps its adapter apart from the quantized base)
     return {
         "total_params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for p in params.values()),
         "child_params": child,
-        "changed_params": changed,
-        "changed_outside_child": outside if masks is not None else None,
+        "changed_params": changed if compared else None,
+        "changed_outside_child": outside if masks is not None and compared else None,
     }
 
 
