@@ -232,6 +232,8 @@ def test_qlora_runs_on_the_same_quantized_base_and_keeps_its_adapter(tmp_path, c
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["changed_params"] is None  # its adapter is apart from the base: nothing was compared
     assert f"trained {metrics['trainable_params']:,} adapter weights over the 4-bit base" in capsys.readouterr().out
+    assert main(["generate", str(out), "--prompt", "very the good very not", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.strip()  # the quantized base with the adapter over it answers
 
 
 @pytest.mark.parametrize(("settings", "words"), [
@@ -291,3 +293,23 @@ def test_a_quantized_run_resumes_bit_identical(llama, tmp_path, method):
     for name, tensor in whole.weights.items():
         assert torch.equal(resumed.weights[name], tensor), name
     assert resumed.metrics["dev"] == whole.metrics["dev"]
+
+
+def test_a_text_classifier_trains_on_a_4bit_base_with_its_head_in_full_precision(tmp_path):
+    from test_resume import write_task, write_tiny_model
+
+    folder = write_tiny_model(tmp_path / "bert", dropout=0.0)
+    train_file, dev_file = write_task(tmp_path, n_train=40, n_dev=10)
+    config = TrainConfig(model=str(folder), train_file=str(train_file), dev_file=str(dev_file), method="child-d",
+                         base_bits=4, reserve_p=0.3, device="cpu")
+    model = load_model(config, TaskSpec("t", "classification", 2, ("0", "1"), "accuracy"))[1]
+    quantized_names = set(quantized.overlays(model))
+    assert quantized_names and not any("classifier" in n for n in quantized_names)  # the new head trains whole
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(folder), "--train", str(train_file), "--dev", str(dev_file),
+                 "--method", "child-d", "--reserve-p", "0.3", "--lr", "5e-3", "--epochs", "2", "--batch-size", "8",
+                 "--no-progress", "--checkpoint-every", "0", "--base-bits", "4", "--output", str(out)]) == 0
+    delta = SparseDelta.load(out / "delta")
+    assert set(delta.entries) & quantized_names and any("classifier" in n for n in delta.dense)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    delta.apply(base)  # the unquantized classifier is the delta's base (its fingerprint is checked)

@@ -28,11 +28,12 @@ def load_generator(source: str, config: TrainConfig) -> tuple[LMCollate, transfo
                                                               TrainConfig]:
     """The collate and causal LM `source` names, and the settings to generate with.
 
-    A run folder (config.json + model/ or delta/) supplies its own chat template and max_length; any
-    other `source` is a model folder or pinned model name, used with `config`'s settings.
+    A run folder (config.json + model/, delta/, or a QLoRA run's adapter/) supplies its own chat template and
+    max_length; any other `source` is a model folder or pinned model name, used with `config`'s settings.
     """
     run = Path(source)
-    if (run / "config.json").is_file() and ((run / "model").is_dir() or (run / "delta").is_dir()):
+    kept = [part for part in ("model", "delta", "adapter") if (run / part).is_dir()]
+    if (run / "config.json").is_file() and kept:
         if run_kind(run) != "generation":
             raise ModelError(f"{run} is a {run_kind(run)} run: only a causal LM (a generation run) generates text")
         saved = TrainConfig.load_json(run / "config.json")
@@ -42,6 +43,13 @@ def load_generator(source: str, config: TrainConfig) -> tuple[LMCollate, transfo
             with quiet_transformers():
                 tokenizer = transformers.AutoTokenizer.from_pretrained(run / "model", local_files_only=True)
                 model = transformers.AutoModelForCausalLM.from_pretrained(run / "model", local_files_only=True)
+        elif kept == ["adapter"]:  # QLoRA: the base quantized as it trained, its adapter over it (peft)
+            with quantized.offline_bitsandbytes():
+                from peft import PeftModel
+            spec = TaskSpec(saved.task or run.name, "generation", 0, (), "exact_match")
+            tokenizer, loaded = load_model(replace(saved, device=config.device), spec)
+            with quiet_transformers():
+                model = cast(Any, PeftModel.from_pretrained(loaded, run / "adapter"))
         elif saved.base_bits is not None:  # the base quantized as it trained, the delta's values held over it
             delta = SparseDelta.load(run / "delta")
             check_base_files(delta, model_folder(saved.model))
