@@ -182,15 +182,21 @@ def tied_run(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("tied")
     llama = write_tiny_llama(root / "tied", tied=True)  # embeddings and LM head one tensor, as SmolLM2's
     transformers.GenerationConfig(**SHIPPED_DECODING).save_pretrained(llama)
-    train, dev = write_generation_task(root)
-    run = root / "run"
     # fp32 weights (a causal LM's default is bf16): the tests below recompute its answers one prompt at a time
     # and compare base + delta bit for bit with models read as transformers reads them (fp32)
+    run, dev = child_d_generation_run(llama, root, "--dtype", "fp32")
+    return llama, dev, run
+
+
+def child_d_generation_run(llama: Path, root: Path, *options: str) -> tuple[Path, Path]:
+    """child-d at p 0.5 trained from the CLI on `write_generation_task` under `root`: (run folder, dev file)."""
+    train, dev = write_generation_task(root)
+    run = root / "run"
     assert main(["train", "--model", str(llama), "--train", str(train), "--dev", str(dev), "--kind", "generation",
                  "--method", "child-d", "--reserve-p", "0.5", "--lr", "1e-2", "--epochs", "6", "--batch-size", "8",
-                 "--dtype", "fp32", "--max-new-tokens", "3", "--no-progress", "--checkpoint-every", "0",
+                 "--max-new-tokens", "3", "--no-progress", "--checkpoint-every", "0", *options,
                  "--output", str(run)]) == 0
-    return llama, dev, run
+    return run, dev
 
 
 def greedy_by_hand(model, prompts, collate: LMCollate, max_new_tokens: int) -> list[str]:

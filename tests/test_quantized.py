@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from test_causal import write_generation_task
+from test_causal import child_d_generation_run, write_generation_task
 from test_families import write_tiny_llama
 
 from childtune.cli import main
@@ -170,14 +170,7 @@ def test_fisher_on_a_quantized_base_is_the_dequantised_models(llama):
 @pytest.fixture(scope="module")
 def run(llama, tmp_path_factory) -> tuple[Path, Path]:
     """A child-d run on a 4-bit base from the CLI: (run folder, dev file)."""
-    root = tmp_path_factory.mktemp("qrun")
-    train, dev = write_generation_task(root)
-    out = root / "run"
-    assert main(["train", "--model", str(llama), "--train", str(train), "--dev", str(dev), "--kind", "generation",
-                 "--method", "child-d", "--reserve-p", "0.5", "--lr", "1e-2", "--epochs", "6", "--batch-size", "8",
-                 "--max-new-tokens", "3", "--no-progress", "--checkpoint-every", "0", "--base-bits", "4",
-                 "--output", str(out)]) == 0
-    return out, dev
+    return child_d_generation_run(llama, tmp_path_factory.mktemp("qrun"), "--base-bits", "4")
 
 
 def test_a_quantized_run_learns_and_keeps_a_delta_against_the_unquantized_base(llama, run):
