@@ -180,7 +180,10 @@ class _ChildLinear(torch.autograd.Function):
             b = None if b is None else b.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(x, w, b)
-        ctx.save_for_backward(x, None if is_overlay(weight) else weight)
+        # x only where a weight gradient will be taken (a frozen quantized layer passes dX alone, as bitsandbytes'
+        # own 4-bit product keeps no input for a frozen weight)
+        taken = site is not None or ctx.needs_input_grad[1]
+        ctx.save_for_backward(x if taken else None, None if is_overlay(weight) else weight)
         ctx.weight = weight if is_overlay(weight) else None  # (its base is no tensor autograd could save)
         ctx.site, ctx.whole, ctx.dtype = site, None if site is None else site.whole, dtype
         return y
