@@ -369,3 +369,17 @@ def test_merge_trains_each_task_alone_and_serves_them_from_one_merged_change(run
     assert main(["apply", str(out), "--task", "spam", "--output", str(tmp_path / "spam")]) == 0
     scored = score(TrainConfig(model=str(tmp_path / "spam"), task="spam", eval_size=16, progress=False).resolved())
     assert scored["dev"] == metrics["tasks"]["spam"]["dev"]
+
+
+def test_a_task_file_is_read_once_per_version(tmp_path):
+    import os
+
+    from childtune.data.userfiles import read_task_file
+
+    spec = tmp_path / "reviews.json"
+    spec.write_text(json.dumps({"train": "a.csv", "dev": "b.csv"}))
+    first = read_task_file(spec)
+    assert read_task_file(spec) is first  # asked again (a run asks many times): not read again
+    spec.write_text(json.dumps({"train": "a.csv", "dev": "c.csv", "name": "edited"}))
+    os.utime(spec, ns=(spec.stat().st_atime_ns, spec.stat().st_mtime_ns + 1_000_000))  # (a coarse clock)
+    assert read_task_file(spec).name == "edited" and read_task_file(spec).dev.endswith("c.csv")

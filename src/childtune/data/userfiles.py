@@ -9,6 +9,7 @@ way for every split, and a dev or test label never seen in train is refused.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -339,8 +340,19 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def read_task_file(path: str | Path) -> TaskFile:
-    """A `TaskFile` from its JSON, every problem one line naming the file."""
+    """A `TaskFile` from its JSON, every problem one line naming the file. Read once per version of the file
+    (a run asks for its tasks' names and settings many times; an edited file is read again)."""
     path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise DataError(f"task file {path}: {str(err).splitlines()[0]}") from None
+    return _task_file(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _task_file(path: Path, mtime_ns: int, size: int) -> TaskFile:
+    """`read_task_file`'s work, cached by the file's path, modification time and size."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
