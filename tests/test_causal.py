@@ -331,3 +331,14 @@ def test_tied_weights_are_counted_once(tmp_path):
         model.model.embed_tokens.weight.add_(1.0)  # the LM head is the same tensor
     counts = count_elements(pretrained, model, dict(model.named_parameters()), None)
     assert counts["changed_params"] == model.model.embed_tokens.weight.numel() <= counts["total_params"]
+
+
+def test_evaluate_scores_a_finished_run_as_it_ships(tied_run, capsys):
+    _, _, run = tied_run
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--no-progress", "--json"]) == 0
+    (scored,) = json.loads(capsys.readouterr().out).values()
+    recorded = json.loads((run / "metrics.json").read_text())
+    assert scored["dev"] == recorded["dev"]  # base + delta answers as the run did at its end
+    assert main(["evaluate", "--run", str(run.parent), "--no-progress"]) == 2  # not a run folder: one line
+    assert "is not a finished run folder" in capsys.readouterr().err

@@ -167,6 +167,21 @@ def test_a_tasks_model_is_base_plus_shared_plus_its_own_and_scores_as_the_run(ru
     assert main(["apply", str(out), "--output", str(tmp_path / "none")]) == 2  # which task? said, not guessed
 
 
+def test_evaluate_scores_each_task_of_a_multi_task_run_as_it_ships(run, capsys):
+    from childtune.cli import main
+
+    _, out = run
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(out), "--no-progress", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    recorded = json.loads((out / "metrics.json").read_text())["tasks"]
+    assert set(scored) == {"mr", "spam"}
+    for task in scored:  # base + shared delta + the task's own and its head: the run's own end-of-run scores
+        assert scored[task]["dev"] == recorded[task]["dev"] and scored[task]["test"] == recorded[task]["test"]
+    assert main(["evaluate", "--run", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().out.count(f"{out} on ") == 2
+
+
 def test_multi_task_settings_are_checked_before_any_work(tmp_path, capsys):
     from childtune.cli import main
 

@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="score a model folder on a task without training it (e.g. one "
                               "`apply` or `merge` made)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    evaluate.add_argument("--run", metavar="RUN", default=None,
+                          help="score a finished run folder on its own task(s) as it would ship (base + delta; each "
+                               "task of a multi-task run on its own); the other options are then ignored but "
+                               "--no-progress and --device")
     add_config_options(evaluate, skip=MULTITASK_FIELDS)
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -169,17 +169,22 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from childtune.training.scoring import score
+    from childtune.training.scoring import score, score_run
 
     config = config_from_args(args)
-    config.validate()
-    result = score(config)
-    if args.json:
-        print(json.dumps(result))
+    if args.run:
+        results = score_run(args.run, progress=config.progress, device=config.device)
     else:
+        config.validate()
+        result = score(config)
+        results = {result["task"]: result}
+    if args.json:
+        print(json.dumps(results if args.run else result))
+        return 0
+    for task, result in results.items():
         metric = result["primary_metric"]
         test = f", test {metric} {result['test'][metric]:.4f}" if result["test"] else ""
-        print(f"{result['model']} on {result['task']}: dev {metric} {result['dev'][metric]:.4f}{test}")
+        print(f"{args.run or result['model']} on {task}: dev {metric} {result['dev'][metric]:.4f}{test}")
     return 0
 
 
