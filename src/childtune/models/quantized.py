@@ -149,10 +149,6 @@ def overlays(model: nn.Module) -> dict[str, OverlayWeight]:
     return {n: p for n, p in model.named_parameters() if isinstance(p, OverlayWeight)}
 
 
-def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(p, OverlayWeight) for p in model.parameters())
-
-
 CHILD_INDEX, CHILD_VALUES = ".child_index", ".child_values"
 """A checkpoint holds an overlay weight as its own elements (`OverlayWeight.changed`) under these suffixes."""
 
@@ -186,7 +182,7 @@ class LazyState(Mapping[str, torch.Tensor]):
     full-precision weights never holds them all: `make(name)` builds one."""
 
     def __init__(self, names: list[str], make: Any) -> None:
-        self._names, self._make = names, make
+        self._names, self._make = dict.fromkeys(names), make  # (ordered, and a set for lookups)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._names:
