@@ -255,13 +255,11 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], folder: RunFolder
             "optimizer_state_bytes": state_bytes(optimizer), "device": str(next(model.parameters()).device),
             "torch_threads": torch.get_num_threads(),  # the times above depend on it
             "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
-            **(count_elements(pretrained, tuned, params, masks, view if tuned is model else None)
-               if tuned is not None else {}),
+            **(count_elements(pretrained, tuned, params, masks, view) if tuned is not None else {}),
         }
         if workdir:
             phases.start("save")
-            _save_weights(config, workdir, pretrained, view if tuned is model and view is not None else tuned,
-                          tokenizer, task.spec)
+            _save_weights(config, workdir, pretrained, tuned if view is None else view, tokenizer, task.spec)
             metrics["stored_bytes"] = sum(stored_bytes(workdir / part) for part in ("delta", "model", "adapter"))
             if masks:  # the child network itself, strict or not, for `childtune analyze`
                 save_masks(masks, workdir / MASKS_FILE)
@@ -440,7 +438,7 @@ def _check_the_end(config: TrainConfig, spec, model: torch.nn.Module, pretrained
     problem = None
     if tuned is not None and _saves(config, tuned) == "delta":
         try:
-            _delta(config, pretrained, view if view is not None and not config.fsdp else tuned, spec)
+            _delta(config, pretrained, tuned if view is None else view, spec)
         except DeltaError as err:
             problem = f"this run could not save its delta at the end, so it did not start: {err}"
     problem = next(filter(None, distributed.gather(problem)), None)
