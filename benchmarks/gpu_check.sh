@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check (under 10 minutes on one GPU): every method on SmolLM2-135M + math in bf16 on CUDA, the fused
-# AdamW path, and --optimizer-in-backward, printing each run's result and peak CUDA memory.
+# GPU check (under 12 minutes on one GPU): every method on SmolLM2-135M + math in bf16 on CUDA, the fused
+# AdamW path, --optimizer-in-backward and a 4-bit base, printing each run's result and peak CUDA memory.
 # Run from the repository root on a machine with a CUDA GPU, after `make install` (a CUDA torch there).
 set -euo pipefail
 CT=${CT:-.venv/bin/childtune}
@@ -34,3 +34,9 @@ run child-d-bf16-masters --method child-d --dtype bf16
 run random-bf16-masters --method random --dtype bf16
 run child-d-in-backward --method child-d --dtype bf16 --optimizer-in-backward
 run random-in-backward --method random --optimizer-in-backward
+# a 4-bit base (--base-bits 4): bitsandbytes' CUDA dequantisation under the child, and QLoRA on the same base
+run child-d-4bit --method child-d --base-bits 4
+run child-d-4bit-lean --method child-d --base-bits 4 --dtype bf16 --optimizer-in-backward
+run random-4bit --method random --base-bits 4
+run qlora-4bit --method lora --base-bits 4 --dtype bf16
+"$CT" generate "$OUT/child-d-4bit" --prompt "What is 7 + 5?"  # (the quantized base on the GPU: device auto)
