@@ -174,7 +174,8 @@ def load_checkpoint_state(model: nn.Module, saved: Mapping[str, torch.Tensor]) -
     if misfits:
         raise KeyError(f"the checkpoint's tensors do not fit this model: {misfits[:3]}")
     for name, weight in weights.items():
-        weight.overlay(saved[name + CHILD_INDEX].long(), saved[name + CHILD_VALUES].float().clone())
+        weight.overlay(saved[name + CHILD_INDEX].long().to(weight.device),
+                       saved[name + CHILD_VALUES].float().to(weight.device, copy=True))
 
 
 class LazyState(Mapping[str, torch.Tensor]):
@@ -222,8 +223,8 @@ def states(model: nn.Module, folder: Path) -> tuple[LazyState, LazyState]:
         if not isinstance(tensor, OverlayWeight):
             return tensor.detach()
         index, values = tensor.changed()
-        out = base(name)
-        out.view(-1)[index] = values.to(out.dtype)
+        out = base(name)  # (on the CPU, read from the file: the child's values join it there)
+        out.view(-1)[index.cpu()] = values.cpu().to(out.dtype)
         return out
 
     return LazyState(names, base), LazyState(names, tuned)
@@ -290,7 +291,7 @@ def apply_delta(model: nn.Module, delta: Any, folder: Path) -> None:
     for name in set(delta.entries) & set(weights):
         weight = weights[name]
         tuned = step(delta.entries[name], files.read(name).to(weight.dtype).reshape(-1), True)
-        weight.overlay(delta.entries[name].indices.long(), tuned.float())
+        weight.overlay(delta.entries[name].indices.long().to(weight.device), tuned.float().to(weight.device))
     rest = {n: e for n, e in delta.entries.items() if n not in weights}
     plain = {n: t for n, t in model.state_dict().items() if n not in weights}
     type(delta)(delta.config, rest, delta.dense).apply(plain, check_base=False)
