@@ -306,3 +306,16 @@ def test_a_text_classifier_trains_on_a_4bit_base_with_its_head_in_full_precision
     assert set(delta.entries) & quantized_names and any("classifier" in n for n in delta.dense)
     base = transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
     delta.apply(base)  # the unquantized classifier is the delta's base (its fingerprint is checked)
+
+
+def test_bitsandbytes_is_imported_without_the_hub_and_the_environment_is_restored(monkeypatch):
+    import os
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with quantized.offline_bitsandbytes():
+        assert os.environ["HF_HUB_OFFLINE"] == "1"  # bitsandbytes' CPU backend asks the hub for a kernel otherwise
+    assert "HF_HUB_OFFLINE" not in os.environ
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with quantized.offline_bitsandbytes():
+        assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert os.environ["HF_HUB_OFFLINE"] == "0"
