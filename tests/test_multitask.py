@@ -216,6 +216,17 @@ def test_real_model_learns_two_tasks_at_once(tmp_path, capsys):
     assert scored["dev"] == metrics["tasks"]["subj"]["dev"]
 
 
+def test_a_study_runs_only_multi_task_methods_on_a_multi_task_entry():
+    """`--tasks mr+spam,mr --methods child-d,full`: full fine-tuning cannot train a multi-task run, so it runs on
+    mr alone, where child-d runs both ways (the Makefile's multitask study planned `full` on the four tasks at
+    once, which every such cell refused)."""
+    from childtune.study.plan import StudyConfig, plan
+
+    study = StudyConfig(tasks=("mr+spam", "mr"), methods=("child-d", "full"), seeds=(1, 2), name="mt", transfer=False)
+    cells = {(c.task, c.method) for c in plan(study)}
+    assert cells == {("mr+spam", "child-d"), ("mr", "child-d"), ("mr", "full")}
+
+
 def test_a_study_runs_a_multi_task_cell_into_its_ledger_and_report(run, tmp_path):
     """`childtune study --tasks mr+spam`: one multi-task run per cell, recorded in the ledger with every task's
     scores, scored in the report by the mean of the tasks' primary metrics."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from childtune.training.config import MULTITASK_FIELDS, TrainConfig, updates_per_epoch
+from childtune.training.config import MULTITASK_FIELDS, MULTITASK_METHODS, TrainConfig, updates_per_epoch
 
 MethodGrid = dict[str, tuple[Any, ...]]
 Grid = dict[str, MethodGrid | list[MethodGrid]]
@@ -191,7 +191,9 @@ def task_overrides(tasks: str | Sequence[str] | Mapping[str, Mapping[str, Any]])
 
 def plan(study: StudyConfig) -> list[Cell]:
     """Every cell of the study in the order they run: seed by seed, so that a study stopped early has
-    complete seeds, every method paired with the baseline on each, rather than some methods with none."""
+    complete seeds, every method paired with the baseline on each, rather than some methods with none. A
+    multi-task entry (`mr+subj`) gets the methods a multi-task run trains (`MULTITASK_METHODS`) only; the
+    others run on its tasks alone, where the study names them."""
     if study.updates is not None and (not study.train_sizes or study.updates < 1):
         raise StudyError(f"updates={study.updates}: give a positive number of updates, with train_sizes")
     known = {f.name for f in fields(TrainConfig)}
@@ -202,7 +204,7 @@ def plan(study: StudyConfig) -> list[Cell]:
     for seed in study.seeds:
         cells += [Cell("main", task, method, config, seed)
                   for task, over in study_tasks(study).items()
-                  for method in study.methods
+                  for method in study.methods if "tasks" not in over or method in MULTITASK_METHODS
                   for config in _for_task(configs(study.grid, method), "tasks" in over)]
         if study.transfer:
             cells += [Cell("transfer", source, method, config, seed)

@@ -69,6 +69,10 @@ _CHOICES = {"id3_head": ("outside", "inside"), "id3_schedule": ("ramp", "authors
             "merge": ("sum", "ties", "dare")}
 
 
+MULTITASK_METHODS = frozenset({"child-d"})
+"""The methods a multi-task run trains (`tasks`): its shared and per-task child networks are chosen from the
+tasks' Fisher scores, as Child-Tuning_D chooses one."""
+
 MULTITASK_FIELDS = frozenset({"tasks", "shared_child", "task_child", "mix", "mix_temperature", "merge",
                               "merge_density"})
 """The settings of a multi-task run (`tasks`, `childtune.multitask`), which a single-task run ignores."""
@@ -361,7 +365,7 @@ class TrainConfig:
             raise ConfigError("tasks: a multi-task run trains classifiers (a head per task); "
                               f"{[n for n in names if n in TASKS and TASKS[n].kind == 'generation']} are generation "
                               "tasks")
-        if self.method != "child-d":
+        if self.method not in MULTITASK_METHODS:
             raise ConfigError(f"--tasks chooses child-d's child network from the tasks' Fisher scores; got --method "
                               f"{self.method}")
         if self.train_file is not None or self.fsdp or self.dtype == "bf16" or self.optimizer_in_backward or \
