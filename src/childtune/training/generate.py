@@ -43,20 +43,20 @@ def load_generator(source: str, config: TrainConfig) -> tuple[LMCollate, transfo
             with quiet_transformers():
                 tokenizer = transformers.AutoTokenizer.from_pretrained(run / "model", local_files_only=True)
                 model = transformers.AutoModelForCausalLM.from_pretrained(run / "model", local_files_only=True)
-        elif kept == ["adapter"]:  # QLoRA: the base quantized as it trained, its adapter over it (peft)
-            with quantized.offline_bitsandbytes():
-                from peft import PeftModel
-            spec = TaskSpec(saved.task or run.name, "generation", 0, (), "exact_match")
-            tokenizer, loaded = load_model(replace(saved, device=config.device), spec)
-            with quiet_transformers():
-                model = cast(Any, PeftModel.from_pretrained(loaded, run / "adapter"))
-        elif saved.base_bits is not None:  # the base quantized as it trained, the delta's values held over it
-            delta = SparseDelta.load(run / "delta")
-            check_base_files(delta, model_folder(saved.model))
+        elif saved.base_bits is not None:  # the base quantized as it trained, the run's change held over it
+            delta = SparseDelta.load(run / "delta") if (run / "delta").is_dir() else None  # (QLoRA: its adapter)
+            if delta is not None:
+                check_base_files(delta, model_folder(saved.model))
             spec = TaskSpec(saved.task or run.name, "generation", 0, (), "exact_match")
             tokenizer, loaded = load_model(replace(saved, device=config.device), spec)
             model = cast(Any, loaded)  # a causal LM (a generation task's model), as from_pretrained's above
-            quantized.apply_delta(model, delta, model_folder(saved.model))
+            if delta is not None:
+                quantized.apply_delta(model, delta, model_folder(saved.model))
+            else:
+                with quantized.offline_bitsandbytes():
+                    from peft import PeftModel
+                with quiet_transformers():
+                    model = cast(Any, PeftModel.from_pretrained(model, run / "adapter"))
         else:
             delta = SparseDelta.load(run / "delta")
             tokenizer, model = base_for(delta, model_folder(saved.model))

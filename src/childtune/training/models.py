@@ -133,7 +133,7 @@ def load_model(config: TrainConfig, spec) -> tuple[Any, torch.nn.Module]:
             model = auto.from_pretrained(path, **labels, **{**weights_dtype(config.dtype), **_quantized(config)},
                                          local_files_only=True)
             if config.base_bits is not None and not METHODS[config.method].adapter:  # QLoRA keeps bnb's layers
-                quantized.attach_children(model, torch.bfloat16 if config.dtype == "bf16" else torch.float32)
+                quantized.attach_children(model, _compute_dtype(config))
     except ModelError:
         raise
     except (OSError, ValueError, KeyError) as err:
@@ -156,9 +156,14 @@ def _quantized(config: TrainConfig) -> dict[str, Any]:
     is read, on the run's device, task heads (and a causal LM's output layer) left in full precision."""
     if config.base_bits is None:
         return {}
-    dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
+    dtype = _compute_dtype(config)
     return {"quantization_config": quantized.quantization_config(config.base_bits, dtype, [*HEAD, "lm_head"]),
             "device_map": {"": str(run_device(config))}, "dtype": dtype}
+
+
+def _compute_dtype(config: TrainConfig) -> torch.dtype:
+    """What a quantized base computes in, and the dtype of its full-precision parts: the run's `dtype`."""
+    return torch.bfloat16 if config.dtype == "bf16" else torch.float32
 
 
 def _vision_language(config: TrainConfig, spec, path: Path) -> tuple[Any, torch.nn.Module]:
